@@ -1,0 +1,178 @@
+"""Engine configuration with vLLM's flag names (``EngineArgs``) and the derived configs it builds."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
+               "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4,
+               "tib": 1 << 40}
+
+
+def parse_size(value: str | int | None) -> int | None:
+    """``"14GiB"``, ``"14000MiB"``, ``"8g"``, ``123`` -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"cannot parse memory size {value!r}: use e.g. 14GiB, 14000MiB or a byte count")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def resolve_dtype(dtype: str | torch.dtype, config_dtype: str | None, device: torch.device) -> torch.dtype:
+    """``auto`` takes the checkpoint's dtype on a GPU and float32 on the CPU (the CPU is our oracle)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return _DTYPES.get(str(config_dtype or "bfloat16").replace("torch.", ""), torch.bfloat16)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class EngineArgs:
+    """Everything that configures one engine. Field names follow vLLM's ``EngineArgs``."""
+
+    model: str = "smollm2-135m-instruct"
+    tokenizer: str | None = None
+    served_model_name: list[str] | str | None = None
+    skip_tokenizer_init: bool = False
+    task: Literal["auto", "generate", "embed", "score"] = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    gpu_memory_utilization: float = 0.9
+    gpu_memory_budget: str | int | None = None
+    kv_cache_memory_bytes: str | int | None = None
+    enforce_eager: bool = False
+    chat_template: str | None = None
+    # Pooling models (embeddings / cross-encoders)
+    pooling_type: Literal["MEAN", "CLS", "LAST"] | None = None
+    normalize: bool | None = None
+    # CPU only: how much host memory the KV cache may take when no other size is given.
+    cpu_kv_cache_bytes: int = 1 << 30
+    disable_log_stats: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.served_model_name, str):
+            self.served_model_name = [self.served_model_name]
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two from 1 to 128, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.task not in ("auto", "generate", "embed", "score"):
+            raise ValueError(f"task must be one of auto, generate, embed, score; got {self.task!r}")
+        self.gpu_memory_budget = parse_size(self.gpu_memory_budget)
+        self.kv_cache_memory_bytes = parse_size(self.kv_cache_memory_bytes)
+
+    # ----------------------------------------------------------------------------------- CLI
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Adds vLLM-named engine flags (``--max-model-len`` …) to ``parser``."""
+        d = EngineArgs()
+        g = parser.add_argument_group("engine")
+        g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+        g.add_argument("--served-model-name", nargs="+", default=None,
+                       help="names the model is served under; the first is used in metrics")
+        g.add_argument("--skip-tokenizer-init", action="store_true")
+        g.add_argument("--task", "--runner", dest="task", default=d.task,
+                       choices=["auto", "generate", "embed", "score", "pooling"],
+                       help="what the model serves (default: inferred from its architecture)")
+        g.add_argument("--dtype", default=d.dtype, choices=["auto", *_DTYPES])
+        g.add_argument("--seed", type=int, default=d.seed)
+        g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+        g.add_argument("--max-model-len", type=int, default=None)
+        g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+        g.add_argument("--max-num-batched-tokens", type=int, default=None)
+        g.add_argument("--block-size", type=int, default=d.block_size)
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=d.enable_prefix_caching)
+        g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+        g.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"])
+        g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+        g.add_argument("--gpu-memory-budget", default=None,
+                       help="absolute GPU memory budget for this engine, e.g. 14GiB or 14000MiB")
+        g.add_argument("--kv-cache-memory-bytes", default=None, help="KV cache size, e.g. 4GiB")
+        g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+        g.add_argument("--chat-template", default=None, help="path to a Jinja chat template, or the template")
+        g.add_argument("--pooling-type", default=None, choices=["MEAN", "CLS", "LAST"])
+        g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
+        g.add_argument("--disable-log-stats", action="store_true")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {k: v for k, v in vars(args).items() if k in names}
+        if kwargs.get("task") == "pooling":
+            kwargs["task"] = "auto"
+        return cls(**kwargs)
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    policy: Literal["fcfs", "priority"] = "fcfs"
+
+
+@dataclass
+class CacheConfig:
+    block_size: int
+    num_blocks: int
+    enable_prefix_caching: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """What the engine resolved about its model."""
+
+    model: str
+    hf_config: dict[str, Any]
+    architecture: str
+    task: Literal["generate", "embed", "score"]
+    dtype: torch.dtype
+    max_model_len: int
+    served_model_names: list[str]
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.task != "generate"

@@ -1,0 +1,198 @@
+"""Paged KV cache bookkeeping: a block pool with prefix caching, and per-request block tables.
+
+The GPU/CPU tensors live in the model runner; this module only decides which block ids a request
+owns. Prefix caching follows vLLM v1: every *full* block gets a chained hash
+``hash((parent_hash, token_ids_of_block))``; a freed block keeps its hash and sits in an LRU free
+queue, so a later request with the same prefix takes it back (a "hit") unless it was evicted for
+reuse first. Only blocks whose contents have been (or are being, this step) computed are hashed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from slicelm.engine.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(a // -b)
+
+
+def hash_block(parent_hash: int | None, token_ids: Iterable[int]) -> int:
+    return hash((parent_hash, tuple(token_ids)))
+
+
+@dataclass(eq=False)
+class KVCacheBlock:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: int | None = None
+
+
+class BlockPool:
+    """All blocks, the free queue (LRU order: evict from the front) and the hash -> block map."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool) -> None:
+        assert num_blocks > 0
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.cached: dict[int, KVCacheBlock] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def get_cached_block(self, block_hash: int) -> KVCacheBlock | None:
+        return self.cached.get(block_hash)
+
+    def get_new_blocks(self, n: int) -> list[KVCacheBlock]:
+        if n > len(self.free_queue):
+            raise ValueError(f"cannot allocate {n} blocks: only {len(self.free_queue)} free")
+        out = []
+        for _ in range(n):
+            _, block = self.free_queue.popitem(last=False)
+            assert block.ref_cnt == 0
+            self._evict(block)
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def _evict(self, block: KVCacheBlock) -> None:
+        if block.block_hash is not None:
+            if self.cached.get(block.block_hash) is block:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+
+    def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Takes a reference on cache-hit blocks, pulling free ones out of the free queue."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                del self.free_queue[block.block_id]
+            block.ref_cnt += 1
+
+    def free_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Drops a reference; blocks reaching zero go to the tail of the free queue (last evicted)."""
+        for block in blocks:
+            assert block.ref_cnt > 0, f"block {block.block_id} freed twice"
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self.free_queue[block.block_id] = block
+
+    def cache_block(self, block: KVCacheBlock, block_hash: int) -> None:
+        assert block.block_hash is None
+        block.block_hash = block_hash
+        # Two requests may compute the same block in one step; the first one stays the hit target.
+        self.cached.setdefault(block_hash, block)
+
+
+class KVCacheManager:
+    """Allocates blocks to requests and finds their cached prefixes."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.num_cached_blocks: dict[str, int] = {}
+        # Prefix-cache counters, in tokens (vLLM's prefix_cache_queries / prefix_cache_hits).
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
+
+    def _update_block_hashes(self, request: Request) -> None:
+        bs = self.block_size
+        hashes = request.block_hashes
+        tokens = request.all_token_ids
+        while (len(hashes) + 1) * bs <= len(tokens):
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+        """Longest cached prefix of a request about to be (re)scheduled: (blocks, num_tokens).
+
+        The last token is always recomputed so that the step produces logits for it.
+        """
+        if not self.enable_caching or request.is_pooling:
+            return [], 0
+        self._update_block_hashes(request)
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVCacheBlock] = []
+        for block_hash in request.block_hashes[:max_hit_blocks]:
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        num_hit_tokens = len(hits) * self.block_size
+        self.prefix_cache_queries += request.num_tokens
+        self.prefix_cache_hits += num_hit_tokens
+        return hits, num_hit_tokens
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, new_computed_blocks: list[KVCacheBlock] | None = None
+    ) -> bool:
+        """Makes room for ``num_new_tokens`` more tokens; False (and no change) if blocks run out."""
+        assert num_new_tokens > 0
+        new_computed_blocks = new_computed_blocks or []
+        req_blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        num_required = cdiv(num_computed + num_new_tokens, self.block_size)
+        num_new_blocks = num_required - len(req_blocks) - len(new_computed_blocks)
+        # Hits sitting in the free queue stop being allocatable once we take them.
+        num_evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if num_new_blocks > self.pool.num_free_blocks - num_evictable_hits:
+            if not req_blocks:
+                del self.req_to_blocks[request.request_id]
+            return False
+        self.pool.touch(new_computed_blocks)
+        req_blocks.extend(new_computed_blocks)
+        if num_new_blocks > 0:
+            req_blocks.extend(self.pool.get_new_blocks(num_new_blocks))
+        if self.enable_caching:
+            self.num_cached_blocks.setdefault(request.request_id, 0)
+            self._cache_full_blocks(request, num_computed + num_new_tokens)
+        return True
+
+    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+        """Registers the hashes of blocks that are full once ``num_tokens`` tokens are computed."""
+        self._update_block_hashes(request)
+        blocks = self.req_to_blocks[request.request_id]
+        start = self.num_cached_blocks[request.request_id]
+        end = min(num_tokens // self.block_size, len(request.block_hashes))
+        for i in range(start, end):
+            if blocks[i].block_hash is None:
+                self.pool.cache_block(blocks[i], request.block_hashes[i])
+        self.num_cached_blocks[request.request_id] = max(start, end)
+
+    def free(self, request: Request) -> None:
+        """Releases every block of the request (tail first, so its tail is evicted first)."""
+        blocks = self.req_to_blocks.pop(request.request_id, [])
+        self.num_cached_blocks.pop(request.request_id, None)
+        self.pool.free_blocks(reversed(blocks))
+
+    def reset_prefix_cache(self) -> bool:
+        if self.pool.num_free_blocks != self.pool.num_blocks:
+            return False
+        for block in self.pool.blocks:
+            block.block_hash = None
+        self.pool.cached.clear()
+        return True

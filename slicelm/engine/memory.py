@@ -1,0 +1,102 @@
+"""GPU memory budget: one absolute byte count per engine, planned before the KV cache exists.
+
+Budget = the smallest of ``--gpu-memory-budget``, ``--gpu-memory-utilization`` × device memory and
+HAMi's ``CUDA_DEVICE_MEMORY_LIMIT_<i>`` (or ``CUDA_DEVICE_MEMORY_LIMIT``) when set. Inside it the
+plan is: weights (measured) + peak activation of the largest step (measured by a profiling run) +
+CUDA-graph pool (reserved) + KV blocks (the rest). The caching allocator is then capped at the
+budget, so the engine cannot grow past it afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+
+class MemoryBudgetError(ValueError):
+    """The model does not fit in the memory budget."""
+
+
+def hami_limit_bytes(device_index: int) -> int | None:
+    """HAMi's per-container limit, ``CUDA_DEVICE_MEMORY_LIMIT_<i>=<MiB>m`` (also g/k suffixes)."""
+    raw = os.environ.get(f"CUDA_DEVICE_MEMORY_LIMIT_{device_index}") or os.environ.get("CUDA_DEVICE_MEMORY_LIMIT")
+    if not raw:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgKMG]?)[bB]?\s*", raw)
+    if not m:
+        raise ValueError(f"cannot parse HAMi memory limit {raw!r} (expected e.g. 14000m)")
+    scale = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+    return int(m.group(1)) * scale
+
+
+@dataclass
+class MemoryPlan:
+    budget_bytes: int
+    weights_bytes: int
+    activation_bytes: int
+    graph_pool_bytes: int
+    kv_bytes: int
+    num_blocks: int
+    source: str
+
+    def describe(self) -> str:
+        g = lambda b: f"{b / GiB:.2f} GiB"
+        return (
+            f"memory plan ({self.source}): budget {g(self.budget_bytes)} = weights {g(self.weights_bytes)}"
+            f" + activations {g(self.activation_bytes)} + cuda graphs {g(self.graph_pool_bytes)}"
+            f" + KV cache {g(self.kv_bytes)} ({self.num_blocks} blocks)"
+        )
+
+
+def resolve_budget(device: torch.device, budget: int | None, utilization: float) -> tuple[int, str]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    candidates = [(int(total * utilization), f"gpu_memory_utilization={utilization}")]
+    if budget is not None:
+        candidates.append((budget, "gpu_memory_budget"))
+    hami = hami_limit_bytes(index)
+    if hami is not None:
+        candidates.append((hami, "HAMi CUDA_DEVICE_MEMORY_LIMIT"))
+    return min(candidates)
+
+
+def plan_memory(
+    device: torch.device,
+    budget: int | None,
+    utilization: float,
+    bytes_per_block: int,
+    activation_bytes: int,
+    graph_pool_bytes: int,
+) -> MemoryPlan:
+    """Call after the weights are loaded and the profiling step ran (its peak is in ``activation_bytes``)."""
+    budget_bytes, source = resolve_budget(device, budget, utilization)
+    weights = torch.cuda.memory_allocated(device)
+    # What torch's allocator does not see (CUDA context, cuBLAS workspaces) counts as well: we use
+    # the driver's view of this process's usage where it exceeds the allocator's.
+    free, total = torch.cuda.mem_get_info(device)
+    non_torch = max(0, (total - free) - torch.cuda.memory_reserved(device))
+    kv_bytes = budget_bytes - weights - activation_bytes - graph_pool_bytes - non_torch
+    num_blocks = kv_bytes // bytes_per_block
+    plan = MemoryPlan(budget_bytes, weights, activation_bytes, graph_pool_bytes, max(kv_bytes, 0),
+                      max(num_blocks, 0), source)
+    if num_blocks < 1:
+        raise MemoryBudgetError(
+            f"the model does not fit: {plan.describe()} leaves no room for KV cache "
+            f"(other CUDA memory of this process: {non_torch / GiB:.2f} GiB); raise the budget or "
+            "lower max_num_batched_tokens / max_num_seqs"
+        )
+    return plan
+
+
+def cap_allocator(device: torch.device, budget_bytes: int) -> None:
+    """Makes the caching allocator refuse to grow this process past the budget."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), device)

@@ -1,0 +1,155 @@
+"""A request's life inside the engine, and what the engine hands back to callers."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from slicelm.pooling_params import PoolingParams
+    from slicelm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {3: "stop", 4: "length", 5: "abort"}.get(int(self))
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (plus at least one generated token) does not fit in ``max_model_len``."""
+
+
+class EmptyPromptError(ValueError):
+    """The prompt has no tokens."""
+
+
+@dataclass
+class RequestMetrics:
+    """Wall-clock timestamps (``time.time()``) of one request, for latency histograms."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_preemptions: int = 0
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence being computed. ``n > 1`` requests are fanned out into ``n`` of these."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams | None = None
+    pooling_params: PoolingParams | None = None
+    eos_token_ids: frozenset[int] = frozenset()
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.time)
+    prompt: str | None = None
+    token_type_ids: list[int] | None = None  # cross-encoder pairs
+    generator: torch.Generator | None = None
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
+    stop_reason: int | str | None = None
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
+    logprobs: list[dict[int, Any]] | None = None
+    cumulative_logprob: float = 0.0
+    pooled: torch.Tensor | None = None
+    metrics: RequestMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+        self.all_token_ids: list[int] = list(self.prompt_token_ids)
+        if self.sampling_params is not None and self.sampling_params.logprobs is not None:
+            self.logprobs = []
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.pooling_params is not None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+
+@dataclass
+class Logprob:
+    """vLLM's shape: the log-probability of one token, its rank in the distribution, its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """Cumulative state of a request after a step (offline API and servers compute deltas)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class PoolingOutput:
+    """Result of an embedding or score request. ``data`` is a 1-D float32 CPU tensor."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    data: torch.Tensor
+    finished: bool = True
+    metrics: RequestMetrics | None = None

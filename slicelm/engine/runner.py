@@ -1,0 +1,196 @@
+"""ModelRunner: turns a scheduled step into tensors, runs the model, samples.
+
+The runner owns the model, the paged KV cache tensors and the sampler. It knows nothing about
+queues or stop conditions: the engine gives it a ``SchedulerOutput`` and gets back one sampled
+token (plus logprobs if asked) per request that reached the end of its known tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from slicelm.engine.cuda_graphs import CUDAGraphDecoder, capture_sizes
+from slicelm.engine.request import Request
+from slicelm.engine.sampler import Sampler, SamplingMetadata
+from slicelm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from slicelm.layers.attention_metadata import AttentionMetadata
+from slicelm.sampling_params import SamplingParams
+
+
+@dataclass
+class RunnerOutput:
+    """Per sampling request, in the order of the scheduled requests that sample."""
+
+    requests: list[Request]
+    sampled_token_ids: list[int]
+    # [num_requests, 1 + k]: column 0 is the sampled token, then the top-k (only when asked).
+    logprob_token_ids: list[list[int]] | None = None
+    logprobs: list[list[float]] | None = None
+    ranks: list[int] | None = None
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn_meta: AttentionMetadata
+    logits_indices: torch.Tensor  # rows of the hidden states that sample
+    sampling: list[ScheduledRequest]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        device: torch.device,
+        vocab_size: int,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.vocab_size = vocab_size
+        self.sampler = Sampler()
+        self.pin = device.type == "cuda"
+        self.graphs: CUDAGraphDecoder | None = None
+
+    def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        self.graphs = CUDAGraphDecoder(
+            self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size, self.device
+        )
+        self.graphs.capture(capture_sizes(max_num_seqs))
+
+    @torch.inference_mode()
+    def profile_run(self, num_tokens: int, num_seqs: int) -> None:
+        """One step of the largest shape (writing nowhere in the cache), sampling included."""
+        num_seqs = max(1, min(num_seqs, num_tokens))
+        q_lens = np.full(num_seqs, num_tokens // num_seqs, dtype=np.int64)
+        q_lens[: num_tokens % num_seqs] += 1
+        qsl = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=qsl[1:])
+        seq_index = np.repeat(np.arange(num_seqs), q_lens)
+        positions = np.arange(num_tokens, dtype=np.int64) - qsl[:-1][seq_index]
+        max_len = int(q_lens.max())
+        meta = AttentionMetadata(
+            num_seqs=num_seqs,
+            num_tokens=num_tokens,
+            query_start_loc=self._to_device(qsl),
+            seq_lens=self._to_device(q_lens.astype(np.int32)),
+            slot_mapping=self._to_device(np.full(num_tokens, -1, dtype=np.int64)),
+            block_tables=self._to_device(np.zeros((num_seqs, -(max_len // -self.block_size)), dtype=np.int32)),
+            max_query_len=max_len,
+            max_seq_len=max_len,
+            query_start_loc_cpu=qsl.tolist(),
+            seq_lens_cpu=q_lens.tolist(),
+        )
+        input_ids = self._to_device(np.zeros(num_tokens, dtype=np.int64))
+        hidden = self.model(input_ids, self._to_device(positions), self.kv_caches, meta)
+        logits = self.model.compute_logits(hidden[self._to_device(qsl[1:].astype(np.int64) - 1)])
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=5)
+        meta_s = SamplingMetadata.build(
+            params=[params] * num_seqs, prompt_token_ids=[[0]] * num_seqs, output_token_ids=[[]] * num_seqs,
+            generators=[None] * num_seqs, vocab_size=self.vocab_size, device=self.device,
+        )
+        self.sampler(logits.float(), meta_s)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # --------------------------------------------------------------------------- inputs
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        if self.pin:
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
+        bs = self.block_size
+        num_seqs = len(scheduled)
+        q_lens = np.array([s.num_new_tokens for s in scheduled], dtype=np.int64)
+        starts = np.array([s.request.num_computed_tokens for s in scheduled], dtype=np.int64)
+        seq_lens = starts + q_lens
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+
+        input_ids = np.empty(num_tokens, dtype=np.int64)
+        for s, a, b in zip(scheduled, query_start_loc[:-1], query_start_loc[1:]):
+            start = s.request.num_computed_tokens
+            input_ids[a:b] = s.request.all_token_ids[start : start + (b - a)]
+        # positions: for every token, its index within its sequence
+        seq_index = np.repeat(np.arange(num_seqs), q_lens)
+        positions = np.arange(num_tokens, dtype=np.int64) - query_start_loc[:-1][seq_index] + starts[seq_index]
+
+        max_blocks = max(len(s.block_ids) for s in scheduled)
+        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        for i, s in enumerate(scheduled):
+            block_tables[i, : len(s.block_ids)] = s.block_ids
+        slot_mapping = block_tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
+
+        sampling = [s for s in scheduled if s.samples]
+        logits_indices = np.array(
+            [query_start_loc[i + 1] - 1 for i, s in enumerate(scheduled) if s.samples], dtype=np.int64
+        )
+        meta = AttentionMetadata(
+            num_seqs=num_seqs,
+            num_tokens=num_tokens,
+            query_start_loc=self._to_device(query_start_loc),
+            seq_lens=self._to_device(seq_lens.astype(np.int32)),
+            slot_mapping=self._to_device(slot_mapping),
+            block_tables=self._to_device(block_tables),
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc_cpu=query_start_loc.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+        )
+        return StepInputs(
+            input_ids=self._to_device(input_ids),
+            positions=self._to_device(positions),
+            attn_meta=meta,
+            logits_indices=self._to_device(logits_indices),
+            sampling=sampling,
+        )
+
+    # ------------------------------------------------------------------------------ run
+    def run_model(self, inputs: StepInputs) -> torch.Tensor:
+        meta = inputs.attn_meta
+        if (
+            self.graphs is not None
+            and meta.is_decode_only
+            and len(inputs.sampling) == meta.num_seqs
+            and self.graphs.padded_size(meta.num_seqs) is not None
+        ):
+            return self.graphs.run(inputs.input_ids, inputs.positions, meta)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta)
+        return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> RunnerOutput:
+        inputs = self.prepare_inputs(sched.scheduled)
+        if not inputs.sampling:
+            self.run_model(inputs)  # a prefill chunk that does not reach the end of its prompt
+            return RunnerOutput([], [])
+        logits = self.run_model(inputs)
+        return self.sample(logits, [s.request for s in inputs.sampling])
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> RunnerOutput:
+        meta = SamplingMetadata.build(
+            params=[r.sampling_params for r in requests],
+            prompt_token_ids=[r.prompt_token_ids for r in requests],
+            output_token_ids=[r.output_token_ids for r in requests],
+            generators=[r.generator for r in requests],
+            vocab_size=self.vocab_size,
+            device=logits.device,
+            eos_token_ids=requests[0].eos_token_ids,
+        )
+        out = self.sampler(logits.float(), meta)
+        result = RunnerOutput(requests, out.sampled_token_ids.tolist())
+        if out.logprobs is not None:
+            result.logprob_token_ids = out.logprob_token_ids.tolist()
+            result.logprobs = out.logprobs.tolist()
+            result.ranks = out.ranks.tolist() if out.ranks is not None else None
+        return result

@@ -1,0 +1,38 @@
+"""Engine statistics: a snapshot the engine fills and the server's metrics / log lines read.
+
+``EngineStats`` is plain data. Gauges (``num_running``, ``num_waiting``, ``kv_cache_usage``) describe
+the engine right now; the other counters are cumulative since the engine started, so readers advance
+their Prometheus counters by deltas between two snapshots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineStats:
+    # gauges
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0-1
+    # cumulative counters
+    num_prompt_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded)
+    num_generation_tokens: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # tokens found there
+    # optional extras (engines may leave them at their defaults)
+    num_steps: int = 0
+    timestamp: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    def delta(self, prev: EngineStats | None) -> dict[str, int]:
+        """Counter increments since ``prev`` (all counters when ``prev`` is None), never negative."""
+        names = ("num_prompt_tokens", "num_generation_tokens", "num_preemptions", "prefix_cache_queries",
+                 "prefix_cache_hits")
+        return {n: max(0, getattr(self, n) - (getattr(prev, n) if prev is not None else 0)) for n in names}

@@ -1,0 +1,193 @@
+"""Worker: builds everything an engine runs on — model, tokenizer, KV cache, runner, scheduler.
+
+It resolves the model, picks device and dtype, loads weights, sizes the KV cache (on a GPU through
+the memory planner, on the CPU from a byte budget) and derives the scheduler limits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from slicelm.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig, resolve_dtype
+from slicelm.engine.kv_cache import KVCacheManager, cdiv
+from slicelm.engine.pooling_runner import PoolingRunner
+from slicelm.engine.runner import ModelRunner, RunnerOutput
+from slicelm.engine.scheduler import Scheduler, SchedulerOutput
+from slicelm.loader.model_files import resolve_model
+from slicelm.loader.tokenizer import load_tokenizer
+from slicelm.models.registry import get_model_class, is_pooling_architecture
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but no CUDA GPU is available")
+    return device
+
+
+def _infer_task(args: EngineArgs, architecture: str) -> str:
+    if args.task != "auto":
+        return args.task
+    if is_pooling_architecture(architecture):
+        return "score" if architecture.endswith("ForSequenceClassification") else "embed"
+    return "generate"
+
+
+class Worker:
+    def __init__(self, args: EngineArgs) -> None:
+        t0 = time.perf_counter()
+        torch.manual_seed(args.seed)
+        self.device = pick_device(args.device)
+        source = resolve_model(args.model)
+        hf_config = source.config
+        architectures = hf_config.get("architectures") or []
+        model_cls = get_model_class(architectures)  # raises with the list of supported ones
+        architecture = architectures[0]
+        task = _infer_task(args, architecture)
+        pooling = is_pooling_architecture(architecture)
+        if pooling != (task != "generate"):
+            raise ValueError(f"task {task!r} does not fit architecture {architecture} of {args.model!r}")
+        dtype = resolve_dtype(args.dtype, hf_config.get("torch_dtype") or hf_config.get("dtype"), self.device)
+
+        max_pos = int(hf_config.get("max_position_embeddings") or 2048)
+        if pooling and getattr(source, "max_seq_length", None):
+            max_pos = min(max_pos, int(source.max_seq_length))
+        if args.max_model_len is not None and args.max_model_len > max_pos:
+            raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's maximum of {max_pos}")
+        max_model_len = args.max_model_len or max_pos
+
+        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.chat_template)
+        self.eos_token_ids: set[int] = set()
+        if self.tokenizer is not None:
+            self.eos_token_ids |= set(self.tokenizer.eos_token_ids)
+        gen_eos = source.generation_config.get("eos_token_id", hf_config.get("eos_token_id"))
+        if gen_eos is not None:
+            self.eos_token_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+
+        if pooling:
+            from slicelm.layers.pooler import PoolingConfig
+
+            pool_cfg = PoolingConfig.from_sentence_transformers(
+                getattr(source, "st_pooling", None), pooling_type=args.pooling_type, normalize=args.normalize
+            )
+            model = model_cls(hf_config, pooling=pool_cfg)
+        else:
+            from slicelm.layers.attention import get_attention_backend
+
+            model = model_cls(hf_config, attn_backend=get_attention_backend(self.device))
+        model = model.to(dtype=dtype, device=self.device)
+        model.load_weights(source.iter_weights())
+        model.eval()
+        self.model = model
+        self.vocab_size = int(hf_config.get("vocab_size") or getattr(model, "vocab_size", 0))
+
+        names = args.served_model_name or [args.model]
+        self.model_config = ModelConfig(args.model, hf_config, architecture, task, dtype, max_model_len, names)
+
+        if pooling:
+            batched = args.max_num_batched_tokens or max(max_model_len, 8192)
+            if batched < max_model_len:
+                raise ValueError(
+                    f"max_num_batched_tokens={batched} must be >= max_model_len={max_model_len} for pooling "
+                    "models (their prompts are never split)"
+                )
+            self.cache_config = CacheConfig(args.block_size, 1, False)
+            self.kv_cache = KVCacheManager(1, args.block_size, False)
+            self.runner: ModelRunner | PoolingRunner = PoolingRunner(model, self.device)
+        else:
+            num_blocks, kv_caches = self._allocate_kv_cache(args, model, dtype, max_model_len)
+            max_tokens_in_cache = num_blocks * args.block_size
+            if max_model_len > max_tokens_in_cache:
+                if args.max_model_len is not None:
+                    raise ValueError(
+                        f"max_model_len={max_model_len} is larger than the KV cache can hold "
+                        f"({num_blocks} blocks × {args.block_size} = {max_tokens_in_cache} tokens); "
+                        "give the cache more memory or lower max_model_len"
+                    )
+                logger.warning("max_model_len lowered from %d to %d to fit the KV cache",
+                               max_model_len, max_tokens_in_cache)
+                max_model_len = self.model_config.max_model_len = max_tokens_in_cache
+            default_batched = 8192 if self.device.type == "cuda" else 2048
+            batched = args.max_num_batched_tokens or max(default_batched, args.max_num_seqs)
+            self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
+            self.kv_cache = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
+            self.runner = ModelRunner(model, kv_caches, args.block_size, self.device, self.vocab_size)
+            if self.device.type == "cuda" and not args.enforce_eager:
+                self.runner.enable_cuda_graphs(min(args.max_num_seqs, 512), max_model_len)
+        self.scheduler_config = SchedulerConfig(args.max_num_seqs, batched, max_model_len, args.scheduling_policy)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache)
+        logger.info(
+            "loaded %s (%s, task=%s) on %s as %s in %.1fs; max_model_len=%d, KV blocks=%d",
+            args.model, architecture, task, self.device, dtype, time.perf_counter() - t0,
+            max_model_len, self.cache_config.num_blocks,
+        )
+
+    def _allocate_kv_cache(
+        self, args: EngineArgs, model: torch.nn.Module, dtype: torch.dtype, max_model_len: int
+    ) -> tuple[int, list[torch.Tensor]]:
+        bs = args.block_size
+        shape = lambda n: (2, n, bs, model.num_kv_heads, model.head_dim)
+        bytes_per_block = 2 * model.num_layers * bs * model.num_kv_heads * model.head_dim * dtype.itemsize
+        self.memory_plan = None
+        if self.device.type == "cuda":
+            num_blocks = self._plan_gpu_memory(args, model, dtype, bytes_per_block, shape)
+        elif args.num_gpu_blocks_override is not None:
+            num_blocks = args.num_gpu_blocks_override
+        elif args.kv_cache_memory_bytes is not None:
+            num_blocks = int(args.kv_cache_memory_bytes) // bytes_per_block
+        else:
+            # CPU: as much as the byte budget allows, but no more than every sequence at full length.
+            needed = args.max_num_seqs * cdiv(max_model_len, bs) + 1
+            num_blocks = min(needed, args.cpu_kv_cache_bytes // bytes_per_block)
+        if num_blocks < 1:
+            raise ValueError("not enough memory for a single KV cache block")
+        kv_caches = [torch.zeros(shape(num_blocks), dtype=dtype, device=self.device) for _ in range(model.num_layers)]
+        return num_blocks, kv_caches
+
+    def _plan_gpu_memory(self, args, model, dtype, bytes_per_block, shape) -> int:
+        """Profiles the largest step on a one-block cache, then gives the rest of the budget to KV."""
+        from slicelm.engine import memory
+
+        batched = args.max_num_batched_tokens or 8192
+        dummy = [torch.zeros(shape(1), dtype=dtype, device=self.device) for _ in range(model.num_layers)]
+        runner = ModelRunner(model, dummy, args.block_size, self.device, self.vocab_size)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        runner.profile_run(batched, min(args.max_num_seqs, batched))
+        activation = torch.cuda.max_memory_allocated(self.device) - base
+        graph_pool = 0
+        if not args.enforce_eager:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            runner.profile_run(args.max_num_seqs, args.max_num_seqs)  # the largest decode graph's tensors
+            graph_pool = torch.cuda.max_memory_allocated(self.device) - base + (64 << 20)
+        del runner, dummy
+        torch.cuda.empty_cache()
+        plan = memory.plan_memory(self.device, args.gpu_memory_budget, args.gpu_memory_utilization,
+                                  bytes_per_block, activation, graph_pool)
+        if args.kv_cache_memory_bytes is not None or args.num_gpu_blocks_override is not None:
+            wanted = args.num_gpu_blocks_override or int(args.kv_cache_memory_bytes) // bytes_per_block
+            if wanted > plan.num_blocks:
+                raise memory.MemoryBudgetError(
+                    f"{wanted} KV blocks were asked for but only {plan.num_blocks} fit: {plan.describe()}")
+            plan.num_blocks, plan.kv_bytes = wanted, wanted * bytes_per_block
+        logger.info(plan.describe())
+        memory.cap_allocator(self.device, plan.budget_bytes)
+        self.memory_plan = plan
+        return plan.num_blocks
+
+    def execute_model(self, sched: SchedulerOutput) -> RunnerOutput:
+        assert isinstance(self.runner, ModelRunner)
+        return self.runner.execute_model(sched)
+
+    def execute_pooling(self, sched: SchedulerOutput) -> list[torch.Tensor]:
+        assert isinstance(self.runner, PoolingRunner)
+        return self.runner.execute(sched)

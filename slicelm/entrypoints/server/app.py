@@ -1,0 +1,144 @@
+"""The FastAPI app, and running it under uvicorn with a draining SIGTERM.
+
+``build_app(state)`` wires the routers (chat, completions, info, and ``server/pooling.py``'s ``router``
+when that module exists), the gateway middleware (auth, body limit, draining) and the error handlers.
+``run_server(args)`` loads the engine, then serves until SIGTERM: new requests get 503, in-flight ones
+get ``--shutdown-timeout`` seconds to finish, the rest are aborted, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from slicelm.engine.async_llm import AsyncLLM
+from slicelm.entrypoints.server import chat, completions, info
+from slicelm.entrypoints.server.errors import install_error_handlers
+from slicelm.entrypoints.server.gateway import GatewayMiddleware
+from slicelm.entrypoints.server.state import ServerState
+
+logger = logging.getLogger("slicelm.server")
+DEFAULT_MAX_BODY_BYTES = 32 << 20
+
+
+def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              shutdown_engine: bool = True) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if shutdown_engine:
+            await asyncio.to_thread(state.engine.shutdown)
+
+    app = FastAPI(title="slicelm OpenAI-compatible server", lifespan=lifespan, docs_url="/docs",
+                  openapi_url="/openapi.json")
+    app.state.server = state
+    for module in (chat, completions, info):
+        app.include_router(module.router)
+    with contextlib.suppress(ModuleNotFoundError):
+        pooling = importlib.import_module("slicelm.entrypoints.server.pooling")
+        app.include_router(pooling.router)
+    install_error_handlers(app)
+    app.add_middleware(GatewayMiddleware, api_keys=state.api_keys, max_body_bytes=max_body_bytes,
+                       is_draining=lambda: state.draining)
+    return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn server whose first SIGTERM drains (503 for new requests, grace period, abort, exit 0)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._drain_requested = False
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and not self._drain_requested and not self.should_exit:
+            self._drain_requested = True
+            self.state.draining = True
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_requested and self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain())
+        return await super().on_tick(counter)
+
+    async def _drain(self) -> None:
+        engine = self.state.engine
+        logger.info("SIGTERM: draining %d in-flight request(s) for up to %.0f s", engine.num_active_requests,
+                    self.state.shutdown_timeout)
+        if not await engine.wait_idle(self.state.shutdown_timeout):
+            logger.warning("grace period over: aborting %d request(s)", engine.num_active_requests)
+            engine.abort_all()
+            await engine.wait_idle(5.0)
+        await asyncio.sleep(0.05)  # let the last stream chunks go out
+        self.should_exit = True
+
+
+def _read_chat_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if len(value) < 4096 and path.is_file():
+        return path.read_text(encoding="utf-8")
+    return value
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Loads the engine named by ``args`` (``EngineArgs`` flags + server flags) and serves it."""
+    from slicelm.config import EngineArgs
+
+    engine_args = EngineArgs.from_cli_args(args)
+    engine = AsyncLLM.from_engine_args(engine_args, max_waiting_requests=args.max_waiting_requests)
+    state = ServerState.from_engine(engine, served_model_names=args.served_model_name,
+                                    chat_template=_read_chat_template(args.chat_template),
+                                    api_keys=[args.api_key] if args.api_key else [],
+                                    shutdown_timeout=args.shutdown_timeout,
+                                    log_stats=not args.disable_log_stats)
+    app = build_app(state, max_body_bytes=args.max_request_body_bytes)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                            timeout_keep_alive=args.timeout_keep_alive, access_log=not args.disable_access_log,
+                            loop="auto", http="auto", ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+    server = DrainingServer(config, state)
+    host = "localhost" if args.host in ("0.0.0.0", "::", "") else args.host
+    print(f"slicelm: serving {state.served_model_names[0]!r} on http://{host}:{args.port}\n"
+          f"  curl http://{host}:{args.port}/v1/chat/completions -H 'Content-Type: application/json'"
+          + (f" -H 'Authorization: Bearer $VLLM_API_KEY'" if args.api_key else "")
+          + f" -d '{{\"model\": \"{state.served_model_names[0]}\", "
+          "\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], \"max_tokens\": 32}'", flush=True)
+    server.run()
+    return 0
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    import os
+
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY") or os.environ.get("SLICELM_API_KEY"),
+                   help="require 'Authorization: Bearer <key>' on /v1/* (default: env VLLM_API_KEY)")
+    g.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="requests allowed to wait for a batch slot before new ones get 503 "
+                        "(default: 4 x --max-num-seqs)")
+    g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for in-flight requests before aborting them")
+    g.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    g.add_argument("--disable-access-log", "--disable-uvicorn-access-log", action="store_true")
+    g.add_argument("--timeout-keep-alive", type=int, default=5)
+    g.add_argument("--ssl-keyfile", default=None)
+    g.add_argument("--ssl-certfile", default=None)
+    return parser

@@ -1,0 +1,170 @@
+"""Prometheus metrics with vLLM's names, labels and buckets, and the periodic throughput log line.
+
+Both are ``AsyncLLM`` stat listeners: they run on the engine-loop thread after every iteration with the
+engine's ``EngineStats`` snapshot (gauges set, cumulative counters advanced by deltas) and the
+iteration's per-request latencies (histograms).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+from slicelm.engine.async_llm import IterationStats
+from slicelm.engine.stats import EngineStats
+
+logger = logging.getLogger("slicelm.stats")
+disable_created_metrics()  # as vLLM: no *_created series
+
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
+ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0]
+REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+FINISH_REASONS = ("stop", "length", "abort")
+
+METRIC_NAMES = (
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:num_preemptions", "vllm:prefix_cache_queries",
+    "vllm:prefix_cache_hits", "vllm:request_success", "vllm:time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds", "vllm:request_time_per_output_token_seconds",
+    "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
+    "vllm:request_inference_time_seconds", "vllm:request_prefill_time_seconds",
+    "vllm:request_decode_time_seconds", "vllm:request_prompt_tokens", "vllm:request_generation_tokens",
+    "vllm:cache_config_info",
+)
+
+
+def _token_buckets(max_model_len: int) -> list[float]:
+    """vLLM's 1-2-5 series up to ``max_model_len``."""
+    out: list[float] = []
+    exp = 0
+    while True:
+        for m in (1, 2, 5):
+            v = m * 10**exp
+            if v > max_model_len:
+                return out
+            out.append(float(v))
+        exp += 1
+
+
+class PrometheusStatLogger:
+    """Owns a ``CollectorRegistry`` (one per server) holding the ``vllm:*`` metrics."""
+
+    def __init__(self, model_name: str, max_model_len: int, cache_info: dict[str, str] | None = None,
+                 engine_index: int = 0) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["model_name", "engine"]
+        self.labels = {"model_name": model_name, "engine": str(engine_index)}
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r, multiprocess_mode="mostrecent").labels(**self.labels)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r).labels(**self.labels)
+
+        def hist(name: str, doc: str, buckets: list[float]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(**self.labels)
+
+        self.running = gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
+        self.preemptions = counter("vllm:num_preemptions", "Cumulative number of preemptions.")
+        self.prefix_queries = counter("vllm:prefix_cache_queries",
+                                      "Prefix cache queries, in terms of number of queried tokens.")
+        self.prefix_hits = counter("vllm:prefix_cache_hits",
+                                   "Prefix cache hits, in terms of number of cached tokens.")
+        success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                          [*labels, "finished_reason"], registry=r)
+        self.success = {reason: success.labels(**self.labels, finished_reason=reason) for reason in FINISH_REASONS}
+        self.ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                         TTFT_BUCKETS)
+        self.itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                        ITL_BUCKETS)
+        self.tpot = hist("vllm:request_time_per_output_token_seconds",
+                         "Histogram of time_per_output_token_seconds per request.", ITL_BUCKETS)
+        self.e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                        REQUEST_LATENCY_BUCKETS)
+        self.queue_time = hist("vllm:request_queue_time_seconds",
+                               "Histogram of time spent in WAITING phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.inference_time = hist("vllm:request_inference_time_seconds",
+                                   "Histogram of time spent in RUNNING phase for request.",
+                                   REQUEST_LATENCY_BUCKETS)
+        self.prefill_time = hist("vllm:request_prefill_time_seconds",
+                                 "Histogram of time spent in PREFILL phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.decode_time = hist("vllm:request_decode_time_seconds",
+                                "Histogram of time spent in DECODE phase for request.", REQUEST_LATENCY_BUCKETS)
+        token_buckets = _token_buckets(max(1, max_model_len))
+        self.req_prompt_tokens = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
+                                      token_buckets)
+        self.req_gen_tokens = hist("vllm:request_generation_tokens", "Number of generation tokens processed.",
+                                   token_buckets)
+        info = {k: str(v) for k, v in (cache_info or {}).items()}
+        cache_gauge = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", sorted(info),
+                            registry=r)
+        (cache_gauge.labels(**info) if info else cache_gauge).set(1)
+        self._prev: EngineStats | None = None
+
+    def __call__(self, stats: EngineStats, it: IterationStats) -> None:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        d = stats.delta(self._prev)
+        self._prev = stats
+        self.prompt_tokens.inc(d["num_prompt_tokens"])
+        self.generation_tokens.inc(d["num_generation_tokens"])
+        self.preemptions.inc(d["num_preemptions"])
+        self.prefix_queries.inc(d["prefix_cache_queries"])
+        self.prefix_hits.inc(d["prefix_cache_hits"])
+        for t in it.time_to_first_tokens:
+            self.ttft.observe(t)
+        for t in it.inter_token_latencies:
+            self.itl.observe(t)
+        for f in it.finished:
+            self.success.get(f.finish_reason, self.success["stop"]).inc()
+            self.e2e.observe(f.e2e_latency)
+            self.req_prompt_tokens.observe(f.num_prompt_tokens)
+            self.req_gen_tokens.observe(f.num_generation_tokens)
+            for h, v in ((self.queue_time, f.queue_time), (self.prefill_time, f.prefill_time),
+                         (self.decode_time, f.decode_time), (self.inference_time, f.inference_time),
+                         (self.tpot, f.time_per_output_token)):
+                if v is not None:
+                    h.observe(v)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class LoggingStatLogger:
+    """Logs throughput, queue and cache figures every ``interval`` seconds while there is activity."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last_time = time.monotonic()
+        self._last: EngineStats | None = None
+        self.last_line: str | None = None
+
+    def __call__(self, stats: EngineStats, it: IterationStats) -> None:
+        now = time.monotonic()
+        if now - self._last_time < self.interval:
+            return
+        elapsed = now - self._last_time
+        prev = self._last or EngineStats()
+        d = stats.delta(prev)
+        self._last_time, self._last = now, stats
+        if not any(d.values()) and stats.num_running == 0 and stats.num_waiting == 0:
+            return
+        hit_rate = d["prefix_cache_hits"] / d["prefix_cache_queries"] if d["prefix_cache_queries"] else 0.0
+        self.last_line = (
+            f"Avg prompt throughput: {d['num_prompt_tokens'] / elapsed:.1f} tokens/s, "
+            f"Avg generation throughput: {d['num_generation_tokens'] / elapsed:.1f} tokens/s, "
+            f"Running: {stats.num_running} reqs, Waiting: {stats.num_waiting} reqs, "
+            f"GPU KV cache usage: {100 * stats.kv_cache_usage:.1f}%, "
+            f"Prefix cache hit rate: {100 * hit_rate:.1f}%")
+        logger.info(self.last_line)

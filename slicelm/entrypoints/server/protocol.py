@@ -1,0 +1,210 @@
+"""Request models of the OpenAI-compatible API (pydantic v2).
+
+Policy on unknown fields: like OpenAI, unknown top-level fields and unknown keys in a message are
+rejected with 400 naming the field (vLLM would ignore them with a warning). Every field OpenAI documents
+for these endpoints is accepted; the ones slicelm does not act on (``user``, ``metadata``, ``store`` …)
+are ignored, and the ones it cannot honour yet (``tools``, ``response_format`` other than text,
+``suffix``) are rejected with a message. vLLM's sampling extras (``top_k``, ``min_p`` …) are accepted.
+Types are strict (``"5"`` is not an integer, ``1`` is not a boolean) as in OpenAI's schema.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+_STRICT = ConfigDict(strict=True, extra="forbid")
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = _STRICT
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by chat and completions (OpenAI + vLLM extras)."""
+
+    model_config = _STRICT
+    model: str = Field(min_length=1)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    n: int | None = Field(default=1, ge=1, le=128)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = False
+    skip_special_tokens: bool | None = True
+    spaces_between_special_tokens: bool | None = True
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    priority: int | None = 0
+    request_id: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _check_common(self) -> SamplingFields:
+        if isinstance(self.stop, list) and any(not s for s in self.stop):
+            raise ValueError("stop: stop strings must be non-empty")
+        if isinstance(self.stop, str) and not self.stop:
+            raise ValueError("stop: stop strings must be non-empty")
+        if self.logit_bias:
+            for k, v in self.logit_bias.items():
+                if not k.lstrip("-").isdigit():
+                    raise ValueError(f"logit_bias: keys must be token ids, got {k!r}")
+                if not -100.0 <= v <= 100.0:
+                    raise ValueError(f"logit_bias: values must be in [-100, 100], got {v} for token {k}")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ValueError(f"response_format: type {self.response_format.type!r} is not supported yet "
+                             "(only 'text')")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    reasoning_effort: str | None = None
+    prediction: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    verbosity: str | None = None
+    # vLLM extras
+    echo: bool | None = False
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    add_special_tokens: bool | None = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, str]] | None = None
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: requires logprobs to be true")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message: cannot be combined with add_generation_prompt=true; "
+                             "set add_generation_prompt to false")
+        if self.tools and self.tool_choice != "none":
+            raise ValueError("tools: tool calling is not supported yet")
+        if self.functions:
+            raise ValueError("functions: function calling is not supported yet")
+        if self.modalities and any(m != "text" for m in self.modalities):
+            raise ValueError("modalities: only 'text' is supported")
+        if self.audio is not None:
+            raise ValueError("audio: audio output is not supported")
+        return self
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool | None = False
+    best_of: int | None = Field(default=None, ge=1, le=128)
+    suffix: str | None = None
+    # vLLM extras
+    add_special_tokens: bool | None = True
+    prompt_logprobs: int | None = None
+
+    @model_validator(mode="after")
+    def _check_completion(self) -> CompletionRequest:
+        p = self.prompt
+        if isinstance(p, str | list) and len(p) == 0:
+            raise ValueError("prompt: must not be empty")
+        if isinstance(p, list) and any(isinstance(x, list | str) and len(x) == 0 for x in p):
+            raise ValueError("prompt: must not contain empty prompts")
+        if self.suffix:
+            raise ValueError("suffix: is not supported")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ValueError("best_of: only best_of == n is supported")
+        if self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: is not supported yet")
+        return self
+
+
+class TokenizeRequest(BaseModel):
+    model_config = _STRICT
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool | None = False
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt: give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = _STRICT
+    model: str | None = None
+    tokens: list[int]
+
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool", "function")

@@ -1,0 +1,179 @@
+"""What the endpoints share: the engine client, served names, limits, and helpers every endpoint uses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from slicelm.engine.async_llm import AsyncLLM, RequestStream
+from slicelm.entrypoints.server.errors import APIError, bad_request
+from slicelm.entrypoints.server.metrics import LoggingStatLogger, PrometheusStatLogger
+
+TASK_ENDPOINTS = {"generate": "text generation (/v1/chat/completions, /v1/completions)",
+                  "embed": "embeddings (/v1/embeddings)", "score": "scoring (/v1/score, /v1/rerank)"}
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the response was complete."""
+
+
+@dataclass
+class ServerState:
+    engine: AsyncLLM
+    served_model_names: list[str]
+    max_model_len: int
+    task: str
+    model_path: str
+    chat_template: str | None = None
+    api_keys: list[str] = field(default_factory=list)
+    shutdown_timeout: float = 30.0
+    metrics: PrometheusStatLogger | None = None
+    stat_logger: LoggingStatLogger | None = None
+    draining: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    _token_text: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_engine(cls, engine: AsyncLLM, served_model_names: list[str] | None = None,
+                    chat_template: str | None = None, api_keys: list[str] | None = None,
+                    shutdown_timeout: float = 30.0, log_stats: bool = True) -> ServerState:
+        mc = engine.model_config
+        names = list(served_model_names or mc.served_model_names or [mc.model])
+        state = cls(engine, names, int(mc.max_model_len), str(mc.task), str(mc.model), chat_template,
+                    list(api_keys or []), shutdown_timeout)
+        cc = engine.cache_config
+        info = {"block_size": getattr(cc, "block_size", ""), "num_gpu_blocks": getattr(cc, "num_blocks", ""),
+                "enable_prefix_caching": getattr(cc, "enable_prefix_caching", "")}
+        state.metrics = PrometheusStatLogger(names[0], state.max_model_len, info)
+        engine.add_stat_listener(state.metrics)
+        if log_stats:
+            state.stat_logger = LoggingStatLogger()
+            engine.add_stat_listener(state.stat_logger)
+        return state
+
+    @property
+    def tokenizer(self) -> Any:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise bad_request("this server was started without a tokenizer (--skip-tokenizer-init)")
+        return tok
+
+    def check_model(self, model: str | None, required: bool = True) -> str:
+        if model is None or model == "":
+            if required:
+                raise bad_request("you must provide a model parameter", param="model",
+                                  code="missing_required_parameter")
+            return self.served_model_names[0]
+        if model not in self.served_model_names:
+            raise APIError(404, f"The model `{model}` does not exist. Served models: "
+                           f"{', '.join(self.served_model_names)}", param="model", code="model_not_found")
+        return model
+
+    def require_task(self, task: str, api: str) -> None:
+        if self.task != task:
+            raise bad_request(f"The model `{self.served_model_names[0]}` does not support the {api} API: it is "
+                              f"served for {TASK_ENDPOINTS.get(self.task, self.task)} "
+                              f"(task {self.task!r}); start a model with task {task!r} for this endpoint",
+                              code="wrong_task")
+
+    def token_text(self, token_id: int) -> str:
+        """Text of one token (cached), as shown in logprobs."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            if len(self._token_text) < 1 << 18:
+                self._token_text[token_id] = text
+        return text
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> int:
+        """Returns the effective max_tokens; 400 when prompt + max_tokens exceed ``max_model_len``."""
+        room = self.max_model_len - num_prompt_tokens
+        if room < 1:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
+                f"{num_prompt_tokens} input tokens. Please reduce the length of the input.",
+                param=param, code="context_length_exceeded")
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the input, {max_tokens} in the "
+                f"completion). Please reduce the length of the input or the completion.",
+                param="max_tokens", code="context_length_exceeded")
+        return max_tokens
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the body must have been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def final_outputs(streams: list[RequestStream], request: Request) -> list[Any]:
+    """Consumes ``streams`` to their final outputs; raises ``ClientDisconnected`` if the client leaves first."""
+
+    async def consume(stream: RequestStream) -> Any:
+        last = None
+        async for out in stream:
+            last = out
+        return last
+
+    consumer = asyncio.ensure_future(asyncio.gather(*(consume(s) for s in streams)))
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not consumer.done():
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await consumer
+    if consumer not in done or consumer.cancelled():
+        raise ClientDisconnected()
+    return consumer.result()
+
+
+async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
+    """Interleaves several streams as ``(stream index, output)`` in arrival order."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, Any] | tuple[int, BaseException] | None] = asyncio.Queue()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        try:
+            async for out in s:
+                await queue.put((i, out))
+        except Exception as e:
+            await queue.put((i, e))
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+                continue
+            if isinstance(item[1], BaseException):
+                raise item[1]
+            yield item
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -1,0 +1,149 @@
+"""Attention: the pure-torch reference backend, the ``Attention`` layer and backend selection.
+
+``TorchAttentionBackend`` runs on any device and is the oracle the fast backends are tested
+against: it stores the new keys/values into the paged cache, then for every sequence gathers its
+whole context ``[0, seq_len)`` through its block table and computes causal (GQA) attention for
+that sequence's query rows in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slicelm.layers.attention_metadata import AttentionBackend, AttentionMetadata
+
+# Upper bound on the float32 score elements [heads, q_rows, seq_len] materialised at once.
+_MAX_SCORE_ELEMENTS = 1 << 27
+
+
+def store_kv(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write ``key``/``value`` [T, KH, D] into the flat slots of ``kv_cache``; negative slots are skipped."""
+    num_kv_heads, head_dim = kv_cache.shape[-2], kv_cache.shape[-1]
+    k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
+    v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    k_flat[slots] = key[valid].to(kv_cache.dtype)
+    v_flat[slots] = value[valid].to(kv_cache.dtype)
+
+
+def gather_kv(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [seq_len, KH, D] of one sequence, read through its block table."""
+    block_size = kv_cache.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = block_table[:num_blocks].long()
+    offsets = torch.arange(block_size, device=kv_cache.device)
+    slots = (blocks[:, None] * block_size + offsets[None, :]).flatten()[:seq_len]
+    num_kv_heads, head_dim = kv_cache.shape[-2], kv_cache.shape[-1]
+    k = kv_cache[0].view(-1, num_kv_heads, head_dim)[slots]
+    v = kv_cache[1].view(-1, num_kv_heads, head_dim)[slots]
+    return k, v
+
+
+class TorchAttentionBackend:
+    """Reference paged attention in plain torch (one Python iteration per sequence)."""
+
+    name = "torch"
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        _, num_heads, head_dim = query.shape
+        num_kv_heads = key.shape[1]
+        assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+        assert kv_cache.shape[-2:] == (num_kv_heads, head_dim), (kv_cache.shape, key.shape)
+        store_kv(key, value, kv_cache, meta.slot_mapping)
+        group = num_heads // num_kv_heads
+        out = torch.empty_like(query)
+        for i in range(meta.num_seqs):
+            q_start, q_end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
+            q_len, seq_len = q_end - q_start, meta.seq_lens_cpu[i]
+            if q_len == 0:
+                continue
+            assert q_len <= seq_len, (i, q_len, seq_len)
+            k, v = gather_kv(kv_cache, meta.block_tables[i], seq_len)
+            # [KH, S, D] float32, shared by the `group` query heads of each KV head.
+            kf = k.float().transpose(0, 1)
+            vf = v.float().transpose(0, 1)
+            kv_pos = torch.arange(seq_len, device=query.device)
+            rows = max(1, _MAX_SCORE_ELEMENTS // (num_heads * seq_len))
+            for r0 in range(0, q_len, rows):
+                r1 = min(q_len, r0 + rows)
+                # [T', H, D] -> [KH, group * T', D]
+                q = query[q_start + r0 : q_start + r1].float()
+                q = q.view(r1 - r0, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+                q = q.reshape(num_kv_heads, group * (r1 - r0), head_dim)
+                scores = torch.bmm(q, kf.transpose(1, 2)) * scale  # [KH, group*T', S]
+                q_pos = seq_len - q_len + torch.arange(r0, r1, device=query.device)
+                mask = (kv_pos[None, :] > q_pos[:, None]).repeat(group, 1)  # [group*T', S]
+                scores.masked_fill_(mask[None], float("-inf"))
+                o = torch.bmm(torch.softmax(scores, dim=-1), vf)  # [KH, group*T', D]
+                o = o.view(num_kv_heads, group, r1 - r0, head_dim).permute(2, 0, 1, 3)
+                out[q_start + r0 : q_start + r1] = o.reshape(r1 - r0, num_heads, head_dim).to(query.dtype)
+        return out
+
+
+def get_attention_backend(device: torch.device | str) -> AttentionBackend:
+    """The fastest backend available for ``device``: Triton on CUDA when importable, else torch."""
+    if torch.device(device).type == "cuda":
+        try:
+            from slicelm.layers.triton.backend import TritonAttentionBackend
+        except ImportError:
+            return TorchAttentionBackend()
+        return TritonAttentionBackend()
+    return TorchAttentionBackend()
+
+
+class Attention(nn.Module):
+    """Paged attention layer: reshapes q/k/v to heads and calls the backend.
+
+    With ``backend=None`` the backend is chosen from the device of the first input.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        backend: AttentionBackend | None = None,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.backend = backend
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q: [T, H*D] or [T, H, D]; k, v: [T, KH*D] or [T, KH, D]. Output has q's rank."""
+        if self.backend is None:
+            self.backend = get_attention_backend(q.device)
+        flat = q.dim() == 2
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim) if flat else out

@@ -1,0 +1,221 @@
+"""Random-weight Llama / Mistral / Qwen2 / Qwen3 models vs transformers (CPU fp32), through the paged cache:
+one packed prefill of mixed-length prompts, decode steps, prefix-hit / chunked prefill mixed with decode."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils_paged import PagedBatch, make_kv_caches
+
+from slicelm.layers.attention import TorchAttentionBackend
+from slicelm.models.llama import LlamaForCausalLM
+from slicelm.models.registry import get_model_class
+
+VOCAB = 512
+SMALL = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "max_position_embeddings": 256, "rms_norm_eps": 1e-6}
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+CASES: dict[str, tuple[str, dict]] = {
+    "llama3_gqa2": ("LlamaConfig", {"num_attention_heads": 4, "num_key_value_heads": 2,
+                                    "rope_parameters": LLAMA3_ROPE}),
+    "llama_mha_tied_bias": ("LlamaConfig", {"num_attention_heads": 4, "num_key_value_heads": 4,
+                                            "num_hidden_layers": 3, "tie_word_embeddings": True,
+                                            "attention_bias": True, "mlp_bias": True}),
+    "mistral_gqa4": ("MistralConfig", {"hidden_size": 128, "num_attention_heads": 8, "num_key_value_heads": 2,
+                                       "sliding_window": None,
+                                       "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
+    "qwen2_tied_gqa2": ("Qwen2Config", {"num_attention_heads": 4, "num_key_value_heads": 2,
+                                        "tie_word_embeddings": True}),
+    "qwen3_headdim_gqa4": ("Qwen3Config", {"num_attention_heads": 4, "num_key_value_heads": 1,
+                                           "head_dim": 32}),
+    "qwen3_tied_gqa2": ("Qwen3Config", {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+                                        "tie_word_embeddings": True, "num_hidden_layers": 3}),
+}
+TOL = 1e-4
+
+
+def build_hf(case: str) -> tuple[transformers.PreTrainedModel, dict]:
+    cls_name, overrides = CASES[case]
+    config = getattr(transformers, cls_name)(**{**SMALL, **overrides})
+    torch.manual_seed(0)
+    model_cls = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))
+    hf = model_cls._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+    # HF's init zeroes biases and sets norms to 1; randomise everything so bias / qk-norm are exercised
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.08)
+    return hf, config.to_dict()
+
+
+def build_ours(hf: transformers.PreTrainedModel, config: dict) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(config, attn_backend=TorchAttentionBackend()).eval()
+    loaded = model.load_weights(hf.state_dict().items())
+    assert "model.layers.0.self_attn.q_proj.weight" in loaded
+    return model
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return (torch.linalg.norm(out.double() - ref.double()) / torch.linalg.norm(ref.double())).item()
+
+
+def make_tokens(lens: list[int], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lens]
+
+
+@torch.no_grad()
+def hf_logits(hf: transformers.PreTrainedModel, seqs: list[list[int]]) -> list[torch.Tensor]:
+    return [hf(torch.tensor([s])).logits[0].float() for s in seqs]
+
+
+@torch.no_grad()
+def run_schedule(
+    model: LlamaForCausalLM,
+    seqs: list[list[int]],
+    refs: list[torch.Tensor],
+    schedule: list[list[int]],
+    block_size: int,
+) -> None:
+    """Feed ``schedule[step][i]`` new tokens of sequence i per step (packed, one forward per step);
+    every produced logits row must match transformers' full-sequence logits."""
+    batch = PagedBatch([len(s) for s in seqs], block_size, first_block=1, shuffle_seed=block_size)
+    caches = make_kv_caches(
+        model.num_layers, batch.num_blocks, block_size, model.num_kv_heads, model.head_dim, fill=float("nan")
+    )
+    assert tuple(caches[0].shape) == model.kv_cache_shape(batch.num_blocks, block_size)
+    for chunk_sizes in schedule:
+        starts = list(batch.num_computed)
+        step = batch.step([s[c : c + n] for s, c, n in zip(seqs, starts, chunk_sizes)])
+        logits = model.compute_logits(model(step.input_ids, step.positions, caches, step.meta))
+        assert logits.dtype == torch.float32 and logits.shape == (step.meta.num_tokens, VOCAB)
+        qsl = step.meta.query_start_loc_cpu
+        for i, (c, n) in enumerate(zip(starts, chunk_sizes)):
+            assert n > 0, "every sequence in a step has new tokens (as the runner builds them)"
+            err = rel_err(logits[qsl[i] : qsl[i + 1]], refs[i][c : c + n])
+            assert err <= TOL, f"seq {i} rows {c}:{c + n}: rel err {err:.2e}"
+    assert batch.num_computed == [len(s) for s in seqs]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_prefill_then_decode(case: str) -> None:
+    hf, config = build_hf(case)
+    model = build_ours(hf, config)
+    prompt_lens, num_decode = [7, 1, 23, 12, 40], 4
+    seqs = make_tokens([n + num_decode for n in prompt_lens], seed=1)
+    refs = hf_logits(hf, seqs)
+    schedule = [prompt_lens] + [[1] * len(seqs)] * num_decode
+    run_schedule(model, seqs, refs, schedule, block_size=16)
+
+
+@pytest.mark.parametrize("case", ["llama3_gqa2", "qwen2_tied_gqa2", "qwen3_headdim_gqa4"])
+def test_prefix_hit_and_chunked_prefill(case: str) -> None:
+    hf, config = build_hf(case)
+    model = build_ours(hf, config)
+    seqs = make_tokens([32, 8, 50], seed=2)
+    refs = hf_logits(hf, seqs)
+    # seq 0: prompt of 30 with its first 13 tokens cached (prefix hit), then the other 17, then decodes;
+    # seq 1: whole prompt, then decodes while seq 2 chunks its prompt; all in the same packed steps
+    schedule = [[13, 5, 16], [17, 1, 16], [1, 1, 16], [1, 1, 2]]
+    run_schedule(model, seqs, refs, schedule, block_size=32)
+
+
+def test_tied_safetensors_checkpoint_and_registry(tmp_path: Path) -> None:
+    """save_pretrained drops the tied lm_head; loading the file must still work (and match)."""
+    hf, config = build_hf("qwen2_tied_gqa2")
+    hf.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in weights
+    cls = get_model_class(["Qwen2ForCausalLM"])
+    assert cls is LlamaForCausalLM
+    config = {k: v for k, v in config.items() if k != "model_type"}
+    config["architectures"] = ["Qwen2ForCausalLM"]  # family from architectures alone: qkv bias
+    model = cls(config, attn_backend=TorchAttentionBackend()).eval()
+    model.load_weights(weights.items())
+    assert model.model.layers[0].self_attn.qkv_proj.bias is not None
+    seqs = make_tokens([9, 14], seed=3)
+    run_schedule(model, seqs, hf_logits(hf, seqs), [[9, 14]], block_size=16)
+
+
+def test_bf16_runs_close_to_fp32() -> None:
+    hf, config = build_hf("qwen3_headdim_gqa4")
+    model = build_ours(hf, config)
+    seqs = make_tokens([11, 20], seed=4)
+    refs = hf_logits(hf, seqs)
+    model = model.to(torch.bfloat16)
+    batch = PagedBatch([11, 20], 16)
+    caches = make_kv_caches(model.num_layers, batch.num_blocks, 16, model.num_kv_heads, model.head_dim,
+                            dtype=torch.bfloat16)
+    step = batch.prefill(seqs)
+    with torch.no_grad():
+        logits = model.compute_logits(model(step.input_ids, step.positions, caches, step.meta))
+    assert logits.dtype == torch.float32
+    assert rel_err(logits, torch.cat(refs)) < 5e-2
+
+
+def test_load_weights_errors() -> None:
+    hf, config = build_hf("llama3_gqa2")
+    model = LlamaForCausalLM(config)
+    sd = hf.state_dict()
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.foo\.weight"):
+        model.load_weights([*sd.items(), ("model.layers.0.self_attn.foo.weight", torch.zeros(1))])
+    with pytest.raises(ValueError, match=r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        model.load_weights([(k, v) for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"])
+    with pytest.raises(ValueError, match=r"missing.*lm_head\.weight"):  # untied: lm_head is required
+        model.load_weights([(k, v) for k, v in sd.items() if k != "lm_head.weight"])
+    with pytest.raises(ValueError, match="shape"):
+        model.load_weights([*sd.items(), ("model.norm.weight", torch.zeros(3))])
+    # rotary buffers from old checkpoints are ignored
+    model.load_weights([*sd.items(), ("model.layers.0.self_attn.rotary_emb.inv_freq", torch.zeros(8))])
+
+
+def test_config_validation() -> None:
+    _, config = build_hf("mistral_gqa4")
+    with pytest.raises(ValueError, match="sliding_window"):
+        LlamaForCausalLM({**config, "sliding_window": 64})
+    LlamaForCausalLM({**config, "sliding_window": 64, "max_model_len": 64})  # window covers the context
+    with pytest.raises(ValueError, match="hidden_act"):
+        LlamaForCausalLM({**config, "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        LlamaForCausalLM({**config, "num_key_value_heads": 3})
+    with pytest.raises(ValueError, match="not a Llama-family"):
+        LlamaForCausalLM({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backend_matches_torch_backend(dtype: torch.dtype) -> None:
+    """The CUDA default backend (get_attention_backend) against the torch oracle, same model and steps."""
+    from slicelm.layers.attention import get_attention_backend
+
+    hf, config = build_hf("qwen3_headdim_gqa4")
+    seqs = make_tokens([43, 7, 21, 67], seed=5)
+    # mixed prefill / chunked / prefix rows, then decode-only steps (the backend's two code paths)
+    schedule = [[20, 3, 17, 30], [20, 1, 1, 34], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]
+    outs = []
+    for backend in (TorchAttentionBackend(), get_attention_backend(torch.device("cuda"))):
+        model = LlamaForCausalLM(config, attn_backend=backend)
+        model.load_weights(hf.state_dict().items())
+        model = model.to("cuda", dtype).eval()
+        batch = PagedBatch([len(s) for s in seqs], 16, shuffle_seed=0, device="cuda")
+        caches = make_kv_caches(model.num_layers, batch.num_blocks, 16, model.num_kv_heads, model.head_dim,
+                                dtype=dtype, device="cuda")
+        rows = []
+        with torch.no_grad():
+            for chunks in schedule:
+                c0 = list(batch.num_computed)
+                step = batch.step([s[c : c + n] for s, c, n in zip(seqs, c0, chunks)])
+                rows.append(model.compute_logits(model(step.input_ids, step.positions, caches, step.meta)))
+        outs.append(torch.cat(rows))
+    assert rel_err(outs[1], outs[0]) < (1e-4 if dtype == torch.float32 else 3e-2)

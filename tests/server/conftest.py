@@ -1,0 +1,79 @@
+"""The real ``slicelm serve`` (bundled SmolLM2) in a subprocess, on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+MODEL = "smollm2-135m-instruct"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(tmp_dir: Path, *flags: str, timeout: float = 180.0) -> Server:
+    port = free_port()
+    log_path = tmp_dir / f"server-{port}.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("VLLM_API_KEY", None)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "slicelm.entrypoints.cli", "serve", MODEL, "--host", "127.0.0.1",
+             "--port", str(port), "--device", "cpu", "--disable-access-log", *flags],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    server = Server(proc, port, log_path)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1.0).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    stop_server(server)
+    raise RuntimeError(f"server did not become healthy in {timeout} s:\n{server.log()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(30)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One shared server for the functional tests (32 sequences at once, 16-token blocks)."""
+    s = start_server(tmp_path_factory.mktemp("server"), "--max-num-seqs", "32", "--max-model-len", "2048",
+                     "--seed", "0")
+    yield s
+    stop_server(s)
