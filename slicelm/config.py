@@ -71,6 +71,7 @@ class EngineArgs:
     gpu_memory_budget: str | int | None = None
     kv_cache_memory_bytes: str | int | None = None
     enforce_eager: bool = False
+    load_format: Literal["auto", "dummy"] = "auto"
     chat_template: str | None = None
     # Pooling models (embeddings / cross-encoders)
     pooling_type: Literal["MEAN", "CLS", "LAST"] | None = None
@@ -96,6 +97,8 @@ class EngineArgs:
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.task not in ("auto", "generate", "embed", "score"):
             raise ValueError(f"task must be one of auto, generate, embed, score; got {self.task!r}")
         self.gpu_memory_budget = parse_size(self.gpu_memory_budget)
@@ -130,6 +133,8 @@ class EngineArgs:
                        help="absolute GPU memory budget for this engine, e.g. 14GiB or 14000MiB")
         g.add_argument("--kv-cache-memory-bytes", default=None, help="KV cache size, e.g. 4GiB")
         g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+        g.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
+                       help="dummy: random weights from config.json alone (benchmarks)")
         g.add_argument("--chat-template", default=None, help="path to a Jinja chat template, or the template")
         g.add_argument("--pooling-type", default=None, choices=["MEAN", "CLS", "LAST"])
         g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)

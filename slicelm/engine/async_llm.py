@@ -18,11 +18,11 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from slicelm.engine.request import CompletionOutput, PoolingOutput, RequestOutput
-from slicelm.engine.stats import EngineStats
+from slicelm.engine.stats import EngineStats, FinishedRequestStats, IterationStats
 
 if TYPE_CHECKING:
     from slicelm.config import EngineArgs
@@ -38,31 +38,6 @@ class EngineDeadError(RuntimeError):
 
 class EngineOverloadedError(RuntimeError):
     """The waiting queue is full (``max_waiting_requests``); retry later."""
-
-
-@dataclass
-class FinishedRequestStats:
-    """Latencies of one finished request (seconds), for histograms."""
-
-    finish_reason: str
-    num_prompt_tokens: int
-    num_generation_tokens: int
-    e2e_latency: float
-    queue_time: float | None = None
-    prefill_time: float | None = None
-    decode_time: float | None = None
-    inference_time: float | None = None
-    time_per_output_token: float | None = None
-
-
-@dataclass
-class IterationStats:
-    """What one engine-loop iteration produced, handed to stat loggers with the engine snapshot."""
-
-    now: float
-    time_to_first_tokens: list[float] = field(default_factory=list)
-    inter_token_latencies: list[float] = field(default_factory=list)
-    finished: list[FinishedRequestStats] = field(default_factory=list)
 
 
 StatListener = Callable[[EngineStats, IterationStats], None]
@@ -139,6 +114,7 @@ class AsyncLLM:
     def __init__(self, engine: Any, max_waiting_requests: int | None = None, start: bool = True) -> None:
         self.engine = engine
         max_num_seqs = getattr(getattr(engine, "scheduler_config", None), "max_num_seqs", None) or 256
+        self.max_num_seqs = int(max_num_seqs)
         self.max_waiting_requests = max_waiting_requests if max_waiting_requests is not None \
             else 4 * max_num_seqs
         if self.max_waiting_requests < 0:
@@ -147,6 +123,7 @@ class AsyncLLM:
         self._lock = threading.Lock()
         self._pending = 0  # adds not yet reflected in an engine stats snapshot
         self._engine_waiting = 0
+        self._engine_running = 0
         self._num_active = 0  # streams handed out and not yet released (event-loop side)
         self._states: dict[str, _ReqState] = {}  # loop-thread side
         self._listeners: list[StatListener] = []
@@ -195,8 +172,13 @@ class AsyncLLM:
 
     @property
     def num_waiting_estimate(self) -> int:
+        """Requests that will wait for a batch slot: engine's waiting + not yet added - free slots."""
         with self._lock:
-            return self._engine_waiting + self._pending
+            return self._waiting_locked()
+
+    def _waiting_locked(self) -> int:
+        free = max(0, self.max_num_seqs - self._engine_running)
+        return max(0, self._engine_waiting + self._pending - free)
 
     def add_stat_listener(self, listener: StatListener) -> None:
         self._listeners.append(listener)
@@ -208,9 +190,9 @@ class AsyncLLM:
         if self.errored or self._stop.is_set():
             raise EngineDeadError(f"the engine loop is not running: {self._dead!r}")
         with self._lock:
-            if self._engine_waiting + self._pending >= self.max_waiting_requests:
+            if self._waiting_locked() >= self.max_waiting_requests:
                 raise EngineOverloadedError(
-                    f"the server is overloaded: {self._engine_waiting + self._pending} requests are waiting "
+                    f"the server is overloaded: {self._waiting_locked()} requests are waiting "
                     f"(max_waiting_requests={self.max_waiting_requests}); retry later")
             self._pending += 1
         stream = RequestStream(request_id, int(getattr(params, "n", 1) or 1), asyncio.get_running_loop())
@@ -292,7 +274,7 @@ class AsyncLLM:
                     for out in outputs:
                         self._route(out, it)
                 self._publish(it, drained)
-        except BaseException as e:  # noqa: BLE001 - anything that kills the loop is reported to callers
+        except BaseException as e:
             logger.exception("engine loop died")
             self._dead = e
         finally:
@@ -412,6 +394,7 @@ class AsyncLLM:
         with self._lock:
             self._pending -= drained_adds
             self._engine_waiting = stats.num_waiting
+            self._engine_running = stats.num_running
         self.last_stats = stats
         self._notify(it)
 

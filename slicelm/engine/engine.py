@@ -45,6 +45,7 @@ class _Parent:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams | PoolingParams
+    stream: bool = True  # False: report only when finished (the offline API)
     children: list[Request] = field(default_factory=list)
     detokenizers: list[IncrementalDetokenizer | None] = field(default_factory=list)
 
@@ -102,7 +103,9 @@ class LLMEngine:
         arrival_time: float | None = None,
         priority: int = 0,
         token_type_ids: list[int] | None = None,
+        stream: bool = True,
     ) -> None:
+        """Queues a request. ``stream=False``: ``step`` reports it only once it has finished."""
         if request_id in self._parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params if params is not None else SamplingParams()
@@ -116,7 +119,21 @@ class LLMEngine:
         truncate = params.truncate_prompt_tokens
         if pooling:
             params.verify(getattr(self.worker.model, "hidden_size", 0) or 1 << 30, max_len)
+            allowed = ("score", "classify") if self.model_config.task == "score" else ("embed",)
+            if params.task not in allowed:
+                raise ValueError(f"task: model {self.model_config.model!r} serves task {self.model_config.task!r}; "
+                                 f"pooling task {params.task!r} is not supported by it (use {allowed[0]!r})")
+        if isinstance(prompt, dict) and prompt.get("token_type_ids") is not None:
+            token_type_ids = list(prompt["token_type_ids"])
         text, ids = self._tokenize(prompt, max_len if truncate == -1 else truncate)
+        if token_type_ids is not None:
+            if truncate is not None:
+                token_type_ids = token_type_ids[-len(ids):]
+            if len(token_type_ids) != len(ids):
+                raise ValueError("token_type_ids must be as long as prompt_token_ids")
+            num_types = int(self.model_config.hf_config.get("type_vocab_size") or 2)
+            if any(not isinstance(t, int) or not 0 <= t < num_types for t in token_type_ids):
+                raise ValueError(f"token_type_ids: every id must be in [0, {num_types})")
         if not ids:
             raise EmptyPromptError("prompt: the prompt is empty")
         limit = max_len if pooling else max_len - 1
@@ -126,7 +143,7 @@ class LLMEngine:
                 + ("" if pooling else " with at least one generated token")
             )
         arrival_time = arrival_time if arrival_time is not None else time.time()
-        parent = _Parent(request_id, text, ids, params)
+        parent = _Parent(request_id, text, ids, params, stream)
         n = 1 if pooling else params.n
         for i in range(n):
             seq_id = request_id if n == 1 else f"{request_id}#{i}"
@@ -182,6 +199,7 @@ class LLMEngine:
         if self.model_config.is_pooling:
             pooled = self.worker.execute_pooling(sched)
             self.scheduler.update_after_step(sched)
+            self._count_pooling_step(len(sched.scheduled))
             for s, data in zip(sched.scheduled, pooled):
                 s.request.pooled = data
                 s.request.metrics.first_token_time = s.request.metrics.last_token_time = now
@@ -197,7 +215,16 @@ class LLMEngine:
                 for s in sched.scheduled
             )
             self._process_samples(result, now, touched)
-        return [self._make_output(p) for p in touched.values()]
+        return [self._make_output(p) for p in touched.values() if p.stream or all(c.is_finished for c in p.children)]
+
+    def _count_pooling_step(self, num_requests: int) -> None:
+        """Cumulative pooling batch figures in ``EngineStats.extra`` (steps, multi-request steps, largest)."""
+        extra = self._stats.extra
+        extra["pooling_steps"] = extra.get("pooling_steps", 0.0) + 1
+        extra["pooling_requests"] = extra.get("pooling_requests", 0.0) + num_requests
+        if num_requests > 1:
+            extra["pooling_multi_request_steps"] = extra.get("pooling_multi_request_steps", 0.0) + 1
+        extra["pooling_max_batch_requests"] = max(extra.get("pooling_max_batch_requests", 0.0), num_requests)
 
     def _process_samples(self, result: RunnerOutput, now: float, touched: dict[str, _Parent]) -> None:
         for row, (req, token) in enumerate(zip(result.requests, result.sampled_token_ids)):
@@ -300,7 +327,9 @@ class LLMEngine:
         s.prefix_cache_queries = kv.prefix_cache_queries
         s.prefix_cache_hits = kv.prefix_cache_hits
         s.timestamp = time.time()
-        return EngineStats(**{k: getattr(s, k) for k in s.__dataclass_fields__})
+        snapshot = EngineStats(**{k: getattr(s, k) for k in s.__dataclass_fields__})
+        snapshot.extra = dict(s.extra)
+        return snapshot
 
     def next_request_id(self) -> str:
         return str(next(self._counter))

@@ -100,6 +100,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.req_to_block_ids: dict[str, list[int]] = {}  # kept in step with req_to_blocks (no per-step copies)
         self.num_cached_blocks: dict[str, int] = {}
         # Prefix-cache counters, in tokens (vLLM's prefix_cache_queries / prefix_cache_hits).
         self.prefix_cache_queries = 0
@@ -117,7 +118,8 @@ class KVCacheManager:
         return self.pool.usage()
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
+        """The request's block table (a live list: do not modify)."""
+        return self.req_to_block_ids.get(request_id, [])
 
     def _update_block_hashes(self, request: Request) -> None:
         bs = self.block_size
@@ -164,9 +166,12 @@ class KVCacheManager:
                 del self.req_to_blocks[request.request_id]
             return False
         self.pool.touch(new_computed_blocks)
+        new_blocks = self.pool.get_new_blocks(num_new_blocks) if num_new_blocks > 0 else []
         req_blocks.extend(new_computed_blocks)
-        if num_new_blocks > 0:
-            req_blocks.extend(self.pool.get_new_blocks(num_new_blocks))
+        req_blocks.extend(new_blocks)
+        ids = self.req_to_block_ids.setdefault(request.request_id, [])
+        ids.extend(b.block_id for b in new_computed_blocks)
+        ids.extend(b.block_id for b in new_blocks)
         if self.enable_caching:
             self.num_cached_blocks.setdefault(request.request_id, 0)
             self._cache_full_blocks(request, num_computed + num_new_tokens)
@@ -186,6 +191,7 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Releases every block of the request (tail first, so its tail is evicted first)."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
+        self.req_to_block_ids.pop(request.request_id, None)
         self.num_cached_blocks.pop(request.request_id, None)
         self.pool.free_blocks(reversed(blocks))
 

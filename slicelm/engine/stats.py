@@ -36,3 +36,28 @@ class EngineStats:
         names = ("num_prompt_tokens", "num_generation_tokens", "num_preemptions", "prefix_cache_queries",
                  "prefix_cache_hits")
         return {n: max(0, getattr(self, n) - (getattr(prev, n) if prev is not None else 0)) for n in names}
+
+
+@dataclass
+class FinishedRequestStats:
+    """Latencies of one finished request (seconds), for histograms."""
+
+    finish_reason: str
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    e2e_latency: float
+    queue_time: float | None = None
+    prefill_time: float | None = None
+    decode_time: float | None = None
+    inference_time: float | None = None
+    time_per_output_token: float | None = None
+
+
+@dataclass
+class IterationStats:
+    """What one engine-loop iteration produced, handed to stat loggers with the engine snapshot."""
+
+    now: float
+    time_to_first_tokens: list[float] = field(default_factory=list)
+    inter_token_latencies: list[float] = field(default_factory=list)
+    finished: list[FinishedRequestStats] = field(default_factory=list)

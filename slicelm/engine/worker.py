@@ -32,6 +32,19 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+@torch.no_grad()
+def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
+    """vLLM's ``--load-format dummy``: small random weights (norm scales 1), made on the device."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name.lower():
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+
+
 def _infer_task(args: EngineArgs, architecture: str) -> str:
     if args.task != "auto":
         return args.task
@@ -45,7 +58,7 @@ class Worker:
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
         self.device = pick_device(args.device)
-        source = resolve_model(args.model)
+        source = resolve_model(args.model, args.load_format)
         hf_config = source.config
         architectures = hf_config.get("architectures") or []
         model_cls = get_model_class(architectures)  # raises with the list of supported ones
@@ -83,7 +96,10 @@ class Worker:
 
             model = model_cls(hf_config, attn_backend=get_attention_backend(self.device))
         model = model.to(dtype=dtype, device=self.device)
-        model.load_weights(source.iter_weights())
+        if args.load_format == "dummy":
+            init_dummy_weights(model, args.seed)
+        else:
+            model.load_weights(source.iter_weights())
         model.eval()
         self.model = model
         self.vocab_size = int(hf_config.get("vocab_size") or getattr(model, "vocab_size", 0))
@@ -180,7 +196,7 @@ class Worker:
                     f"{wanted} KV blocks were asked for but only {plan.num_blocks} fit: {plan.describe()}")
             plan.num_blocks, plan.kv_bytes = wanted, wanted * bytes_per_block
         logger.info(plan.describe())
-        memory.cap_allocator(self.device, plan.budget_bytes)
+        memory.cap_allocator(self.device, plan.budget_bytes, plan.non_torch_bytes)
         self.memory_plan = plan
         return plan.num_blocks
 

@@ -93,7 +93,7 @@ class LLM:
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 rid = engine.next_request_id()
-                engine.add_request(rid, prompt, p, priority=priority[i] if priority else 0)
+                engine.add_request(rid, prompt, p, priority=priority[i] if priority else 0, stream=False)
                 ids.append(rid)
         except Exception:
             engine.abort_request(ids)  # nothing half-added stays in the engine

@@ -180,8 +180,11 @@ def _hf_weight_files(directory: Path) -> list[Path]:
     return files
 
 
-def resolve_model(name_or_path: str) -> ModelSource:
-    """Find and validate a model: a bundled short name, an HF directory or a `.gguf` file."""
+def resolve_model(name_or_path: str, load_format: str = "auto") -> ModelSource:
+    """Find and validate a model: a bundled short name, an HF directory or a `.gguf` file.
+
+    ``load_format="dummy"`` (vLLM's name) needs only ``config.json``: weights are random, for benchmarks.
+    """
     path = Path(name_or_path).expanduser()
     if not path.exists():
         if is_bundled_name(name_or_path):
@@ -200,6 +203,10 @@ def resolve_model(name_or_path: str) -> ModelSource:
                 f"model directory {path} has no config.json (expected a Hugging Face model directory "
                 "or a single .gguf file)"
             )
+        if load_format == "dummy":
+            source = ModelSource(path=path, kind="hf", weight_files=[])
+            _ = source.config
+            return source
         source = ModelSource(path=path, kind="hf", weight_files=_hf_weight_files(path))
         for file in source.weight_files:
             _safetensors_keys(file)

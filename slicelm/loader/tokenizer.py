@@ -99,6 +99,12 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_pair(self, text_1: str, text_2: str, add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+        """A cross-encoder pair: ``(ids, token_type_ids)`` with the tokenizer's pair template
+        (BERT: ``[CLS] a [SEP] b [SEP]`` with types 0…0 1…1; XLM-R: ``<s> a </s></s> b </s>``, all 0)."""
+        enc = self.hf.encode(text_1, text_2, add_special_tokens=add_special_tokens)
+        return list(enc.ids), list(enc.type_ids)
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -1,9 +1,10 @@
 """Triton attention kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 
 TRITON_INTERPRET must be set before triton is first imported, and it then applies to the whole
-process. So in a normal pytest session this module collects a single test that re-runs this file
-in a child pytest process with TRITON_INTERPRET=1; in that child the real tests below run against a
-dense causal float64 reference. (Run them directly: ``TRITON_INTERPRET=1 pytest <this file>``.)
+process. So in a normal pytest session this module collects one test that re-runs this file in a
+child pytest process with TRITON_INTERPRET=1, where the tests below run against a dense causal
+float64 reference (run them directly: ``TRITON_INTERPRET=1 pytest <this file>``), plus one test
+that compiles the real bf16 kernels for sm_90 (no GPU needed) and checks for register spills.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,6 +220,18 @@ def test_strided_query_and_kv_views():
     assert rel_err(out, reference(query, fk, fv, meta, 0.1)) < 1e-5
 
 
+def test_matches_torch_backend():
+    attention = pytest.importorskip("slicelm.layers.attention")
+    for q_lens, seq_lens, splits in (([2, 1, 9], [2, 45, 30], None), ([1, 1], [90, 7], 2)):
+        query, key, value, kv_cache, meta, _, _ = make_case(q_lens, seq_lens, 2, 2, 64, 16, seed=5)
+        cache2 = kv_cache.clone()
+        ours = K.backend.TritonAttentionBackend(decode_num_splits=splits).forward(
+            query, key, value, kv_cache, meta, 0.125)
+        theirs = attention.TorchAttentionBackend().forward(query, key, value, cache2, meta, 0.125)
+        assert torch.equal(kv_cache.nan_to_num(), cache2.nan_to_num())  # same slots written
+        assert rel_err(ours, theirs.double()) < 1e-5
+
+
 def test_bad_shapes_raise():
     query, key, value, kv_cache, meta, _, _ = make_case([1], [4], 1, 2, 32, 16)
     with pytest.raises(ValueError, match="kv_cache"):
@@ -236,8 +250,57 @@ def test_interpreter_subprocess():
     assert " passed" in proc.stdout and "failed" not in proc.stdout
 
 
+def _sm90_usage(fn, dtype: str, consts: dict) -> dict[str, int]:
+    """Compile ``fn`` for sm_90 without a GPU (ptxas ships in the triton wheel) and return the
+    cubin's resource usage (REG, STACK, ...). Pointers and strides get the divisibility-16 hint
+    the JIT would give them at run time, so loads vectorise as they will on the device."""
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            ints = ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr")
+            sig[n] = "*" + ("fp32" if n.startswith("part") else "i32" if n in ints else dtype)
+        else:
+            sig[n] = "fp32" if n == "qk_scale" else "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in consts and (n.endswith("_ptr") or n.startswith("stride"))}
+    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        report = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    return {m[1]: int(m[2]) for m in re.finditer(r"(REG|STACK):(\d+)", report)}
+
+
+def test_bf16_kernels_compile_for_sm90_without_spills():
+    """Catches compile errors and register spills of the real (non-interpreted) kernels on CPU."""
+    from slicelm.layers.triton import paged_attention as pa
+
+    common = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "DOT_PRECISION": "tf32"}
+    for splits in (1, 8):
+        consts = {"NUM_HEADS": 16, "GROUP": 2, "GROUP_PAD": 16, "BLOCK_N": 64, "NUM_SPLITS": splits, **common}
+        use = _sm90_usage(pa._decode_kernel, "bf16", consts)
+        assert use.get("STACK", 0) == 0 and use["REG"] < 200, use
+    consts = {"GROUP": 4, "BLOCK_M": 64, "BLOCK_Q": 16, "BLOCK_N": 64, **common}
+    use = _sm90_usage(pa._unified_kernel, "bf16", consts)
+    assert use.get("STACK", 0) == 0, use
+
+
 if INTERPRET:
-    del test_interpreter_subprocess
-else:  # the real tests only run in the child
-    for _name in [n for n in globals() if n.startswith("test_") and n != "test_interpreter_subprocess"]:
+    del test_interpreter_subprocess, test_bf16_kernels_compile_for_sm90_without_spills
+else:  # the interpreted tests only run in the child
+    _keep = ("test_interpreter_subprocess", "test_bf16_kernels_compile_for_sm90_without_spills")
+    for _name in [n for n in globals() if n.startswith("test_") and n not in _keep]:
         del globals()[_name]

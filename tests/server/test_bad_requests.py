@@ -130,7 +130,7 @@ def test_routing_errors_are_openai_shaped(server: Server) -> None:
 
 
 def test_server_healthy_after_corpus(server: Server) -> None:
-    for name, path, body, headers, _, _ in CASES:  # once more, all in a row
+    for _, path, body, headers, _, _ in CASES:  # once more, all in a row
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
         httpx.post(server.url + path, content=content, headers=headers, timeout=60)
     assert httpx.get(server.url + "/health").status_code == 200

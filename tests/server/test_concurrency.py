@@ -65,12 +65,10 @@ def test_disconnect_mid_stream_frees_everything(server: Server) -> None:
             "ignore_eos": True}
     with httpx.Client(base_url=server.url, timeout=60) as client, \
             client.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()  # kept referenced: a dropped iterator closes the connection
         seen = 0
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                seen += 1
-            if seen >= 3:
-                break
+        while seen < 3:
+            seen += next(lines).startswith("data: ")
         busy = metrics(server)
         assert busy["vllm:num_requests_running"] == 1 and busy["vllm:kv_cache_usage_perc"] > idle[
             "vllm:kv_cache_usage_perc"]

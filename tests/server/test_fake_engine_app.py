@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+from fake_engine import FakeEngine
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -15,7 +16,6 @@ from slicelm.entrypoints.server.app import build_app
 from slicelm.entrypoints.server.metrics import METRIC_NAMES
 from slicelm.entrypoints.server.state import ServerState
 from slicelm.sampling_params import SamplingParams, SamplingParamsError
-from fake_engine import FakeEngine
 
 
 def make_client(api_key: str | None = None, max_waiting: int | None = None, **kw: object) -> TestClient:

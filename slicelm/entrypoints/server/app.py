@@ -114,7 +114,7 @@ def run_server(args: argparse.Namespace) -> int:
     host = "localhost" if args.host in ("0.0.0.0", "::", "") else args.host
     print(f"slicelm: serving {state.served_model_names[0]!r} on http://{host}:{args.port}\n"
           f"  curl http://{host}:{args.port}/v1/chat/completions -H 'Content-Type: application/json'"
-          + (f" -H 'Authorization: Bearer $VLLM_API_KEY'" if args.api_key else "")
+          + (" -H 'Authorization: Bearer $VLLM_API_KEY'" if args.api_key else "")
           + f" -d '{{\"model\": \"{state.served_model_names[0]}\", "
           "\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], \"max_tokens\": 32}'", flush=True)
     server.run()

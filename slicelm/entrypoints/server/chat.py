@@ -10,12 +10,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from slicelm.engine.request import RequestOutput
 from slicelm.entrypoints.server.errors import bad_request, from_exception
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.protocol import ROLES, ChatCompletionRequest, ChatMessage
 from slicelm.entrypoints.server.sampling import build_sampling_params, chat_logprobs, usage
-from slicelm.entrypoints.server.state import ClientDisconnected, ServerState, get_state, final_outputs
+from slicelm.entrypoints.server.state import ClientDisconnected, ServerState, final_outputs, get_state
 from slicelm.entrypoints.server.streaming import SSE_HEADERS, DeltaTracker, sse, sse_done, sse_error
 
 router = APIRouter()

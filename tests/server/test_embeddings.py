@@ -1,0 +1,191 @@
+"""``/v1/embeddings`` on the real server with the real all-MiniLM-L6-v2, against sentence-transformers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from conftest import Server, stop_server
+from pooling_helpers import MINILM, error_of, minilm_dir, start_model_server
+from prometheus_client.parser import text_string_to_metric_families
+from tokenizers import Tokenizer
+
+pytestmark = pytest.mark.slow
+
+TEXTS = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The new movie is awesome",
+    "slicelm packs variable-length sequences without padding, " * 8,
+    "Hi",
+    "Ünïcödé — 東京は日本の首都です。",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    minilm_dir()
+    s = start_model_server(tmp_path_factory.mktemp("minilm"), MINILM)
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="module")
+def st_model():
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_dir()), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def post(server: Server, body: dict, path: str = "/v1/embeddings") -> httpx.Response:
+    return httpx.post(server.url + path, json=body, timeout=120)
+
+
+def embed(server: Server, inp, **kw) -> np.ndarray:
+    r = post(server, {"model": MINILM, "input": inp, **kw})
+    assert r.status_code == 200, r.text
+    return np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def test_openai_client_matches_sentence_transformers(minilm: Server, st_model) -> None:
+    client = openai.OpenAI(base_url=f"{minilm.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    ref = st_model.encode(TEXTS, convert_to_numpy=True, normalize_embeddings=False)
+    for kw in ({"encoding_format": "float"}, {}):  # without a format the client asks for base64 and decodes it
+        r = client.embeddings.create(model=MINILM, input=TEXTS, **kw)
+        assert r.object == "list" and r.model == MINILM and [d.index for d in r.data] == list(range(len(TEXTS)))
+        assert all(d.object == "embedding" for d in r.data)
+        got = np.array([d.embedding for d in r.data], dtype=np.float32)
+        assert got.shape == (len(TEXTS), 384)
+        cos = cosines(got, ref)
+        assert (cos >= 0.9999).all(), cos
+        assert np.allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-5)  # the model's Normalize module
+    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(len(st_model.tokenizer(t)["input_ids"])
+                                                                for t in TEXTS)
+    one = client.embeddings.create(model=MINILM, input=TEXTS[0])
+    assert len(one.data) == 1 and cosines(np.array(one.data[0].embedding), ref[0]) >= 0.9999
+
+
+def test_base64_is_little_endian_float32(minilm: Server) -> None:
+    floats = embed(minilm, TEXTS[:2])
+    r = post(minilm, {"model": MINILM, "input": TEXTS[:2], "encoding_format": "base64"})
+    assert r.status_code == 200, r.text
+    for i, d in enumerate(r.json()["data"]):
+        vec = np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
+        assert np.array_equal(vec, floats[i])
+
+
+def test_token_id_inputs_equal_text(minilm: Server, tokenizer: Tokenizer) -> None:
+    texts = embed(minilm, TEXTS[:3])
+    ids = [tokenizer.encode(t).ids for t in TEXTS[:3]]
+    assert np.allclose(embed(minilm, ids), texts, atol=1e-5)
+    assert np.allclose(embed(minilm, ids[1])[0], texts[1], atol=1e-5)  # one list of ids = one input
+    r = post(minilm, {"model": MINILM, "input": ids[1]})
+    assert r.json()["usage"]["prompt_tokens"] == len(ids[1])
+
+
+def test_64_concurrent_requests_are_batched_and_equal_sequential(minilm: Server) -> None:
+    texts = [f"request {i}: {'a fairly long sentence about the ocean ' * (1 + i % 5)}" for i in range(64)]
+
+    def multi_steps() -> float:
+        text = httpx.get(minilm.url + "/metrics", timeout=10).text
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == "slicelm:pooling_multi_request_steps_total":
+                    return s.value
+        return 0.0
+
+    sequential = [embed(minilm, t)[0] for t in texts]
+    before = multi_steps()
+
+    async def concurrent() -> list[np.ndarray]:
+        async with httpx.AsyncClient(base_url=minilm.url, timeout=120) as client:
+            async def one(t: str) -> np.ndarray:
+                r = await client.post("/v1/embeddings", json={"model": MINILM, "input": t})
+                assert r.status_code == 200, r.text
+                return np.array(r.json()["data"][0]["embedding"], dtype=np.float32)
+            return await asyncio.gather(*(one(t) for t in texts))
+
+    together = asyncio.run(concurrent())
+    after = multi_steps()
+    assert after > before, (before, after)  # the engine ran several requests in one step
+    for i, (a, b) in enumerate(zip(sequential, together)):
+        assert np.abs(a - b).max() <= 1e-5, (i, np.abs(a - b).max())
+    text = httpx.get(minilm.url + "/metrics", timeout=10).text
+    assert "slicelm:pooling_max_batch_requests" in text
+
+
+def test_truncate_prompt_tokens(minilm: Server, tokenizer: Tokenizer) -> None:
+    long = "the quick brown fox jumps over the lazy dog " * 60  # ~540 tokens > 256
+    err = error_of(post(minilm, {"model": MINILM, "input": long}))
+    assert err["code"] == "context_length_exceeded" and "256" in err["message"]
+    assert "truncate_prompt_tokens" in err["message"]
+    r = post(minilm, {"model": MINILM, "input": long, "truncate_prompt_tokens": 16})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 16
+    ids = tokenizer.encode(long).ids
+    expected = embed(minilm, [*ids[:15], ids[-1]])  # [CLS] first 14 words… [SEP]: right truncation
+    assert np.allclose(np.array(r.json()["data"][0]["embedding"]), expected[0], atol=1e-5)
+    full = post(minilm, {"model": MINILM, "input": long, "truncate_prompt_tokens": -1})
+    assert full.status_code == 200 and full.json()["usage"]["prompt_tokens"] == 256
+    err = error_of(post(minilm, {"model": MINILM, "input": long, "truncate_prompt_tokens": 100000}))
+    assert err["param"] == "truncate_prompt_tokens"
+    ids_long = post(minilm, {"model": MINILM, "input": ids, "truncate_prompt_tokens": 20})
+    assert ids_long.status_code == 200 and ids_long.json()["usage"]["prompt_tokens"] == 20
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"input": []}, "input"),
+    ({"input": [[]]}, "input[0]"),
+    ({"input": ""}, "input[0]"),
+    ({"input": ["ok", ""]}, "input[1]"),
+    ({"input": ["ok", 3]}, "input"),
+    ({"input": [1, "a"]}, "input"),
+    ({"input": "hi", "encoding_format": "int8"}, "encoding_format"),
+    ({"input": "hi", "dimensions": 0}, "dimensions"),
+    ({"input": "hi", "dimensions": 128}, "dimensions"),  # MiniLM is not a Matryoshka model
+    ({"input": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ({"input": "hi", "bogus": 1}, "bogus"),
+    ({"input": [10**9]}, "input"),
+    ({}, "input"),
+])
+def test_bad_input_is_400_and_server_keeps_serving(minilm: Server, body: dict, param: str) -> None:
+    err = error_of(post(minilm, {"model": MINILM, **body}))
+    assert err["param"] == param or param in err["message"], err
+    assert embed(minilm, "still alive").shape == (1, 384)
+
+
+def test_unknown_model_is_404(minilm: Server) -> None:
+    err = error_of(post(minilm, {"model": "nope", "input": "hi"}), 404)
+    assert err["code"] == "model_not_found"
+    r = post(minilm, {"input": "hi"})  # model may be left out, as in vLLM
+    assert r.status_code == 200 and r.json()["model"] == MINILM
+
+
+def test_embedding_model_rejects_generation(minilm: Server) -> None:
+    err = error_of(post(minilm, {"model": MINILM, "messages": [{"role": "user", "content": "hi"}]},
+                        "/v1/chat/completions"))
+    assert err["code"] == "wrong_task" and "embed" in err["message"]
+
+
+def test_api_paths_in_openapi(minilm: Server) -> None:
+    paths = httpx.get(minilm.url + "/openapi.json", timeout=10).json()["paths"]
+    for p in ("/v1/embeddings", "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank"):
+        assert p in paths
+
