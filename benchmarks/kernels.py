@@ -13,16 +13,16 @@ torch's varlen flash attention when present). Runs in about a minute on an H100/
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
-import re
-import subprocess
+import sys
 from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, save_result
 
 from slicelm.layers.triton.backend import _find_varlen_attn
 from slicelm.layers.triton.paged_attention import (
@@ -145,26 +145,15 @@ def main() -> None:
     print(f"{device_name}: {_num_sms(dev)} SMs, device copy {copy_bw / 1e12:.2f} TB/s (read + write)")
     decode = bench_decode(dev, copy_bw, args.quick)
     prefill = bench_prefill(dev, args.quick)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     result = {
-        "device": device_name,
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **environment(),
         "versions": {"torch": torch.__version__, "triton": triton.__version__},
         "workload": {"decode": {"shapes": SHAPES, "batches": BATCHES, "contexts": CONTEXTS, "block_size": BLOCK,
                                 "dtype": str(DTYPE), "quick": args.quick},
                      "prefill": "fresh prefill, 8192 tokens per batch, seq 512/2048/8192"},
         "figures": {"copy_bandwidth_Bps": copy_bw, "decode": decode, "prefill": prefill},
     }
-    out_dir = Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"kernels_{re.sub(r'[^A-Za-z0-9]+', '_', device_name).strip('_')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    save_result("kernels", result)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,14 @@ logger = logging.getLogger(__name__)
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but no CUDA GPU is available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was asked for but no CUDA GPU is available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
     return device
 
 
@@ -70,8 +74,14 @@ class Worker:
         dtype = resolve_dtype(args.dtype, hf_config.get("torch_dtype") or hf_config.get("dtype"), self.device)
 
         max_pos = int(hf_config.get("max_position_embeddings") or 2048)
-        if pooling and getattr(source, "max_seq_length", None):
-            max_pos = min(max_pos, int(source.max_seq_length))
+        if pooling:
+            from slicelm.models.bert import _is_roberta
+
+            if _is_roberta(hf_config):  # XLM-R positions start after padding_idx: 8194 -> 8192 usable
+                pad = hf_config.get("pad_token_id")
+                max_pos -= (1 if pad is None else int(pad)) + 1
+            if getattr(source, "max_seq_length", None):
+                max_pos = min(max_pos, int(source.max_seq_length))
         if args.max_model_len is not None and args.max_model_len > max_pos:
             raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's maximum of {max_pos}")
         max_model_len = args.max_model_len or max_pos
