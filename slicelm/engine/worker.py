@@ -182,6 +182,7 @@ class Worker:
         from slicelm.engine import memory
 
         batched = args.max_num_batched_tokens or 8192
+        torch.cuda.set_per_process_memory_fraction(1.0, self.device)  # a previous engine's cap must not apply
         dummy = [torch.zeros(shape(1), dtype=dtype, device=self.device) for _ in range(model.num_layers)]
         runner = ModelRunner(model, dummy, args.block_size, self.device, self.vocab_size)
         torch.cuda.synchronize(self.device)

@@ -6,10 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slicelm.layers.fused import fused_ops_for
+
 
 class SiluAndMul(nn.Module):
     """``silu(x[..., :d]) * x[..., d:]`` for ``x`` of last dim ``2 * d`` (gate first, then up)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = fused_ops_for(x)
+        if ops is not None:
+            return ops.silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]

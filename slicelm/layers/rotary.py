@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from slicelm.layers.fused import fused_ops_for
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -140,7 +142,12 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; query [T, H*D] or [T, H, D]; key likewise. Returns rotated copies."""
+        """positions [T]; query [T, H*D] or [T, H, D]; key likewise. Returns the rotated tensors
+        (on CUDA rotated in place by one fused kernel; on the CPU new tensors)."""
+        ops = fused_ops_for(query)
+        if ops is not None and ops.rope_supported(self.head_dim, self.rotary_dim):
+            ops.apply_rope_(positions, query, key, self.cos_sin_cache, self.head_dim)
+            return query, key
         cos_sin = self.cos_sin_cache[positions].to(query.dtype)
         cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)  # [T, 1, rotary_dim // 2]
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)

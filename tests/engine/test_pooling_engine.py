@@ -121,7 +121,12 @@ def test_cross_encoder_rejects_bad_requests(tmp_path: Path) -> None:
         engine.add_request("e", {"prompt_token_ids": ids}, PoolingParams(task="embed"))
     with pytest.raises(ValueError, match="token_type_ids"):  # XLM-R has one token type; BERT's pair ids are 0/1
         engine.add_request("t", {"prompt_token_ids": ids, "token_type_ids": types}, PoolingParams(task="score"))
+    assert engine.model_config.max_model_len == 128  # 130 positions, the first two (padding_idx + 1) unused
+    with pytest.raises(PromptTooLongError):
+        engine.add_request("long", [5] * 129, PoolingParams(task="score"))
     assert not engine.has_unfinished_requests()
+    engine.add_request("full", [5] * 128, PoolingParams(task="score"))
+    engine.step()
     engine.add_request("ok", {"prompt_token_ids": ids}, PoolingParams(task="score"))
     (out,) = engine.step()
     assert out.finished and 0.0 <= float(out.data[0]) <= 1.0
@@ -166,3 +171,28 @@ def test_minilm_length_and_truncation(minilm: LLMEngine) -> None:
         minilm.add_request("d", "hi", PoolingParams(dimensions=1000))
     (d,), _ = run_all(minilm, ["hi"], PoolingParams(dimensions=8))
     assert d.shape == (8,) and abs(float(d.norm()) - 1.0) < 1e-5
+
+
+def test_rag_benchmark_random_models_load(tmp_path: Path) -> None:
+    """benchmarks/rag.py --random-models writes checkpoints that transformers and slicelm load alike (tiny shape)."""
+    spec = importlib.util.spec_from_file_location("rag_bench", Path(__file__).parents[2] / "benchmarks" / "rag.py")
+    rag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rag)
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=30522,
+                 max_position_embeddings=130)
+    emb_dir, rr_dir = rag.write_random_models(tmp_path, minilm_dir(), shape=shape)
+    assert set(rag.XLMR_SHAPE) == set(shape)
+    ids = [101, 2054, 2003, 1996, 3007, 102, 3000, 2003, 1996, 3007, 102]
+    emb = LLMEngine(EngineArgs(model=str(emb_dir), device="cpu"))
+    rr = LLMEngine(EngineArgs(model=str(rr_dir), device="cpu"))
+    assert (emb.model_config.task, rr.model_config.task) == ("embed", "score")
+    (e,), _ = run_all(emb, [ids], PoolingParams())
+    (r,), _ = run_all(rr, [ids], PoolingParams(task="score"))
+    hf_emb = transformers.XLMRobertaModel.from_pretrained(emb_dir, dtype=torch.float32).eval()
+    hf_rr = transformers.XLMRobertaForSequenceClassification.from_pretrained(rr_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref_e = torch.nn.functional.normalize(hf_emb(input_ids=torch.tensor([ids])).last_hidden_state[0, 0], dim=0)
+        ref_r = torch.sigmoid(hf_rr(input_ids=torch.tensor([ids])).logits[0].float())
+    assert torch.allclose(e, ref_e, atol=1e-4) and torch.allclose(r, ref_r, atol=1e-4)
+    docs, queries = rag.make_corpus(50, 10)
+    assert len(docs) == 50 and all(0 <= j < 50 and isinstance(q, str) for q, j in queries)

@@ -17,8 +17,8 @@ from slicelm import LLM, SamplingParams  # noqa: E402
 PROMPT_LENS = (5, 17, 40, 3, 130, 64, 1, 300)
 
 
-def _free(llm: LLM) -> None:
-    del llm
+def _free() -> None:
+    """Call after dropping every reference to an engine: its tensors and CUDA graphs go."""
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -82,17 +82,20 @@ def test_random_qwen3_fp32_matches_cpu_reference(qwen3_dir, prompts, qwen3_refer
         assert a == r, f"prompt {i} differs from the reference on a prefix-cache hit"
     if "num_gpu_blocks_override" in kwargs:
         assert llm.engine.get_stats().num_preemptions > 0
-    _free(llm)
+    del llm
+    _free()
 
 
 def test_random_qwen3_bf16_graphs_agree_with_eager(qwen3_dir, prompts):
     opts = {"skip_tokenizer_init": True, "max_model_len": 1024, "max_num_seqs": 16, "gpu_memory_budget": "6GiB"}
     graphs = LLM(qwen3_dir, device="cuda", dtype="bfloat16", **opts)
     a = _greedy(graphs, prompts, 16)
-    _free(graphs)
+    del graphs
+    _free()
     eager = LLM(qwen3_dir, device="cuda", dtype="bfloat16", enforce_eager=True, **opts)
     b = _greedy(eager, prompts, 16)
-    _free(eager)
+    del eager
+    _free()
     same = sum(x == y for x, y in zip(a, b))
     assert same >= len(a) - 2, "CUDA-graph decode must compute what eager decode computes"
 
@@ -120,10 +123,12 @@ def test_smollm2_gpu_greedy_equals_cpu_reference():
     got_chat = gpu.chat(question, params, use_tqdm=False)[0]
     assert got == ref
     assert got_chat.outputs[0].token_ids == ref_chat and "Paris" in got_chat.outputs[0].text
-    _free(gpu)
+    del gpu, cpu
+    _free()
     bf16 = LLM(model, device="cuda", dtype="bfloat16", max_model_len=512, max_num_seqs=16, gpu_memory_budget="4GiB")
     assert "Paris" in bf16.chat(question, params, use_tqdm=False)[0].outputs[0].text
-    _free(bf16)
+    del bf16
+    _free()
 
 
 def test_budget_too_small_is_a_clear_error(qwen3_dir):
