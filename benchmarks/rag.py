@@ -185,7 +185,9 @@ def start_server(model: str, args: argparse.Namespace, log_dir: Path) -> tuple[s
     log = open(log_dir / f"server-{port}.log", "wb")  # noqa: SIM115 - closed with the process
     cmd = [sys.executable, "-m", "slicelm.entrypoints.cli", "serve", model, "--host", "127.0.0.1", "--port",
            str(port), "--disable-access-log", "--device", args.device, "--dtype", args.dtype,
-           "--max-num-seqs", str(args.max_num_seqs), *args.server_arg]
+           "--max-num-seqs", str(args.max_num_seqs),
+           # every document of a rerank is one engine request: 16 x 41 can wait at once
+           "--max-waiting-requests", str(max(4096, 4 * args.concurrency * (args.top_k + 1))), *args.server_arg]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
