@@ -29,19 +29,19 @@ from common import environment, save_result, workload_a, write_config_dir
 class NvmlPeak(threading.Thread):
     def __init__(self, interval: float = 0.005) -> None:
         super().__init__(daemon=True)
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak, self._halt = interval, 0, threading.Event()
 
     def run(self) -> None:
         from slicelm.engine.memory import process_gpu_memory
 
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             used = process_gpu_memory(0)
             if used is not None:
                 self.peak = max(self.peak, used)
             time.sleep(self.interval)
 
     def stop(self) -> int:
-        self._stop.set()
+        self._halt.set()
         self.join()
         return self.peak
 

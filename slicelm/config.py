@@ -72,6 +72,8 @@ class EngineArgs:
     kv_cache_memory_bytes: str | int | None = None
     enforce_eager: bool = False
     load_format: Literal["auto", "dummy"] = "auto"
+    # Overlap host scheduling of step N+1 with device work of step N (default: on for CUDA).
+    async_scheduling: bool | None = None
     chat_template: str | None = None
     # Pooling models (embeddings / cross-encoders)
     pooling_type: Literal["MEAN", "CLS", "LAST"] | None = None
@@ -133,6 +135,8 @@ class EngineArgs:
                        help="absolute GPU memory budget for this engine, e.g. 14GiB or 14000MiB")
         g.add_argument("--kv-cache-memory-bytes", default=None, help="KV cache size, e.g. 4GiB")
         g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+        g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                       help="overlap scheduling of the next step with the current one (default: on for CUDA)")
         g.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
                        help="dummy: random weights from config.json alone (benchmarks)")
         g.add_argument("--chat-template", default=None, help="path to a Jinja chat template, or the template")

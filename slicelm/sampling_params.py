@@ -192,6 +192,11 @@ class SamplingParams:
                 self.stop_token_ids = self.stop_token_ids + sorted(eos_ids - set(self.stop_token_ids))
 
     @property
+    def needs_output_history(self) -> bool:
+        """Penalties read the values of all output tokens so far."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
     def sampling_type(self) -> SamplingType:
         if self.temperature < _SAMPLING_EPS:
             return SamplingType.GREEDY

@@ -25,7 +25,7 @@ from slicelm.engine.request import (
     RequestOutput,
     RequestStatus,
 )
-from slicelm.engine.runner import RunnerOutput
+from slicelm.engine.runner import RunnerOutput, StepHandle
 from slicelm.engine.sampler import make_generator
 from slicelm.engine.stats import EngineStats
 from slicelm.engine.worker import Worker
@@ -64,6 +64,10 @@ class LLMEngine:
         self._seq_to_parent: dict[str, _Parent] = {}
         self._counter = itertools.count()
         self._stats = EngineStats()
+        self._inflight: StepHandle | None = None  # the launched step not read back yet
+        self.async_scheduling = (
+            args.async_scheduling if args.async_scheduling is not None else self.worker.device.type == "cuda"
+        )
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -180,6 +184,7 @@ class LLMEngine:
                 continue
             self.scheduler.finish_requests(parent.children, RequestStatus.FINISHED_ABORTED)
             for child in parent.children:
+                child.drop_placeholders()
                 self._seq_to_parent.pop(child.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -190,32 +195,55 @@ class LLMEngine:
 
     # -------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput | PoolingOutput]:
-        sched = self.scheduler.schedule()
+        """One engine iteration. With async scheduling the step launched now is read back during the
+        next call: the host schedules and prepares step N+1 while the device computes step N."""
         self._stats.num_steps += 1
-        if sched.is_empty:
-            return []
-        now = time.time()
-        touched: dict[str, _Parent] = {}
         if self.model_config.is_pooling:
-            pooled = self.worker.execute_pooling(sched)
-            self.scheduler.update_after_step(sched)
-            self._count_pooling_step(len(sched.scheduled))
-            for s, data in zip(sched.scheduled, pooled):
-                s.request.pooled = data
-                s.request.metrics.first_token_time = s.request.metrics.last_token_time = now
-                self._stats.num_prompt_tokens += s.num_new_tokens
-                self._finish(s.request, RequestStatus.FINISHED_STOPPED)
-                touched[s.request.request_id] = self._seq_to_parent[s.request.request_id]
-        else:
-            result = self.worker.execute_model(sched)
+            return self._pooling_step()
+        touched: dict[str, _Parent] = {}
+        if self._inflight is not None and (not self.async_scheduling or self._needs_history()):
+            self._read_back(self._inflight, touched)
+            self._inflight = None
+        sched = self.scheduler.schedule()
+        handle = None
+        if not sched.is_empty:
+            handle = self.worker.execute_model(sched, self._inflight)
             self.scheduler.update_after_step(sched)
             self._stats.num_prompt_tokens += sum(
                 max(0, min(s.request.num_prompt_tokens, s.request.num_computed_tokens)
                     - (s.request.num_computed_tokens - s.num_new_tokens))
                 for s in sched.scheduled
             )
-            self._process_samples(result, now, touched)
+            for req in handle.requests:
+                req.append_placeholder()
+        prev, self._inflight = self._inflight, handle
+        if prev is not None:
+            self._read_back(prev, touched)
+        if not self.async_scheduling and self._inflight is not None:
+            self._read_back(self._inflight, touched)
+            self._inflight = None
         return [self._make_output(p) for p in touched.values() if p.stream or all(c.is_finished for c in p.children)]
+
+    def _needs_history(self) -> bool:
+        """Penalties read every output token's value: such steps wait for the one in flight."""
+        return any(r.sampling_params.needs_output_history for r in self.scheduler.running)
+
+    def _pooling_step(self) -> list[RequestOutput | PoolingOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        now = time.time()
+        pooled = self.worker.execute_pooling(sched)
+        self.scheduler.update_after_step(sched)
+        self._count_pooling_step(len(sched.scheduled))
+        touched: dict[str, _Parent] = {}
+        for s, data in zip(sched.scheduled, pooled):
+            s.request.pooled = data
+            s.request.metrics.first_token_time = s.request.metrics.last_token_time = now
+            self._stats.num_prompt_tokens += s.num_new_tokens
+            self._finish(s.request, RequestStatus.FINISHED_STOPPED)
+            touched[s.request.request_id] = self._seq_to_parent[s.request.request_id]
+        return [self._make_output(p) for p in touched.values()]
 
     def _count_pooling_step(self, num_requests: int) -> None:
         """Cumulative pooling batch figures in ``EngineStats.extra`` (steps, multi-request steps, largest)."""
@@ -226,11 +254,14 @@ class LLMEngine:
             extra["pooling_multi_request_steps"] = extra.get("pooling_multi_request_steps", 0.0) + 1
         extra["pooling_max_batch_requests"] = max(extra.get("pooling_max_batch_requests", 0.0), num_requests)
 
-    def _process_samples(self, result: RunnerOutput, now: float, touched: dict[str, _Parent]) -> None:
+    def _read_back(self, handle: StepHandle, touched: dict[str, _Parent]) -> None:
+        """Reads a launched step's samples, fills the requests' pending tokens, checks stops."""
+        result = handle.wait()
+        now = time.time()
         for row, (req, token) in enumerate(zip(result.requests, result.sampled_token_ids)):
-            if req.is_finished:  # aborted while the step ran
+            if req.is_finished:  # aborted, or stopped by an earlier token while this step ran
                 continue
-            req.append_output_token(token)
+            req.resolve_placeholder(token)
             self._stats.num_generation_tokens += 1
             m = req.metrics
             if m.first_token_time is None:
@@ -241,7 +272,7 @@ class LLMEngine:
             parent = self._seq_to_parent[req.request_id]
             touched[parent.request_id] = parent
             detok = parent.detokenizers[parent.children.index(req)]
-            status = self._check_stop(req, detok)
+            status = self._check_stop(req, token, detok)
             if status is not None:
                 self._finish(req, status)
 
@@ -259,10 +290,10 @@ class LLMEngine:
         req.logprobs.append(entry)
         req.cumulative_logprob += lps[0]
 
-    def _check_stop(self, req: Request, detok: IncrementalDetokenizer | None) -> RequestStatus | None:
+    def _check_stop(self, req: Request, token: int, detok: IncrementalDetokenizer | None) -> RequestStatus | None:
         params = req.sampling_params
-        token = req.output_token_ids[-1]
-        past_min = req.num_output_tokens >= params.min_tokens
+        num_output = req.num_known_output_tokens
+        past_min = num_output >= params.min_tokens
         if past_min and not params.ignore_eos and token in req.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
         if past_min and params.stop_token_ids and token in params.stop_token_ids:
@@ -273,13 +304,14 @@ class LLMEngine:
             if stop_str is not None and past_min:
                 req.stop_reason = stop_str
                 return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and req.num_output_tokens >= params.max_tokens:
+        if params.max_tokens is not None and num_output >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
-        if req.num_tokens >= self.model_config.max_model_len:
+        if req.num_tokens - req.num_pending >= self.model_config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.drop_placeholders()
         self.scheduler.finish_requests([req], status)
         req.metrics.finished_time = time.time()
 
@@ -299,7 +331,7 @@ class LLMEngine:
                 CompletionOutput(
                     index=i,
                     text=text,
-                    token_ids=list(child.output_token_ids),
+                    token_ids=child.known_output_token_ids(),
                     cumulative_logprob=child.cumulative_logprob if child.logprobs is not None else None,
                     logprobs=child.logprobs,
                     finish_reason=child.status.finish_reason,

@@ -125,7 +125,8 @@ class KVCacheManager:
         bs = self.block_size
         hashes = request.block_hashes
         tokens = request.all_token_ids
-        while (len(hashes) + 1) * bs <= len(tokens):
+        num_known = len(tokens) - request.num_pending  # a block is hashed once all its tokens are known
+        while (len(hashes) + 1) * bs <= num_known:
             i = len(hashes)
             hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
 

@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from slicelm.sampling_params import SamplingParams
 
 
+# Stands in for a token that the GPU has sampled but the host has not read yet (async scheduling).
+PLACEHOLDER = -1
+
+
 class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
@@ -69,6 +73,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending: int = 0  # trailing PLACEHOLDER tokens, sampled on the device but not read back yet
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
     stop_reason: int | str | None = None
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
@@ -103,9 +108,43 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    @property
+    def num_known_output_tokens(self) -> int:
+        return len(self.output_token_ids) - self.num_pending
+
+    def known_output_token_ids(self) -> list[int]:
+        return self.output_token_ids[: len(self.output_token_ids) - self.num_pending]
+
+    def reached_limit(self, max_model_len: int) -> bool:
+        """Its next token (pending included) would be past max_tokens or max_model_len: nothing to schedule."""
+        p = self.sampling_params
+        if p is not None and p.max_tokens is not None and len(self.output_token_ids) >= p.max_tokens:
+            return True
+        return self.num_tokens >= max_model_len
+
     def append_output_token(self, token_id: int) -> None:
+        assert self.num_pending == 0
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def append_placeholder(self) -> None:
+        self.output_token_ids.append(PLACEHOLDER)
+        self.all_token_ids.append(PLACEHOLDER)
+        self.num_pending += 1
+
+    def resolve_placeholder(self, token_id: int) -> None:
+        """The oldest pending token became known."""
+        assert self.num_pending > 0, f"{self.request_id}: no pending token"
+        self.output_token_ids[len(self.output_token_ids) - self.num_pending] = token_id
+        self.all_token_ids[len(self.all_token_ids) - self.num_pending] = token_id
+        self.num_pending -= 1
+
+    def drop_placeholders(self) -> None:
+        """A finished request's tokens sampled past its end are discarded."""
+        if self.num_pending:
+            del self.output_token_ids[-self.num_pending :]
+            del self.all_token_ids[-self.num_pending :]
+            self.num_pending = 0
 
 
 @dataclass

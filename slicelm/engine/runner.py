@@ -7,13 +7,13 @@ token (plus logprobs if asked) per request that reached the end of its known tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from slicelm.engine.cuda_graphs import CUDAGraphDecoder, capture_sizes
-from slicelm.engine.request import Request
+from slicelm.engine.request import PLACEHOLDER, Request
 from slicelm.engine.sampler import Sampler, SamplingMetadata
 from slicelm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from slicelm.layers.attention_metadata import AttentionMetadata
@@ -30,6 +30,31 @@ class RunnerOutput:
     logprob_token_ids: list[list[int]] | None = None
     logprobs: list[list[float]] | None = None
     ranks: list[int] | None = None
+
+
+@dataclass
+class StepHandle:
+    """A launched step. Its sampled ids stay on the device (the next step may read them as inputs)
+    while a copy travels to pinned host memory; ``wait`` blocks until just this step is done."""
+
+    requests: list[Request]
+    sampled: torch.Tensor | None = None  # [B] int64 on the device
+    host: dict[str, torch.Tensor] = field(default_factory=dict)
+    event: torch.cuda.Event | None = None
+    row_of: dict[str, int] = field(default_factory=dict)
+
+    def wait(self) -> RunnerOutput:
+        if not self.requests:
+            return RunnerOutput([], [])
+        if self.event is not None:
+            self.event.synchronize()
+        h = self.host
+        out = RunnerOutput(self.requests, h["sampled"].tolist())
+        if "logprobs" in h:
+            out.logprob_token_ids = h["logprob_token_ids"].tolist()
+            out.logprobs = h["logprobs"].tolist()
+            out.ranks = h["ranks"].tolist() if "ranks" in h else None
+        return out
 
 
 @dataclass
@@ -107,7 +132,9 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
+    def prepare_inputs(self, scheduled: list[ScheduledRequest], prev: StepHandle | None = None) -> StepInputs:
+        """Batch tensors for a step. A token still pending on the device (sampled by ``prev``, the
+        step in flight) is taken from ``prev.sampled`` on the device: no wait for the host."""
         bs = self.block_size
         num_seqs = len(scheduled)
         q_lens = np.array([s.num_new_tokens for s in scheduled], dtype=np.int64)
@@ -118,9 +145,15 @@ class ModelRunner:
         num_tokens = int(query_start_loc[-1])
 
         input_ids = np.empty(num_tokens, dtype=np.int64)
+        pending_pos, pending_rows = [], []
         for s, a, b in zip(scheduled, query_start_loc[:-1], query_start_loc[1:]):
-            start = s.request.num_computed_tokens
-            input_ids[a:b] = s.request.all_token_ids[start : start + (b - a)]
+            r = s.request
+            start = r.num_computed_tokens
+            input_ids[a:b] = r.all_token_ids[start : start + (b - a)]
+            if r.num_pending:
+                assert r.num_pending == 1 and prev is not None and r.all_token_ids[start + (b - a) - 1] == PLACEHOLDER
+                pending_pos.append(b - 1)
+                pending_rows.append(prev.row_of[r.request_id])
         # positions: for every token, its index within its sequence
         seq_index = np.repeat(np.arange(num_seqs), q_lens)
         positions = np.arange(num_tokens, dtype=np.int64) - query_start_loc[:-1][seq_index] + starts[seq_index]
@@ -147,8 +180,13 @@ class ModelRunner:
             query_start_loc_cpu=query_start_loc.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
         )
+        input_ids_dev = self._to_device(input_ids)
+        if pending_pos:
+            assert prev is not None and prev.sampled is not None
+            rows = self._to_device(np.array(pending_rows, dtype=np.int64))
+            input_ids_dev[self._to_device(np.array(pending_pos, dtype=np.int64))] = prev.sampled[rows]
         return StepInputs(
-            input_ids=self._to_device(input_ids),
+            input_ids=input_ids_dev,
             positions=self._to_device(positions),
             attn_meta=meta,
             logits_indices=self._to_device(logits_indices),
@@ -169,15 +207,16 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
     @torch.inference_mode()
-    def execute_model(self, sched: SchedulerOutput) -> RunnerOutput:
-        inputs = self.prepare_inputs(sched.scheduled)
+    def execute_model(self, sched: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
+        """Launches a step; on a GPU it returns before the step has run."""
+        inputs = self.prepare_inputs(sched.scheduled, prev)
         if not inputs.sampling:
             self.run_model(inputs)  # a prefill chunk that does not reach the end of its prompt
-            return RunnerOutput([], [])
+            return StepHandle([])
         logits = self.run_model(inputs)
         return self.sample(logits, [s.request for s in inputs.sampling])
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> RunnerOutput:
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> StepHandle:
         meta = SamplingMetadata.build(
             params=[r.sampling_params for r in requests],
             prompt_token_ids=[r.prompt_token_ids for r in requests],
@@ -188,9 +227,19 @@ class ModelRunner:
             eos_token_ids=requests[0].eos_token_ids,
         )
         out = self.sampler(logits.float(), meta)
-        result = RunnerOutput(requests, out.sampled_token_ids.tolist())
+        device_tensors = {"sampled": out.sampled_token_ids}
         if out.logprobs is not None:
-            result.logprob_token_ids = out.logprob_token_ids.tolist()
-            result.logprobs = out.logprobs.tolist()
-            result.ranks = out.ranks.tolist() if out.ranks is not None else None
-        return result
+            device_tensors.update(logprob_token_ids=out.logprob_token_ids, logprobs=out.logprobs)
+            if out.ranks is not None:
+                device_tensors["ranks"] = out.ranks
+        handle = StepHandle(requests, out.sampled_token_ids, row_of={r.request_id: i for i, r in enumerate(requests)})
+        if self.device.type == "cuda":
+            for name, t in device_tensors.items():
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                handle.host[name] = host
+            handle.event = torch.cuda.Event()
+            handle.event.record()
+        else:
+            handle.host = device_tensors
+        return handle

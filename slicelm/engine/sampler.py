@@ -30,10 +30,19 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return g
 
 
+def _host_to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on ``device`` without a pageable copy: a pageable host-to-device copy would
+    wait for all queued GPU work and undo the overlap of scheduling with the running step."""
+    t = torch.tensor(data, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     data = [list(r) + [pad] * (width - len(r)) for r in rows]
-    return torch.tensor(data, dtype=torch.int64).reshape(len(rows), width).to(device)
+    return _host_to_device(data, torch.int64, device).reshape(len(rows), width)
 
 
 @dataclass
@@ -96,16 +105,15 @@ class SamplingMetadata:
             p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 and p.repetition_penalty == 1.0
             for p in params
         )
-        f32 = dict(dtype=torch.float32, device=device)
         pen: dict[str, torch.Tensor | None] = dict.fromkeys(
             ("prompt", "output", "presence", "frequency", "repetition")
         )
         if not no_penalties:
             pen["prompt"] = _pad(prompt_token_ids, vocab_size, device)
             pen["output"] = _pad(output_token_ids, vocab_size, device)
-            pen["presence"] = torch.tensor([p.presence_penalty for p in params], **f32)
-            pen["frequency"] = torch.tensor([p.frequency_penalty for p in params], **f32)
-            pen["repetition"] = torch.tensor([p.repetition_penalty for p in params], **f32)
+            pen["presence"] = _host_to_device([p.presence_penalty for p in params], torch.float32, device)
+            pen["frequency"] = _host_to_device([p.frequency_penalty for p in params], torch.float32, device)
+            pen["repetition"] = _host_to_device([p.repetition_penalty for p in params], torch.float32, device)
 
         mt_rows: list[int] = []
         mt_cols: list[int] = []
@@ -127,15 +135,14 @@ class SamplingMetadata:
                 lb_cols.append(tok)
                 lb_vals.append(val)
 
-        i64 = dict(dtype=torch.int64, device=device)
         return cls(
-            temperature=torch.tensor(temperature, **f32),
-            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            temperature=_host_to_device(temperature, torch.float32, device),
+            is_greedy=_host_to_device(greedy, torch.bool, device),
             all_greedy=all(greedy),
             all_random=not any(greedy),
-            top_k=torch.tensor(top_k, **i64) if use_top_k else None,
-            top_p=torch.tensor([float(p.top_p) for p in params], **f32) if use_top_p else None,
-            min_p=torch.tensor([float(p.min_p) for p in params], **f32) if use_min_p else None,
+            top_k=_host_to_device(top_k, torch.int64, device) if use_top_k else None,
+            top_p=_host_to_device([float(p.top_p) for p in params], torch.float32, device) if use_top_p else None,
+            min_p=_host_to_device([float(p.min_p) for p in params], torch.float32, device) if use_min_p else None,
             generators=gens,
             max_num_logprobs=max_num_logprobs,
             no_penalties=no_penalties,
@@ -144,11 +151,11 @@ class SamplingMetadata:
             presence_penalties=pen["presence"],
             frequency_penalties=pen["frequency"],
             repetition_penalties=pen["repetition"],
-            min_tokens_rows=torch.tensor(mt_rows, **i64) if mt_rows else None,
-            min_tokens_cols=torch.tensor(mt_cols, **i64) if mt_rows else None,
-            logit_bias_rows=torch.tensor(lb_rows, **i64) if lb_rows else None,
-            logit_bias_cols=torch.tensor(lb_cols, **i64) if lb_rows else None,
-            logit_bias_values=torch.tensor(lb_vals, **f32) if lb_rows else None,
+            min_tokens_rows=_host_to_device(mt_rows, torch.int64, device) if mt_rows else None,
+            min_tokens_cols=_host_to_device(mt_cols, torch.int64, device) if mt_rows else None,
+            logit_bias_rows=_host_to_device(lb_rows, torch.int64, device) if lb_rows else None,
+            logit_bias_cols=_host_to_device(lb_cols, torch.int64, device) if lb_rows else None,
+            logit_bias_values=_host_to_device(lb_vals, torch.float32, device) if lb_rows else None,
             vocab_size=vocab_size,
             batch_size=b,
         )
@@ -246,7 +253,7 @@ class Sampler(nn.Module):
                               accumulate=True)
         if meta.min_tokens_rows is not None:
             logits.index_put_((meta.min_tokens_rows, meta.min_tokens_cols),
-                              torch.tensor(float("-inf"), device=logits.device))
+                              torch.full((), float("-inf"), device=logits.device))
         if not meta.no_penalties:
             logits = apply_penalties(logits, meta)
 

@@ -84,6 +84,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.num_pending and request.reached_limit(cfg.max_model_len):
+                i += 1  # finishes once its pending token is read back; nothing left to compute
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             assert num_new > 0, f"running request {request.request_id} has nothing to compute"
             if request.is_pooling or self.kv_cache.allocate_slots(request, num_new):

@@ -14,7 +14,7 @@ import torch
 from slicelm.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig, resolve_dtype
 from slicelm.engine.kv_cache import KVCacheManager, cdiv
 from slicelm.engine.pooling_runner import PoolingRunner
-from slicelm.engine.runner import ModelRunner, RunnerOutput
+from slicelm.engine.runner import ModelRunner, StepHandle
 from slicelm.engine.scheduler import Scheduler, SchedulerOutput
 from slicelm.loader.model_files import resolve_model
 from slicelm.loader.tokenizer import load_tokenizer
@@ -211,9 +211,9 @@ class Worker:
         self.memory_plan = plan
         return plan.num_blocks
 
-    def execute_model(self, sched: SchedulerOutput) -> RunnerOutput:
+    def execute_model(self, sched: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
         assert isinstance(self.runner, ModelRunner)
-        return self.runner.execute_model(sched)
+        return self.runner.execute_model(sched, prev)
 
     def execute_pooling(self, sched: SchedulerOutput) -> list[torch.Tensor]:
         assert isinstance(self.runner, PoolingRunner)

@@ -36,6 +36,9 @@ MODES = {
     "chunked_prefill": {"max_num_batched_tokens": 16},
     "prefix_hits": {},  # generate twice: the second pass hits the cache
     "preemption": {"num_gpu_blocks_override": 10, "max_model_len": 96},
+    # the device path's overlap of step N+1's scheduling with step N, exercised on the CPU
+    "async_preemption_chunked": {"async_scheduling": True, "num_gpu_blocks_override": 10, "max_model_len": 96,
+                                 "max_num_batched_tokens": 24},
 }
 
 
@@ -78,7 +81,7 @@ def test_greedy_matches_transformers(family, mode):
             first = next(j for j in range(len(e)) if g[j] != e[j])
             pytest.fail(f"prompt {i} (len {len(PROMPTS[i])}) diverges from transformers at token {first}")
     stats = llm.engine.get_stats()
-    if mode == "preemption":
+    if "preemption" in mode:
         assert stats.num_preemptions > 0
     if mode == "chunked_prefill":
         assert llm.engine.scheduler_config.max_num_batched_tokens == 16

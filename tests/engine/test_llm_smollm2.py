@@ -153,3 +153,27 @@ def test_missing_and_corrupt_weights_are_clear_errors(tmp_path):
         LLM(str(tmp_path), skip_tokenizer_init=True)
     with pytest.raises(ValueError, match=r"does not exist|not found|no such"):
         LLM(str(tmp_path / "nope"))
+
+
+def test_async_scheduling_gives_the_same_results(llm):
+    """Overlapped scheduling (reading step N back after launching N+1) changes nothing a user sees:
+    EOS, stop strings, max_tokens, logprobs, n > 1 and seeds all land exactly as without it."""
+    fast = LLM("smollm2-135m-instruct", max_model_len=512, max_num_seqs=16, async_scheduling=True)
+    assert fast.engine.async_scheduling and not llm.engine.async_scheduling
+    cases = [
+        (QUESTION, SamplingParams(temperature=0, max_tokens=40, logprobs=2)),  # ends on EOS
+        (QUESTION, SamplingParams(temperature=0, max_tokens=40, stop=["France"])),
+        (QUESTION, SamplingParams(temperature=0, max_tokens=3)),
+        (QUESTION, SamplingParams(temperature=0.8, seed=5, n=3, max_tokens=12)),
+        (QUESTION, SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3, presence_penalty=0.5)),
+    ]
+    for messages, params in cases:
+        a = llm.chat(messages, params, use_tqdm=False)[0]
+        b = fast.chat(messages, params, use_tqdm=False)[0]
+        for x, y in zip(a.outputs, b.outputs):
+            assert (x.token_ids, x.text, x.finish_reason, x.stop_reason) == (y.token_ids, y.text, y.finish_reason,
+                                                                                y.stop_reason)
+            assert (x.logprobs is None) == (y.logprobs is None)
+            if x.logprobs:
+                assert [sorted(e) for e in x.logprobs] == [sorted(e) for e in y.logprobs]
+    assert fast.engine.scheduler.kv_cache.usage() == 0.0 and not fast.engine.scheduler.running
