@@ -46,7 +46,7 @@ class NvmlPeak(threading.Thread):
         return self.peak
 
 
-def run_one(budget: str, num_requests: int, shape: str) -> dict:
+def run_one(budget: str, num_requests: int, shape: str, max_num_seqs: int, max_num_batched_tokens: int) -> dict:
     from slicelm.config import EngineArgs
     from slicelm.engine.engine import LLMEngine
     from slicelm.sampling_params import SamplingParams
@@ -55,7 +55,8 @@ def run_one(budget: str, num_requests: int, shape: str) -> dict:
     sampler.start()
     with tempfile.TemporaryDirectory() as root:
         engine = LLMEngine(EngineArgs(model=write_config_dir(shape, root), load_format="dummy",
-                                      skip_tokenizer_init=True, gpu_memory_budget=budget, max_model_len=4096))
+                                      skip_tokenizer_init=True, gpu_memory_budget=budget, max_model_len=4096,
+                                      max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens))
     plan = engine.worker.memory_plan
     reqs = workload_a(num_requests)
     for i, (p, o) in enumerate(reqs):
@@ -81,6 +82,7 @@ def run_one(budget: str, num_requests: int, shape: str) -> dict:
     peak_nvml = sampler.stop()
     return {
         "budget": budget,
+        "engine": {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens},
         "budget_bytes": plan.budget_bytes,
         "memory_plan": plan.__dict__,
         "peak_process_memory_bytes_nvml": peak_nvml,
@@ -95,9 +97,11 @@ def run_one(budget: str, num_requests: int, shape: str) -> dict:
     }
 
 
-def spawn(budget: str, num_requests: int, shape: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, "--child", budget, "--num-requests", str(num_requests),
-                             "--shape", shape], stdout=subprocess.PIPE, text=True)
+def spawn(budget: str, args: argparse.Namespace) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--child", budget, "--num-requests", str(args.num_requests),
+                             "--shape", args.shape, "--max-num-seqs", str(args.max_num_seqs),
+                             "--max-num-batched-tokens", str(args.max_num_batched_tokens)],
+                            stdout=subprocess.PIPE, text=True)
 
 
 def collect(proc: subprocess.Popen) -> dict:
@@ -112,10 +116,13 @@ def main() -> None:
     ap.add_argument("--side-by-side", type=float, default=None, help="fraction of the device for each of two")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--shape", default="qwen3-0.6b")
+    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args.num_requests, args.shape)))
+        print(json.dumps(run_one(args.child, args.num_requests, args.shape, args.max_num_seqs,
+                                 args.max_num_batched_tokens)))
         return
 
     env = environment()
@@ -124,14 +131,14 @@ def main() -> None:
     if args.side_by_side:
         total = torch.cuda.get_device_properties(0).total_memory
         budget = f"{int(total * args.side_by_side)}"
-        procs = [spawn(budget, args.num_requests, args.shape) for _ in range(2)]
+        procs = [spawn(budget, args) for _ in range(2)]
         runs = [collect(p) for p in procs]
         result["workload"]["name"] = f"two engines side by side, {args.side_by_side:.0%} of the device each"
         result["side_by_side"] = runs
         result["all_within_budget"] = all(r.get("within_budget") for r in runs)
         name = "side_by_side"
     else:
-        runs = [collect(spawn(b, args.num_requests, args.shape)) for b in args.budgets]
+        runs = [collect(spawn(b, args)) for b in args.budgets]
         result["budgets"] = runs
         result["all_within_budget"] = all(r.get("within_budget") for r in runs)
         name = "memory_budget"

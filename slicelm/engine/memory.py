@@ -67,6 +67,9 @@ def _physical_index(device_index: int) -> int:
 # What the CUDA context, cuBLAS workspaces and kernels' modules take beside torch's allocator when the
 # driver cannot tell us per process (measured ~0.5 GiB on an H100/H200 with torch 2.11).
 DEFAULT_NON_TORCH_BYTES = 768 << 20
+# Memory outside torch's allocator keeps growing a little after planning (Triton modules loaded on first
+# use, cuBLAS workspaces for new shapes: ~100 MiB seen on an H200); the plan keeps this much free for it.
+NON_TORCH_GROWTH_BYTES = 256 << 20
 
 
 @dataclass
@@ -119,6 +122,7 @@ def plan_memory(
     used = process_gpu_memory(index)
     reserved = torch.cuda.memory_reserved(device)
     non_torch = max(0, used - reserved) if used is not None else DEFAULT_NON_TORCH_BYTES
+    non_torch += NON_TORCH_GROWTH_BYTES
     kv_bytes = budget_bytes - weights - activation_bytes - graph_pool_bytes - non_torch
     num_blocks = kv_bytes // bytes_per_block
     plan = MemoryPlan(budget_bytes, weights, activation_bytes, graph_pool_bytes, max(kv_bytes, 0),

@@ -91,8 +91,8 @@ class ModelRunner:
         self.graphs.capture(capture_sizes(max_num_seqs))
 
     @torch.inference_mode()
-    def profile_run(self, num_tokens: int, num_seqs: int) -> None:
-        """One step of the largest shape (writing nowhere in the cache), sampling included."""
+    def profile_run(self, num_tokens: int, num_seqs: int, sample: bool = True) -> None:
+        """One step of the largest shape (writing nowhere in the cache), sampling included if asked."""
         num_seqs = max(1, min(num_seqs, num_tokens))
         q_lens = np.full(num_seqs, num_tokens // num_seqs, dtype=np.int64)
         q_lens[: num_tokens % num_seqs] += 1
@@ -116,14 +116,18 @@ class ModelRunner:
         input_ids = self._to_device(np.zeros(num_tokens, dtype=np.int64))
         hidden = self.model(input_ids, self._to_device(positions), self.kv_caches, meta)
         logits = self.model.compute_logits(hidden[self._to_device(qsl[1:].astype(np.int64) - 1)])
+        if sample:
+            self._profile_sampler(logits, num_seqs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _profile_sampler(self, logits: torch.Tensor, num_seqs: int) -> None:
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=5)
         meta_s = SamplingMetadata.build(
             params=[params] * num_seqs, prompt_token_ids=[[0]] * num_seqs, output_token_ids=[[]] * num_seqs,
             generators=[None] * num_seqs, vocab_size=self.vocab_size, device=self.device,
         )
         self.sampler(logits.float(), meta_s)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     # --------------------------------------------------------------------------- inputs
     def _to_device(self, array: np.ndarray) -> torch.Tensor:

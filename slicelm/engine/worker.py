@@ -194,7 +194,8 @@ class Worker:
         graph_pool = 0
         if not args.enforce_eager:
             torch.cuda.reset_peak_memory_stats(self.device)
-            runner.profile_run(args.max_num_seqs, args.max_num_seqs)  # the largest decode graph's tensors
+            # the largest decode graph's tensors: the model and LM head, not the sampler (it runs outside)
+            runner.profile_run(args.max_num_seqs, args.max_num_seqs, sample=False)
             graph_pool = torch.cuda.max_memory_allocated(self.device) - base + (64 << 20)
         del runner, dummy
         torch.cuda.empty_cache()
