@@ -327,10 +327,12 @@ def environment() -> dict:
 
 
 def git_commit() -> str:
+    if os.environ.get("SLICELM_COMMIT"):  # a copy of the tree without .git (the GPU machine)
+        return os.environ["SLICELM_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
+        return (sha or "unknown") + ("-dirty" if dirty.strip() else "")
     except OSError:
         return "unknown"
 

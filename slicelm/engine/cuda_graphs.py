@@ -46,7 +46,10 @@ class CUDAGraphDecoder:
         self.query_start_loc = torch.arange(max_num_seqs + 1, dtype=i32, device=device)
         self.block_tables = torch.zeros(max_num_seqs, max_blocks, dtype=i32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        # One output buffer for every graph: per-graph outputs would each stay alive (and sum to GBs
+        # of logits at vocabularies of 150k).
+        vocab = int(model.vocab_size)
+        self.logits = torch.empty(max_num_seqs, vocab, dtype=torch.float32, device=device)
         self.sizes: list[int] = []
         self.pool_bytes = 0
 
@@ -80,7 +83,7 @@ class CUDAGraphDecoder:
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.logits[n] = self._forward(n)
+                self.logits[:n].copy_(self._forward(n))
             self.graphs[n] = graph
         torch.cuda.synchronize()
         self.sizes = sorted(self.graphs)
@@ -108,4 +111,4 @@ class CUDAGraphDecoder:
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
         self.graphs[size].replay()
-        return self.logits[size][:n]
+        return self.logits[:n]
