@@ -185,8 +185,11 @@ def main() -> None:
         try:
             asyncio.run(run_rate(url, args.model, reqs[:2], math.inf, args.seed))  # warm-up
             runs = []
-            for rate in rates:
-                res = asyncio.run(run_rate(url, args.model, reqs, rate, args.seed))
+            for k, rate in enumerate(rates):
+                # Each rate gets prompts of its own (same lengths), so that no rate rides on the prefix
+                # cache warmed by the one before it.
+                shifted = [([(t + 7919 * k) % 10000 for t in p], o) for p, o in reqs]
+                res = asyncio.run(run_rate(url, args.model, shifted, rate, args.seed))
                 runs.append(res)
                 print(json.dumps({k: res[k] for k in ("request_rate", "completed", "failed", "output_tokens_per_s")}
                                  | {"ttft_p99": res["ttft_s"]["p99"], "tpot_p50": res["tpot_s"]["p50"]}), flush=True)
@@ -204,6 +207,7 @@ def main() -> None:
                      "prompt_tokens": sum(len(p) for p, _ in reqs), "output_tokens": sum(o for _, o in reqs),
                      "max_prompt_tokens": args.max_prompt_tokens, "max_output_tokens": args.max_output_tokens,
                      "rates": args.rates, "arrivals": "Poisson, random.Random(seed)", "seed": args.seed,
+                     "prompts_per_rate": "workload A's prompts, token ids shifted by 7919*k mod 10000 for the k-th rate",
                      "sampling": {"temperature": 0.0, "ignore_eos": True}, "endpoint": "/v1/completions stream",
                      "server": {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
                                 "extra": args.server_args}},
