@@ -207,7 +207,7 @@ def main() -> None:
                      "prompt_tokens": sum(len(p) for p, _ in reqs), "output_tokens": sum(o for _, o in reqs),
                      "max_prompt_tokens": args.max_prompt_tokens, "max_output_tokens": args.max_output_tokens,
                      "rates": args.rates, "arrivals": "Poisson, random.Random(seed)", "seed": args.seed,
-                     "prompts_per_rate": "workload A's prompts, token ids shifted by 7919*k mod 10000 for the k-th rate",
+                     "prompts_per_rate": "workload A prompts, token ids shifted by 7919*k mod 10000 at rate k",
                      "sampling": {"temperature": 0.0, "ignore_eos": True}, "endpoint": "/v1/completions stream",
                      "server": {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
                                 "extra": args.server_args}},
