@@ -33,13 +33,12 @@ def plot_throughput(result: dict, out: Path) -> None:
 def plot_serving(result: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
-    rows = result["rates"]
-    rates = [r["request_rate"] for r in rows]
+    rows = [r for r in result["runs"] if r["request_rate"] != "inf"]
+    rates = [float(r["request_rate"]) for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")):
+    for i, (key, label) in enumerate((("ttft_s", "TTFT"), ("tpot_s", "TPOT"))):
         for pct in ("p50", "p99"):
-            axes[0 if key == "ttft_ms" else 1].plot(rates, [r[key][pct] for r in rows], marker="o",
-                                                   label=f"{label} {pct}")
+            axes[i].plot(rates, [1e3 * r[key][pct] for r in rows], marker="o", label=f"{label} {pct}")
     for ax, name in zip(axes, ("TTFT (ms)", "TPOT (ms)")):
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel(name)
@@ -57,7 +56,7 @@ def main() -> None:
         out = path.with_suffix(".png")
         if "fraction_of_floor" in result and "output_tokens_per_s" in result:
             plot_throughput(result, out)
-        elif "rates" in result:
+        elif "runs" in result:
             plot_serving(result, out)
         else:
             continue
