@@ -208,20 +208,21 @@ class AsyncLLM:
     async def generate(self, prompt: Any, params: Any, request_id: str, priority: int = 0,
                        arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
         """Cumulative ``RequestOutput``s of one request until it finishes."""
-        stream = await self.add_request(request_id, prompt, params, arrival_time, priority)
-        try:
-            async for out in stream:
-                yield out  # type: ignore[misc]
-        finally:
-            self.release(stream)
+        async for out in self._outputs(prompt, params, request_id, priority, arrival_time):
+            yield out  # type: ignore[misc]
 
     async def encode(self, prompt: Any, params: Any, request_id: str, priority: int = 0,
                      arrival_time: float | None = None) -> AsyncIterator[PoolingOutput]:
         """The ``PoolingOutput`` of an embedding / score request (one item)."""
+        async for out in self._outputs(prompt, params, request_id, priority, arrival_time):
+            yield out  # type: ignore[misc]
+
+    async def _outputs(self, prompt: Any, params: Any, request_id: str, priority: int,
+                       arrival_time: float | None) -> AsyncIterator[Output]:
         stream = await self.add_request(request_id, prompt, params, arrival_time, priority)
         try:
             async for out in stream:
-                yield out  # type: ignore[misc]
+                yield out
         finally:
             self.release(stream)
 

@@ -39,14 +39,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp_dir: Path, *flags: str, timeout: float = 180.0) -> Server:
+def start_server(tmp_dir: Path, *flags: str, timeout: float = 180.0, model: str = MODEL) -> Server:
     port = free_port()
     log_path = tmp_dir / f"server-{port}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("VLLM_API_KEY", None)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "slicelm.entrypoints.cli", "serve", MODEL, "--host", "127.0.0.1",
+            [sys.executable, "-m", "slicelm.entrypoints.cli", "serve", model, "--host", "127.0.0.1",
              "--port", str(port), "--device", "cpu", "--disable-access-log", *flags],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     server = Server(proc, port, log_path)

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from conftest import ROOT, Server, free_port, stop_server
+from conftest import Server, start_server
 
 MINILM = "all-minilm-l6-v2"
 
@@ -26,28 +22,7 @@ def minilm_dir() -> Path:
 
 
 def start_model_server(tmp_dir: Path, model: str, *flags: str, timeout: float = 180.0) -> Server:
-    port = free_port()
-    log_path = tmp_dir / f"server-{port}.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("VLLM_API_KEY", None)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "slicelm.entrypoints.cli", "serve", model, "--host", "127.0.0.1",
-             "--port", str(port), "--device", "cpu", "--disable-access-log", *flags],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    server = Server(proc, port, log_path)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=1.0).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    stop_server(server)
-    raise RuntimeError(f"server did not become healthy in {timeout} s:\n{server.log()}")
+    return start_server(tmp_dir, *flags, timeout=timeout, model=model)
 
 
 def write_random_xlmr_cross_encoder(path: Path, seed: int = 0):  # -> transformers model
