@@ -155,6 +155,16 @@ class KVCacheManager:
     ) -> bool:
         """Makes room for ``num_new_tokens`` more tokens; False (and no change) if blocks run out."""
         assert num_new_tokens > 0
+        bs = self.block_size
+        if not new_computed_blocks:
+            # Fast path (most decode steps): the tokens fit in the blocks the request already has.
+            owned = self.req_to_blocks.get(request.request_id)
+            total = request.num_computed_tokens + num_new_tokens
+            if owned is not None and total <= len(owned) * bs:
+                known = request.num_tokens - request.num_pending
+                if self.enable_caching and min(total, known) // bs > self.num_cached_blocks[request.request_id]:
+                    self._cache_full_blocks(request, total)
+                return True
         new_computed_blocks = new_computed_blocks or []
         req_blocks = self.req_to_blocks.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
