@@ -77,3 +77,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                      "--seed", "0")
     yield s
     stop_server(s)
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real all-MiniLM-L6-v2 embedding server, one per test module."""
+    from pooling_helpers import MINILM, minilm_dir
+
+    minilm_dir()  # skips when the wheel is missing
+    server = start_server(tmp_path_factory.mktemp("minilm"), model=MINILM)
+    yield server
+    stop_server(server)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import Server, stop_server
-from pooling_helpers import MINILM, error_of, minilm_dir, start_model_server
+from conftest import Server
+from pooling_helpers import MINILM, error_of, minilm_dir
 from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
@@ -25,14 +24,6 @@ TEXTS = [
     "Hi",
     "Ünïcödé — 東京は日本の首都です。",
 ]
-
-
-@pytest.fixture(scope="module")
-def minilm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    minilm_dir()
-    s = start_model_server(tmp_path_factory.mktemp("minilm"), MINILM)
-    yield s
-    stop_server(s)
 
 
 @pytest.fixture(scope="module")

@@ -32,14 +32,6 @@ RELEVANT = 5
 
 
 @pytest.fixture(scope="module")
-def minilm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    minilm_dir()
-    s = start_model_server(tmp_path_factory.mktemp("minilm"), MINILM)
-    yield s
-    stop_server(s)
-
-
-@pytest.fixture(scope="module")
 def cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, object]]:
     path = tmp_path_factory.mktemp("xlmr-ce")
     hf = write_random_xlmr_cross_encoder(path)
