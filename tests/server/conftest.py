@@ -82,7 +82,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A real all-MiniLM-L6-v2 embedding server, one per test module."""
-    from pooling_helpers import MINILM, minilm_dir
+    from pooling_helpers import MINILM
+    from utils_models import minilm_dir
 
     minilm_dir()  # skips when the wheel is missing
     server = start_server(tmp_path_factory.mktemp("minilm"), model=MINILM)

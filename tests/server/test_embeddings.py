@@ -10,9 +10,10 @@ import numpy as np
 import openai
 import pytest
 from conftest import Server
-from pooling_helpers import MINILM, error_of, minilm_dir
+from pooling_helpers import MINILM, error_of
 from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
+from utils_models import minilm_dir
 
 pytestmark = pytest.mark.slow
 

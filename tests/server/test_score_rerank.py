@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import Server, stop_server
-from pooling_helpers import MINILM, error_of, minilm_dir, start_model_server, write_random_xlmr_cross_encoder
+from pooling_helpers import MINILM, error_of, start_model_server, write_random_xlmr_cross_encoder
 from tokenizers import Tokenizer
+from utils_models import minilm_dir
 
 pytestmark = pytest.mark.slow
 
