@@ -124,3 +124,14 @@ def test_real_mps_daemon(tmp_path):
     finally:
         d.stop()
     assert not mps._alive(pid)
+
+
+def test_slices_benchmark_parses_args_on_cpu():
+    """benchmarks/slices.py is run by hand on a GPU machine; here it must at least import and parse."""
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "slices.py"
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--shares" in out.stdout and "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" in out.stdout
