@@ -1,7 +1,8 @@
 """GPU memory budget: one absolute byte count per engine, planned before the KV cache exists.
 
 Budget = the smallest of ``--gpu-memory-budget``, ``--gpu-memory-utilization`` × device memory and
-HAMi's ``CUDA_DEVICE_MEMORY_LIMIT_<i>`` (or ``CUDA_DEVICE_MEMORY_LIMIT``) when set. Inside it the
+the memory of this process's GPU slice (``slicelm.slicing``: a stack's ``SLICELM_SLICE_*`` env or
+HAMi-core's ``CUDA_DEVICE_MEMORY_LIMIT_<i>``) when it has one. Inside it the
 plan is: weights (measured) + peak activation of the largest step (measured by a profiling run) +
 CUDA-graph pool (reserved) + KV blocks (the rest). The caching allocator is then capped at the
 budget, so the engine cannot grow past it afterwards.
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 import torch
+
+from slicelm.slicing.spec import Slice, slice_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -23,18 +25,6 @@ GiB = 1 << 30
 
 class MemoryBudgetError(ValueError):
     """The model does not fit in the memory budget."""
-
-
-def hami_limit_bytes(device_index: int) -> int | None:
-    """HAMi's per-container limit, ``CUDA_DEVICE_MEMORY_LIMIT_<i>=<MiB>m`` (also g/k suffixes)."""
-    raw = os.environ.get(f"CUDA_DEVICE_MEMORY_LIMIT_{device_index}") or os.environ.get("CUDA_DEVICE_MEMORY_LIMIT")
-    if not raw:
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*([kmgKMG]?)[bB]?\s*", raw)
-    if not m:
-        raise ValueError(f"cannot parse HAMi memory limit {raw!r} (expected e.g. 14000m)")
-    scale = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
-    return int(m.group(1)) * scale
 
 
 def process_gpu_memory(device_index: int) -> int | None:
@@ -93,15 +83,18 @@ class MemoryPlan:
         )
 
 
-def resolve_budget(device: torch.device, budget: int | None, utilization: float) -> tuple[int, str]:
+def resolve_budget(device: torch.device, budget: int | None, utilization: float,
+                   gpu_slice: Slice | None = None) -> tuple[int, str]:
+    """``gpu_slice`` defaults to the one this process's env describes (``slice_from_env``)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
     candidates = [(int(total * utilization), f"gpu_memory_utilization={utilization}")]
     if budget is not None:
         candidates.append((budget, "gpu_memory_budget"))
-    hami = hami_limit_bytes(index)
-    if hami is not None:
-        candidates.append((hami, "HAMi CUDA_DEVICE_MEMORY_LIMIT"))
+    if gpu_slice is None:
+        gpu_slice = slice_from_env(os.environ, index)
+    if gpu_slice is not None and gpu_slice.memory_bytes is not None:
+        candidates.append((gpu_slice.memory_bytes, f"GPU slice ({gpu_slice.source})"))
     return min(candidates)
 
 
@@ -112,9 +105,10 @@ def plan_memory(
     bytes_per_block: int,
     activation_bytes: int,
     graph_pool_bytes: int,
+    gpu_slice: Slice | None = None,
 ) -> MemoryPlan:
     """Call after the weights are loaded and the profiling step ran (its peak is in ``activation_bytes``)."""
-    budget_bytes, source = resolve_budget(device, budget, utilization)
+    budget_bytes, source = resolve_budget(device, budget, utilization, gpu_slice)
     weights = torch.cuda.memory_allocated(device)
     # What torch's allocator does not see (CUDA context, cuBLAS workspaces) counts as well. Other
     # processes on the same GPU (another engine beside us) must not: we ask NVML for this process only.
