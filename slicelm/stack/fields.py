@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?")
 
 
 def _whole(v: Any, what: str) -> int:
@@ -70,7 +73,7 @@ def split_list(value: str) -> list[str]:
 
 def bool_annotation(key: str, value: str) -> bool:
     if str(value).lower() not in ("true", "false"):
-        raise ValueError(f"podAnnotations[{key}]: must be \"true\" or \"false\", got {value!r}")
+        raise ValueError(f"must be \"true\" or \"false\", got {value!r}")
     return str(value).lower() == "true"
 
 
@@ -80,12 +83,18 @@ def scoring_weights(value: str) -> tuple[float, float, float]:
     for item in split_list(value):
         key, _, num = item.partition("=")
         if key.strip() not in weights:
-            raise ValueError(f"hami.io/device-scoring-weights: unknown weight {key.strip()!r} "
-                             "(slot, core or memory)")
+            raise ValueError(f"unknown weight {key.strip()!r} (slot, core or memory)")
         try:
             weights[key.strip()] = float(num)
         except ValueError:
-            raise ValueError(f"hami.io/device-scoring-weights: {item!r} is not name=number") from None
+            raise ValueError(f"{item!r} is not name=number") from None
         if weights[key.strip()] < 0:
-            raise ValueError(f"hami.io/device-scoring-weights: {item!r} must be >= 0")
+            raise ValueError(f"{item!r} must be >= 0")
     return weights["slot"], weights["core"], weights["memory"]
+
+
+def k8s_name(v: str) -> str:
+    """A modelSpec name: the chart names Kubernetes objects after it, so a lowercase DNS label."""
+    if not K8S_NAME.fullmatch(v):
+        raise ValueError(f"must be a lowercase DNS label (a-z, 0-9, '-', '.'; at most 63 characters), got {v!r}")
+    return v

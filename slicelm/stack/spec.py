@@ -11,18 +11,28 @@ from __future__ import annotations
 
 import copy
 import difflib
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 from slicelm.stack import known_keys
 from slicelm.stack.fields import (
+    K8S_NAME,
     bool_annotation,
     cores,
     gpu_count,
+    k8s_name,
     mib,
     percentage,
     scoring_weights,
@@ -54,7 +64,9 @@ MiB = Annotated[int, BeforeValidator(mib), WithJsonSchema({"type": ["integer", "
 Percent = Annotated[int, BeforeValidator(percentage), WithJsonSchema({"type": ["integer", "string"]})]
 Cores = Annotated[int, BeforeValidator(cores), WithJsonSchema({"type": ["integer", "string"]})]
 Fraction = Annotated[float, BeforeValidator(utilization), WithJsonSchema({"type": ["number", "string"]})]
-_K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
+Name = Annotated[str, AfterValidator(k8s_name),
+                 WithJsonSchema({"type": "string", "pattern": f"^{K8S_NAME.pattern}$",
+                                 "description": "lowercase DNS label, as the chart needs"})]
 DTYPES = ("auto", "float32", "float", "fp32", "float16", "half", "fp16", "bfloat16", "bf16")
 
 
@@ -66,7 +78,7 @@ class EnvVar(_Strict):
     @model_validator(mode="after")
     def _no_secrets(self) -> EnvVar:
         if self.valueFrom is not None:
-            raise ValueError(f"env {self.name}: valueFrom (Kubernetes secrets / fields) is not available on one "
+            raise ValueError(f"@valueFrom: env {self.name}: Kubernetes secrets / fields are not available on one "
                              "machine; give a value")
         return self
 
@@ -78,16 +90,23 @@ class VLLMConfig(_Strict):
     maxModelLen: Annotated[int, Field(ge=1)] | None = None
     maxNumSeqs: Annotated[int, Field(ge=1)] | None = None
     gpuMemoryUtilization: Fraction | None = None
-    tensorParallelSize: Annotated[int, Field(ge=1, le=1, description="slicelm serves a model on one GPU")] | None = None
+    tensorParallelSize: Annotated[int, Field(ge=1, description="must be 1: a model on one GPU")] | None = None
     enablePrefixCaching: bool | None = None
     enableChunkedPrefill: bool | None = None
     runner: Literal["auto", "generate", "pooling"] | None = None
     convert: Literal["auto", "none", "embed", "classify"] | None = None
     extraArgs: list[Str] = []
 
+    @model_validator(mode="after")
+    def _one_gpu(self) -> VLLMConfig:
+        if self.tensorParallelSize not in (None, 1):
+            raise ValueError(f"@tensorParallelSize: {self.tensorParallelSize}: slicelm serves a model on one GPU "
+                             "(no tensor parallelism); use replicaCount for more copies")
+        return self
+
 
 class ModelSpec(_Strict):
-    name: Annotated[str, Field(pattern=_K8S_NAME.pattern, description="lowercase DNS label, as the chart needs")]
+    name: Name
     modelURL: Annotated[str, Field(min_length=1)]
     enabled: bool = True
     replicaCount: Annotated[int, Field(ge=0)] = 1
@@ -104,19 +123,21 @@ class ModelSpec(_Strict):
     vllmConfig: VLLMConfig | None = None
     env: list[EnvVar] = []
     chatTemplate: str | None = None
-    enableLoRA: Literal[False] | None = Field(None, description="LoRA is not supported")
+    enableLoRA: bool | None = Field(None, description="must be false: LoRA is not supported")
     enableTool: bool | None = None
     toolCallParser: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
+        if self.enableLoRA:
+            raise ValueError("@enableLoRA: LoRA adapters are not supported by slicelm serve")
         for key in ("GPU", "GPUMem", "GPUMemPercentage", "GPUCores"):
             req, lim = getattr(self, f"request{key}"), getattr(self, f"limit{key}")
             if req is not None and lim is not None and req != lim:
-                raise ValueError(f"limit{key} ({lim}) must equal request{key} ({req}): GPU resources are "
+                raise ValueError(f"@limit{key}: {lim} must equal request{key} ({req}): GPU resources are "
                                  "extended resources and cannot be overcommitted")
         if self.requestGPUType not in (None, "", "nvidia.com/gpu"):
-            raise ValueError(f"requestGPUType {self.requestGPUType!r}: only nvidia.com/gpu (HAMi shares) is "
+            raise ValueError(f"@requestGPUType: {self.requestGPUType!r}: only nvidia.com/gpu (HAMi shares) is "
                              "schedulable here; pick a GPU model with podAnnotations nvidia.com/use-gputype")
         for key, value in self.podAnnotations.items():
             _check_annotation(key, value)
@@ -132,14 +153,17 @@ class ModelSpec(_Strict):
 
 
 def _check_annotation(key: str, value: str) -> None:
-    if key == "hami.io/gpu-scheduler-policy" and value not in ("binpack", "spread", "topology-aware"):
-        raise ValueError(f"podAnnotations[{key}]: must be binpack, spread or topology-aware, got {value!r}")
-    if key == "nvidia.com/numa-bind":
-        bool_annotation(key, value)
-    if key == "hami.io/device-scoring-weights":
-        scoring_weights(value)
-    if key.endswith("-gputype") or key.endswith("-gpuuuid"):
-        split_list(value)
+    try:
+        if key == "hami.io/gpu-scheduler-policy" and value not in ("binpack", "spread", "topology-aware"):
+            raise ValueError(f"must be binpack, spread or topology-aware, got {value!r}")
+        if key == "nvidia.com/numa-bind":
+            bool_annotation(key, value)
+        if key == "hami.io/device-scoring-weights":
+            scoring_weights(value)
+        if key.endswith("-gputype") or key.endswith("-gpuuuid"):
+            split_list(value)
+    except ValueError as e:
+        raise ValueError(f"@podAnnotations[{key}]: {e}") from None
 
 
 class ServingEngineSpec(_Strict):
@@ -151,9 +175,10 @@ class ServingEngineSpec(_Strict):
     @model_validator(mode="after")
     def _unique_names(self) -> ServingEngineSpec:
         seen: set[str] = set()
-        for m in self.modelSpec:
+        for i, m in enumerate(self.modelSpec):
             if m.name in seen:
-                raise ValueError(f"modelSpec names must be unique: {m.name!r} appears twice")
+                raise ValueError(f"@modelSpec[{i}].name: {m.name!r} appears twice "
+                                 "(modelSpec names must be unique)")
             seen.add(m.name)
         return self
 
@@ -173,7 +198,7 @@ class RouterSpec(_Strict):
     @model_validator(mode="after")
     def _session_needs_key(self) -> RouterSpec:
         if self.routingLogic == "session" and not self.sessionKey:
-            raise ValueError("routingLogic 'session' needs sessionKey (the header that names the session)")
+            raise ValueError("@sessionKey: routingLogic 'session' needs sessionKey (the header naming the session)")
         return self
 
 
@@ -262,7 +287,10 @@ def _loc(loc: tuple) -> str:
 
 
 def _message(err: dict, data: dict) -> str:
-    msg = err["msg"].removeprefix("Value error, ")
+    msg, loc = err["msg"].removeprefix("Value error, "), _loc(err["loc"])
+    if msg.startswith("@"):  # a model-level check naming its field: "@field: message"
+        field_, _, msg = msg[1:].partition(": ")
+        loc = f"{loc}.{field_}" if loc else field_
     if err["type"] == "extra_forbidden":
         key = err["loc"][-1]
         known = _known_at(err["loc"][:-1])
@@ -271,7 +299,7 @@ def _message(err: dict, data: dict) -> str:
         msg = f"unknown key (neither slicelm nor production-stack knows it){hint}"
     elif err["type"] == "missing":
         msg = "required"
-    return f"{_loc(err['loc'])}: {msg}"
+    return f"{loc}: {msg}"
 
 
 def _known_at(loc: tuple) -> list[str]:
