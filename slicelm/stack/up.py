@@ -154,7 +154,7 @@ def supervise(spec: StackSpec, plan: StackPlan, run_dir: Path, console: Console,
         sup.error, rc = str(e), 1
         if view:
             view.close()
-        console.print(f"[red]slicelm up: {e}[/]", highlight=False)
+        print(f"slicelm up: error: {e}", file=sys.stderr, flush=True)
     finally:
         if view:
             view.close()
@@ -187,7 +187,7 @@ def detach(args: argparse.Namespace, run_dir: Path, console: Console) -> int:
                 child.wait()
                 view.close()
                 err = (st or {}).get("error") if fresh else None
-                console.print(f"[red]slicelm up: {err or 'the supervisor exited'}[/]", highlight=False)
+                print(f"slicelm up: error: {err or 'the supervisor exited'}", file=sys.stderr, flush=True)
                 if not err:
                     print("\n".join(tail(log, 20)), file=sys.stderr)
                 return 1
