@@ -171,6 +171,12 @@ def test_cpu_rag_example_validates() -> None:
     assert not spec.warnings
 
 
+def test_gpu_rag_example_validates() -> None:
+    spec = load_stack(ROOT / "examples" / "stacks" / "gpu-rag.yaml")
+    assert [m.requestGPUMemPercentage for m in spec.models()] == [40, 20, 20]
+    assert not spec.warnings
+
+
 def test_sample_of_the_error_text() -> None:
     raw = yaml.safe_load(textwrap.dedent("""
         servingEngineSpec:
