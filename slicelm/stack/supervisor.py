@@ -27,6 +27,7 @@ logger = logging.getLogger("slicelm.stack")
 POLL_S = 0.2
 MAX_BACKOFF_S = 30.0
 DRAIN_GRACE_S = 20.0
+STABLE_S = 30.0  # a replica up this long has recovered: its next death starts the backoff over
 
 
 class StartupError(RuntimeError):
@@ -49,14 +50,18 @@ class Managed:
     proc: subprocess.Popen | None = None
     state: str = "pending"
     restarts: int = 0
-    failures: int = 0  # consecutive deaths since it was last ready
+    failures: int = 0  # deaths without STABLE_S of uptime in between
     started_at: float | None = None
+    ready_at: float | None = None
     restart_at: float | None = None
     exit_code: int | None = None
 
     def start(self) -> None:
         self.proc = spawn(self.launch.cmd, self.launch.full_env(), self.launch.log)
-        self.state, self.started_at, self.restart_at = "starting", time.time(), None
+        self.state, self.started_at, self.restart_at, self.ready_at = "starting", time.time(), None, None
+
+    def mark_ready(self) -> None:
+        self.state, self.ready_at = "ready", time.time()
 
     def failure_message(self, what: str) -> str:
         lines = "\n".join(f"    {line}" for line in tail(self.launch.log, 20))
@@ -138,7 +143,8 @@ class Supervisor:
                     m.state = "failed"
                     raise StartupError(m.failure_message(f"was not healthy after {self.startup_timeout:.0f} s"))
                 if healthy(m.launch.url, timeout=0.5):
-                    m.state, m.failures, changed = "ready", 0, True
+                    m.mark_ready()
+                    changed = True
             if changed:
                 self.save()
             if on_change:
@@ -152,7 +158,8 @@ class Supervisor:
         now, changed = time.time(), False
         for m in self.all():
             if m.state in ("ready", "starting") and m.proc.poll() is not None:
-                m.exit_code, m.failures = m.proc.returncode, m.failures + 1
+                stable = m.ready_at is not None and now - m.ready_at >= STABLE_S
+                m.exit_code, m.failures = m.proc.returncode, 1 if stable else m.failures + 1
                 if m.failures > self.restart_limit:
                     m.state = "failed"
                     logger.error(m.failure_message(f"died {m.failures} times in a row; giving up"))
@@ -166,7 +173,8 @@ class Supervisor:
                 m.start()
                 changed = True
             elif m.state == "starting" and healthy(m.launch.url, timeout=0.5):
-                m.state, m.failures, changed = "ready", 0, True
+                m.mark_ready()
+                changed = True
                 logger.info("%s is ready again", m.launch.name)
         if changed:
             self.save()
