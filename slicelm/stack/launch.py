@@ -105,11 +105,12 @@ def replica_launches(spec: StackSpec, plan: StackPlan, run_dir: Path,
 
 
 def router_launch(spec: StackSpec, run_dir: Path) -> Launch | None:
-    """``slicelm router`` over this stack (production-stack's flags), when the router is installed."""
+    """``slicelm router`` over this stack (production-stack's flags), when the router is installed. It is given
+    the supervisor's ``state.json`` (replica URLs, served names, states; rewritten on every change)."""
     rs = spec.routerSpec
     if not rs.enableRouter or not router_available():
         return None
-    cmd = [sys.executable, "-m", "slicelm.entrypoints.cli", "router", "--stack", str(run_dir),
+    cmd = [sys.executable, "-m", "slicelm.entrypoints.cli", "router", "--stack", str(run_dir / "state.json"),
            "--host", spec.slicelm.host, "--port", str(rs.containerPort), "--routing-logic", rs.routingLogic]
     for flag, value in (("--session-key", rs.sessionKey), ("--prefix-min-match-length", rs.prefixMinMatchLength),
                         ("--engine-stats-interval", rs.engineScrapeInterval),
