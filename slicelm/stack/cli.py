@@ -53,10 +53,10 @@ def _inventory(path: str | None):
 
 
 def _plan(args: argparse.Namespace, out: Console, err: Console) -> int:
+    spec = _load(args.stack_file, err)
     from slicelm.stack.plan_view import plan_table
     from slicelm.stack.planning import make_plan
 
-    spec = _load(args.stack_file, err)
     plan = make_plan(spec, _inventory(args.inventory))
     for note in plan.notes:
         err.print(f"note: {note}", highlight=False)
@@ -70,10 +70,10 @@ def _plan(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def _up(args: argparse.Namespace, out: Console, err: Console) -> int:
+    spec = _load(args.stack_file, err)  # a bad file fails before anything else is imported or started
     from slicelm.stack import up
     from slicelm.stack.planning import make_plan
 
-    spec = _load(args.stack_file, err)
     run_dir = resolve_run_dir(args.run_dir, spec.slicelm.runDir)
     plan = make_plan(spec, _inventory(args.inventory))
     for note in plan.notes:
