@@ -1,0 +1,69 @@
+"""The stack's plan: HAMi placement for GPU replicas (slicing.place) and the CPU for the rest.
+
+``StackPlan.to_json()`` is the ``slicelm plan --format json`` contract:
+``{"placements": [{"model", "replica", "gpus": [{"uuid", "index", "memory_mib", "cores"}], "score"}],
+"unplaced": [{"model", "replica", "reasons": [...]}]}``; a CPU replica is a placement with ``"gpus": []``
+and ``"score": null``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from slicelm.slicing.inventory import Inventory
+from slicelm.slicing.placement import AssignedGPU, place
+from slicelm.stack.requests import replica_requests
+from slicelm.stack.spec import StackSpec
+
+
+@dataclass
+class ReplicaPlacement:
+    model: str
+    replica: int
+    gpus: list[AssignedGPU]  # empty: the CPU
+    score: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "replica": self.replica,
+                "gpus": [{"uuid": g.uuid, "index": g.index, "memory_mib": g.memory_mib, "cores": g.cores}
+                         for g in self.gpus],
+                "score": self.score}
+
+
+@dataclass
+class StackPlan:
+    placements: list[ReplicaPlacement]
+    unplaced: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)  # e.g. why replicas run on the CPU
+
+    @property
+    def feasible(self) -> bool:
+        return not self.unplaced
+
+    def placement(self, model: str, replica: int) -> ReplicaPlacement:
+        return next(p for p in self.placements if p.model == model and p.replica == replica)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"placements": [p.to_json() for p in self.placements], "unplaced": self.unplaced}
+
+
+def make_plan(spec: StackSpec, inventory: Inventory) -> StackPlan:
+    gpu_requests, cpu_replicas = replica_requests(spec)
+    notes = []
+    if spec.slicelm.device == "cpu":
+        notes.append("slicelm.device is cpu: every replica runs on the CPU")
+    elif gpu_requests and not inventory.gpus:
+        notes.append("no GPU on this machine: replicas that ask for a GPU run on the CPU")
+        cpu_replicas += [(r.model, r.replica) for r in gpu_requests]
+        gpu_requests = []
+    placements: dict[tuple[str, int], ReplicaPlacement] = {
+        key: ReplicaPlacement(key[0], key[1], [], None) for key in cpu_replicas}
+    unplaced: list[dict[str, Any]] = []
+    if gpu_requests:
+        plan = place(gpu_requests, inventory)
+        for p in plan.placements:
+            placements[(p.model, p.replica)] = ReplicaPlacement(p.model, p.replica, list(p.gpus), p.score)
+        unplaced = [{"model": u.model, "replica": u.replica, "reasons": list(u.reasons)} for u in plan.unplaced]
+    order = [(m.name, r) for m in spec.models() for r in range(m.replicaCount)]
+    return StackPlan([placements[k] for k in order if k in placements], unplaced, notes)

@@ -1,0 +1,110 @@
+"""One modelSpec -> the ``slicelm serve`` command line of a replica, as production-stack's chart renders
+``vllm serve <modelURL> …`` from ``vllmConfig`` (helm/templates/deployment-vllm-multi.yaml).
+
+Every ``vllmConfig`` key reaches a flag here or is refused / reported ignored in ``spec.py``:
+dtype → ``--dtype``, maxModelLen → ``--max-model-len``, maxNumSeqs → ``--max-num-seqs``,
+enablePrefixCaching → ``--[no-]enable-prefix-caching`` (off when vllmConfig is given without it, as
+the chart does), runner → ``--runner``, convert embed/classify → ``--task embed/score``,
+gpuMemoryUtilization → ``--gpu-memory-utilization`` on a whole card, or scales the slice's absolute
+budget (``--gpu-memory-budget``) as it scales HAMi's visible memory, tensorParallelSize must be 1,
+extraArgs are appended (checked against serve's flags). The served model name is ``modelURL`` (what
+``vllm serve <modelURL>`` serves) unless extraArgs give ``--served-model-name``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from slicelm.stack.spec import ModelSpec
+
+# `slicelm serve`'s flags (tests/stack/test_serve_args.py keeps this equal to the real parser's).
+SERVE_FLAGS = frozenset({
+    "--api-key", "--async-scheduling", "--block-size", "--chat-template", "--device", "--disable-access-log",
+    "--disable-log-stats", "--disable-uvicorn-access-log", "--dtype", "--enable-prefix-caching",
+    "--enforce-eager", "--gpu-memory-budget", "--gpu-memory-utilization", "--help", "--host",
+    "--kv-cache-memory-bytes", "--load-format", "--max-model-len", "--max-num-batched-tokens", "--max-num-seqs",
+    "--max-request-body-bytes", "--max-waiting-requests", "--model", "--no-async-scheduling",
+    "--no-enable-prefix-caching", "--no-normalize", "--normalize", "--num-gpu-blocks-override",
+    "--pooling-type", "--port", "--runner", "--scheduling-policy", "--seed", "--served-model-name",
+    "--shutdown-timeout", "--skip-tokenizer-init", "--ssl-certfile", "--ssl-keyfile", "--task",
+    "--timeout-keep-alive", "--tokenizer", "--uvicorn-log-level",
+})
+# Set by `slicelm up` per replica; a stack file cannot override them.
+MANAGED_FLAGS = frozenset({"--host", "--port", "--model", "--device", "--help"})
+
+
+def check_extra_args(args: list[str], path: str) -> list[str]:
+    """Problems with ``vllmConfig.extraArgs`` (unknown or managed flags), each naming the item."""
+    problems = []
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag in MANAGED_FLAGS:
+            problems.append(f"{path}.vllmConfig.extraArgs[{i}]: {flag} is set by slicelm up for each replica")
+        elif flag not in SERVE_FLAGS:
+            problems.append(f"{path}.vllmConfig.extraArgs[{i}]: {flag} is not a slicelm serve flag")
+    return problems
+
+
+def served_model_names(model: ModelSpec) -> list[str]:
+    extra = model.vllmConfig.extraArgs if model.vllmConfig else []
+    for i, arg in enumerate(extra):
+        if arg == "--served-model-name":
+            names = []
+            for a in extra[i + 1:]:
+                if a.startswith("--"):
+                    break
+                names.append(a)
+            return names
+        if arg.startswith("--served-model-name="):
+            return [arg.split("=", 1)[1]]
+    return [model.modelURL]
+
+
+def _vllm_config_flags(model: ModelSpec, budget_mib: int | None) -> list[str]:
+    vc = model.vllmConfig
+    if vc is None:
+        return [] if budget_mib is None else ["--gpu-memory-budget", f"{budget_mib}MiB"]
+    flags: list[str] = []
+    flags += ["--enable-prefix-caching"] if vc.enablePrefixCaching else ["--no-enable-prefix-caching"]
+    if vc.maxModelLen is not None:
+        flags += ["--max-model-len", str(vc.maxModelLen)]
+    if vc.dtype is not None:
+        flags += ["--dtype", vc.dtype]
+    if vc.maxNumSeqs is not None:
+        flags += ["--max-num-seqs", str(vc.maxNumSeqs)]
+    if budget_mib is not None:  # the slice is the budget; the utilization scales it as it scales HAMi's view
+        util = vc.gpuMemoryUtilization if vc.gpuMemoryUtilization is not None else 1.0
+        flags += ["--gpu-memory-budget", f"{int(budget_mib * util)}MiB"]
+    elif vc.gpuMemoryUtilization is not None:
+        flags += ["--gpu-memory-utilization", str(vc.gpuMemoryUtilization)]
+    if vc.runner is not None:
+        flags += ["--runner", vc.runner]
+    if vc.convert in ("embed", "classify"):
+        flags += ["--task", "embed" if vc.convert == "embed" else "score"]
+    return flags
+
+
+def serve_command(model: ModelSpec, host: str, port: int, device: str, budget_mib: int | None) -> list[str]:
+    """argv of one replica. ``device`` is ``cpu`` or ``cuda``; ``budget_mib`` the memory slice (None: whole
+    card or CPU)."""
+    cmd = [sys.executable, "-m", "slicelm.entrypoints.cli", "serve", model.modelURL,
+           "--host", host, "--port", str(port), "--device", device]
+    extra = model.vllmConfig.extraArgs if model.vllmConfig else []
+    if not any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in extra):
+        cmd += ["--served-model-name", model.modelURL]
+    cmd += _vllm_config_flags(model, budget_mib if device != "cpu" else None)
+    if model.chatTemplate:
+        cmd += ["--chat-template", model.chatTemplate]
+    return cmd + list(extra)
+
+
+def model_env(spec_env: list, model: ModelSpec, api_key: str | None) -> dict[str, str]:
+    """``servingEngineSpec.env`` then the modelSpec's ``env`` (k8s EnvVar lists), and the API key."""
+    env = {e.name: e.value for e in [*spec_env, *model.env]}
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    return env

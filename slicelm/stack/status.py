@@ -1,0 +1,127 @@
+"""``slicelm ps`` and ``slicelm down``: read a running stack's ``state.json`` from any shell.
+
+``ps --format json`` is a contract: ``{"router": {"url"} | null, "replicas": [{"model", "replica", "pid",
+"url", "state", "restarts", "gpus", "memory_mib", "cores"}]}`` (plus ``port``, ``memory_used_mib``,
+``uptime_s``); ``gpus`` lists ``{"uuid", "index"}`` (empty on the CPU), ``memory_mib`` is the slice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from slicelm.stack.procs import group_members, signal_group
+from slicelm.stack.state import live_supervisor, pid_alive, read_state
+
+
+def nvml_used_mib() -> dict[int, int]:
+    """GPU memory per pid (NVML, all GPUs), or {} without a driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return {}
+    used: dict[int, int] = {}
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.usedGpuMemory is not None:
+                    used[proc.pid] = used.get(proc.pid, 0) + int(proc.usedGpuMemory) // (1 << 20)
+    except pynvml.NVMLError:
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+    return used
+
+
+def _replica_row(r: dict[str, Any], supervisor_alive: bool, used: dict[int, int]) -> dict[str, Any]:
+    pid = r.get("pid")
+    alive = pid_alive(pid)
+    state = r["state"] if supervisor_alive else ("orphaned" if alive else "stopped")
+    mem_used = None
+    if r.get("gpus") and alive:  # the server and any engine process it forked (same process group)
+        mem_used = sum(used.get(p, 0) for p in group_members(pid)) or None
+    started = r.get("started_at")
+    return {"model": r["model"], "replica": r["replica"], "pid": pid if alive else None, "url": r["url"],
+            "state": state, "restarts": r["restarts"], "gpus": r.get("gpus", []), "memory_mib": r.get("memory_mib"),
+            "cores": r.get("cores"), "port": r.get("port"), "memory_used_mib": mem_used,
+            "uptime_s": round(time.time() - started, 1) if started and alive else None}
+
+
+def status(run_dir: Path) -> dict[str, Any] | None:
+    """The ``ps --format json`` object, or None when no stack ever ran in ``run_dir``."""
+    state = read_state(run_dir)
+    if state is None:
+        return None
+    sup = live_supervisor(run_dir)
+    used = nvml_used_mib() if any(r.get("gpus") for r in state["replicas"]) else {}
+    router = state.get("router")
+    return {"router": {"url": router["url"]} if router and sup else None,
+            "replicas": [_replica_row(r, sup is not None, used) for r in state["replicas"]],
+            "phase": state.get("phase") if sup else "stopped", "supervisor_pid": sup}
+
+
+def _fmt_uptime(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def table(st: dict[str, Any], title: str | None = None) -> Any:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("model", "replica", "GPU", "memory slice / used", "cores", "state", "restarts", "uptime", "port"):
+        t.add_column(col)
+    for r in st["replicas"]:
+        gpu = ",".join(str(g["index"]) for g in r["gpus"]) or "cpu"
+        slice_ = f"{r['memory_mib']} MiB" if r.get("memory_mib") else ("whole" if r["gpus"] else "-")
+        used = f"{r['memory_used_mib']} MiB" if r.get("memory_used_mib") else "-"
+        cores = f"{r['cores']}%" if r.get("cores") else "-"
+        color = {"ready": "green", "starting": "yellow", "restarting": "yellow"}.get(r["state"], "red")
+        t.add_row(r["model"], str(r["replica"]), gpu, f"{slice_} / {used}", cores, f"[{color}]{r['state']}[/]",
+                  str(r["restarts"]), _fmt_uptime(r.get("uptime_s")), str(r.get("port") or "-"))
+    return t
+
+
+def down(run_dir: Path, timeout_s: float = 60.0) -> list[str]:
+    """Stops the stack in ``run_dir`` (SIGTERM to its supervisor, which drains); then makes sure no
+    recorded process group is left. Returns what it did, one line each."""
+    state = read_state(run_dir)
+    if state is None:
+        return [f"no stack in {run_dir}"]
+    done = []
+    sup = live_supervisor(run_dir)
+    if sup:
+        os.kill(sup, signal.SIGTERM)
+        deadline = time.time() + timeout_s
+        while pid_alive(sup) and time.time() < deadline:
+            time.sleep(0.1)
+        if pid_alive(sup):
+            os.kill(sup, signal.SIGKILL)
+            done.append(f"supervisor {sup} did not stop in {timeout_s:.0f} s: killed")
+        else:
+            done.append(f"stopped supervisor {sup}")
+    groups = [r.get("pid") for r in state["replicas"]] + [(state.get("router") or {}).get("pid")]
+    for pgid in filter(None, groups):
+        # left over (the supervisor was SIGKILLed and a child ignored PDEATHSIG); only slicelm's own processes
+        if any(_is_slicelm(p) for p in group_members(pgid)):
+            signal_group(pgid, signal.SIGKILL)
+            done.append(f"killed leftover process group {pgid}")
+    return done
+
+
+def _is_slicelm(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"slicelm" in f.read()
+    except OSError:
+        return False

@@ -1,0 +1,181 @@
+"""A real stack on the CPU from one file: SmolLM2 (chat) + MiniLM (embeddings) + a random BERT cross-encoder.
+
+`slicelm up --detach`, requests to each model (through the router when it is installed), `ps --format json`,
+kill -9 of one replica -> restarted within 10 s while the others keep answering, `down` -> no process left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+from utils_models import minilm_dir, write_random_cross_encoder
+
+from slicelm.stack.procs import free_port
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def slicelm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "slicelm.entrypoints.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def ps(run_dir: Path) -> dict:
+    r = slicelm("ps", "--run-dir", str(run_dir), "--format", "json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            out.append(int(pid))
+    return out
+
+
+def write_stack(tmp: Path, models: list[dict], router_port: int) -> Path:
+    spec = {"servingEngineSpec": {"modelSpec": models},
+            "routerSpec": {"routingLogic": "roundrobin", "containerPort": router_port},
+            "slicelm": {"runDir": str(tmp / "run"), "startupTimeout": 240}}
+    path = tmp / "stack.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("stack")
+    minilm_dir()  # skips without the wheel
+    rerank_dir = tmp / "rerank-bert"
+    write_random_cross_encoder(rerank_dir, "bert")
+    path = write_stack(tmp, [
+        {"name": "chat", "modelURL": "smollm2-135m-instruct", "vllmConfig": {"maxModelLen": 1024, "maxNumSeqs": 4}},
+        {"name": "embed", "modelURL": "all-minilm-l6-v2", "vllmConfig": {"extraArgs": ["--task", "embed"]}},
+        {"name": "rerank", "modelURL": str(rerank_dir), "vllmConfig": {"maxModelLen": 128,
+                                                                        "extraArgs": ["--task", "score"]}},
+    ], free_port("127.0.0.1"))
+    run_dir = tmp / "run"
+    r = slicelm("up", str(path), "--detach", timeout=400)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    try:
+        yield {"run_dir": run_dir, "rerank": str(rerank_dir), "up": r}
+    finally:
+        slicelm("down", "--run-dir", str(run_dir), timeout=120)
+
+
+def url_of(st: dict, model: str) -> str:
+    if st["router"]:
+        return st["router"]["url"]
+    return next(r["url"] for r in st["replicas"] if r["model"] == model)
+
+
+def chat(url: str) -> str:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=60)
+    out = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=8, temperature=0,
+                                         messages=[{"role": "user", "content": "What is the capital of France?"}])
+    return out.choices[0].message.content
+
+
+def embed(url: str) -> list[float]:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=60)
+    return client.embeddings.create(model="all-minilm-l6-v2", input=["a sentence"]).data[0].embedding
+
+
+def rerank(url: str, model: str) -> list[dict]:
+    r = httpx.post(f"{url}/v1/rerank", json={"model": model, "query": "q", "documents": ["a", "b"]}, timeout=60)
+    r.raise_for_status()
+    return r.json()["results"]
+
+
+def test_ps_json_contract(stack) -> None:
+    st = ps(stack["run_dir"])
+    assert st["router"] is None or set(st["router"]) >= {"url"}
+    assert [(r["model"], r["replica"]) for r in st["replicas"]] == [("chat", 0), ("embed", 0), ("rerank", 0)]
+    for r in st["replicas"]:
+        assert {"model", "replica", "pid", "url", "state", "restarts", "gpus", "memory_mib", "cores"} <= set(r)
+        assert r["state"] == "ready" and r["restarts"] == 0 and r["gpus"] == [] and r["memory_mib"] is None
+        assert r["pid"] and r["url"].startswith("http://127.0.0.1:")
+    table = slicelm("ps", "--run-dir", str(stack["run_dir"]), timeout=60)
+    assert "chat" in table.stdout and "ready" in table.stdout and "cpu" in table.stdout
+
+
+def test_each_model_answers(stack) -> None:
+    st = ps(stack["run_dir"])
+    assert "Paris" in chat(url_of(st, "chat"))
+    assert len(embed(url_of(st, "embed"))) == 384
+    assert len(rerank(url_of(st, "rerank"), stack["rerank"])) == 2
+
+
+def test_killed_replica_restarts_while_the_others_answer(stack) -> None:
+    run_dir = stack["run_dir"]
+    st = ps(run_dir)
+    victim = next(r for r in st["replicas"] if r["model"] == "chat")
+    failures, answered, stop = [], [0], threading.Event()
+
+    def poll_others() -> None:
+        while not stop.is_set():
+            try:
+                assert len(embed(url_of(st, "embed"))) == 384
+                assert len(rerank(url_of(st, "rerank"), stack["rerank"])) == 2
+                answered[0] += 1
+            except Exception as e:
+                failures.append(repr(e))
+            time.sleep(0.2)
+
+    poller = threading.Thread(target=poll_others, daemon=True)
+    poller.start()
+    try:
+        killed_at = time.time()
+        os.kill(victim["pid"], signal.SIGKILL)
+        new_pid = None
+        while time.time() - killed_at < 10 and not new_pid:
+            r = next(r for r in ps(run_dir)["replicas"] if r["model"] == "chat")
+            new_pid = r["pid"] if r["pid"] and r["pid"] != victim["pid"] else None
+            time.sleep(0.2)
+        assert new_pid, "the killed replica was not restarted within 10 s"
+        deadline = time.time() + 180
+        while next(r for r in ps(run_dir)["replicas"] if r["model"] == "chat")["state"] != "ready":
+            assert time.time() < deadline, "the restarted replica did not become ready"
+            time.sleep(0.5)
+        assert "Paris" in chat(url_of(ps(run_dir), "chat"))
+    finally:
+        stop.set()
+        poller.join(60)
+    assert not failures, failures[:3]
+    assert answered[0] > 0
+    after = ps(run_dir)["replicas"]
+    assert [r["restarts"] for r in after] == [1, 0, 0]
+    assert all(r["state"] == "ready" for r in after)
+
+
+def test_down_leaves_no_process(stack) -> None:
+    run_dir = stack["run_dir"]
+    st = json.loads((run_dir / "state.json").read_text())
+    pids = [st["supervisor_pid"], *(r["pid"] for r in st["replicas"])]
+    r = slicelm("down", "--run-dir", str(run_dir), timeout=120)
+    assert r.returncode == 0 and "stopped supervisor" in r.stdout
+    assert not [p for p in pids if Path(f"/proc/{p}").exists() and
+                Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert processes_mentioning(str(run_dir)) == []
+    assert processes_mentioning(stack["rerank"]) == []
+    assert ps(run_dir)["replicas"][0]["state"] == "stopped"
+    for name in ("chat-0.log", "embed-0.log", "rerank-0.log"):
+        assert (run_dir / "logs" / name).stat().st_size > 0
