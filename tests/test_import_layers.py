@@ -38,6 +38,7 @@ class Import:
     target: str  # dotted name as written (resolved for relative imports)
     line: int
     module_level: bool  # runs at import time (not inside a function or an `if TYPE_CHECKING:` block)
+    type_only: bool = False  # inside `if TYPE_CHECKING:`: never runs, so it cannot close a cycle
 
 
 def _module_name(path: Path) -> str:
@@ -59,22 +60,23 @@ def _imports(name: str) -> list[Import]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: list[Import] = []
 
-    def visit(node: ast.AST, module_level: bool) -> None:
+    def visit(node: ast.AST, module_level: bool, type_only: bool = False) -> None:
         for child in ast.iter_child_nodes(node):
             level = module_level and not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+            typing_block = type_only
             if isinstance(child, ast.If) and _is_type_checking(child):
-                level = False
+                level, typing_block = False, True
             if isinstance(child, ast.Import):
-                found.extend(Import(a.name, child.lineno, module_level) for a in child.names)
+                found.extend(Import(a.name, child.lineno, module_level, type_only) for a in child.names)
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:
                     anchor = package.split(".")[: len(package.split(".")) - (child.level - 1)]
                     base = ".".join(anchor + ([base] if base else []))
-                found.append(Import(base, child.lineno, module_level))
-                found.extend(Import(f"{base}.{a.name}", child.lineno, module_level) for a in child.names
+                found.append(Import(base, child.lineno, module_level, type_only))
+                found.extend(Import(f"{base}.{a.name}", child.lineno, module_level, type_only) for a in child.names
                              if f"{base}.{a.name}" in MODULES)
-            visit(child, level)
+            visit(child, level, typing_block)
 
     visit(ast.parse(path.read_text(), str(path)), True)
     return found
@@ -152,8 +154,9 @@ def test_plain_packages_never_import_torch(pkg):
 
 
 def _cycles() -> list[set[str]]:
-    """Strongly connected components of more than one module (Tarjan), over every import."""
-    graph = {m: {t for imp in IMPORTS[m] if (t := _internal(imp.target)) and t != m} for m in MODULES}
+    """Strongly connected components of more than one module (Tarjan), over every import that can run."""
+    graph = {m: {t for imp in IMPORTS[m] if not imp.type_only and (t := _internal(imp.target)) and t != m}
+             for m in MODULES}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []

@@ -31,7 +31,7 @@ def replica_request(model: ModelSpec, replica: int) -> ReplicaRequest:
         num_gpus=gpu_count(model),
         memory_mib=model.gpu("GPUMem"),
         memory_percentage=model.gpu("GPUMemPercentage"),
-        cores=model.gpu("GPUCores") or 0,
+        cores=model.gpu("GPUCores"),  # None: HAMi default (whole card -> 100)
         use_types=_list(model, "nvidia.com/use-gputype"),
         nouse_types=_list(model, "nvidia.com/nouse-gputype"),
         use_uuids=_list(model, "nvidia.com/use-gpuuuid"),

@@ -60,10 +60,7 @@ def start_mps(spec: StackSpec, plan: StackPlan, run_dir: Path, dry_run: bool) ->
     daemons = {u: mps.MPSDaemon(u, run_dir) for u in uuids}
     if not dry_run:
         for u, d in list(daemons.items()):
-            try:
-                d.start()
-            except Exception as e:  # e.g. another MPS server owns the GPU, or no permission
-                logger.warning("MPS daemon for GPU %s did not start (%s): time slicing on that GPU", u, e)
+            if not d.start().ok:  # start() logged why (another MPS server owns the GPU, no permission...)
                 del daemons[u]
 
     def client_env(sl: Any) -> dict[str, str]:

@@ -1,0 +1,252 @@
+"""Two LLM engines on one GPU: co-location throughput and compute isolation (issue 8's GPU table).
+
+    python benchmarks/colocation.py                       # both parts, ~7 minutes on an H200
+    python benchmarks/colocation.py --parts table         # co-location table only
+    python benchmarks/colocation.py --parts isolation     # 30 / 70 MPS caps only
+
+Each engine is its own process (one engine per process, as `slicelm up` runs them), Qwen3-0.6B shape with
+random bf16 weights, a fixed memory budget. A process loads once, then runs phases on command from
+this parent: keep C requests in flight (workload A's length distribution, ignore EOS; a finished
+request is replaced at once) for a fixed window, and report the generation tokens produced inside the
+window. Both engines of a pair start each phase together.
+
+Table: concurrency 2, 32 and 256 per engine; throughput of each engine as a % of the same engine running
+alone on the whole GPU (same memory budget), under (a) plain time slicing and (b) the MPS daemon that
+slicelm owns (slicelm.slicing.mps, no thread cap: what `slicelm up` gives replicas without
+requestGPUCores). Isolation: MPS thread caps 30% and 70% (`requestGPUCores: 30 / 70`): each alone in its
+slice, then both at once, at concurrency 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import environment, save_result, write_config_dir
+
+CONCURRENCIES = (2, 32, 256)
+
+
+# ----------------------------------------------------------------------------------------------- child
+def _new_request(rng: random.Random) -> tuple[list[int], int]:
+    prompt = [rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))]
+    return prompt, rng.randint(100, 1024)
+
+
+def _run_phase(engine, rng: random.Random, concurrency: int, seconds: float, warmup: float) -> dict:
+    from slicelm.sampling_params import SamplingParams
+
+    counter = [0]
+
+    def top_up() -> None:
+        while engine.get_num_unfinished_requests() < concurrency:
+            prompt, out_len = _new_request(rng)
+            counter[0] += 1
+            engine.add_request(f"r{counter[0]}", {"prompt_token_ids": prompt},
+                               SamplingParams(max_tokens=out_len, ignore_eos=True), stream=False)
+
+    t_start = time.perf_counter()
+    mark = None
+    while True:
+        top_up()
+        engine.step()
+        now = time.perf_counter()
+        if mark is None and now - t_start >= warmup:
+            mark = (now, engine.get_stats().num_generation_tokens)
+        if mark is not None and now - mark[0] >= seconds:
+            tokens = engine.get_stats().num_generation_tokens - mark[1]
+            elapsed = now - mark[0]
+            break
+    engine.abort_request([r.request_id for r in list(engine.scheduler.running) + list(engine.scheduler.waiting)])
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"concurrency": concurrency, "output_tokens": tokens, "seconds": elapsed,
+            "output_tokens_per_s": tokens / elapsed}
+
+
+def child(budget: str, max_num_seqs: int, seed: int) -> None:
+    from slicelm.config import EngineArgs
+    from slicelm.engine.engine import LLMEngine
+
+    with tempfile.TemporaryDirectory() as root:
+        engine = LLMEngine(EngineArgs(model=write_config_dir("qwen3-0.6b", root), load_format="dummy",
+                                      skip_tokenizer_init=True, gpu_memory_budget=budget, max_model_len=4096,
+                                      max_num_seqs=max_num_seqs, max_num_batched_tokens=8192))
+    rng = random.Random(seed)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        concurrency, seconds, warmup = int(cmd[1]), float(cmd[2]), float(cmd[3])
+        print(json.dumps(_run_phase(engine, rng, concurrency, seconds, warmup)), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- parent
+class Engine:
+    def __init__(self, name: str, budget: int, env: dict[str, str], args: argparse.Namespace, seed: int) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", str(budget), "--max-num-seqs", str(args.max_num_seqs),
+             "--seed", str(seed)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
+
+    def wait_ready(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("READY"):
+                return
+        raise RuntimeError(f"{self.name} exited with {self.proc.wait()} before it was ready")
+
+    def start_phase(self, concurrency: int, seconds: float, warmup: float) -> None:
+        self.proc.stdin.write(f"run {concurrency} {seconds} {warmup}\n")
+        self.proc.stdin.flush()
+
+    def result(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"{self.name} exited with {self.proc.wait()} mid-phase")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=120)
+
+
+def run_group(specs: list[tuple[str, dict[str, str]]], budget: int, args: argparse.Namespace,
+              concurrencies: tuple[int, ...]) -> dict[str, list[dict]]:
+    """Start the engines of one group together, run each concurrency on all of them at once."""
+    engines = [Engine(name, budget, env, args, seed) for seed, (name, env) in enumerate(specs)]
+    try:
+        for e in engines:
+            e.wait_ready()
+        out: dict[str, list[dict]] = {e.name: [] for e in engines}
+        for c in concurrencies:
+            for e in engines:
+                e.start_phase(c, args.seconds, args.warmup)
+            for e in engines:
+                out[e.name].append(e.result())
+                print(f"  {e.name:>14} c={c:<4} {out[e.name][-1]['output_tokens_per_s']:9.0f} tok/s", flush=True)
+        return out
+    finally:
+        for e in engines:
+            e.close()
+
+
+def _mps_env(daemon, percent: int | None, budget: int) -> dict[str, str]:
+    from slicelm.slicing.spec import Slice
+
+    return daemon.client_env(Slice(device_index=0, device_uuid=None, memory_bytes=budget, sm_percent=percent,
+                                   source="stack"))
+
+
+def part_table(args: argparse.Namespace, budget: int, daemon_factory) -> dict:
+    cs = tuple(args.concurrencies)
+    print("alone (whole GPU, no MPS)", flush=True)
+    alone = run_group([("alone", {})], budget, args, cs)["alone"]
+    print("pair, time-sliced (no MPS)", flush=True)
+    ts = run_group([("ts_a", {}), ("ts_b", {})], budget, args, cs)
+    with daemon_factory() as daemon:
+        print("pair, slicelm's MPS daemon, no thread cap", flush=True)
+        mps = run_group([("mps_a", _mps_env(daemon, None, budget)), ("mps_b", _mps_env(daemon, None, budget))],
+                        budget, args, cs)
+    rows = []
+    for i, c in enumerate(cs):
+        base = alone[i]["output_tokens_per_s"]
+        row = {"concurrency": c, "alone_tok_s": base}
+        for mode, runs in (("time_sliced", ts), ("mps", mps)):
+            each = [runs[k][i]["output_tokens_per_s"] for k in runs]
+            row[mode] = {"tok_s": each, "pct_of_alone": [100 * x / base for x in each],
+                         "pair_over_one_engine": sum(each) / base}
+        rows.append(row)
+    return {"alone": alone, "time_sliced": ts, "mps": mps, "rows": rows}
+
+
+def part_isolation(args: argparse.Namespace, budget: int, daemon_factory) -> dict:
+    c = (args.isolation_concurrency,)
+    with daemon_factory() as daemon:
+        print("MPS 30% alone / 70% alone / both", flush=True)
+        a30 = run_group([("mps30", _mps_env(daemon, 30, budget))], budget, args, c)["mps30"][0]
+        a70 = run_group([("mps70", _mps_env(daemon, 70, budget))], budget, args, c)["mps70"][0]
+        both = run_group([("mps30", _mps_env(daemon, 30, budget)), ("mps70", _mps_env(daemon, 70, budget))],
+                         budget, args, c)
+    print("uncapped alone (no MPS)", flush=True)
+    full = run_group([("uncapped", {})], budget, args, c)["uncapped"][0]
+    t30, t70 = both["mps30"][0]["output_tokens_per_s"], both["mps70"][0]["output_tokens_per_s"]
+    return {
+        "alone_30": a30, "alone_70": a70, "together": both, "uncapped_alone": full,
+        "kept_fraction": {"30": t30 / a30["output_tokens_per_s"], "70": t70 / a70["output_tokens_per_s"]},
+        "throughput_share_of_pair": {"30": t30 / (t30 + t70), "70": t70 / (t30 + t70)},
+        "alone_fraction_of_uncapped": {"30": a30["output_tokens_per_s"] / full["output_tokens_per_s"],
+                                       "70": a70["output_tokens_per_s"] / full["output_tokens_per_s"]},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", nargs="*", default=["table", "isolation"], choices=["table", "isolation"])
+    ap.add_argument("--memory-fraction", type=float, default=0.4, help="each engine's memory budget")
+    ap.add_argument("--concurrencies", type=int, nargs="*", default=list(CONCURRENCIES))
+    ap.add_argument("--isolation-concurrency", type=int, default=256)
+    ap.add_argument("--seconds", type=float, default=12.0, help="measured window per phase")
+    ap.add_argument("--warmup", type=float, default=4.0, help="unmeasured seconds before each window")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.max_num_seqs, args.seed)
+        return
+
+    import torch
+
+    from slicelm.slicing.mps import MPSDaemon
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    budget = int(total * args.memory_fraction)
+    run_root = Path(tempfile.mkdtemp(prefix="slicelm-coloc-"))
+    result = {**environment(), "workload": {
+        "name": "co-location of two LLM engines on one GPU",
+        "model": "Qwen3-0.6B shape, random bf16 weights", "memory_budget_bytes_each": budget,
+        "requests": "closed loop: prompt len U[100,1024], output len U[100,1024], ignore EOS",
+        "window_s": args.seconds, "warmup_s": args.warmup, "max_num_seqs": args.max_num_seqs}}
+
+    @contextlib.contextmanager
+    def factory():
+        daemon = MPSDaemon(0, run_root / "mps")
+        started = daemon.start()
+        if not started.ok:
+            raise SystemExit(f"the MPS daemon did not start: {started.message}")
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
+
+    if "table" in args.parts:
+        result["table"] = part_table(args, budget, factory)
+    if "isolation" in args.parts:
+        result["isolation"] = part_isolation(args, budget, factory)
+    save_result("colocation", result)
+    for row in result.get("table", {}).get("rows", []):
+        print(f"c={row['concurrency']:<4} alone {row['alone_tok_s']:8.0f} | time-sliced "
+              f"{row['time_sliced']['pct_of_alone'][0]:5.1f}% {row['time_sliced']['pct_of_alone'][1]:5.1f}% "
+              f"(pair {row['time_sliced']['pair_over_one_engine']:.2f}x) | MPS {row['mps']['pct_of_alone'][0]:5.1f}% "
+              f"{row['mps']['pct_of_alone'][1]:5.1f}% (pair {row['mps']['pair_over_one_engine']:.2f}x)")
+    if "isolation" in result:
+        print("isolation:", json.dumps({k: result["isolation"][k] for k in
+                                        ("kept_fraction", "throughput_share_of_pair", "alone_fraction_of_uncapped")}))
+
+
+if __name__ == "__main__":
+    main()
