@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
 import sys
 
-from slicelm.config import EngineArgs
+# Subcommand packages that must not import torch: each has COMMANDS, add_subcommands(sub), run(args) -> int.
+LIGHT_CLIS = tuple(m for m in ("slicelm.stack.cli", "slicelm.router.cli")
+                   if importlib.util.find_spec(m.rsplit(".", 1)[0]))
 
 
 def _add_model_arg(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +20,7 @@ def _add_model_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from slicelm.config import EngineArgs
     from slicelm.entrypoints.server.app import add_server_args
 
     parser = argparse.ArgumentParser(prog="slicelm", description="slicelm: LLM inference engine and server")
@@ -38,10 +43,24 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1)
     gen.add_argument("--stop", action="append", default=None)
     EngineArgs.add_cli_args(gen)
+    for name in LIGHT_CLIS:
+        importlib.import_module(name).add_subcommands(sub)
     return parser
 
 
+def _light_main(argv: list[str]) -> int | None:
+    for name in LIGHT_CLIS:
+        module = importlib.import_module(name)
+        if argv and argv[0] in module.COMMANDS:
+            parser = argparse.ArgumentParser(prog="slicelm")
+            module.add_subcommands(parser.add_subparsers(dest="command", required=True))
+            return module.run(parser.parse_args(argv))
+    return None
+
+
 def _resolve_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from slicelm.config import EngineArgs
+
     model = args.model or args.model_flag or EngineArgs.model
     if args.model and args.model_flag and args.model != args.model_flag:
         parser.error("give the model once (positional or --model)")
@@ -50,6 +69,7 @@ def _resolve_model(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from slicelm.config import EngineArgs
     from slicelm.entrypoints.llm import LLM
     from slicelm.sampling_params import SamplingParams
 
@@ -68,6 +88,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    light = _light_main(argv)
+    if light is not None:
+        return light
     parser = make_parser()
     args = parser.parse_args(argv)
     _resolve_model(args, parser)
