@@ -17,7 +17,7 @@ from aiohttp import web
 
 
 def build(args: argparse.Namespace) -> web.Application:
-    state = {"running": 0, "served": 0}
+    state = {"running": 0, "served": 0, "peak": 0}
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="")
@@ -29,19 +29,23 @@ def build(args: argparse.Namespace) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(text=f"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running "
                             f"{state['running']}\n# TYPE vllm:num_requests_waiting gauge\n"
-                            f"vllm:num_requests_waiting 0\n", content_type="text/plain")
+                            f"vllm:num_requests_waiting 0\n# TYPE fake_peak_running gauge\n"
+                            f"fake_peak_running {state['peak']}\n", content_type="text/plain")
 
     async def generate(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         state["running"] += 1
         state["served"] += 1
+        state["peak"] = max(state["peak"], state["running"])
+        seq = state["served"]
         rid = request.headers.get("X-Request-Id", "")
         try:
             if args.delay:
                 await asyncio.sleep(args.delay)
             if not body.get("stream"):
                 return web.json_response({"id": rid, "object": "text_completion", "model": body.get("model"),
-                                          "port": args.port, "choices": [{"index": 0, "text": "ok",
+                                          "port": args.port, "seq": seq, "headers": dict(request.headers),
+                                          "choices": [{"index": 0, "text": "ok",
                                                                           "finish_reason": "stop"}],
                                           "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}},
                                          headers={"X-Backend-Port": str(args.port)})
