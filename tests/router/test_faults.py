@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Proc, engines, restart, start_fake, start_router, wait_for
+from router_helpers import Proc, engines, restart, start_fake, start_router, wait_for
 
 pytestmark = pytest.mark.slow
 
