@@ -106,6 +106,7 @@ def _load_server_launcher():  # type: ignore[no-untyped-def]
     spec = importlib.util.spec_from_file_location("server_launcher", ROOT / "tests" / "server" / "conftest.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules["server_launcher"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
