@@ -30,7 +30,7 @@ logger = logging.getLogger("slicelm.router")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-request-id"}
-RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
+RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date", "x-request-id"}
 RETRY_STATUSES = frozenset({502, 503, 504})
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
