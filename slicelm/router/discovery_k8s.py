@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
@@ -213,14 +213,15 @@ class K8sDiscovery:
     async def _models_forever(self) -> None:
         assert self._changed is not None
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        async with httpx.AsyncClient(timeout=self.models_timeout, headers=headers) as http:
+        timeout = aiohttp.ClientTimeout(total=self.models_timeout)
+        async with aiohttp.ClientSession(timeout=timeout, headers=headers) as http:
             while True:
                 self._changed.clear()
                 await self._refresh_models(http)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), self.retry_interval)
 
-    async def _refresh_models(self, http: httpx.AsyncClient) -> None:
+    async def _refresh_models(self, http: aiohttp.ClientSession) -> None:
         """Reads /v1/models of Ready pods not yet known, and of the others every ``models_interval``."""
         now = time.monotonic()
         with self._lock:
@@ -236,12 +237,13 @@ class K8sDiscovery:
                     pod.models, pod.checked_at = models, time.monotonic()
 
     @staticmethod
-    async def _read_models(http: httpx.AsyncClient, url: str) -> tuple[str, ...] | None:
+    async def _read_models(http: aiohttp.ClientSession, url: str) -> tuple[str, ...] | None:
         try:
-            resp = await http.get(f"{url}/v1/models")
-            resp.raise_for_status()
-            models = tuple(m["id"] for m in resp.json().get("data") or [])
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            async with http.get(f"{url}/v1/models") as resp:
+                resp.raise_for_status()
+                body = await resp.json(content_type=None)
+            models = tuple(m["id"] for m in body.get("data") or [])
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError) as e:
             logger.debug("k8s discovery: %s/v1/models: %s", url, e)
             return None
         return models or None
