@@ -16,6 +16,7 @@ TOP_LEVEL: dict[str, str] = {
     "engineStrategy": _K8S,
     "routerStrategy": _K8S,
     "extraObjects": _K8S,
+    "image": "the Helm chart's container image (repository, tag, pullPolicy); slicelm up runs local processes",
     "grafanaDashboards": _K8S,
     "kube-prometheus-stack": _K8S,
     "prometheus-adapter": _K8S,

@@ -355,6 +355,8 @@ def export_schema() -> dict:
     schema = StackSpec.model_json_schema(mode="validation")
     schema["title"] = "slicelm stack (production-stack Helm values)"
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    for internal in ("warnings", "source"):  # set by load_stack, never by the file
+        schema["properties"].pop(internal, None)
     defs = schema["$defs"]
     levels = {"StackSpec": (schema, known_keys.TOP_LEVEL), "ServingEngineSpec": (defs["ServingEngineSpec"],
               known_keys.SERVING_ENGINE), "ModelSpec": (defs["ModelSpec"], known_keys.MODEL_SPEC),

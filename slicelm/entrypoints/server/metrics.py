@@ -145,19 +145,17 @@ class PrometheusStatLogger:
         return generate_latest(self.registry)
 
 
-def slice_from_env() -> tuple[int | None, int | None]:
-    """(memory bytes, SM percent) of this replica's GPU slice: ours (SLICELM_SLICE_*, set by ``slicelm up``),
-    else HAMi-core's (CUDA_DEVICE_MEMORY_LIMIT_0 / CUDA_DEVICE_SM_LIMIT) or MPS's thread percentage."""
-    from slicelm.engine.memory import hami_limit_bytes
+def _slice_figures() -> tuple[int | None, int | None]:
+    """(memory bytes, SM percent) of this replica's GPU slice: ours (SLICELM_SLICE_*, set by ``slicelm up``) or
+    HAMi-core's env (slicelm.slicing), else MPS's thread percentage alone."""
+    from slicelm.slicing.spec import slice_from_env
 
-    env = os.environ
-    memory = env.get("SLICELM_SLICE_MEMORY_BYTES")
-    mem = int(memory) if memory else hami_limit_bytes(0)
-    sm = env.get("SLICELM_SLICE_SM_PERCENT") or env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
-    hami_sm = env.get("CUDA_DEVICE_SM_LIMIT", "")
-    if not sm and hami_sm.isdigit() and 0 < int(hami_sm) < 100:  # HAMi: 0 or >= 100 = no throttle
-        sm = hami_sm
-    return mem, (int(float(sm)) if sm else None)
+    found = slice_from_env()
+    mem, sm = (found.memory_bytes, found.sm_percent) if found else (None, None)
+    mps = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    if sm is None and mps:
+        sm = int(float(mps))
+    return mem, sm
 
 
 def _memory_used() -> tuple[int, str] | None:
@@ -186,7 +184,7 @@ class SliceCollector:
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         names, values = list(self.labels), list(self.labels.values())
-        mem, sm = slice_from_env()
+        mem, sm = _slice_figures()
         if mem is not None:
             g = GaugeMetricFamily("slicelm:slice_memory_limit_bytes", "GPU memory of this replica's slice.",
                                   labels=names)
