@@ -181,3 +181,15 @@ def test_api_paths_in_openapi(minilm: Server) -> None:
     for p in ("/v1/embeddings", "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank"):
         assert p in paths
 
+
+
+def test_large_pooling_requests_are_split_across_steps(minilm: Server) -> None:
+    """1,281 inputs / 1,500 documents exceed what one step (and the waiting queue) admits: they still succeed."""
+    r = httpx.post(minilm.url + "/v1/embeddings", json={"input": [f"text {i}" for i in range(1281)]}, timeout=300)
+    assert r.status_code == 200, r.text[:300]
+    assert len(r.json()["data"]) == 1281
+    r = httpx.post(minilm.url + "/rerank", json={"query": "q", "documents": [f"doc {i}" for i in range(1500)],
+                                                 "top_n": 0}, timeout=300)
+    assert r.status_code == 200, r.text[:300]
+    assert len(r.json()["results"]) == 1500  # top_n 0: all, as vLLM
+    assert httpx.get(minilm.url + "/health").status_code == 200

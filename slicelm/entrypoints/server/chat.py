@@ -47,7 +47,8 @@ def convert_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             content = "\n".join(texts)
         if content is None and not (m.role == "assistant" and (m.tool_calls or m.function_call)):
             raise bad_request(f"{param}.content: is required for role {m.role!r}", param=f"{param}.content")
-        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                               "content": "" if content is None else content}  # as vLLM renders it
         for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
             if getattr(m, key) is not None:
                 msg[key] = getattr(m, key)
