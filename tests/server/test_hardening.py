@@ -112,7 +112,8 @@ def test_api_key_on_every_computing_route(srv: Server) -> None:
 
 
 @pytest.mark.parametrize("name,raw,param", [
-    ("lone surrogate", b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content"),
+    ("lone surrogate", b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+     "messages[0].content"),
     ("non-ASCII digit logit_bias key", '{"model": "%s", "messages": [{"role": "user", "content": "a"}], '
      '"logit_bias": {"\u00b2": 1}}'.encode(), "logit_bias"),
     ("NaN temperature", b'{"model": "%s", "messages": [{"role": "user", "content": "a"}], "temperature": NaN}', None),

@@ -113,7 +113,7 @@ def test_vllm_metrics(srv: Server) -> None:
     for name in ("vllm:iteration_tokens_total_bucket", "vllm:request_params_n_bucket",
                  "vllm:request_params_max_tokens_bucket"):
         assert name in text, name
-    assert 'vllm:num_requests_waiting_by_reason{engine="0",model_name="%s",reason="capacity"}' % MODEL in text
+    assert f'vllm:num_requests_waiting_by_reason{{engine="0",model_name="{MODEL}",reason="capacity"}}' in text
     assert 'le="16384.0"' in text and 'vllm:request_params_n_bucket{engine="0",le="20.0"' in text
 
 
