@@ -52,6 +52,9 @@ def workload_a(num_requests: int = 256) -> list[tuple[list[int], int]]:
 
 
 def git_commit() -> str:
+    """SLICELM_COMMIT when set (a GPU machine's copy of the tree may carry a stale .git), else git's HEAD."""
+    if os.environ.get("SLICELM_COMMIT"):
+        return os.environ["SLICELM_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[1]
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, text=True,

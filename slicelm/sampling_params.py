@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 _SAMPLING_EPS = 1e-5
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # the servers' default --max-logprobs
 MAX_LOGIT_BIAS = 100.0
 
 
@@ -150,8 +150,8 @@ class SamplingParams:
                 "min_tokens", f"must be <= max_tokens={self.max_tokens}, got {self.min_tokens}"
             )
         lp = self.logprobs
-        if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
-            raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+        if lp is not None and (not _is_int(lp) or not lp >= 0):  # servers cap it (--max-logprobs)
+            raise bad("logprobs", "must be an integer >= 0")
         if self.prompt_logprobs is not None:
             raise bad("prompt_logprobs", "is not supported (leave it unset)")
         if self.truncate_prompt_tokens is not None and (

@@ -20,7 +20,7 @@ INVALID = [
     ("repetition_penalty", 0.0),
     ("repetition_penalty", -1.0),
     ("logprobs", -1),
-    ("logprobs", 21),
+    ("logprobs", -2),  # the upper bound is the server's --max-logprobs
     ("prompt_logprobs", 1),
     ("seed", 1.5),
     ("seed", "42"),

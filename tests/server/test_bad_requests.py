@@ -1,4 +1,6 @@
-"""A corpus of bad requests: each gets the right 4xx with an OpenAI-shaped message; the server stays up."""
+"""A corpus of bad requests: each gets the right 4xx with an OpenAI-shaped message; the server stays up.
+
+What vLLM accepts (unknown fields, custom roles, ``"5"`` for an integer) is in ``test_vllm_compat.py``."""
 
 from __future__ import annotations
 
@@ -47,16 +49,17 @@ CASES: list[tuple[str, str, Any, dict[str, str], int, str | None]] = [
     ("missing messages", CHAT, chat(messages=...), J, 400, "messages"),
     ("empty messages", CHAT, chat(messages=[]), J, 400, "messages"),
     ("messages not a list", CHAT, chat(messages="hi"), J, 400, "messages"),
-    ("bad role", CHAT, chat(messages=[{"role": "wizard", "content": "hi"}]), J, 400, "messages[0].role"),
     ("missing role", CHAT, chat(messages=[{"content": "hi"}]), J, 400, "messages[0].role"),
     ("content wrong type", CHAT, chat(messages=[{"role": "user", "content": 5}]), J, 400, "messages[0].content"),
     ("missing user content", CHAT, chat(messages=[{"role": "user"}]), J, 400, "messages[0].content"),
     ("image part", CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), J,
      400, "messages[0].content[0].type"),
-    ("unknown message field", CHAT, chat(messages=[{"role": "user", "content": "hi", "foo": 1}]), J, 400,
-     "messages[0].foo"),
-    ("unknown top-level field", CHAT, chat(foo=1), J, 400, "foo"),
-    ("max_tokens string", CHAT, chat(max_tokens="5"), J, 400, "max_tokens"),
+    ("max_tokens not a number", CHAT, chat(max_tokens="five"), J, 400, "max_tokens"),
+    ("logprobs not a boolean", CHAT, chat(logprobs="perhaps"), J, 400, "logprobs"),
+    ("stream not a boolean", CHAT, chat(stream=[1]), J, 400, "stream"),
+    ("beam search refused", CHAT, chat(use_beam_search=True), J, 400, None),
+    ("structured outputs refused", COMP, comp(guided_json={"type": "object"}), J, 400, None),
+    ("completions logprobs list", COMP, comp(logprobs=[1]), J, 400, "logprobs"),
     ("max_tokens zero", CHAT, chat(max_tokens=0), J, 400, "max_tokens"),
     ("max_tokens negative", CHAT, chat(max_tokens=-3), J, 400, "max_tokens"),
     ("huge max_tokens", CHAT, chat(max_tokens=10**9), J, 400, "max_tokens"),
@@ -71,8 +74,6 @@ CASES: list[tuple[str, str, Any, dict[str, str], int, str | None]] = [
     ("frequency_penalty out of range", CHAT, chat(frequency_penalty=-2.5), J, 400, "frequency_penalty"),
     ("top_logprobs too large", CHAT, chat(logprobs=True, top_logprobs=50), J, 400, "top_logprobs"),
     ("top_logprobs without logprobs", CHAT, chat(top_logprobs=2), J, 400, "top_logprobs"),
-    ("logprobs wrong type", CHAT, chat(logprobs="yes"), J, 400, "logprobs"),
-    ("stream wrong type", CHAT, chat(stream="yes"), J, 400, "stream"),
     ("stream_options without stream", CHAT, chat(stream_options={"include_usage": True}), J, 400,
      "stream_options"),
     ("stop wrong type", CHAT, chat(stop=5), J, 400, "stop"),
@@ -96,10 +97,8 @@ CASES: list[tuple[str, str, Any, dict[str, str], int, str | None]] = [
     ("completions token out of vocab", COMP, comp(prompt=[1, 99999999]), J, 400, "prompt"),
     ("completions prompt too long", COMP, comp(prompt=[42] * 3000), J, 400, "prompt"),
     ("completions logprobs too large", COMP, comp(logprobs=21), J, 400, "logprobs"),
-    ("completions logprobs bool", COMP, comp(logprobs=True), J, 400, "logprobs"),
     ("completions suffix", COMP, comp(suffix="x"), J, 400, "suffix"),
     ("completions best_of", COMP, comp(best_of=3), J, 400, "best_of"),
-    ("completions unknown field", COMP, comp(messages=MSG), J, 400, "messages"),
     ("detokenize bad tokens", "/detokenize", {"tokens": ["a"]}, J, 400, "tokens[0]"),
     ("tokenize both prompt and messages", "/tokenize", {"prompt": "a", "messages": MSG}, J, 400, "prompt"),
 ]

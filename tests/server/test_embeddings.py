@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 
 import httpx
 import numpy as np
@@ -153,7 +154,7 @@ def test_truncate_prompt_tokens(minilm: Server, tokenizer: Tokenizer) -> None:
     ({"input": "hi", "dimensions": 0}, "dimensions"),
     ({"input": "hi", "dimensions": 128}, "dimensions"),  # MiniLM is not a Matryoshka model
     ({"input": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
-    ({"input": "hi", "bogus": 1}, "bogus"),
+    ({"input": "hi", "encoding_format": "hex"}, "encoding_format"),
     ({"input": [10**9]}, "input"),
     ({}, "input"),
 ])
@@ -181,3 +182,51 @@ def test_api_paths_in_openapi(minilm: Server) -> None:
     for p in ("/v1/embeddings", "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank"):
         assert p in paths
 
+
+
+def test_large_pooling_requests_are_split_across_steps(minilm: Server) -> None:
+    """1,281 inputs / 1,500 documents exceed what one step (and the waiting queue) admits: they still succeed."""
+    r = httpx.post(minilm.url + "/v1/embeddings", json={"input": [f"text {i}" for i in range(1281)]}, timeout=300)
+    assert r.status_code == 200, r.text[:300]
+    assert len(r.json()["data"]) == 1281
+    r = httpx.post(minilm.url + "/rerank", json={"query": "q", "documents": [f"doc {i}" for i in range(1500)],
+                                                 "top_n": 0}, timeout=300)
+    assert r.status_code == 200, r.text[:300]
+    assert len(r.json()["results"]) == 1500  # top_n 0: all, as vLLM
+    assert httpx.get(minilm.url + "/health").status_code == 200
+
+
+def test_vllm_pooling_surface(minilm: Server) -> None:
+    import base64
+
+    import numpy as np
+
+    u = minilm.url
+    ref = httpx.post(u + "/score", json={"text_1": "a cat", "text_2": ["a dog", "a car"]}).json()["data"]
+    for left, right in (("queries", "documents"), ("queries", "items"), ("data_1", "data_2")):
+        got = httpx.post(u + "/v1/score", json={left: "a cat", right: ["a dog", "a car"]}).json()["data"]
+        assert [d["score"] for d in got] == pytest.approx([d["score"] for d in ref]), left
+    doc = "The capital of France is Paris. " * 5
+    full = httpx.post(u + "/rerank", json={"query": "capital", "documents": [doc]}).json()
+    cut = httpx.post(u + "/rerank", json={"query": "capital", "documents": [doc], "max_tokens_per_doc": 5}).json()
+    assert cut["usage"]["prompt_tokens"] < full["usage"]["prompt_tokens"]
+    bad = httpx.post(u + "/rerank", json={"query": "q", "documents": [doc], "max_tokens_per_doc": 0})
+    assert bad.status_code == 400
+    floats = httpx.post(u + "/v1/embeddings", json={"input": ["hello"]}).json()["data"][0]["embedding"]
+    b64 = httpx.post(u + "/v1/embeddings", json={"input": ["hello"], "encoding_format": "base64",
+                                                  "embed_dtype": "float16", "endianness": "big"}).json()
+    vec = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype=">f2")
+    assert vec.astype(np.float32) == pytest.approx(floats, abs=2e-3)
+    r = httpx.post(u + "/v1/embeddings", json={"input": ["hello", "world"], "encoding_format": "bytes"})
+    meta = json.loads(r.headers["metadata"])
+    assert r.headers["content-type"] == "application/octet-stream" and len(r.content) == 2 * 4 * len(floats)
+    assert [d["index"] for d in meta["data"]] == [0, 1]
+    assert np.frombuffer(r.content[:4 * len(floats)], dtype="<f4") == pytest.approx(floats, abs=1e-5)
+    r = httpx.post(u + "/v1/embeddings", json={"input": ["hello"], "encoding_format": "bytes_only"})
+    assert "metadata" not in r.headers and len(r.content) == 4 * len(floats)
+    pooled = httpx.post(u + "/pooling", json={"input": ["hello"]}).json()
+    assert pooled["data"][0]["object"] == "pooling" and pooled["data"][0]["data"] == pytest.approx(floats)
+    cohere = httpx.post(u + "/v2/embed", json={"texts": ["hello"], "embedding_types": ["float"]}).json()
+    assert cohere["embeddings"]["float"][0] == pytest.approx(floats)
+    inv = httpx.post(u + "/invocations", json={"input": "hello"}).json()
+    assert inv["data"][0]["embedding"] == pytest.approx(floats)

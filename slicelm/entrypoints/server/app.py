@@ -25,6 +25,7 @@ from slicelm.engine.async_llm import AsyncLLM
 from slicelm.entrypoints.server import chat, completions, info
 from slicelm.entrypoints.server.errors import install_error_handlers
 from slicelm.entrypoints.server.gateway import GatewayMiddleware
+from slicelm.entrypoints.server.options import ApiOptions, add_api_args, check_api_args
 from slicelm.entrypoints.server.state import ServerState
 
 logger = logging.getLogger("slicelm.server")
@@ -44,9 +45,9 @@ def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app.state.server = state
     for module in (chat, completions, info):
         app.include_router(module.router)
-    with contextlib.suppress(ModuleNotFoundError):
-        pooling = importlib.import_module("slicelm.entrypoints.server.pooling")
-        app.include_router(pooling.router)
+    for name in ("pooling", "invocations"):
+        with contextlib.suppress(ModuleNotFoundError):
+            app.include_router(importlib.import_module(f"slicelm.entrypoints.server.{name}").router)
     install_error_handlers(app)
     app.add_middleware(GatewayMiddleware, api_keys=state.api_keys, max_body_bytes=max_body_bytes,
                        is_draining=lambda: state.draining)
@@ -99,6 +100,7 @@ def run_server(args: argparse.Namespace) -> int:
     """Loads the engine named by ``args`` (``EngineArgs`` flags + server flags) and serves it."""
     from slicelm.config import EngineArgs
 
+    check_api_args(args)
     engine_args = EngineArgs.from_cli_args(args)
     engine = AsyncLLM.from_engine_args(engine_args, max_waiting_requests=args.max_waiting_requests)
     state = ServerState.from_engine(engine, served_model_names=args.served_model_name,
@@ -106,10 +108,14 @@ def run_server(args: argparse.Namespace) -> int:
                                     api_keys=[args.api_key] if args.api_key else [],
                                     shutdown_timeout=args.shutdown_timeout,
                                     log_stats=not args.disable_log_stats)
+    state.options = ApiOptions.from_args(args)
     app = build_app(state, max_body_bytes=args.max_request_body_bytes)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                            timeout_keep_alive=args.timeout_keep_alive, access_log=not args.disable_access_log,
-                            loop="auto", http="auto", ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+    # timeout_graceful_shutdown: a client holding a half-sent body cannot keep the process alive after SIGTERM
+    config = uvicorn.Config(app, host=args.host, port=args.port, uds=args.uds, root_path=args.root_path,
+                            log_level=args.uvicorn_log_level, timeout_keep_alive=args.timeout_keep_alive,
+                            access_log=not args.disable_access_log, loop="auto", http="auto",
+                            ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                            timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)))
     server = DrainingServer(config, state)
     host = "localhost" if args.host in ("0.0.0.0", "::", "") else args.host
     print(f"slicelm: serving {state.served_model_names[0]!r} on http://{host}:{args.port}\n"
@@ -128,7 +134,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--host", default="0.0.0.0")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY") or os.environ.get("SLICELM_API_KEY"),
-                   help="require 'Authorization: Bearer <key>' on /v1/* (default: env VLLM_API_KEY)")
+                   help="require 'Authorization: Bearer <key>' on every route but /health, /ping, /metrics, /version "
+                        "(default: env VLLM_API_KEY)")
     g.add_argument("--max-waiting-requests", type=int, default=None,
                    help="requests allowed to wait for a batch slot before new ones get 503 "
                         "(default: 4 x --max-num-seqs)")
@@ -141,4 +148,5 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--timeout-keep-alive", type=int, default=5)
     g.add_argument("--ssl-keyfile", default=None)
     g.add_argument("--ssl-certfile", default=None)
+    add_api_args(g)
     return parser

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,8 +11,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from slicelm.entrypoints.server.errors import bad_request, from_exception
 from slicelm.entrypoints.server.gateway import parse_body
-from slicelm.entrypoints.server.protocol import ROLES, ChatCompletionRequest, ChatMessage
-from slicelm.entrypoints.server.sampling import build_sampling_params, chat_logprobs, usage
+from slicelm.entrypoints.server.load import load_headers, observe_params
+from slicelm.entrypoints.server.protocol import ChatCompletionRequest, ChatMessage
+from slicelm.entrypoints.server.sampling import (
+    build_sampling_params,
+    chat_logprobs,
+    check_priority,
+    check_text_size,
+    off_loop,
+    request_ids,
+    resolve_num_logprobs,
+    response_headers,
+    usage,
+)
 from slicelm.entrypoints.server.state import ClientDisconnected, ServerState, final_outputs, get_state
 from slicelm.entrypoints.server.streaming import SSE_HEADERS, DeltaTracker, sse, sse_done, sse_error
 
@@ -21,25 +31,24 @@ router = APIRouter()
 
 
 def convert_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Checks roles and content; returns the plain dicts chat templates expect (text parts joined)."""
+    """Checks content; returns the plain dicts chat templates expect (text parts joined). Any role passes
+    (as vLLM: a template decides what it renders); ``developer`` becomes ``system``."""
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         param = f"messages[{i}]"
-        if m.role not in ROLES:
-            raise bad_request(f"{param}.role: invalid role {m.role!r}; expected one of {', '.join(ROLES)}",
-                              param=f"{param}.role", code="invalid_value")
         content = m.content
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
+                if part.type not in ("text", "input_text") or part.text is None:
                     raise bad_request(f"{param}.content[{j}]: content part type {part.type!r} is not supported "
                                       "(only 'text' with a 'text' field)", param=f"{param}.content[{j}].type")
                 texts.append(part.text)
             content = "\n".join(texts)
         if content is None and not (m.role == "assistant" and (m.tool_calls or m.function_call)):
             raise bad_request(f"{param}.content: is required for role {m.role!r}", param=f"{param}.content")
-        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                               "content": "" if content is None else content}  # as vLLM renders it
         for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
             if getattr(m, key) is not None:
                 msg[key] = getattr(m, key)
@@ -47,19 +56,44 @@ def convert_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def render_prompt(state: ServerState, req: ChatCompletionRequest, messages: list[dict[str, Any]]) -> list[int]:
+def request_template(state: ServerState, template: str | None, kwargs: dict[str, Any] | None) -> str | None:
+    """The request's own chat template: refused unless ``--trust-request-chat-template`` (as vLLM)."""
+    given = template if template is not None else (kwargs or {}).get("chat_template")
+    if given is not None and not state.options.trust_request_chat_template:
+        raise bad_request("chat_template: chat templates in requests are not accepted; the server must be started "
+                          "with --trust-request-chat-template to render them", param="chat_template")
+    return given
+
+
+def render_chat(state: ServerState, messages: list[dict[str, Any]], *, add_generation_prompt: bool,
+                continue_final_message: bool, template: str | None, kwargs: dict[str, Any] | None,
+                tools: list[dict[str, Any]] | None, documents: Any, add_special_tokens: bool) -> list[int]:
+    """Chat template + tokenizer (blocking: call it through ``off_loop``)."""
     tok = state.tokenizer
+    kwargs = {k: v for k, v in (kwargs or {}).items() if k != "chat_template"}
     try:
         text = tok.apply_chat_template(
-            messages, add_generation_prompt=bool(req.add_generation_prompt),
-            continue_final_message=bool(req.continue_final_message),
-            chat_template=req.chat_template or state.chat_template, tools=req.tools or None,
-            documents=req.documents, **(req.chat_template_kwargs or {}))
+            messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            chat_template=template or state.chat_template, tools=tools or None, documents=documents, **kwargs)
     except TypeError as e:
         raise bad_request(f"chat_template_kwargs: {e}", param="chat_template_kwargs") from e
     except ValueError as e:
         raise bad_request(f"messages: {e}", param="messages", code="invalid_chat") from e
-    return tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
+    return tok.encode(text, add_special_tokens=add_special_tokens)
+
+
+async def chat_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[int]]:
+    messages = convert_messages(req.messages)
+    check_text_size(state, sum(len(m["content"] or "") for m in messages), "messages",
+                    truncating=req.truncate_prompt_tokens is not None)
+    template = request_template(state, req.chat_template, req.chat_template_kwargs)
+    ids = await off_loop(render_chat, state, messages, add_generation_prompt=bool(req.add_generation_prompt),
+                         continue_final_message=bool(req.continue_final_message), template=template,
+                         kwargs=req.chat_template_kwargs, tools=req.tools if req.tool_choice == "none" else None,
+                         documents=req.documents, add_special_tokens=bool(req.add_special_tokens))
+    if req.truncate_prompt_tokens is not None:
+        ids = ids[-req.truncate_prompt_tokens:]
+    return messages, ids
 
 
 @router.post("/v1/chat/completions")
@@ -68,70 +102,85 @@ async def create_chat_completion(raw: Request) -> Response:
     req = await parse_body(raw, ChatCompletionRequest)
     model = state.check_model(req.model)
     state.require_task("generate", "Chat Completions")
-    messages = convert_messages(req.messages)
-    prompt_ids = render_prompt(state, req, messages)
-    if req.truncate_prompt_tokens is not None:
-        prompt_ids = prompt_ids[-req.truncate_prompt_tokens:]
+    resp_id, engine_id = request_ids(req, raw, "chatcmpl")
+    priority = check_priority(state, req.priority)
+    messages, prompt_ids = await chat_prompt_ids(state, req)
     max_tokens = state.check_length(len(prompt_ids), req.effective_max_tokens, param="messages")
-    top_n = req.top_logprobs or 0
+    top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
     params = build_sampling_params(state, req, max_tokens, logprobs=top_n if req.logprobs else None)
-    resp_id = f"chatcmpl-{req.request_id or raw.headers.get('x-request-id') or uuid.uuid4().hex}"
-    engine_id = resp_id if not (req.request_id or raw.headers.get("x-request-id")) \
-        else f"{resp_id}-{uuid.uuid4().hex[:8]}"
-    stream = await state.engine.add_request(engine_id, {"prompt_token_ids": prompt_ids}, params,
-                                            priority=req.priority or 0)
+    stream = await state.engine.add_request(engine_id, {"prompt_token_ids": prompt_ids}, params, priority=priority)
+    observe_params(state, params)
     echo = ""
     if req.echo and messages and messages[-1]["role"] == "assistant" and isinstance(messages[-1]["content"], str):
         echo = messages[-1]["content"]
     created = int(time.time())
+    headers = response_headers(state, resp_id)
     if req.stream:
-        return StreamingResponse(_stream(state, req, stream, resp_id, model, created, len(prompt_ids), echo),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(_stream(state, req, stream, resp_id, model, created, prompt_ids, echo),
+                                 media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
     try:
         (final,) = await final_outputs([stream], raw)
     except ClientDisconnected:
         return Response(status_code=499)
     finally:
         state.engine.release(stream)
+    as_ids = _as_ids(state, req)
     choices = []
     for o in final.outputs:
         choice: dict[str, Any] = {
             "index": o.index,
-            "message": {"role": "assistant", "content": echo + o.text, "refusal": None, "tool_calls": []},
-            "logprobs": chat_logprobs(state, o.token_ids, o.logprobs, top_n) if req.logprobs else None,
+            "message": {"role": "assistant", "content": echo + o.text, "refusal": None, "tool_calls": [],
+                        "reasoning_content": None},
+            "logprobs": chat_logprobs(state, o.token_ids, o.logprobs, top_n, as_ids) if req.logprobs else None,
             "finish_reason": o.finish_reason or "abort",
             "stop_reason": o.stop_reason,
         }
+        if req.return_token_ids:
+            choice["token_ids"] = list(o.token_ids)
         choices.append(choice)
-    body = {
+    body: dict[str, Any] = {
         "id": resp_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-        "usage": usage(len(prompt_ids), sum(len(o.token_ids) for o in final.outputs), final.num_cached_tokens),
-        "system_fingerprint": None, "service_tier": None,
+        "usage": usage(len(prompt_ids), sum(len(o.token_ids) for o in final.outputs), final.num_cached_tokens,
+                       state.options.enable_prompt_tokens_details),
+        "system_fingerprint": None, "service_tier": None, "prompt_logprobs": None,
     }
-    return JSONResponse(body, headers={"x-request-id": resp_id})
+    if req.return_token_ids:
+        body["prompt_token_ids"] = list(prompt_ids)
+    return JSONResponse(body, headers={**headers, **load_headers(state, raw)})
+
+
+def _as_ids(state: ServerState, req: Any) -> bool:
+    flag = req.return_tokens_as_token_ids
+    return bool(state.options.return_tokens_as_token_ids if flag is None else flag)
 
 
 async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, resp_id: str, model: str,
-                  created: int, num_prompt: int, echo: str) -> AsyncIterator[str]:
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                  created: int, prompt_ids: list[int], echo: str) -> AsyncIterator[str]:
+    """vLLM's chunk sequence: a role chunk per choice, then one choice per chunk, then the usage chunk."""
+    include_usage = bool(req.stream_options and req.stream_options.include_usage) or \
+        state.options.enable_force_include_usage
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     n = req.n or 1
-    top_n = req.top_logprobs or 0
+    num_prompt = len(prompt_ids)
+    top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
+    as_ids = _as_ids(state, req)
     tracker = DeltaTracker(n)
 
-    def chunk(choices: list[dict[str, Any]], completion_tokens: int | None = None) -> str:
+    def chunk(choice: dict[str, Any], completion_tokens: int | None = None, first: bool = False) -> str:
         body: dict[str, Any] = {"id": resp_id, "object": "chat.completion.chunk", "created": created,
-                                "model": model, "system_fingerprint": None, "choices": choices}
+                                "model": model, "system_fingerprint": None, "choices": [choice]}
         if include_usage:
             body["usage"] = usage(num_prompt, completion_tokens) if continuous and completion_tokens is not None \
                 else None
+        if first and req.return_token_ids:
+            body["prompt_token_ids"] = list(prompt_ids)
         return sse(body)
 
     try:
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": echo}, "logprobs": None,
-                      "finish_reason": None} for i in range(n)], 0)
+        for i in range(n):
+            yield chunk({"index": i, "delta": {"role": "assistant", "content": echo}, "logprobs": None,
+                         "finish_reason": None}, 0, first=True)
         async for out in stream:
-            choices = []
             for o in out.outputs:
                 d = tracker.delta(o)
                 if d is None:
@@ -141,13 +190,14 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, r
                                           "logprobs": None, "finish_reason": o.finish_reason,
                                           "stop_reason": o.stop_reason}
                 if req.logprobs:
-                    choice["logprobs"] = chat_logprobs(state, new_ids, new_lps, top_n)
-                choices.append(choice)
-            if choices:
-                yield chunk(choices, tracker.num_tokens)
+                    choice["logprobs"] = chat_logprobs(state, new_ids, new_lps, top_n, as_ids)
+                if req.return_token_ids:
+                    choice["token_ids"] = list(new_ids)
+                yield chunk(choice, tracker.num_tokens)
         if include_usage:
             yield sse({"id": resp_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [], "usage": usage(num_prompt, tracker.num_tokens)})
+                       "choices": [], "usage": usage(num_prompt, tracker.num_tokens, None,
+                                                     state.options.enable_prompt_tokens_details)})
     except Exception as e:  # the engine died mid-stream: tell the client in-band
         yield sse_error(from_exception(e))
     finally:

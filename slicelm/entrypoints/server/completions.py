@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,8 +12,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from slicelm.engine.async_llm import RequestStream
 from slicelm.entrypoints.server.errors import bad_request, from_exception
 from slicelm.entrypoints.server.gateway import parse_body
+from slicelm.entrypoints.server.load import load_headers, observe_params
 from slicelm.entrypoints.server.protocol import CompletionRequest
-from slicelm.entrypoints.server.sampling import build_sampling_params, completion_logprobs, usage
+from slicelm.entrypoints.server.sampling import (
+    build_sampling_params,
+    check_priority,
+    check_text_size,
+    completion_logprobs,
+    off_loop,
+    request_ids,
+    resolve_num_logprobs,
+    response_headers,
+    usage,
+)
 from slicelm.entrypoints.server.state import (
     ClientDisconnected,
     ServerState,
@@ -29,7 +39,8 @@ MAX_PROMPTS = 1024
 
 
 def tokenize_prompts(state: ServerState, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
-    """``(text or None, token ids)`` per prompt; 400 for token ids outside the vocabulary."""
+    """``(text or None, token ids)`` per prompt (blocking: call it through ``off_loop``); 400 for token ids
+    outside the vocabulary (vLLM's message)."""
     p = req.prompt
     if isinstance(p, str):
         items: list[Any] = [p]
@@ -37,8 +48,6 @@ def tokenize_prompts(state: ServerState, req: CompletionRequest) -> list[tuple[s
         items = [p]
     else:
         items = list(p)
-    if len(items) > MAX_PROMPTS:
-        raise bad_request(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(items)}", param="prompt")
     vocab = state.tokenizer.vocab_size if state.engine.tokenizer is not None else None
     out: list[tuple[str | None, list[int]]] = []
     for item in items:
@@ -46,13 +55,23 @@ def tokenize_prompts(state: ServerState, req: CompletionRequest) -> list[tuple[s
             out.append((item, state.tokenizer.encode(item, add_special_tokens=bool(req.add_special_tokens))))
         else:
             if vocab is not None and any(not 0 <= t < vocab for t in item):
-                bad = next(t for t in item if not 0 <= t < vocab)
-                raise bad_request(f"prompt: token id {bad} is out of range [0, {vocab})", param="prompt")
+                bad = max(item) if max(item) >= vocab else min(item)
+                raise bad_request(f"prompt: Token id {bad} is out of vocabulary (vocabulary size {vocab})",
+                                  param="prompt")
             out.append((None, list(item)))
         if req.truncate_prompt_tokens is not None:
             out[-1] = (out[-1][0] if req.truncate_prompt_tokens >= len(out[-1][1]) else None,
                        out[-1][1][-req.truncate_prompt_tokens:])
     return out
+
+
+def _check_prompts(state: ServerState, req: CompletionRequest) -> None:
+    p = req.prompt
+    items = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+    if len(items) > MAX_PROMPTS:
+        raise bad_request(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(items)}", param="prompt")
+    check_text_size(state, max((len(x) for x in items if isinstance(x, str)), default=0), "prompt",
+                    truncating=req.truncate_prompt_tokens is not None)
 
 
 @router.post("/v1/completions")
@@ -61,22 +80,25 @@ async def create_completion(raw: Request) -> Response:
     req = await parse_body(raw, CompletionRequest)
     model = state.check_model(req.model)
     state.require_task("generate", "Completions")
-    prompts = tokenize_prompts(state, req)
+    resp_id, engine_base = request_ids(req, raw, "cmpl")
+    priority = check_priority(state, req.priority)
+    _check_prompts(state, req)
+    prompts = await off_loop(tokenize_prompts, state, req)
     if any(not ids for _, ids in prompts):
-        raise bad_request("prompt: a prompt has no tokens", param="prompt", code="empty_prompt")
+        raise bad_request("prompt: Either prompt or prompt_embeds must be provided and non-empty.", param="prompt",
+                          code="empty_prompt")
+    num_lp = resolve_num_logprobs(state, req.logprobs, "logprobs")
     params_list = []
     for _, ids in prompts:
         max_tokens = state.check_length(len(ids), req.max_tokens, param="prompt")
-        params_list.append(build_sampling_params(state, req, max_tokens, logprobs=req.logprobs))
-    user_id = req.request_id or raw.headers.get("x-request-id")
-    resp_id = f"cmpl-{user_id or uuid.uuid4().hex}"
-    suffix = uuid.uuid4().hex[:8] if user_id else ""
+        params_list.append(build_sampling_params(state, req, max_tokens, logprobs=num_lp))
     streams: list[RequestStream] = []
     try:
         for i, ((_, ids), params) in enumerate(zip(prompts, params_list)):
-            engine_id = resp_id if len(prompts) == 1 and not suffix else f"{resp_id}-{i}{suffix}"
+            engine_id = engine_base if len(prompts) == 1 else f"{engine_base}-{i}"
             streams.append(await state.engine.add_request(engine_id, {"prompt_token_ids": ids}, params,
-                                                          priority=req.priority or 0))
+                                                          priority=priority))
+            observe_params(state, params)
     except BaseException:
         for s in streams:
             state.engine.release(s)
@@ -84,9 +106,10 @@ async def create_completion(raw: Request) -> Response:
     created = int(time.time())
     echo_texts = [(text if text is not None else state.tokenizer.decode(ids, skip_special_tokens=False))
                   if req.echo else "" for text, ids in prompts]
+    headers = response_headers(state, resp_id)
     if req.stream:
         return StreamingResponse(_stream(state, req, streams, prompts, echo_texts, resp_id, model, created),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+                                 media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
     try:
         finals = await final_outputs(streams, raw)
     except ClientDisconnected:
@@ -95,45 +118,60 @@ async def create_completion(raw: Request) -> Response:
         for s in streams:
             state.engine.release(s)
     n = req.n or 1
+    as_ids = _as_ids(state, req)
     choices = []
     for p_idx, final in enumerate(finals):
         prompt_ids = prompts[p_idx][1]
         for o in final.outputs:
             lp = None
-            if req.logprobs is not None:
-                lp = completion_logprobs(state, o.token_ids, o.logprobs, req.logprobs, 0,
-                                         echo_ids=prompt_ids if req.echo else None)
-            choices.append({"index": p_idx * n + o.index, "text": echo_texts[p_idx] + o.text, "logprobs": lp,
-                            "finish_reason": o.finish_reason or "abort", "stop_reason": o.stop_reason})
+            if num_lp is not None:
+                lp = completion_logprobs(state, o.token_ids, o.logprobs, num_lp, 0,
+                                         echo_ids=prompt_ids if req.echo else None, as_ids=as_ids)
+            choice: dict[str, Any] = {"index": p_idx * n + o.index, "text": echo_texts[p_idx] + o.text,
+                                      "logprobs": lp, "finish_reason": o.finish_reason or "abort",
+                                      "stop_reason": o.stop_reason, "prompt_logprobs": None}
+            if req.return_token_ids:
+                choice["prompt_token_ids"] = list(prompt_ids)
+                choice["token_ids"] = list(o.token_ids)
+            choices.append(choice)
     num_prompt = sum(len(ids) for _, ids in prompts)
     num_gen = sum(len(o.token_ids) for f in finals for o in f.outputs)
     cached = sum(f.num_cached_tokens for f in finals)
     body = {"id": resp_id, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": usage(num_prompt, num_gen, cached), "system_fingerprint": None}
-    return JSONResponse(body, headers={"x-request-id": resp_id})
+            "usage": usage(num_prompt, num_gen, cached, state.options.enable_prompt_tokens_details),
+            "system_fingerprint": None}
+    return JSONResponse(body, headers={**headers, **load_headers(state, raw)})
+
+
+def _as_ids(state: ServerState, req: Any) -> bool:
+    flag = req.return_tokens_as_token_ids
+    return bool(state.options.return_tokens_as_token_ids if flag is None else flag)
 
 
 async def _stream(state: ServerState, req: CompletionRequest, streams: list[RequestStream],
                   prompts: list[tuple[str | None, list[int]]], echo_texts: list[str], resp_id: str, model: str,
                   created: int) -> AsyncIterator[str]:
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    """One choice per chunk, as vLLM streams (``n > 1`` and several prompts included)."""
+    include_usage = bool(req.stream_options and req.stream_options.include_usage) or \
+        state.options.enable_force_include_usage
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     n = req.n or 1
+    num_lp = resolve_num_logprobs(state, req.logprobs, "logprobs")
+    as_ids = _as_ids(state, req)
     num_prompt = sum(len(ids) for _, ids in prompts)
     trackers = [DeltaTracker(n) for _ in prompts]
     offsets = [[0] * n for _ in prompts]
     started = [[False] * n for _ in prompts]
 
-    def chunk(choices: list[dict[str, Any]]) -> str:
+    def chunk(choice: dict[str, Any]) -> str:
         body: dict[str, Any] = {"id": resp_id, "object": "text_completion", "created": created, "model": model,
-                                "choices": choices, "system_fingerprint": None}
+                                "choices": [choice], "system_fingerprint": None}
         if include_usage:
             body["usage"] = usage(num_prompt, sum(t.num_tokens for t in trackers)) if continuous else None
         return sse(body)
 
     try:
         async for p_idx, out in merge_streams(streams):
-            choices = []
             for o in out.outputs:
                 d = trackers[p_idx].delta(o)
                 if d is None:
@@ -141,23 +179,29 @@ async def _stream(state: ServerState, req: CompletionRequest, streams: list[Requ
                 text, new_ids, new_lps = d
                 i = o.index
                 echo_ids = None
-                if not started[p_idx][i]:
+                first = not started[p_idx][i]
+                if first:
                     started[p_idx][i] = True
                     if req.echo:
                         text = echo_texts[p_idx] + text
                         echo_ids = prompts[p_idx][1]
                 lp = None
-                if req.logprobs is not None:
-                    lp = completion_logprobs(state, new_ids, new_lps, req.logprobs, offsets[p_idx][i], echo_ids)
+                if num_lp is not None:
+                    lp = completion_logprobs(state, new_ids, new_lps, num_lp, offsets[p_idx][i], echo_ids,
+                                             as_ids=as_ids)
                     if lp["text_offset"]:
                         offsets[p_idx][i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-                choices.append({"index": p_idx * n + i, "text": text, "logprobs": lp,
-                                "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
-            if choices:
-                yield chunk(choices)
+                choice: dict[str, Any] = {"index": p_idx * n + i, "text": text, "logprobs": lp,
+                                          "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+                if req.return_token_ids:
+                    choice["token_ids"] = list(new_ids)
+                    if first:
+                        choice["prompt_token_ids"] = list(prompts[p_idx][1])
+                yield chunk(choice)
         if include_usage:
             yield sse({"id": resp_id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [], "usage": usage(num_prompt, sum(t.num_tokens for t in trackers))})
+                       "choices": [], "usage": usage(num_prompt, sum(t.num_tokens for t in trackers), None,
+                                                     state.options.enable_prompt_tokens_details)})
     except Exception as e:
         yield sse_error(from_exception(e))
     finally:

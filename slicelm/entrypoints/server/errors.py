@@ -18,18 +18,19 @@ from slicelm.engine.request import EmptyPromptError, PromptTooLongError
 
 logger = logging.getLogger(__name__)
 
+# vLLM's ``type`` values (the names of the openai client's exception classes)
 _TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "internal_server_error",
-    503: "service_unavailable_error",
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestEntityTooLargeError",
+    415: "UnsupportedMediaTypeError",
+    422: "UnprocessableEntityError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
 }
 _PARAM_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 # pydantic puts union members / validator names into ``loc``; they are not part of the parameter path
@@ -47,7 +48,7 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
-        self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        self.type = type or _TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
         self.headers = headers
 
     def body(self) -> dict[str, Any]:

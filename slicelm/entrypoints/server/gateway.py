@@ -1,12 +1,18 @@
 """What every request passes before an endpoint: auth, body-size limit, draining; JSON body parsing.
 
 ``GatewayMiddleware`` is pure ASGI (no buffering, streaming responses and disconnects pass through).
+With an API key every route needs it except ``PUBLIC_PATHS`` (health, metrics, version, docs); when a
+request carries several ``Authorization`` headers the first one counts (as Starlette and vLLM read it).
+``parse_body`` refuses what no endpoint can use: invalid JSON, NaN / Infinity, lone surrogates in any string.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import math
+import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -18,8 +24,21 @@ from slicelm.entrypoints.server.errors import APIError, bad_request, from_valida
 M = TypeVar("M", bound=BaseModel)
 
 
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/metrics", "/version", "/load", "/docs", "/redoc", "/openapi.json",
+                          "/docs/oauth2-redirect"})
+
+
+def first_header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower-case), as Starlette's ``Headers.get`` reads it."""
+    for key, value in scope.get("headers") or []:
+        if key.lower() == name:
+            return value
+    return None
+
+
 class GatewayMiddleware:
-    """401 for ``/v1/*`` without the API key, 413 for bodies over ``max_body_bytes``, 503 while draining."""
+    """401 without the API key (except ``PUBLIC_PATHS``), 413 for bodies over ``max_body_bytes``, 503 while
+    draining."""
 
     def __init__(self, app: ASGIApp, api_keys: list[str] | None, max_body_bytes: int,
                  is_draining: Any = None) -> None:
@@ -33,10 +52,12 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
         method: str = scope.get("method", "GET")
-        headers = dict(scope.get("headers") or [])
-        if self.api_keys and path.startswith("/v1") and method != "OPTIONS":
-            auth = headers.get(b"authorization", b"")
+        if self.api_keys and path not in PUBLIC_PATHS and method != "OPTIONS":
+            auth = first_header(scope, b"authorization") or b""
             token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
             if not any(hmac.compare_digest(token, k) for k in self.api_keys):
                 await _send_error(send, scope, APIError(
@@ -48,7 +69,7 @@ class GatewayMiddleware:
                 503, "the server is shutting down and accepts no new requests", code="shutting_down",
                 headers={"Retry-After": "5", "Connection": "close"}))
             return
-        length = headers.get(b"content-length")
+        length = first_header(scope, b"content-length")
         if length is not None:
             try:
                 too_big = int(length) > self.max_body_bytes
@@ -85,6 +106,9 @@ async def _noop_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
+_OFF_LOOP_BYTES = 256 << 10  # bodies this large are decoded and validated in a worker thread
+
+
 async def parse_body(request: Request, model: type[M]) -> M:
     """Reads and validates a JSON body: 415 wrong content type, 400 invalid UTF-8 / JSON / fields."""
     ctype = request.headers.get("content-type")
@@ -94,6 +118,12 @@ async def parse_body(request: Request, model: type[M]) -> M:
             raise APIError(415, f"unsupported Content-Type {ctype!r}: send 'application/json'",
                            code="unsupported_media_type")
     raw = await request.body()
+    if len(raw) > _OFF_LOOP_BYTES:  # a large body must not hold up /health and the streams of others
+        return await asyncio.to_thread(decode_body, raw, model)
+    return decode_body(raw, model)
+
+
+def decode_body(raw: bytes, model: type[M]) -> M:
     if not raw.strip():
         raise bad_request("the request body is empty: send a JSON object", code="invalid_json")
     try:
@@ -101,7 +131,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
     except UnicodeDecodeError as e:
         raise bad_request(f"the request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding") from e
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise bad_request(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                           code="invalid_json") from e
@@ -111,6 +141,37 @@ async def parse_body(request: Request, model: type[M]) -> M:
         raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}",
                           code="invalid_json")
     try:
+        _check_values(data, "")
+    except RecursionError as e:
+        raise bad_request("the request body is nested too deeply", code="invalid_json") from e
+    try:
         return model.model_validate(data)
     except ValidationError as e:
         raise from_validation_error(e) from e
+
+
+def _no_constant(name: str) -> Any:
+    raise bad_request(f"the request body is not valid JSON: {name} is not a JSON number", code="invalid_json")
+
+
+def _check_values(value: Any, path: str) -> None:
+    """400 naming the field for strings with lone surrogates (no tokenizer can take them) and numbers that
+    overflow to infinity (``1e999``)."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise bad_request(f"{path or 'body'}: the text contains a lone UTF-16 surrogate (invalid Unicode)",
+                              param=path or None, code="invalid_encoding")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if _SURROGATE.search(k):
+                raise bad_request(f"{path or 'body'}: a key contains a lone UTF-16 surrogate (invalid Unicode)",
+                                  param=path or None, code="invalid_encoding")
+            _check_values(v, f"{path}.{k}" if path else k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_values(v, f"{path}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise bad_request(f"{path}: {value} is not a finite number", param=path or None, code="invalid_value")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")

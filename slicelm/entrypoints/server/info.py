@@ -9,11 +9,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from slicelm.entrypoints.server.chat import convert_messages
+from slicelm.entrypoints.server.chat import convert_messages, render_chat, request_template
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.protocol import DetokenizeRequest, TokenizeRequest
-from slicelm.entrypoints.server.state import get_state
+from slicelm.entrypoints.server.sampling import check_text_size, off_loop
+from slicelm.entrypoints.server.state import ServerState, get_state
 
 router = APIRouter()
 
@@ -43,7 +44,7 @@ async def retrieve_model(model_id: str, raw: Request) -> JSONResponse:
                          "permission": []})
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(raw: Request) -> Response:
     state = get_state(raw)
     if state.engine.errored or not state.engine.is_running:
@@ -53,7 +54,7 @@ async def health(raw: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.get("/ping")
+@router.api_route("/ping", methods=["GET", "HEAD", "POST"])
 async def ping(raw: Request) -> Response:
     return await health(raw)
 
@@ -70,31 +71,52 @@ async def metrics(raw: Request) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post("/tokenize")
-async def tokenize(raw: Request) -> JSONResponse:
-    state = get_state(raw)
-    req = await parse_body(raw, TokenizeRequest)
-    state.check_model(req.model, required=False)
+def _tokenize(state: ServerState, req: TokenizeRequest, template: str | None) -> list[int]:
     tok = state.tokenizer
     if req.messages is not None:
         if req.continue_final_message and req.add_generation_prompt:
             raise bad_request("continue_final_message: cannot be combined with add_generation_prompt=true",
                               param="continue_final_message")
-        try:
-            text = tok.apply_chat_template(
-                convert_messages(req.messages), add_generation_prompt=bool(req.add_generation_prompt),
-                continue_final_message=bool(req.continue_final_message),
-                chat_template=req.chat_template or state.chat_template, **(req.chat_template_kwargs or {}))
-        except (ValueError, TypeError) as e:
-            raise bad_request(f"messages: {e}", param="messages") from e
-        ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
-    else:
-        assert req.prompt is not None
-        add = True if req.add_special_tokens is None else req.add_special_tokens
-        ids = tok.encode(req.prompt, add_special_tokens=add)
-    body: dict[str, Any] = {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
-    if req.return_token_strs:
-        body["token_strs"] = tok.convert_ids_to_tokens(ids)
+        return render_chat(state, convert_messages(req.messages), add_generation_prompt=bool(req.add_generation_prompt),
+                           continue_final_message=bool(req.continue_final_message), template=template,
+                           kwargs=req.chat_template_kwargs, tools=req.tools, documents=None,
+                           add_special_tokens=bool(req.add_special_tokens))
+    assert req.prompt is not None
+    add = True if req.add_special_tokens is None else req.add_special_tokens
+    return tok.encode(req.prompt, add_special_tokens=add)
+
+
+@router.post("/tokenize")
+async def tokenize(raw: Request) -> JSONResponse:
+    state = get_state(raw)
+    req = await parse_body(raw, TokenizeRequest)
+    state.check_model(req.model, required=False)
+    template = request_template(state, req.chat_template, req.chat_template_kwargs)
+    chars = len(req.prompt or "") + sum(len(m.content) if isinstance(m.content, str) else 0
+                                        for m in req.messages or [])
+    check_text_size(state, chars, "messages" if req.messages is not None else "prompt")
+    ids = await off_loop(_tokenize, state, req, template)
+    body: dict[str, Any] = {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
+                            "token_strs": state.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs
+                            else None}
+    return JSONResponse(body)
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(raw: Request) -> JSONResponse:
+    """vLLM's ``/tokenizer_info`` (only with ``--enable-tokenizer-info-endpoint``)."""
+    state = get_state(raw)
+    if not state.options.enable_tokenizer_info_endpoint:
+        raise APIError(404, "Not Found: start the server with --enable-tokenizer-info-endpoint to serve "
+                       "/tokenizer_info")
+    tok = state.tokenizer
+    added = {str(i): {"content": t.content, "special": bool(t.special), "lstrip": bool(t.lstrip),
+                      "rstrip": bool(t.rstrip), "normalized": bool(t.normalized), "single_word": bool(t.single_word)}
+             for i, t in tok.hf.get_added_tokens_decoder().items()}
+    body = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+            "pad_token": tok.pad_token, "unk_token": tok.unk_token, "chat_template": state.chat_template
+            or tok.chat_template, "model_max_length": state.max_model_len, "vocab_size": tok.vocab_size,
+            "added_tokens_decoder": added, "additional_special_tokens": [], "clean_up_tokenization_spaces": False}
     return JSONResponse(body)
 
 
@@ -107,5 +129,6 @@ async def detokenize(raw: Request) -> JSONResponse:
     vocab = tok.vocab_size
     bad = [t for t in req.tokens if not 0 <= t < vocab]
     if bad:
-        raise bad_request(f"tokens: token id {bad[0]} is out of range [0, {vocab})", param="tokens")
-    return JSONResponse({"prompt": tok.decode(req.tokens)})
+        raise bad_request(f"tokens: Token id {bad[0]} is out of vocabulary (vocabulary size {vocab})",
+                          param="tokens")
+    return JSONResponse({"prompt": await off_loop(tok.decode, req.tokens)})

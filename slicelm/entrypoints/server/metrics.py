@@ -28,6 +28,9 @@ ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 FINISH_REASONS = ("stop", "length", "abort")
+ITERATION_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+REQUEST_N_BUCKETS = [1, 2, 5, 10, 20]
+WAITING_REASONS = ("capacity", "deferred")
 
 METRIC_NAMES = (
     "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
@@ -37,7 +40,8 @@ METRIC_NAMES = (
     "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
     "vllm:request_inference_time_seconds", "vllm:request_prefill_time_seconds",
     "vllm:request_decode_time_seconds", "vllm:request_prompt_tokens", "vllm:request_generation_tokens",
-    "vllm:cache_config_info",
+    "vllm:cache_config_info", "vllm:iteration_tokens_total", "vllm:num_requests_waiting_by_reason",
+    "vllm:request_params_n", "vllm:request_params_max_tokens",
 )
 
 
@@ -108,6 +112,14 @@ class PrometheusStatLogger:
                                       token_buckets)
         self.req_gen_tokens = hist("vllm:request_generation_tokens", "Number of generation tokens processed.",
                                    token_buckets)
+        self.iteration_tokens = hist("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
+                                     ITERATION_TOKEN_BUCKETS)
+        self.params_n = hist("vllm:request_params_n", "Histogram of the n request parameter.", REQUEST_N_BUCKETS)
+        self.params_max_tokens = hist("vllm:request_params_max_tokens", "Histogram of the max_tokens request "
+                                      "parameter.", token_buckets)
+        by_reason = Gauge("vllm:num_requests_waiting_by_reason", "Number of requests waiting, by the reason they "
+                          "wait.", [*labels, "reason"], registry=r, multiprocess_mode="mostrecent")
+        self.waiting_by_reason = {reason: by_reason.labels(**self.labels, reason=reason) for reason in WAITING_REASONS}
         info = {k: str(v) for k, v in (cache_info or {}).items()}
         cache_gauge = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", sorted(info),
                             registry=r)
@@ -118,6 +130,8 @@ class PrometheusStatLogger:
     def __call__(self, stats: EngineStats, it: IterationStats) -> None:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
+        self.waiting_by_reason["capacity"].set(stats.num_waiting)  # nothing is deferred (no KV transfer)
+        self.waiting_by_reason["deferred"].set(0)
         self.kv_usage.set(stats.kv_cache_usage)
         d = stats.delta(self._prev)
         self._prev = stats
@@ -126,6 +140,9 @@ class PrometheusStatLogger:
         self.preemptions.inc(d["num_preemptions"])
         self.prefix_queries.inc(d["prefix_cache_queries"])
         self.prefix_hits.inc(d["prefix_cache_hits"])
+        step_tokens = d["num_prompt_tokens"] + d["num_generation_tokens"]
+        if step_tokens > 0:
+            self.iteration_tokens.observe(step_tokens)
         for t in it.time_to_first_tokens:
             self.ttft.observe(t)
         for t in it.inter_token_latencies:
@@ -140,6 +157,11 @@ class PrometheusStatLogger:
                          (self.tpot, f.time_per_output_token)):
                 if v is not None:
                     h.observe(v)
+
+    def observe_request_params(self, n: int, max_tokens: int | None) -> None:
+        self.params_n.observe(n)
+        if max_tokens:
+            self.params_max_tokens.observe(max_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

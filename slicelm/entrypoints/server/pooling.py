@@ -16,9 +16,9 @@ is a 400. Batching is visible in ``/metrics``: ``slicelm:pooling_steps_total``,
 from __future__ import annotations
 
 import asyncio
-import base64
+import contextlib
+import json
 import time
-import uuid
 from typing import Any
 
 import torch
@@ -27,13 +27,21 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter, Gauge
 from tokenizers import Tokenizer as HFTokenizer
 
-from slicelm.engine.async_llm import IterationStats, RequestStream
+from slicelm.engine.async_llm import IterationStats
 from slicelm.engine.request import PoolingOutput
 from slicelm.engine.stats import EngineStats
+from slicelm.entrypoints.server.embed_encoding import encode_vector, vector_bytes
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.pooling_protocol import EmbeddingRequest, RerankRequest, ScoreRequest
-from slicelm.entrypoints.server.state import TASK_ENDPOINTS, ClientDisconnected, ServerState, final_outputs, get_state
+from slicelm.entrypoints.server.sampling import request_ids, response_headers
+from slicelm.entrypoints.server.state import (
+    TASK_ENDPOINTS,
+    ClientDisconnected,
+    ServerState,
+    get_state,
+    wait_for_disconnect,
+)
 from slicelm.layers.pooler import num_labels_of
 from slicelm.pooling_params import PoolingParams
 
@@ -129,6 +137,14 @@ def _token_ids(state: ServerState, ids: list[int], limit: int | None, param: str
     return list(ids)
 
 
+def _cut_tokens(state: ServerState, text: str, limit: int) -> str:
+    """``text`` cut to its first ``limit`` tokens (rerank's ``max_tokens_per_doc``)."""
+    enc = state.tokenizer.hf.encode(text, add_special_tokens=False)
+    if len(enc.ids) <= limit:
+        return text
+    return text[: enc.offsets[limit - 1][1]]
+
+
 def _encode_pair(state: ServerState, a: str, b: str, limit: int | None, param: str) -> Prompt:
     tok = state.tokenizer
     ids, types = tok.encode_pair(a, b)
@@ -145,19 +161,37 @@ def _encode_pair(state: ServerState, a: str, b: str, limit: int | None, param: s
 # ---------------------------------------------------------------------------------------------- running
 async def _run(state: ServerState, raw: Request, prompts: list[Prompt], params: PoolingParams, base_id: str,
                priority: int) -> list[PoolingOutput]:
-    """Hands every prompt to the engine at once (so they batch), then waits for all of them."""
-    results = await asyncio.gather(
-        *(state.engine.add_request(f"{base_id}-{i}", p, params, priority=priority) for i, p in enumerate(prompts)),
-        return_exceptions=True)
-    streams = [r for r in results if isinstance(r, RequestStream)]
+    """Runs every prompt, at most ``max_num_seqs`` in the engine at once: a request larger than one step
+    admits is split across steps instead of overflowing the waiting queue (which would answer 503 on an idle
+    server). The engine batches them with whatever else is waiting."""
+    window = asyncio.Semaphore(max(1, int(getattr(state.engine, "max_num_seqs", 256))))
+
+    async def one(i: int, prompt: Prompt) -> PoolingOutput:
+        async with window:
+            stream = await state.engine.add_request(f"{base_id}-{i}", prompt, params, priority=priority)
+            try:
+                last = None
+                async for out in stream:
+                    last = out
+                return last  # type: ignore[return-value]
+            finally:
+                state.engine.release(stream)
+
+    tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
+    everything = asyncio.ensure_future(asyncio.gather(*tasks))
+    watcher = asyncio.ensure_future(wait_for_disconnect(raw))
     try:
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        finals = await final_outputs(streams, raw)
+        await asyncio.wait({everything, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for s in streams:
-            state.engine.release(s)
+        watcher.cancel()
+        if not everything.done():
+            for t in tasks:
+                t.cancel()
+            with contextlib.suppress(BaseException):
+                await everything
+    if not everything.done() or everything.cancelled():
+        raise ClientDisconnected()
+    finals = everything.result()
     for out in finals:
         if not isinstance(out, PoolingOutput) or out.data is None:
             raise APIError(503, "the request was aborted before it finished (the server is shutting down)",
@@ -199,8 +233,7 @@ async def _scores(state: ServerState, raw: Request, req: ScoreRequest | RerankRe
 
 
 def _ids(prefix: str, req: Any, raw: Request) -> str:
-    user = req.request_id or raw.headers.get("x-request-id")
-    return f"{prefix}-{user}-{uuid.uuid4().hex[:8]}" if user else f"{prefix}-{uuid.uuid4().hex}"
+    return request_ids(req, raw, prefix)[1]
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -241,38 +274,55 @@ def _ensure_metrics(raw: Request, state: ServerState) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- endpoints
-@router.post("/v1/embeddings")
-async def create_embeddings(raw: Request) -> Response:
-    state = get_state(raw)
-    req = await parse_body(raw, EmbeddingRequest)
-    model = state.check_model(req.model, required=False)
+async def embed_outputs(state: ServerState, raw: Request, req: EmbeddingRequest) -> tuple[str, list[PoolingOutput]]:
+    """Tokenizes ``req``'s inputs and runs them; returns ``(response id, outputs)``."""
     _require_tasks(state, ("embed",), "Embeddings")
     _ensure_metrics(raw, state)
     _check_dimensions(state, req.dimensions)
     limit = _limit(state, req.truncate_prompt_tokens)
     special = req.add_special_tokens is not False
-    prompts = []
-    for i, item in enumerate(req.inputs()):
-        param = f"input[{i}]" if not isinstance(req.input, str) and not isinstance(req.input[0], int) else "input"
-        ids = _encode(state, item, limit, special, param) if isinstance(item, str) else \
-            _token_ids(state, item, limit, param)
-        prompts.append({"prompt_token_ids": ids})
-    params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize, task="embed")
     resp_id = _ids("embd", req, raw)
+    items = req.inputs()
+    many = not isinstance(req.input, str) and not isinstance(req.input[0], int)
+
+    def tokenize() -> list[Prompt]:
+        return [{"prompt_token_ids": _encode(state, item, limit, special, f"input[{i}]" if many else "input")
+                 if isinstance(item, str) else _token_ids(state, item, limit, f"input[{i}]" if many else "input")}
+                for i, item in enumerate(items)]
+
+    prompts = await asyncio.to_thread(tokenize)
+    normalize = req.normalize if req.normalize is not None else req.use_activation
+    params = PoolingParams(dimensions=req.dimensions, normalize=normalize, task="embed")
+    return resp_id, await _run(state, raw, prompts, params, resp_id, req.priority or 0)
+
+
+@router.post("/v1/embeddings")
+async def create_embeddings(raw: Request) -> Response:
+    state = get_state(raw)
+    req = await parse_body(raw, EmbeddingRequest)
+    model = state.check_model(req.model, required=False)
     try:
-        outs = await _run(state, raw, prompts, params, resp_id, req.priority or 0)
+        resp_id, outs = await embed_outputs(state, raw, req)
     except ClientDisconnected:
         return Response(status_code=499)
-    data = []
-    for i, out in enumerate(outs):
-        vec = out.data.float().cpu()
-        emb: Any = base64.b64encode(vec.numpy().astype("<f4").tobytes()).decode("ascii") \
-            if req.encoding_format == "base64" else vec.tolist()
-        data.append({"object": "embedding", "index": i, "embedding": emb})
     tokens = sum(len(o.prompt_token_ids) for o in outs)
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    headers = response_headers(state, resp_id)
+    if req.encoding_format in ("bytes", "bytes_only"):
+        blobs = [vector_bytes(o.data, req.embed_dtype, req.endianness) for o in outs]
+        if req.encoding_format == "bytes":
+            items = [{"index": i, "start": sum(len(b) for b in blobs[:i]), "end": sum(len(b) for b in blobs[: i + 1]),
+                      "shape": [int(o.data.numel())]} for i, o in enumerate(outs)]
+            headers["metadata"] = json.dumps({"id": resp_id, "created": int(time.time()), "model": model,
+                                              "embed_dtype": req.embed_dtype, "endianness": req.endianness,
+                                              "data": items, "usage": usage}, separators=(",", ":"))
+        return Response(b"".join(blobs), media_type="application/octet-stream", headers=headers)
+    data = [{"object": "embedding", "index": i,
+             "embedding": encode_vector(o.data, req.encoding_format, req.embed_dtype, req.endianness)}
+            for i, o in enumerate(outs)]
     body = {"id": resp_id, "object": "list", "created": int(time.time()), "model": model, "data": data,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-    return JSONResponse(body, headers={"x-request-id": resp_id})
+            "usage": usage}
+    return JSONResponse(body, headers=headers)
 
 
 @router.post("/v1/score")
@@ -292,7 +342,7 @@ async def create_score(raw: Request) -> Response:
     data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
     body = {"id": resp_id, "object": "list", "created": int(time.time()), "model": model, "data": data,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-    return JSONResponse(body, headers={"x-request-id": resp_id})
+    return JSONResponse(body, headers=response_headers(state, resp_id))
 
 
 async def _rerank(raw: Request, cohere_v2: bool) -> Response:
@@ -302,12 +352,14 @@ async def _rerank(raw: Request, cohere_v2: bool) -> Response:
     _require_tasks(state, ("embed", "score"), "Rerank")
     _ensure_metrics(raw, state)
     docs = req.texts()
+    if req.max_tokens_per_doc is not None:
+        docs = [_cut_tokens(state, d, req.max_tokens_per_doc) for d in docs]
     resp_id = _ids("rerank", req, raw)
     try:
         scores, tokens = await _scores(state, raw, req, [req.query], docs, resp_id, ("query", "documents"))
     except ClientDisconnected:
         return Response(status_code=499)
-    order = sorted(range(len(docs)), key=lambda i: (-scores[i], i))[: req.top_n or len(docs)]
+    order = sorted(range(len(docs)), key=lambda i: (-scores[i], i))[: req.top_n or len(docs)]  # 0: all
     return_docs = req.return_documents if req.return_documents is not None else not cohere_v2
     results = []
     for i in order:
@@ -319,7 +371,7 @@ async def _rerank(raw: Request, cohere_v2: bool) -> Response:
                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
     if cohere_v2:
         body["meta"] = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}
-    return JSONResponse(body, headers={"x-request-id": resp_id})
+    return JSONResponse(body, headers=response_headers(state, resp_id))
 
 
 @router.post("/v1/rerank")

@@ -1,22 +1,22 @@
 """Request models of the pooling endpoints (pydantic v2): embeddings (OpenAI), score (vLLM), rerank (Jina / Cohere).
 
-Same policy as ``protocol.py``: strict types (``1`` is not a string), unknown top-level fields -> 400 naming
-the field. vLLM extras accepted on every endpoint: ``truncate_prompt_tokens`` (>= 1, or -1 for the model's
+Same policy as ``protocol.py`` (vLLM's): unknown fields are logged and ignored, lax coercions.
+vLLM extras accepted on every endpoint: ``truncate_prompt_tokens`` (>= 1, or -1 for the model's
 maximum), ``priority``, ``request_id``, ``add_special_tokens``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-_STRICT = ConfigDict(strict=True, extra="forbid")
+from slicelm.entrypoints.server.protocol import LaxModel, check_request_id
+
 MAX_INPUTS = 2048  # OpenAI's limit on embedding inputs per request; also the documents / pairs limit here
 
 
-class PoolingFields(BaseModel):
-    model_config = _STRICT
+class PoolingFields(LaxModel):
     model: str | None = None
     user: str | None = None
     truncate_prompt_tokens: int | None = None
@@ -31,6 +31,11 @@ class PoolingFields(BaseModel):
             raise ValueError(f"truncate_prompt_tokens: must be >= 1, or -1 for the model's maximum; got {v}")
         return v
 
+    @field_validator("request_id")
+    @classmethod
+    def _check_id(cls, v: str | None) -> str | None:
+        return check_request_id(v)
+
 
 def _check_count(name: str, n: int) -> None:
     if n == 0:
@@ -41,9 +46,12 @@ def _check_count(name: str, n: int) -> None:
 
 class EmbeddingRequest(PoolingFields):
     input: str | list[str] | list[int] | list[list[int]]
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64", "bytes", "bytes_only"] = "float"
     dimensions: int | None = None
     normalize: bool | None = None  # vLLM extra: None = the model's default
+    use_activation: bool | None = None  # vLLM: for embeddings, the same as normalize
+    embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "float32"
+    endianness: Literal["native", "big", "little"] = "native"
 
     @model_validator(mode="after")
     def _check(self) -> EmbeddingRequest:
@@ -68,11 +76,27 @@ class EmbeddingRequest(PoolingFields):
 
 
 class ScoreRequest(PoolingFields):
-    """vLLM's ``/score``: ``text_1`` vs ``text_2`` as 1:1, 1:N or N:N."""
+    """vLLM's ``/score``: left vs right texts as 1:1, 1:N or N:N. The sides are named ``queries`` +
+    ``documents`` (or ``items``), or ``data_1`` + ``data_2``, or ``text_1`` + ``text_2``."""
 
-    text_1: str | list[str]
-    text_2: str | list[str]
+    text_1: str | list[str] | None = None
+    text_2: str | list[str] | None = None
     use_activation: bool | None = None  # cross-encoders: None/True = the configured activation
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for left, right in (("queries", "documents"), ("queries", "items"), ("data_1", "data_2")):
+            if left in data and right in data and "text_1" not in data:
+                data = dict(data)
+                data["text_1"], data["text_2"] = data.pop(left), data.pop(right)
+                break
+        if "text_1" not in data or "text_2" not in data:
+            raise ValueError("text_1: give the two sides as queries + documents, queries + items, data_1 + data_2 "
+                             "or text_1 + text_2")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ScoreRequest:
@@ -85,6 +109,7 @@ class ScoreRequest(PoolingFields):
         return self
 
     def lists(self) -> tuple[list[str], list[str]]:
+        assert self.text_1 is not None and self.text_2 is not None
         t1 = [self.text_1] if isinstance(self.text_1, str) else list(self.text_1)
         t2 = [self.text_2] if isinstance(self.text_2, str) else list(self.text_2)
         return t1, t2
@@ -93,24 +118,28 @@ class ScoreRequest(PoolingFields):
 class RerankDocument(BaseModel):
     """Cohere v1 / Jina document object; only ``text`` is ranked (other fields are kept out of the result)."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(extra="allow")
     text: str
 
 
 class RerankRequest(PoolingFields):
-    """Jina / Cohere rerank: ``query`` against ``documents``; ``top_n`` >= 1 (default: all)."""
+    """Jina / Cohere rerank: ``query`` against ``documents``; ``top_n`` 0 or unset: all (as vLLM);
+    ``max_tokens_per_doc`` truncates each document."""
 
     query: str
     documents: list[str] | list[RerankDocument]
     top_n: int | None = Field(default=None)
     return_documents: bool | None = None  # default depends on the route (Cohere v2: false; Jina / vLLM: true)
     use_activation: bool | None = None
+    max_tokens_per_doc: int | None = None
 
     @model_validator(mode="after")
     def _check(self) -> RerankRequest:
         _check_count("documents", len(self.documents))
-        if self.top_n is not None and self.top_n < 1:
-            raise ValueError(f"top_n: must be >= 1, got {self.top_n}")
+        if self.top_n is not None and self.top_n < 0:
+            raise ValueError(f"top_n: must be >= 0 (0: all documents), got {self.top_n}")
+        if self.max_tokens_per_doc is not None and self.max_tokens_per_doc < 1:
+            raise ValueError(f"max_tokens_per_doc: must be >= 1, got {self.max_tokens_per_doc}")
         return self
 
     def texts(self) -> list[str]:

@@ -1,42 +1,82 @@
-"""Request models of the OpenAI-compatible API (pydantic v2).
+"""Request models of the OpenAI-compatible API (pydantic v2), with vLLM's policies.
 
-Policy on unknown fields: like OpenAI, unknown top-level fields and unknown keys in a message are
-rejected with 400 naming the field (vLLM would ignore them with a warning). Every field OpenAI documents
-for these endpoints is accepted; the ones slicelm does not act on (``user``, ``metadata``, ``store`` …)
-are ignored, and the ones it cannot honour yet (``tools``, ``response_format`` other than text,
-``suffix``) are rejected with a message. vLLM's sampling extras (``top_k``, ``min_p`` …) are accepted.
-Types are strict (``"5"`` is not an integer, ``1`` is not a boolean) as in OpenAI's schema.
+As vLLM: unknown fields are ignored with a logged warning (``test_extra_fields_allowed``), any message
+role is accepted, and pydantic's lax coercions apply (``"true"`` is a boolean, ``"5"`` an integer).
+Fields that would change the output's meaning and that slicelm does not implement (tools, structured
+outputs, beam search, multimodal inputs, prompt embeddings …) are refused with a 400 naming them.
+``request_id`` must be 1-256 printable ASCII characters (it is echoed in headers and ids).
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-_STRICT = ConfigDict(strict=True, extra="forbid")
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+logger = logging.getLogger("slicelm.server")
+_LAX = ConfigDict(extra="allow", allow_inf_nan=False)
+_STRICT = _LAX  # kept for modules that import it
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64, as vLLM
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,256}")
+# vLLM request fields slicelm cannot honour; present and not null/false/empty -> 400 naming the field
+UNSUPPORTED_FIELDS = {
+    "use_beam_search": "beam search is not supported",
+    "guided_json": "structured outputs are not supported yet", "guided_regex": "structured outputs are not "
+    "supported yet", "guided_choice": "structured outputs are not supported yet",
+    "guided_grammar": "structured outputs are not supported yet",
+    "structured_outputs": "structured outputs are not supported yet",
+    "prompt_embeds": "prompt embeddings are not supported", "allowed_token_ids": "allowed_token_ids is not "
+    "supported yet", "bad_words": "bad_words is not supported yet", "logits_processors": "custom logits "
+    "processors are not supported", "lora_request": "LoRA adapters are not supported",
+    "mm_processor_kwargs": "multimodal inputs are not supported", "multi_modal_data": "multimodal inputs are not "
+    "supported",
+}
 
 
-class StreamOptions(BaseModel):
-    model_config = _STRICT
+def check_request_id(value: str | None) -> str | None:
+    if value is not None and not REQUEST_ID.fullmatch(value):
+        raise ValueError("request_id: must be 1 to 256 printable ASCII characters without spaces "
+                         f"(got {value[:40]!r})")
+    return value
+
+
+class LaxModel(BaseModel):
+    """vLLM's request policy: extra fields are logged and ignored, unsupported features refused."""
+
+    model_config = _LAX
+
+    @model_validator(mode="after")
+    def _extras(self) -> LaxModel:
+        extra = self.model_extra or {}
+        for name, value in extra.items():
+            if name in UNSUPPORTED_FIELDS and value not in (None, False, [], {}, ""):
+                raise ValueError(f"{name}: {UNSUPPORTED_FIELDS[name]}")
+        ignored = [k for k in extra if k not in UNSUPPORTED_FIELDS]
+        if ignored:
+            logger.warning("The following fields were present in the request but ignored: %s", sorted(ignored))
+        return self
+
+
+class StreamOptions(LaxModel):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(extra="allow")
     type: str
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = _STRICT
+    model_config = ConfigDict(extra="allow")
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -47,10 +87,9 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = None
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(LaxModel):
     """Fields shared by chat and completions (OpenAI + vLLM extras)."""
 
-    model_config = _STRICT
     model: str = Field(min_length=1)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -70,7 +109,7 @@ class SamplingFields(BaseModel):
     # vLLM extras
     top_k: int | None = None
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    repetition_penalty: float | None = Field(default=None, ge=1e-6, le=1e6)
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
@@ -79,7 +118,16 @@ class SamplingFields(BaseModel):
     spaces_between_special_tokens: bool | None = True
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
     priority: int | None = 0
-    request_id: str | None = Field(default=None, min_length=1, max_length=256)
+    request_id: str | None = None
+    return_token_ids: bool | None = False
+    return_tokens_as_token_ids: bool | None = None
+    prompt_logprobs: int | None = None
+    cache_salt: str | None = None
+
+    @field_validator("request_id")
+    @classmethod
+    def _check_id(cls, v: str | None) -> str | None:
+        return check_request_id(v)
 
     @model_validator(mode="after")
     def _check_common(self) -> SamplingFields:
@@ -89,7 +137,7 @@ class SamplingFields(BaseModel):
             raise ValueError("stop: stop strings must be non-empty")
         if self.logit_bias:
             for k, v in self.logit_bias.items():
-                if not k.lstrip("-").isdigit():
+                if not re.fullmatch(r"-?[0-9]{1,12}", k):
                     raise ValueError(f"logit_bias: keys must be token ids, got {k!r}")
                 if not -100.0 <= v <= 100.0:
                     raise ValueError(f"logit_bias: values must be in [-100, 100], got {v} for token {k}")
@@ -98,6 +146,9 @@ class SamplingFields(BaseModel):
                              "(only 'text')")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < -1:
+            raise ValueError(f"prompt_logprobs: must be >= 0, or -1 for the whole vocabulary; got "
+                             f"{self.prompt_logprobs}")
         return self
 
 
@@ -106,7 +157,7 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=-1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -137,7 +188,9 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("continue_final_message: cannot be combined with add_generation_prompt=true; "
                              "set add_generation_prompt to false")
         if self.tools and self.tool_choice != "none":
-            raise ValueError("tools: tool calling is not supported yet")
+            raise ValueError("tools: tool calling is not supported yet (only tool_choice 'none')")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice: tool calling is not supported yet")
         if self.functions:
             raise ValueError("functions: function calling is not supported yet")
         if self.modalities and any(m != "text" for m in self.modalities):
@@ -157,13 +210,12 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 class CompletionRequest(SamplingFields):
     prompt: Prompt
     max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: int | None = Field(default=None, ge=-1)
     echo: bool | None = False
     best_of: int | None = Field(default=None, ge=1, le=128)
     suffix: str | None = None
     # vLLM extras
     add_special_tokens: bool | None = True
-    prompt_logprobs: int | None = None
 
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
@@ -176,13 +228,10 @@ class CompletionRequest(SamplingFields):
             raise ValueError("suffix: is not supported")
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise ValueError("best_of: only best_of == n is supported")
-        if self.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs: is not supported yet")
         return self
 
 
-class TokenizeRequest(BaseModel):
-    model_config = _STRICT
+class TokenizeRequest(LaxModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -192,6 +241,7 @@ class TokenizeRequest(BaseModel):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool | None = False
+    tools: list[dict[str, Any]] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TokenizeRequest:
@@ -200,11 +250,10 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = _STRICT
+class DetokenizeRequest(LaxModel):
     model: str | None = None
     tokens: list[int]
 
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
-ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool", "function")
+ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool", "function")  # others pass through

@@ -2,19 +2,82 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
 
 from slicelm.engine.request import Logprob
 from slicelm.entrypoints.server.errors import bad_request
-from slicelm.entrypoints.server.protocol import SamplingFields
+from slicelm.entrypoints.server.protocol import REQUEST_ID, SamplingFields
 from slicelm.entrypoints.server.state import ServerState
 from slicelm.sampling_params import SamplingParams
+
+T = TypeVar("T")
+CHARS_PER_TOKEN_LIMIT = 64  # text longer than max_model_len * this cannot fit: 400 before tokenizing
+
+
+async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Tokenizing and template rendering run in a worker thread so that no request holds up the event loop."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def check_text_size(state: ServerState, chars: int, param: str, truncating: bool = False) -> None:
+    limit = state.max_model_len * CHARS_PER_TOKEN_LIMIT
+    if not truncating and chars > limit:
+        raise bad_request(f"{param}: {chars} characters cannot fit in this model's maximum context length of "
+                          f"{state.max_model_len} tokens (at most {limit} characters are tokenized)", param=param,
+                          code="context_length_exceeded")
+
+
+def request_ids(req: Any, raw: Request, prefix: str) -> tuple[str, str]:
+    """``(response id, engine id)``: the client's ``request_id`` / ``X-Request-Id`` (validated up front: 400
+    before any work) or a fresh uuid; the engine id is always unique."""
+    user = req.request_id
+    if user is None:
+        header = raw.headers.get("x-request-id")
+        if header is not None and not REQUEST_ID.fullmatch(header):
+            raise bad_request("X-Request-Id: must be 1 to 256 printable ASCII characters without spaces",
+                              param="request_id")
+        user = header
+    resp_id = f"{prefix}-{user or uuid.uuid4().hex}"
+    return resp_id, (f"{resp_id}-{uuid.uuid4().hex[:8]}" if user else resp_id)
+
+
+def response_headers(state: ServerState, resp_id: str) -> dict[str, str]:
+    return {"X-Request-Id": resp_id} if state.options.enable_request_id_headers else {}
+
+
+def check_priority(state: ServerState, priority: int | None) -> int:
+    if priority and state.options.scheduling_policy != "priority":
+        raise bad_request(f"priority: got priority {priority} but priority scheduling is not enabled "
+                          "(start the server with --scheduling-policy priority)", param="priority")
+    return priority or 0
+
+
+def resolve_num_logprobs(state: ServerState, value: int | None, param: str) -> int | None:
+    """-1 means the whole vocabulary; the result must not exceed ``--max-logprobs``."""
+    if value is None:
+        return None
+    vocab = state.tokenizer.vocab_size if state.engine.tokenizer is not None else None
+    num = vocab if value == -1 and vocab is not None else value
+    if num < 0:
+        raise bad_request(f"{param}: must be >= 0, or -1 for the whole vocabulary; got {value}", param=param)
+    limit = state.options.max_logprobs
+    if limit != -1 and num > limit:
+        raise bad_request(f"{param}: requested {num} logprobs, which is greater than max allowed: {limit} "
+                          "(--max-logprobs)", param=param)
+    return num
 
 
 def build_sampling_params(state: ServerState, req: SamplingFields, max_tokens: int,
                           logprobs: int | None) -> SamplingParams:
     """Validated ``SamplingParams`` (``SamplingParamsError`` names the field -> 400)."""
     vocab = state.tokenizer.vocab_size if state.engine.tokenizer is not None else None
+    if req.prompt_logprobs is not None:
+        raise bad_request("prompt_logprobs: is not supported yet", param="prompt_logprobs")
     bias: dict[int, float] | None = None
     if req.logit_bias:
         bias = {int(k): float(v) for k, v in req.logit_bias.items()}
@@ -52,17 +115,17 @@ def _text(state: ServerState, token_id: int, lp: Logprob | None) -> str:
 
 
 def chat_logprobs(state: ServerState, token_ids: list[int], logprobs: list[dict[int, Logprob]] | None,
-                  top_n: int) -> dict[str, Any]:
+                  top_n: int, as_ids: bool = False) -> dict[str, Any]:
     content = []
     for tid, entry in zip(token_ids, logprobs or []):
         own = entry.get(tid)
-        token = _text(state, tid, own)
+        token = token_label(state, tid, own, as_ids)
         content.append({
             "token": token,
             "logprob": max(own.logprob, -9999.0) if own is not None else -9999.0,
             "bytes": list(token.encode("utf-8")),
             "top_logprobs": [
-                {"token": (t := _text(state, i, lp)), "logprob": max(lp.logprob, -9999.0),
+                {"token": (t := token_label(state, i, lp, as_ids)), "logprob": max(lp.logprob, -9999.0),
                  "bytes": list(t.encode("utf-8"))}
                 for i, lp in _ranked(entry, tid, top_n)
             ],
@@ -71,33 +134,56 @@ def chat_logprobs(state: ServerState, token_ids: list[int], logprobs: list[dict[
 
 
 def completion_logprobs(state: ServerState, token_ids: list[int], logprobs: list[dict[int, Logprob]] | None,
-                        top_n: int, text_offset: int, echo_ids: list[int] | None = None) -> dict[str, Any]:
-    """OpenAI's legacy shape; echoed prompt tokens carry ``None`` log-probabilities."""
+                        top_n: int, text_offset: int, echo_ids: list[int] | None = None,
+                        echo_logprobs: list[dict[int, Logprob] | None] | None = None,
+                        as_ids: bool = False) -> dict[str, Any]:
+    """OpenAI's legacy shape, as vLLM fills it: each ``top_logprobs`` entry holds the chosen token and the
+    ``top_n`` best (so ``logprobs=0`` still gives the chosen token's log-probability). Echoed prompt tokens
+    carry their prompt logprobs when known (the first prompt token has none)."""
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top: list[dict[str, float] | None] = []
     offsets: list[int] = []
-    for tid in echo_ids or []:
-        t = state.token_text(tid)
+    for j, tid in enumerate(echo_ids or []):
+        entry = echo_logprobs[j] if echo_logprobs is not None and j < len(echo_logprobs) else None
+        t = state.token_text(tid) if not as_ids else f"token_id:{tid}"
         tokens.append(t)
-        token_logprobs.append(None)
-        top.append(None)
+        own = entry.get(tid) if entry else None
+        token_logprobs.append(max(own.logprob, -9999.0) if own is not None else None)
+        top.append(_top_dict(state, entry, tid, top_n, as_ids) if entry else None)
         offsets.append(text_offset)
         text_offset += len(t)
     for tid, entry in zip(token_ids, logprobs or []):
         own = entry.get(tid)
-        t = _text(state, tid, own)
+        t = token_label(state, tid, own, as_ids)
         tokens.append(t)
         token_logprobs.append(max(own.logprob, -9999.0) if own is not None else None)
-        top.append({_text(state, i, lp): max(lp.logprob, -9999.0) for i, lp in _ranked(entry, tid, top_n)})
+        top.append(_top_dict(state, entry, tid, top_n, as_ids))
         offsets.append(text_offset)
         text_offset += len(t)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+def _top_dict(state: ServerState, entry: dict[int, Logprob], tid: int, top_n: int, as_ids: bool) -> dict[str, float]:
+    out: dict[str, float] = {}
+    own = entry.get(tid)
+    if own is not None:
+        out[token_label(state, tid, own, as_ids)] = max(own.logprob, -9999.0)
+    for i, lp in _ranked(entry, tid, top_n):
+        out.setdefault(token_label(state, i, lp, as_ids), max(lp.logprob, -9999.0))
+    return out
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None,
+          details: bool = False) -> dict[str, Any]:
+    """OpenAI's usage block; ``prompt_tokens_details`` only with ``--enable-prompt-tokens-details``."""
     u: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                         "total_tokens": prompt_tokens + completion_tokens}
-    if cached_tokens:
-        u["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+                         "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": None}
+    if details:
+        u["prompt_tokens_details"] = {"cached_tokens": cached_tokens or 0}
     return u
+
+
+def token_label(state: ServerState, token_id: int, lp: Logprob | None, as_ids: bool) -> str:
+    """A token as logprobs show it: its text, or ``token_id:{id}`` with ``return_tokens_as_token_ids``."""
+    return f"token_id:{token_id}" if as_ids else _text(state, token_id, lp)

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from slicelm.engine.async_llm import AsyncLLM, RequestStream
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.metrics import LoggingStatLogger, PrometheusStatLogger
+from slicelm.entrypoints.server.options import ApiOptions
 
 TASK_ENDPOINTS = {"generate": "text generation (/v1/chat/completions, /v1/completions)",
                   "embed": "embeddings (/v1/embeddings)", "score": "scoring (/v1/score, /v1/rerank)"}
@@ -36,6 +37,7 @@ class ServerState:
     metrics: PrometheusStatLogger | None = None
     stat_logger: LoggingStatLogger | None = None
     draining: bool = False
+    options: ApiOptions = field(default_factory=ApiOptions)
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict[int, str] = field(default_factory=dict)
 

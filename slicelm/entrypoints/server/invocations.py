@@ -1,0 +1,102 @@
+"""vLLM's extra routes: ``/pooling``, Cohere's ``/v2/embed`` and SageMaker's ``/invocations``.
+
+``/invocations`` picks the endpoint from the body, as vLLM does: ``messages`` -> chat completions (or
+embeddings of a pooling model), ``prompt`` -> completions, ``input`` -> embeddings, ``query`` +
+``documents`` -> rerank, ``queries`` / ``data_1`` / ``text_1`` -> score.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from slicelm.entrypoints.server import chat, completions, pooling
+from slicelm.entrypoints.server.embed_encoding import encode_vector
+from slicelm.entrypoints.server.errors import bad_request
+from slicelm.entrypoints.server.gateway import parse_body
+from slicelm.entrypoints.server.pooling_protocol import EmbeddingRequest, PoolingFields
+from slicelm.entrypoints.server.sampling import response_headers
+from slicelm.entrypoints.server.state import ClientDisconnected, get_state
+
+router = APIRouter()
+
+
+class CohereEmbedRequest(PoolingFields):
+    texts: list[str]
+    input_type: str | None = None
+    embedding_types: list[Literal["float", "base64"]] | None = None
+    truncate: Literal["NONE", "START", "END"] | None = None
+
+
+@router.post("/pooling")
+async def create_pooling(raw: Request) -> Response:
+    """vLLM's generic pooling endpoint: the model's pooled output per input (embeddings here)."""
+    state = get_state(raw)
+    req = await parse_body(raw, EmbeddingRequest)
+    model = state.check_model(req.model, required=False)
+    try:
+        resp_id, outs = await pooling.embed_outputs(state, raw, req)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    fmt = req.encoding_format if req.encoding_format in ("float", "base64") else "float"
+    data = [{"index": i, "object": "pooling", "data": encode_vector(o.data, fmt, req.embed_dtype, req.endianness)}
+            for i, o in enumerate(outs)]
+    tokens = sum(len(o.prompt_token_ids) for o in outs)
+    body = {"id": resp_id, "object": "list", "created": int(time.time()), "model": model, "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return JSONResponse(body, headers=response_headers(state, resp_id))
+
+
+@router.post("/v2/embed")
+async def create_cohere_embed(raw: Request) -> Response:
+    """Cohere v2 ``embed``: ``texts`` -> ``embeddings`` by type."""
+    state = get_state(raw)
+    req = await parse_body(raw, CohereEmbedRequest)
+    model = state.check_model(req.model, required=False)
+    if not req.texts:
+        raise bad_request("texts: must not be empty", param="texts")
+    inner = EmbeddingRequest(model=req.model, input=req.texts, request_id=req.request_id, priority=req.priority,
+                             truncate_prompt_tokens=-1 if req.truncate in ("END", "START") else None)
+    try:
+        resp_id, outs = await pooling.embed_outputs(state, raw, inner)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    types = req.embedding_types or ["float"]
+    embeddings = {t: [encode_vector(o.data, t, "float32", "little") for o in outs] for t in types}
+    tokens = sum(len(o.prompt_token_ids) for o in outs)
+    body = {"id": resp_id, "embeddings": embeddings, "texts": req.texts, "response_type": "embeddings_by_type",
+            "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": tokens}}, "model": model}
+    return JSONResponse(body, headers=response_headers(state, resp_id))
+
+
+def _route_for(state: Any, body: dict[str, Any]) -> Any:
+    if "messages" in body:
+        if state.task == "generate":
+            return chat.create_chat_completion
+        raise bad_request("messages: chat-style embedding inputs are not supported yet", param="messages")
+    if "prompt" in body:
+        return completions.create_completion
+    if "input" in body:
+        return pooling.create_embeddings
+    if "query" in body and "documents" in body:
+        return pooling.create_rerank
+    if any(k in body for k in ("queries", "data_1", "text_1")):
+        return pooling.create_score
+    raise bad_request("the body matches no endpoint: send a chat (messages), completion (prompt), embedding "
+                      "(input), rerank (query + documents) or score (queries + documents) request")
+
+
+@router.post("/invocations")
+async def invocations(raw: Request) -> Response:
+    state = get_state(raw)
+    try:
+        body = json.loads(await raw.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    return await _route_for(state, body)(raw)

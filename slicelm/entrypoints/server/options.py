@@ -1,0 +1,80 @@
+"""API-level server settings (vLLM's frontend flags) and the vLLM flags refused at start.
+
+``ApiOptions`` is what the endpoints read (``state.options``); ``add_api_args`` adds vLLM's flag names
+to the ``serve`` parser; ``check_api_args`` refuses the values we cannot honour with a message naming
+the flag. A vLLM flag that slicelm does not know at all is refused by argparse ("unrecognized
+arguments: --flag"), never dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+
+@dataclass
+class ApiOptions:
+    enable_prompt_tokens_details: bool = False
+    enable_force_include_usage: bool = False
+    enable_request_id_headers: bool = False
+    return_tokens_as_token_ids: bool = False
+    trust_request_chat_template: bool = False
+    enable_tokenizer_info_endpoint: bool = False
+    max_logprobs: int = 20  # -1: no limit (the whole vocabulary)
+    scheduling_policy: str = "fcfs"
+    max_prompt_chars: int | None = None  # None: derived from max_model_len (see ServerState users)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ApiOptions:
+        return cls(
+            enable_prompt_tokens_details=bool(getattr(args, "enable_prompt_tokens_details", False)),
+            enable_force_include_usage=bool(getattr(args, "enable_force_include_usage", False)),
+            enable_request_id_headers=bool(getattr(args, "enable_request_id_headers", False)),
+            return_tokens_as_token_ids=bool(getattr(args, "return_tokens_as_token_ids", False)),
+            trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
+            enable_tokenizer_info_endpoint=bool(getattr(args, "enable_tokenizer_info_endpoint", False)),
+            max_logprobs=int(getattr(args, "max_logprobs", 20)),
+            scheduling_policy=str(getattr(args, "scheduling_policy", "fcfs")),
+        )
+
+
+def add_api_args(g: argparse._ArgumentGroup) -> None:
+    """vLLM's frontend flags (``vllm serve --help``, group "Frontend")."""
+    g.add_argument("--root-path", default="", help="FastAPI root_path when behind a path-based proxy")
+    g.add_argument("--uds", default=None, help="serve on this Unix domain socket instead of host:port")
+    g.add_argument("--enable-request-id-headers", action="store_true",
+                   help="answer with an X-Request-Id header (the client's, or a generated one)")
+    g.add_argument("--enable-force-include-usage", action="store_true",
+                   help="every streamed response ends with a usage chunk, as if include_usage were set")
+    g.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="report usage.prompt_tokens_details.cached_tokens")
+    g.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="logprobs name tokens as 'token_id:{id}' (for tokens that are not valid UTF-8)")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="render a chat_template given in a request (otherwise such requests get 400)")
+    g.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                   help="serve GET /tokenizer_info (it exposes the chat template and special tokens)")
+    g.add_argument("--max-logprobs", type=int, default=20,
+                   help="most logprobs / prompt_logprobs / top_logprobs a request may ask for (-1: vocabulary)")
+    g.add_argument("--show-hidden-metrics-for-version", default=None,
+                   help="accepted for vLLM compatibility: slicelm hides no deprecated metrics")
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="accepted for vLLM compatibility: chunked prefill is always on")
+    g.add_argument("--api-server-count", "-asc", type=int, default=1,
+                   help="API server processes in front of the engine (only 1 is supported)")
+
+
+def check_api_args(args: argparse.Namespace) -> None:
+    """Raises ``ValueError`` naming the flag for values slicelm cannot honour."""
+    count = getattr(args, "api_server_count", 1)
+    if count != 1:
+        raise ValueError(f"--api-server-count {count}: slicelm runs one API server process per engine; "
+                         "use --api-server-count 1 (scale out with more replicas behind the router)")
+    if getattr(args, "enable_chunked_prefill", None) is False:
+        raise ValueError("--no-enable-chunked-prefill: chunked prefill is always on in slicelm and cannot be "
+                         "disabled")
+    lp = getattr(args, "max_logprobs", 20)
+    if lp < -1:
+        raise ValueError(f"--max-logprobs must be >= 0, or -1 for the whole vocabulary; got {lp}")
+    if getattr(args, "uds", None) and getattr(args, "ssl_certfile", None):
+        raise ValueError("--uds cannot be combined with --ssl-certfile")

@@ -1,0 +1,124 @@
+"""vLLM's OpenAI surface as vLLM's own entrypoint tests expect it (our tests, vLLM's behaviour)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from conftest import MODEL, Server, start_server, stop_server
+
+pytestmark = pytest.mark.slow
+MSG = [{"role": "user", "content": "Say hi"}]
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(tmp_path_factory.mktemp("compat"), "--max-model-len", "1024", "--max-num-seqs", "8",
+                     "--enable-prompt-tokens-details", "--enable-request-id-headers", "--enable-force-include-usage",
+                     "--max-logprobs", "30", "--enable-tokenizer-info-endpoint", "--enable-chunked-prefill",
+                     "--show-hidden-metrics-for-version", "0.9", "--api-server-count", "1", "--root-path", "/api")
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="module")
+def client(srv: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+
+
+def test_usage_details_and_request_id_header(srv: Server, client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MSG, max_tokens=2,
+                                                           extra_headers={"X-Request-Id": "my-id-1"})
+    assert raw.headers["x-request-id"] == "chatcmpl-my-id-1"
+    out = raw.parse()
+    assert out.usage.prompt_tokens_details is not None and out.usage.prompt_tokens_details.cached_tokens >= 0
+    assert out.model_extra.get("prompt_logprobs", "missing") is None
+
+
+def test_extra_fields_custom_roles_and_lax_coercions(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(model=MODEL, max_tokens=2,
+                                         messages=[{"role": "narrator", "content": "x"}, *MSG],  # type: ignore
+                                         extra_body={"unknown_field": 1, "logprobs": "true", "top_logprobs": 2})
+    assert out.choices[0].logprobs is not None and len(out.choices[0].logprobs.content[0].top_logprobs) == 2
+    with pytest.raises(openai.BadRequestError, match="max allowed: 30"):
+        client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, logprobs=True,
+                                       extra_body={"top_logprobs": -1})
+    for body in ({"tools": [{"type": "function", "function": {"name": "f"}}]},
+                 {"response_format": {"type": "json_object"}}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, extra_body=body)
+
+
+def test_logprobs_zero_and_token_ids(client: openai.OpenAI) -> None:
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, logprobs=0, temperature=0,
+                                    extra_body={"return_token_ids": True, "return_tokens_as_token_ids": True})
+    c = out.choices[0]
+    assert len(c.logprobs.token_logprobs) == 3 and all(x is not None for x in c.logprobs.token_logprobs)
+    assert all(len(d) == 1 for d in c.logprobs.top_logprobs)
+    assert all(t.startswith("token_id:") for t in c.logprobs.tokens)
+    assert c.model_extra["token_ids"] and c.model_extra["prompt_token_ids"]
+    assert [int(t.split(":")[1]) for t in c.logprobs.tokens] == c.model_extra["token_ids"]
+
+
+def test_streaming_n2_one_choice_per_chunk_and_forced_usage(client: openai.OpenAI) -> None:
+    chunks = list(client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, n=2, stream=True,
+                                            temperature=1.0, seed=1))
+    assert all(len(c.choices) == 1 for c in chunks[:-1])
+    assert {c.choices[0].index for c in chunks[:-1]} == {0, 1}
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+
+
+def test_error_types_and_messages(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="out of vocabulary") as e:
+        client.completions.create(model=MODEL, prompt=[999999], max_tokens=2)
+    assert e.value.body["type"] == "BadRequestError"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError) as nf:
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert nf.value.body["type"] == "NotFoundError"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, seed=2**63)
+
+
+def test_tokenize_token_strs_tools_and_tokenizer_info(srv: Server) -> None:
+    r = httpx.post(srv.url + "/tokenize", json={"prompt": "Hello world"}).json()
+    assert r["token_strs"] is None and r["count"] == len(r["tokens"])
+    r = httpx.post(srv.url + "/tokenize", json={"prompt": "Hello", "return_token_strs": True}).json()
+    assert isinstance(r["token_strs"], list)
+    r = httpx.post(srv.url + "/tokenize", json={"messages": MSG, "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {}}}]})
+    assert r.status_code == 200
+    info = httpx.get(srv.url + "/tokenizer_info").json()
+    assert isinstance(info["tokenizer_class"], str) and isinstance(info["added_tokens_decoder"], dict)
+    assert isinstance(info["model_max_length"], int) and isinstance(info["eos_token"], str)
+
+
+def test_invocations_orca_and_root_path(srv: Server) -> None:
+    r = httpx.post(srv.url + "/invocations", json={"model": MODEL, "messages": MSG, "max_tokens": 2},
+                   headers={"endpoint-load-metrics-format": "TEXT"})
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    assert r.headers["endpoint-load-metrics"].startswith("TEXT named_metrics.kv_cache_usage_perc=")
+    r = httpx.post(srv.url + "/invocations", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
+                   headers={"endpoint-load-metrics-format": "JSON"})
+    assert r.json()["object"] == "text_completion"
+    assert "num_requests_waiting" in json.loads(r.headers["endpoint-load-metrics"][5:])["named_metrics"]
+    # --root-path: the proxy strips /api; the app knows its public prefix (as uvicorn / vLLM treat it)
+    assert httpx.get(srv.url + "/openapi.json").json()["servers"] == [{"url": "/api"}]
+
+
+def test_vllm_metrics(srv: Server) -> None:
+    text = httpx.get(srv.url + "/metrics").text
+    for name in ("vllm:iteration_tokens_total_bucket", "vllm:request_params_n_bucket",
+                 "vllm:request_params_max_tokens_bucket"):
+        assert name in text, name
+    assert f'vllm:num_requests_waiting_by_reason{{engine="0",model_name="{MODEL}",reason="capacity"}}' in text
+    assert 'le="16384.0"' in text and 'vllm:request_params_n_bucket{engine="0",le="20.0"' in text
+
+
+def test_refused_flags(tmp_path_factory: pytest.TempPathFactory) -> None:
+    for flags, needle in ((("--api-server-count", "2"), "--api-server-count"),
+                          (("--enable-lora",), "--enable-lora")):
+        with pytest.raises(RuntimeError, match=needle):
+            start_server(tmp_path_factory.mktemp("refused"), *flags, timeout=60)
