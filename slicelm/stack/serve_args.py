@@ -21,18 +21,21 @@ if TYPE_CHECKING:
 
 # `slicelm serve`'s flags (tests/stack/test_serve_args.py keeps this equal to the real parser's).
 SERVE_FLAGS = frozenset({
-    "--api-key", "--async-scheduling", "--block-size", "--chat-template", "--device", "--disable-access-log",
-    "--disable-log-stats", "--disable-uvicorn-access-log", "--dtype", "--enable-prefix-caching",
+    "--api-key", "--api-server-count", "--async-scheduling", "--block-size", "--chat-template", "--device",
+    "--disable-access-log", "--disable-log-stats", "--disable-uvicorn-access-log", "--dtype",
+    "--enable-chunked-prefill", "--enable-force-include-usage", "--enable-prefix-caching",
+    "--enable-prompt-tokens-details", "--enable-request-id-headers", "--enable-tokenizer-info-endpoint",
     "--enforce-eager", "--gpu-memory-budget", "--gpu-memory-utilization", "--help", "--host",
-    "--kv-cache-memory-bytes", "--load-format", "--max-model-len", "--max-num-batched-tokens", "--max-num-seqs",
-    "--max-request-body-bytes", "--max-waiting-requests", "--model", "--no-async-scheduling",
-    "--no-enable-prefix-caching", "--no-normalize", "--normalize", "--num-gpu-blocks-override",
-    "--pooling-type", "--port", "--runner", "--scheduling-policy", "--seed", "--served-model-name",
+    "--kv-cache-memory-bytes", "--load-format", "--max-logprobs", "--max-model-len", "--max-num-batched-tokens",
+    "--max-num-seqs", "--max-request-body-bytes", "--max-waiting-requests", "--model", "--no-async-scheduling",
+    "--no-enable-chunked-prefill", "--no-enable-prefix-caching", "--no-normalize", "--normalize",
+    "--num-gpu-blocks-override", "--pooling-type", "--port", "--return-tokens-as-token-ids", "--root-path",
+    "--runner", "--scheduling-policy", "--seed", "--served-model-name", "--show-hidden-metrics-for-version",
     "--shutdown-timeout", "--skip-tokenizer-init", "--ssl-certfile", "--ssl-keyfile", "--task",
-    "--timeout-keep-alive", "--tokenizer", "--uvicorn-log-level",
+    "--timeout-keep-alive", "--tokenizer", "--trust-request-chat-template", "--uds", "--uvicorn-log-level",
 })
 # Set by `slicelm up` per replica; a stack file cannot override them.
-MANAGED_FLAGS = frozenset({"--host", "--port", "--model", "--device", "--help"})
+MANAGED_FLAGS = frozenset({"--host", "--port", "--uds", "--model", "--device", "--help"})
 
 
 def check_extra_args(args: list[str], path: str) -> list[str]:
