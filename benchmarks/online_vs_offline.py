@@ -19,9 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, device_slug, environment, save_result
+
+HERE = Path(__file__).resolve().parent
 
 
 def _run(script: str, args: list[str], name: str, device: str) -> dict:
