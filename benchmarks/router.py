@@ -136,7 +136,8 @@ def scrape(url: str) -> dict[str, float]:
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
         for s in fam.samples:
             if s.name in ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
-                          "vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count"):
+                          "vllm:request_success_total", "vllm:time_to_first_token_seconds_sum",
+                          "vllm:time_to_first_token_seconds_count"):
                 vals[s.name] = vals.get(s.name, 0.0) + s.value
     return vals
 
@@ -181,6 +182,10 @@ def prefix_run(tmp: Path, logic: str, users: int, turns: int) -> dict[str, Any]:
     router = spawn(router_cmd(rport, urls, [SMOLLM, SMOLLM], "--routing-logic", logic, "--engine-stats-interval",
                               "5"), rurl, tmp / f"router-{logic}.log")
     try:
+        for u in urls:  # warm-up outside the measurement
+            for _ in range(2):
+                httpx.post(u + "/v1/chat/completions", timeout=300, json={
+                    "model": SMOLLM, "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 4})
         before = [scrape(u) for u in urls]
         system = "You are a terse assistant. " * 20
         ttfts: list[float] = []
@@ -204,7 +209,9 @@ def prefix_run(tmp: Path, logic: str, users: int, turns: int) -> dict[str, Any]:
             "prefix_cache_queries": queries,
             "server_ttft_mean_s": delta("vllm:time_to_first_token_seconds_sum") / count if count else None,
             "client_ttft_p50_s": pct(ttfts, 0.5), "client_ttft_p90_s": pct(ttfts, 0.9), "wall_s": wall,
-            "requests": len(ttfts)}
+            "requests": len(ttfts),
+            "requests_per_replica": [a.get("vllm:request_success_total", 0) - b.get("vllm:request_success_total", 0)
+                                     for a, b in zip(after, before)]}
 
 
 def main() -> None:
@@ -213,7 +220,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=3000)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--users", type=int, default=8)
-    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--turns", type=int, default=6)
     args = p.parse_args()
     import tempfile
 
