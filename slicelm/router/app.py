@@ -49,7 +49,8 @@ class Router:
         self.stats = RequestStatsMonitor(cfg.request_stats_window)
         self.pool = BackendPool(discovery or cfg.build_discovery(), cfg.pool)
         self.admission = Admission(self.pool, cfg.max_inflight_per_replica, cfg.max_queue_size, cfg.queue_timeout)
-        self.logic = make_logic(cfg.routing_logic, self.stats, cfg.session_key, cfg.prefix_min_match_length)
+        self.logic = make_logic(cfg.routing_logic, self.stats, cfg.session_key, cfg.prefix_min_match_length,
+                                cfg.prefix_max_imbalance)
         self.metrics = RouterMetrics()
         self.proxy = Proxy(self.pool, self.logic, self.admission, self.stats, self.metrics, cfg.proxy)
         self._api_key = cfg.api_key.encode() if cfg.api_key else None

@@ -46,6 +46,9 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--session-key", default=None, help="header (then body field) that identifies a session")
     r.add_argument("--prefix-min-match-length", type=int, default=0,
                    help="prefixaware: below this many matched characters, route to the least-loaded replica")
+    r.add_argument("--prefix-max-imbalance", type=float, default=4,
+                   help="prefixaware: leave the prefix's replica when it has this many more requests in flight "
+                        "(scraped + router) than the least-loaded one")
     r.add_argument("--engine-stats-interval", type=float, default=30, help="seconds between /metrics scrapes")
     r.add_argument("--request-stats-window", type=float, default=60, help="sliding window (s) of request stats")
     r.add_argument("--log-stats", action="store_true", help="log per-backend stats periodically")

@@ -33,6 +33,7 @@ class RouterConfig:
     routing_logic: str = "roundrobin"
     session_key: str | None = None
     prefix_min_match_length: int = 0
+    prefix_max_imbalance: float = 4
     request_stats_window: float = 60.0
     api_key: str | None = None
     max_inflight_per_replica: int = 256
@@ -76,6 +77,7 @@ class RouterConfig:
                 raise ValueError(f"{flag}: must be > 0 (got {v})")
         non_negative = {"--max-instance-failover-reroute-attempts": self.proxy.max_failover,
                         "--prefix-min-match-length": self.prefix_min_match_length,
+                        "--prefix-max-imbalance": self.prefix_max_imbalance,
                         "--max-inflight-per-replica": self.max_inflight_per_replica,
                         "--max-queue-size": self.max_queue_size}
         for flag, v in non_negative.items():
@@ -94,6 +96,7 @@ class RouterConfig:
             static_model_types=_csv(a.static_model_types), stack=a.stack, k8s_namespace=a.k8s_namespace,
             k8s_label_selector=a.k8s_label_selector, k8s_port=a.k8s_port, routing_logic=a.routing_logic,
             session_key=a.session_key, prefix_min_match_length=a.prefix_min_match_length,
+            prefix_max_imbalance=a.prefix_max_imbalance,
             request_stats_window=a.request_stats_window,
             api_key=a.api_key or os.environ.get("VLLM_API_KEY") or os.environ.get("SLICELM_API_KEY"),
             max_inflight_per_replica=a.max_inflight_per_replica, max_queue_size=a.max_queue_size,

@@ -73,7 +73,9 @@ class Proxy:
         self.config = config
 
     def _avg_latency(self, model: str) -> float:
-        lat = [self.stats.get().get(b.url) for b in self.pool.candidates(model)[:4]]
+        """Mean latency of the model's replicas in the stats window (for Retry-After; only on refusals)."""
+        stats = self.stats.get()
+        lat = [stats.get(b.url) for b in self.pool.candidates(model)]
         vals = [s.avg_latency for s in lat if s and s.avg_latency]
         return sum(vals) / len(vals) if vals else 1.0
 
@@ -81,7 +83,7 @@ class Proxy:
                       t_in: float, priority: int) -> web.StreamResponse:
         model = rreq.model
         try:
-            await self.admission.acquire(model, priority, self._avg_latency(model))
+            await self.admission.acquire(model, priority, lambda: self._avg_latency(model))
         except QueueRejected as e:
             return error_response(429, str(e), code=e.code,
                                   headers={"Retry-After": str(e.retry_after), "X-Request-Id": request_id})

@@ -8,6 +8,7 @@ import asyncio
 import heapq
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from slicelm.router.backends import Backend, BackendPool
@@ -67,14 +68,14 @@ class Admission:
         waiting = self.queued(model) + 1
         return max(1, min(60, math.ceil(waiting * max(avg_latency, 0.1) / (replicas * max(1, self.cap)))))
 
-    async def acquire(self, model: str, priority: int, avg_latency: float = 1.0) -> None:
+    async def acquire(self, model: str, priority: int, avg_latency: Callable[[], float] = lambda: 1.0) -> None:
         """Returns when ``model`` has a free replica slot for this request (the caller takes it at once)."""
         q = self._queues.get(model)
         if not q and self._capacity(model) > 0:
             return
         if self.queued(model) >= self.max_queue:
             raise QueueRejected(f"the queue for model '{model}' is full ({self.max_queue} waiting)",
-                                self.retry_after(model, avg_latency), "queue_full")
+                                self.retry_after(model, avg_latency()), "queue_full")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(priority, next(self._seq), fut)
         heapq.heappush(self._queues.setdefault(model, []), waiter)
@@ -83,7 +84,7 @@ class Admission:
         except TimeoutError:
             self._drop(model, waiter)
             raise QueueRejected(f"waited {self.timeout:g} s in the queue for model '{model}'",
-                                self.retry_after(model, avg_latency), "queue_timeout") from None
+                                self.retry_after(model, avg_latency()), "queue_timeout") from None
         except asyncio.CancelledError:
             self._drop(model, waiter)
             raise

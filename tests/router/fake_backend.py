@@ -70,7 +70,8 @@ def build(args: argparse.Namespace) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", metrics)
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/score", "/score", "/v1/rerank",
+                 "/rerank", "/v2/rerank", "/tokenize", "/detokenize"):
         app.router.add_post(path, generate)
     return app
 

@@ -128,3 +128,18 @@ def test_metrics_parse_with_production_stack_names(stack) -> None:  # type: igno
     assert "router_cpu_usage_percent" in samples and "router_memory_usage_percent" in samples
     healthy = {lab["server"] for lab in samples["vllm:healthy_pods_total"]}
     assert healthy == {a.url, b.url, e.url}
+
+
+@pytest.mark.parametrize("path", ["/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank", "/v1/embeddings"])
+def test_pooling_routes_are_forwarded_by_model(stack, path: str) -> None:  # type: ignore[no-untyped-def]
+    e, router = stack[2], stack[3]
+    r = post(router, path, {"model": "embed", "query": "q", "documents": ["a"], "text_1": "a", "text_2": "b"})
+    assert r.status_code == 200 and r.json()["port"] == e.port
+
+
+def test_tokenize_routes_by_model(stack) -> None:  # type: ignore[no-untyped-def]
+    a, b, e, router = stack
+    assert post(router, "/tokenize", {"model": "embed", "prompt": "x"}).json()["port"] == e.port
+    assert post(router, "/detokenize", {"model": "chat", "tokens": [1]}).json()["port"] in (a.port, b.port)
+    r = post(router, "/tokenize", {"prompt": "x"})  # two models: which one is ambiguous
+    assert r.status_code == 400 and err(r)["param"] == "model"

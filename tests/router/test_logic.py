@@ -152,3 +152,17 @@ def test_prompt_text_joins_chat_messages() -> None:
 def test_unknown_logic_names_the_flag() -> None:
     with pytest.raises(ValueError, match="--routing-logic"):
         make_logic("kvaware", RequestStatsMonitor(60))
+
+
+def test_prefixaware_affinity_yields_to_load_past_the_imbalance() -> None:
+    logic = make_logic("prefixaware", RequestStatsMonitor(60), prefix_max_imbalance=2)
+    bs = backends("http://a:1", "http://b:2")
+    system = chunk("s") * 2
+    home = logic.route(bs, req({"prompt": system + "user one"}))
+    home.in_flight = 2
+    assert logic.route(bs, req({"prompt": system + "user two"})) is home  # 2 more: within the bound
+    home.in_flight = 3
+    other = logic.route(bs, req({"prompt": system + "user three" + chunk("t")}))
+    assert other is not home  # 3 more: spill to the least loaded ...
+    home.in_flight = 0
+    assert logic.route(bs, req({"prompt": system + "user three" + chunk("t") + "more"})) is other  # ... which keeps it

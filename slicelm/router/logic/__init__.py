@@ -20,9 +20,10 @@ __all__ = ["LOGICS", "RoutingLogic", "RoutingRequest", "make_logic"]
 
 
 def make_logic(name: str, stats: RequestStatsMonitor, session_key: str | None = None,
-               prefix_min_match_length: int = 0) -> RoutingLogic:
+               prefix_min_match_length: int = 0, prefix_max_imbalance: float = 4) -> RoutingLogic:
     if name not in LOGICS:
         raise ValueError(f"--routing-logic: unknown value {name!r} (choose from {', '.join(LOGICS)})")
     if name == "prefixaware":
-        return PrefixAwareLogic(stats, session_key, prefix_min_match_length=prefix_min_match_length)
+        return PrefixAwareLogic(stats, session_key, prefix_min_match_length=prefix_min_match_length,
+                                max_imbalance=prefix_max_imbalance)
     return LOGICS[name](stats, session_key)

@@ -2,7 +2,10 @@
 
 A request goes to an endpoint holding its longest known prefix (the least loaded of them); below
 ``--prefix-min-match-length`` characters, or with no match, it goes to the least-loaded endpoint, and the prompt is
-recorded either way. The trie is bounded: past ``max_nodes`` the least recently used nodes are dropped.
+recorded either way. Affinity yields to load past ``--prefix-max-imbalance``: when the holder has that many more
+requests than the least-loaded endpoint (a shared system prompt would otherwise pull every conversation onto one
+replica), the least-loaded one takes the request and from then on holds its prefix too.
+The trie is bounded: past ``max_nodes`` the least recently used nodes are dropped.
 """
 
 from __future__ import annotations
@@ -126,18 +129,23 @@ def prompt_text(body: dict[str, Any]) -> str:
 class PrefixAwareLogic(RoutingLogic):
     name = "prefixaware"
 
-    def __init__(self, *args, prefix_min_match_length: int = 0, max_nodes: int = 200_000, **kwargs) -> None:
+    def __init__(self, *args, prefix_min_match_length: int = 0, max_imbalance: float = 4,
+                 max_nodes: int = 200_000, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.min_match = prefix_min_match_length
+        self.max_imbalance = max_imbalance
         self.trie = PrefixTrie(max_nodes=max_nodes)
 
     def route(self, backends: list[Backend], req: RoutingRequest) -> Backend:
         text = prompt_text(req.body)
         by_url = {b.url: b for b in backends}
         matched, holders = self.trie.longest_match(text, set(by_url))
+        least = self.least_loaded(backends)
         if matched == 0 or matched < self.min_match:
-            chosen = self.least_loaded(backends)
+            chosen = least
         else:
             chosen = self.least_loaded([by_url[u] for u in sorted(holders)])
+            if chosen.load() - least.load() > self.max_imbalance:
+                chosen = least
         self.trie.insert(text, chosen.url)
         return chosen
