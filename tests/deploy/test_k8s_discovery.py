@@ -110,7 +110,7 @@ def set_ready(pod: dict, ready: bool) -> dict:
     return pod
 
 
-async def until(check: Callable[[], bool], what: str, timeout: float = 5.0) -> float:
+async def until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> float:
     t0 = time.monotonic()
     while not check():
         if time.monotonic() - t0 > timeout:
