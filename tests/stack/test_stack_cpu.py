@@ -1,6 +1,6 @@
 """A real stack on the CPU from one file: SmolLM2 (chat) + MiniLM (embeddings) + a random BERT cross-encoder.
 
-`slicelm up --detach`, requests to each model (through the router when it is installed), `ps --format json`,
+`slicelm up --detach`, requests to each model (through the router's one URL), `ps --format json`,
 kill -9 of one replica -> restarted within 10 s while the others keep answering, `down` -> no process left.
 """
 
@@ -82,9 +82,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
 
 
 def url_of(st: dict, model: str) -> str:
-    if st["router"]:
-        return st["router"]["url"]
-    return next(r["url"] for r in st["replicas"] if r["model"] == model)
+    """Every model answers through the stack's one URL: the router that `up` started."""
+    assert st["router"], "slicelm up started no router"
+    return st["router"]["url"]
 
 
 def chat(url: str) -> str:
@@ -107,7 +107,7 @@ def rerank(url: str, model: str) -> list[dict]:
 
 def test_ps_json_contract(stack) -> None:
     st = ps(stack["run_dir"])
-    assert st["router"] is None or set(st["router"]) >= {"url"}
+    assert set(st["router"]) >= {"url"} and st["router"]["url"].startswith("http://127.0.0.1:")
     assert [(r["model"], r["replica"]) for r in st["replicas"]] == [("chat", 0), ("embed", 0), ("rerank", 0)]
     for r in st["replicas"]:
         assert {"model", "replica", "pid", "url", "state", "restarts", "gpus", "memory_mib", "cores"} <= set(r)
