@@ -76,7 +76,7 @@ class Request:
     num_pending: int = 0  # trailing PLACEHOLDER tokens, sampled on the device but not read back yet
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
     stop_reason: int | str | None = None
-    block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
+    block_hashes: list[bytes] = field(default_factory=list)  # chained sha256 hashes of full blocks
     logprobs: list[dict[int, Any]] | None = None
     cumulative_logprob: float = 0.0
     pooled: torch.Tensor | None = None
