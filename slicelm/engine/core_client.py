@@ -64,6 +64,7 @@ class _SocketCoreClient:
         self.decoder = outputs_decoder()
         self.bytes_received = 0  # bytes of output messages taken from the core (O(length) checks)
         self.messages_received = 0
+        self.max_message_bytes = 0
         self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self._closing = False
@@ -103,8 +104,10 @@ class _SocketCoreClient:
                 frame = self.out_sock.recv(copy=False)
             except zmq.ZMQError:
                 return
-            self.bytes_received += len(frame.buffer)
+            size = len(frame.buffer)
+            self.bytes_received += size
             self.messages_received += 1
+            self.max_message_bytes = max(self.max_message_bytes, size)
             msg = self.decoder.decode(frame.buffer)
             self._deliver(loop, callback, msg)
             if msg.dead_error is not None:
@@ -144,6 +147,7 @@ class MPCoreClient(_SocketCoreClient):
                                args=(args, f"ipc://{self._dir}/in", f"ipc://{self._dir}/out", writer, os.getpid()))
         self.proc.start()
         writer.close()
+        logger.info("engine core process started (pid %d)", self.proc.pid)
 
     def wait_ready(self, timeout: float | None = None) -> EngineCoreInfo:
         """Blocks until the core has loaded; raises its load error (a ``ValueError`` stays one)."""
