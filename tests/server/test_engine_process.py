@@ -86,6 +86,7 @@ def test_a_2000_token_stream_costs_linear_ipc(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- start-up errors
+@pytest.mark.slow
 def test_serve_exits_with_the_core_load_error(tmp_path: Path) -> None:
     bad = tiny_model(tmp_path / "bad", {**TINY_LLAMA, "architectures": ["NoSuchForCausalLM"]})
     t0 = time.monotonic()
