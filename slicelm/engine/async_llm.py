@@ -294,10 +294,20 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------ core outputs (event loop)
     def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._loop is None:
-            self._loop = loop
-            self.client.start_reader(loop, self._on_core_message)
-        assert self._loop is loop, "AsyncLLM serves one event loop"
+        """Outputs go to the loop of the callers; requests of a loop that was closed meanwhile are dropped."""
+        if self._loop is loop:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError("AsyncLLM serves one event loop at a time")
+        self._loop = loop
+        for state in self._states.values():
+            state.stream.finished = True
+            if not state.stream.released:
+                state.stream.released = True
+                self._num_active -= 1
+        self.client.abort_requests(self.output_processor.abort(list(self._states)))
+        self._states.clear()
+        self.client.start_reader(loop, self._on_core_message)
 
     def _on_loop(self, fn: Any) -> None:
         loop = self._loop

@@ -67,6 +67,7 @@ class _SocketCoreClient:
         self.max_message_bytes = 0
         self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
+        self._target: tuple[asyncio.AbstractEventLoop, OutputCallback] | None = None
         self._closing = False
 
     # ----------------------------------------------------------------- requests in
@@ -82,13 +83,14 @@ class _SocketCoreClient:
 
     # ----------------------------------------------------------------- outputs out
     def start_reader(self, loop: asyncio.AbstractEventLoop, callback: OutputCallback) -> None:
-        """Starts handing output messages (or the core's death) to ``callback`` on ``loop``."""
-        assert self._reader is None, "the reader runs already"
-        self._reader = threading.Thread(target=self._read, args=(loop, callback), name="slicelm-core-reader",
-                                        daemon=True)
-        self._reader.start()
+        """Hands output messages (or the core's death) to ``callback`` on ``loop`` from now on (a later
+        call moves delivery to another loop, e.g. after the first one was closed)."""
+        self._target = (loop, callback)
+        if self._reader is None:
+            self._reader = threading.Thread(target=self._read, name="slicelm-core-reader", daemon=True)
+            self._reader.start()
 
-    def _read(self, loop: asyncio.AbstractEventLoop, callback: OutputCallback) -> None:
+    def _read(self) -> None:
         while not self._closing:
             try:
                 ready = self.out_sock.poll(READ_POLL_MS)
@@ -97,7 +99,7 @@ class _SocketCoreClient:
             if not ready:
                 reason = self.death_reason()
                 if reason is not None and not self._closing:
-                    self._deliver(loop, callback, EngineDeadError(reason))
+                    self._deliver(EngineDeadError(reason))
                     return
                 continue
             try:
@@ -109,13 +111,13 @@ class _SocketCoreClient:
             self.messages_received += 1
             self.max_message_bytes = max(self.max_message_bytes, size)
             msg = self.decoder.decode(frame.buffer)
-            self._deliver(loop, callback, msg)
+            self._deliver(msg)
             if msg.dead_error is not None:
                 return
 
-    @staticmethod
-    def _deliver(loop: asyncio.AbstractEventLoop, callback: OutputCallback,
-                 item: EngineCoreOutputs | EngineDeadError) -> None:
+    def _deliver(self, item: EngineCoreOutputs | EngineDeadError) -> None:
+        assert self._target is not None
+        loop, callback = self._target
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens any more
             loop.call_soon_threadsafe(callback, item)
 
