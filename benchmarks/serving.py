@@ -129,7 +129,8 @@ def launch(args: argparse.Namespace, model_path: str, extra: list[str]) -> tuple
     cmd = [sys.executable, "-m", "slicelm.entrypoints.cli", "serve", model_path, "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", args.model, "--max-model-len", str(args.max_model_len),
            "--max-num-seqs", str(args.max_num_seqs), "--disable-access-log", "--uvicorn-log-level", "warning",
-           "--max-waiting-requests", str(max(4 * args.max_num_seqs, args.num_requests)), *extra]
+           "--max-waiting-requests", str(max(4 * args.max_num_seqs, args.num_requests)),
+           "--engine-process", *extra]  # the engine core in its own process (the default, said explicitly)
     if args.device:
         cmd += ["--device", args.device]
     proc = subprocess.Popen(cmd)
@@ -210,7 +211,7 @@ def main() -> None:
                      "prompts_per_rate": "workload A prompts, token ids shifted by 7919*k mod 10000 at rate k",
                      "sampling": {"temperature": 0.0, "ignore_eos": True}, "endpoint": "/v1/completions stream",
                      "server": {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
-                                "extra": args.server_args}},
+                                "engine_core": "own process (pyzmq + msgpack deltas)", "extra": args.server_args}},
         "runs": runs,
         "output_tokens_per_s": best["output_tokens_per_s"], "total_tokens_per_s": best["total_tokens_per_s"],
         "ttft_p99_knee_rate": knee,

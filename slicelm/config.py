@@ -75,6 +75,10 @@ class EngineArgs:
     # Overlap host scheduling of step N+1 with device work of step N (default: on for CUDA).
     async_scheduling: bool | None = None
     chat_template: str | None = None
+    # Attention backend: auto (Triton on CUDA, torch on CPU), torch or triton, and the Triton knobs.
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    attention_flash_prefill: bool = False
+    attention_decode_splits: int | None = None
     # Pooling models (embeddings / cross-encoders)
     pooling_type: Literal["MEAN", "CLS", "LAST"] | None = None
     normalize: bool | None = None
@@ -101,6 +105,10 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}")
+        if self.attention_decode_splits is not None and self.attention_decode_splits < 1:
+            raise ValueError(f"attention_decode_splits must be >= 1, got {self.attention_decode_splits}")
         if self.task not in ("auto", "generate", "embed", "score"):
             raise ValueError(f"task must be one of auto, generate, embed, score; got {self.task!r}")
         self.gpu_memory_budget = parse_size(self.gpu_memory_budget)
@@ -112,7 +120,9 @@ class EngineArgs:
         """Adds vLLM-named engine flags (``--max-model-len`` …) to ``parser``."""
         d = EngineArgs()
         g = parser.add_argument_group("engine")
-        g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+        g.add_argument("--tokenizer", default=None,
+                       help="tokenizer: a directory with tokenizer.json, a .gguf file or a bundled name "
+                            "(default: the model's)")
         g.add_argument("--served-model-name", nargs="+", default=None,
                        help="names the model is served under; the first is used in metrics")
         g.add_argument("--skip-tokenizer-init", action="store_true")
@@ -140,6 +150,12 @@ class EngineArgs:
         g.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
                        help="dummy: random weights from config.json alone (benchmarks)")
         g.add_argument("--chat-template", default=None, help="path to a Jinja chat template, or the template")
+        g.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "torch", "triton"])
+        g.add_argument("--attention-flash-prefill", action=argparse.BooleanOptionalAction,
+                       default=d.attention_flash_prefill,
+                       help="Triton backend: run prefix-free prefills with torch's varlen flash attention")
+        g.add_argument("--attention-decode-splits", type=int, default=None,
+                       help="Triton backend: fixed split-KV count of the decode kernel (default: by context length)")
         g.add_argument("--pooling-type", default=None, choices=["MEAN", "CLS", "LAST"])
         g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
         g.add_argument("--disable-log-stats", action="store_true")

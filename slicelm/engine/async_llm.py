@@ -1,28 +1,34 @@
-"""``AsyncLLM``: runs ``LLMEngine.step()`` in a background thread and streams outputs to asyncio callers.
+"""``AsyncLLM``: the server's ``EngineClient`` — a thin client of an engine core, an output processor,
+and admission control / stats.
 
-Requests enter through a thread-safe queue of commands (add / abort); the engine-loop thread drains it
-between steps, so the engine itself is only ever touched by that one thread. Each request has a
-``RequestStream`` (an asyncio queue living on the caller's event loop); the loop thread hands outputs to
-it with ``loop.call_soon_threadsafe``. ``add_request`` waits for the engine to accept the request, so
-validation errors (``SamplingParamsError``, ``PromptTooLongError`` …) surface in the caller before any
-response is started. A caller that stops iterating (client disconnect, timeout, cancellation) releases
-its stream, which aborts the request in the engine at once and frees its KV blocks.
+The core runs in its own process by default (``MPCoreClient``; ``ThreadCoreClient`` runs it in a thread).
+``add_request`` validates and tokenizes here (``InputProcessor``), so errors surface before a response
+starts, and sends the sequences to the core without waiting for it. The core's per-step deltas arrive
+on the event loop (one callback per step), where the ``OutputProcessor`` detokenizes them, checks stop
+strings and hands each request's ``RequestStream`` its delta. A caller that stops iterating releases
+its stream, which aborts the request in the core at once. If the core dies, every open stream and
+every later ``add_request`` gets ``EngineDeadError``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import logging
-import queue
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from slicelm.engine.core_messages import EngineCoreInfo, EngineCoreOutputs
+from slicelm.engine.input_processor import InputProcessor
+from slicelm.engine.output_processor import EngineCoreRequestError, OutputProcessor
+from slicelm.engine.protocol import EngineDeadError as EngineDeadError
+from slicelm.engine.protocol import EngineOverloadedError as EngineOverloadedError
+from slicelm.engine.protocol import StatListener as StatListener
 from slicelm.engine.request import CompletionOutput, PoolingOutput, RequestOutput
-from slicelm.engine.stats import EngineStats, FinishedRequestStats, IterationStats
+from slicelm.engine.stats import EngineStats, FinishedRequestStats
+from slicelm.engine.stats import IterationStats as IterationStats
 
 if TYPE_CHECKING:
     from slicelm.config import EngineArgs
@@ -32,28 +38,43 @@ logger = logging.getLogger(__name__)
 Output = RequestOutput | PoolingOutput
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop thread has died (or was shut down); no request can be served."""
-
-
-class EngineOverloadedError(RuntimeError):
-    """The waiting queue is full (``max_waiting_requests``); retry later."""
-
-
-StatListener = Callable[[EngineStats, IterationStats], None]
+def merge_deltas(items: list[RequestOutput]) -> RequestOutput:
+    """One delta out of consecutive deltas of a request (texts and lists concatenated per choice)."""
+    if len(items) == 1:
+        return items[0]
+    by_index: dict[int, list[CompletionOutput]] = {}
+    for item in items:
+        for o in item.outputs:
+            by_index.setdefault(o.index, []).append(o)
+    outputs = []
+    for index, parts in sorted(by_index.items()):
+        last = parts[-1]
+        logprobs = None
+        if last.logprobs is not None:
+            logprobs = [lp for p in parts for lp in (p.logprobs or [])]
+        outputs.append(CompletionOutput(index, "".join(p.text for p in parts),
+                                        [t for p in parts for t in p.token_ids], last.cumulative_logprob,
+                                        logprobs, last.finish_reason, last.stop_reason))
+    last_item = items[-1]
+    return RequestOutput(last_item.request_id, last_item.prompt, last_item.prompt_token_ids, outputs,
+                         last_item.finished, last_item.metrics, last_item.num_cached_tokens)
 
 
 class RequestStream:
-    """Outputs of one request, in order; consecutive cumulative outputs are coalesced (latest wins)."""
+    """Deltas of one request, in order; deltas that pile up while the caller is busy are merged."""
 
     def __init__(self, request_id: str, n: int, loop: asyncio.AbstractEventLoop) -> None:
         self.request_id = request_id
         self.n = n
         self.loop = loop
-        self.queue: asyncio.Queue[Output | BaseException] = asyncio.Queue()
-        self.accepted: asyncio.Future[None] = loop.create_future()
+        self._items: collections.deque[Output | BaseException] = collections.deque()
+        self._ready = asyncio.Event()
         self.finished = False
         self.released = False
+
+    def put(self, item: Output | BaseException) -> None:
+        self._items.append(item)
+        self._ready.set()
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -61,31 +82,21 @@ class RequestStream:
     async def __anext__(self) -> Output:
         if self.finished:
             raise StopAsyncIteration
-        item = await self.queue.get()
-        while not isinstance(item, BaseException) and not self.queue.empty():
-            item = self.queue.get_nowait()
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
         if isinstance(item, BaseException):
             self.finished = True
             raise item
+        if isinstance(item, RequestOutput):
+            batch = [item]
+            while self._items and isinstance(self._items[0], RequestOutput):
+                batch.append(self._items.popleft())  # type: ignore[arg-type]
+            item = merge_deltas(batch)
         if item.finished:
             self.finished = True
         return item
-
-
-@dataclass
-class _Add:
-    request_id: str
-    prompt: Any
-    params: Any
-    arrival_time: float
-    priority: int
-    stream: RequestStream
-
-
-@dataclass
-class _Abort:
-    request_ids: list[str]
-    notify: bool  # send a final "abort" output to the stream (server-initiated aborts)
 
 
 @dataclass
@@ -93,121 +104,129 @@ class _ReqState:
     stream: RequestStream
     arrival_time: float
     n: int
+    num_prompt_tokens: int
     num_tokens: int = 0
     last_token_time: float | None = None
     first_token_time: float | None = None
-    last_output: Output | None = None
-
-
-def _safe_set(fut: asyncio.Future[Any], exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(exc)
+    first_scheduled_time: float | None = None
+    reasons: set[str] = field(default_factory=set)
 
 
 class AsyncLLM:
-    """Asynchronous front of an ``LLMEngine`` (or anything with its interface)."""
+    """The ``EngineClient`` of one engine core (see the module docstring)."""
 
-    def __init__(self, engine: Any, max_waiting_requests: int | None = None, start: bool = True) -> None:
-        self.engine = engine
-        max_num_seqs = getattr(getattr(engine, "scheduler_config", None), "max_num_seqs", None) or 256
-        self.max_num_seqs = int(max_num_seqs)
+    def __init__(self, client: Any, info: EngineCoreInfo, tokenizer: Any | None,
+                 max_waiting_requests: int | None = None) -> None:
+        self.client = client
+        self.info = info
+        self.tokenizer = tokenizer
+        self.model_config = info.model_config
+        self.cache_config = info.cache_config
+        self.scheduler_config = info.scheduler_config
+        self.max_num_seqs = int(info.scheduler_config.max_num_seqs)
         self.max_waiting_requests = max_waiting_requests if max_waiting_requests is not None \
-            else 4 * max_num_seqs
+            else 4 * self.max_num_seqs
         if self.max_waiting_requests < 0:
             raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
-        self._inputs: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._pending = 0  # adds not yet reflected in an engine stats snapshot
+        self.input_processor = InputProcessor(info, tokenizer)
+        self.output_processor = OutputProcessor(tokenizer)
+        self._states: dict[str, _ReqState] = {}
+        self._num_active = 0  # streams handed out and not yet released
+        self._num_sent = 0  # sequences sent to the core
+        self._num_taken = 0  # sequences the core has taken (from its last message)
         self._engine_waiting = 0
         self._engine_running = 0
-        self._num_active = 0  # streams handed out and not yet released (event-loop side)
-        self._states: dict[str, _ReqState] = {}  # loop-thread side
         self._listeners: list[StatListener] = []
-        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._dead: BaseException | None = None
+        self._shut_down = False
         self.last_stats = EngineStats(timestamp=time.time())
-        self._thread = threading.Thread(target=self._run, name="slicelm-engine-loop", daemon=True)
-        if start:
-            self._thread.start()
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs, max_waiting_requests: int | None = None) -> AsyncLLM:
-        from slicelm.engine.engine import LLMEngine
+    def from_engine_args(cls, args: EngineArgs, max_waiting_requests: int | None = None,
+                         multiprocess: bool = True) -> AsyncLLM:
+        """Starts the core (its own process unless ``multiprocess=False``), loads the tokenizer meanwhile,
+        and waits for the core; a load error in the core is raised here."""
+        from slicelm.engine.core_client import MPCoreClient, ThreadCoreClient
+        from slicelm.engine.engine import load_api_tokenizer
 
-        return cls(LLMEngine.from_engine_args(args), max_waiting_requests=max_waiting_requests)
+        if multiprocess:
+            client: Any = MPCoreClient(args)
+        else:
+            from slicelm.engine.core import EngineCore
 
-    # ------------------------------------------------------------------ properties
-    @property
-    def tokenizer(self) -> Any:
-        return self.engine.tokenizer
+            client = ThreadCoreClient(EngineCore(args))
+        try:
+            tokenizer = load_api_tokenizer(args)
+            info = client.wait_ready()
+        except BaseException:
+            client.shutdown()
+            raise
+        return cls(client, info, tokenizer, max_waiting_requests=max_waiting_requests)
 
-    @property
-    def model_config(self) -> Any:
-        return self.engine.model_config
+    @classmethod
+    def from_core(cls, core: Any, tokenizer: Any | None, max_waiting_requests: int | None = None) -> AsyncLLM:
+        """Over an already built core object (an ``EngineCore`` or a test fake), run in a thread."""
+        from slicelm.engine.core_client import ThreadCoreClient
 
-    @property
-    def cache_config(self) -> Any:
-        return self.engine.cache_config
+        client = ThreadCoreClient(core)
+        return cls(client, client.wait_ready(), tokenizer, max_waiting_requests=max_waiting_requests)
 
+    # ------------------------------------------------------------------ state
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and self._dead is None and not self._stop.is_set()
+        return not self.errored and not self._shut_down
 
     @property
     def errored(self) -> bool:
-        return self._dead is not None or (self._thread.ident is not None and not self._thread.is_alive())
+        return self._dead is not None or self.client.death_reason() is not None
 
     @property
     def dead_error(self) -> BaseException | None:
+        if self._dead is None and (reason := self.client.death_reason()) is not None:
+            return EngineDeadError(reason)
         return self._dead
 
     @property
     def num_active_requests(self) -> int:
-        """Requests handed to callers and not yet released."""
         return self._num_active
 
     @property
     def num_waiting_estimate(self) -> int:
-        """Requests that will wait for a batch slot: engine's waiting + not yet added - free slots."""
-        with self._lock:
-            return self._waiting_locked()
-
-    def _waiting_locked(self) -> int:
+        """Sequences that will wait for a batch slot: the core's waiting + not yet taken - free slots."""
         free = max(0, self.max_num_seqs - self._engine_running)
-        return max(0, self._engine_waiting + self._pending - free)
+        pending = max(0, self._num_sent - self._num_taken)
+        return max(0, self._engine_waiting + pending - free)
 
     def add_stat_listener(self, listener: StatListener) -> None:
         self._listeners.append(listener)
 
-    # ------------------------------------------------------------------ public API
+    # ------------------------------------------------------------------ requests
     async def add_request(self, request_id: str, prompt: Any, params: Any, arrival_time: float | None = None,
                           priority: int = 0) -> RequestStream:
-        """Hands a request to the engine; returns once the engine accepted it (raises what it raised)."""
-        if self.errored or self._stop.is_set():
-            raise EngineDeadError(f"the engine loop is not running: {self._dead!r}")
-        with self._lock:
-            if self._waiting_locked() >= self.max_waiting_requests:
-                raise EngineOverloadedError(
-                    f"the server is overloaded: {self._waiting_locked()} requests are waiting "
-                    f"(max_waiting_requests={self.max_waiting_requests}); retry later")
-            self._pending += 1
-        stream = RequestStream(request_id, int(getattr(params, "n", 1) or 1), asyncio.get_running_loop())
+        """Validates the request and hands it to the core; returns its stream of deltas."""
+        loop = asyncio.get_running_loop()
+        self._attach(loop)
+        if self.errored or self._shut_down:
+            raise EngineDeadError(f"the engine is not running: {self.dead_error or 'it was shut down'}")
+        if request_id in self._states:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if self.num_waiting_estimate >= self.max_waiting_requests:
+            raise EngineOverloadedError(
+                f"the server is overloaded: {self.num_waiting_estimate} requests are waiting "
+                f"(max_waiting_requests={self.max_waiting_requests}); retry later")
+        req = self.input_processor.process(request_id, prompt, params, arrival_time or time.time(), priority)
+        stream = RequestStream(request_id, len(req.sequences), loop)
+        self.output_processor.add(req, stream=True)
+        self._states[request_id] = _ReqState(stream, req.arrival_time, len(req.sequences), len(req.prompt_token_ids))
         self._num_active += 1
-        self._inputs.put(_Add(request_id, prompt, params, arrival_time or time.time(), priority, stream))
-        try:
-            await asyncio.shield(stream.accepted)
-        except BaseException:
-            self.release(stream)
-            raise
+        self._num_sent += len(req.sequences)
+        self.client.add_requests(req.sequences)
         return stream
 
     async def generate(self, prompt: Any, params: Any, request_id: str, priority: int = 0,
                        arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Cumulative ``RequestOutput``s of one request until it finishes."""
+        """The deltas of one request until it finishes."""
         async for out in self._outputs(prompt, params, request_id, priority, arrival_time):
             yield out  # type: ignore[misc]
 
@@ -234,15 +253,28 @@ class AsyncLLM:
         self._num_active -= 1
         if not stream.finished:
             stream.finished = True
-            self._inputs.put(_Abort([stream.request_id], notify=False))
+            self._abort(stream.request_id, notify=False)
 
     def abort(self, request_ids: str | Iterable[str]) -> None:
         """Aborts requests; their streams get a final output with ``finish_reason="abort"``."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        self._inputs.put(_Abort(ids, notify=True))
+        self._on_loop(lambda: [self._abort(rid, notify=True) for rid in ids])
 
     def abort_all(self) -> None:
-        self._inputs.put(_Abort([], notify=True))  # empty list = everything in flight
+        self._on_loop(lambda: [self._abort(rid, notify=True) for rid in list(self._states)])
+
+    def _abort(self, request_id: str, notify: bool) -> None:
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return
+        indices = self.output_processor.unfinished_indices(request_id)
+        self.client.abort_requests(self.output_processor.abort([request_id]))
+        it = IterationStats(now=time.time())
+        self._finish_stats(state, "abort", it)
+        self._notify(it)
+        if notify:
+            outs = [CompletionOutput(i, "", [], finish_reason="abort") for i in indices]
+            state.stream.put(RequestOutput(request_id, None, [], outs, True))
 
     async def wait_idle(self, timeout: float) -> bool:
         """Waits until no stream is active; returns False on timeout."""
@@ -254,129 +286,102 @@ class AsyncLLM:
         return True
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._inputs.put(None)
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    # ------------------------------------------------------------------ engine-loop thread
-    def _run(self) -> None:
-        try:
-            self._publish(IterationStats(now=time.time()), 0)
-            while not self._stop.is_set():
-                busy = self.engine.has_unfinished_requests()
-                drained = self._drain_inputs(block=not busy)
-                if self._stop.is_set():
-                    break
-                it = IterationStats(now=time.time())
-                if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
-                    it.now = time.time()
-                    for out in outputs:
-                        self._route(out, it)
-                self._publish(it, drained)
-        except BaseException as e:
-            logger.exception("engine loop died")
-            self._dead = e
-        finally:
-            err = EngineDeadError(f"the engine loop stopped: {self._dead!r}" if self._dead else
-                                  "the engine was shut down")
-            for st in self._states.values():
-                self._send(st.stream, err)
-            self._states.clear()
-            while True:  # fail adds that never reached the engine
-                try:
-                    cmd = self._inputs.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(cmd, _Add):
-                    cmd.stream.loop.call_soon_threadsafe(_safe_set, cmd.stream.accepted, err)
-
-    def _drain_inputs(self, block: bool) -> int:
-        """Applies queued commands; returns how many adds it processed."""
-        cmds: list[_Add | _Abort | None] = []
-        try:
-            cmds.append(self._inputs.get(timeout=1.0) if block else self._inputs.get_nowait())
-            while True:
-                cmds.append(self._inputs.get_nowait())
-        except queue.Empty:
-            pass
-        adds = 0
-        for cmd in cmds:
-            if cmd is None:
-                continue
-            if isinstance(cmd, _Add):
-                adds += 1
-                self._do_add(cmd)
-            else:
-                self._do_abort(cmd)
-        return adds
-
-    def _do_add(self, cmd: _Add) -> None:
-        st = cmd.stream
-        if cmd.request_id in self._states:
-            err: BaseException | None = ValueError(f"request_id {cmd.request_id!r} is already in use")
-        else:
-            try:
-                self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, arrival_time=cmd.arrival_time,
-                                        priority=cmd.priority)
-                err = None
-                self._states[cmd.request_id] = _ReqState(st, cmd.arrival_time, st.n)
-            except Exception as e:  # validation errors go back to the caller
-                err = e
-        st.loop.call_soon_threadsafe(_safe_set, st.accepted, err)
-
-    def _do_abort(self, cmd: _Abort) -> None:
-        ids = cmd.request_ids or list(self._states)
-        present = [rid for rid in ids if rid in self._states]
-        if not present:
+        if self._shut_down:
             return
-        self.engine.abort_request(present)
+        self._shut_down = True
+        self.client.shutdown(timeout=min(timeout, 5.0))
+        self._on_loop(lambda: self._fail(EngineDeadError("the engine was shut down")))
+
+    # ------------------------------------------------------------------ core outputs (event loop)
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Outputs go to the loop of the callers; requests of a loop that was closed meanwhile are dropped."""
+        if self._loop is loop:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError("AsyncLLM serves one event loop at a time")
+        self._loop = loop
+        for state in self._states.values():
+            state.stream.finished = True
+            if not state.stream.released:
+                state.stream.released = True
+                self._num_active -= 1
+        self.client.abort_requests(self.output_processor.abort(list(self._states)))
+        self._states.clear()
+        self.client.start_reader(loop, self._on_core_message)
+
+    def _on_loop(self, fn: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            fn()
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            fn()
+        else:
+            loop.call_soon_threadsafe(fn)
+
+    def _on_core_message(self, msg: EngineCoreOutputs | EngineDeadError) -> None:
+        if isinstance(msg, EngineDeadError):
+            self._fail(msg)
+            return
+        if msg.dead_error is not None:
+            self._fail(EngineDeadError(f"the engine core failed: {msg.dead_error}"))
+            return
         now = time.time()
         it = IterationStats(now=now)
-        for rid in present:
-            state = self._states.pop(rid)
-            self._finish_stats(state, "abort", now, it, None)
-            if cmd.notify:
-                self._send(state.stream, _aborted_output(rid, state))
-        if it.finished:
-            self._notify(it)
+        processed = self.output_processor.process(msg.outputs, now)
+        if processed.abort_in_core:
+            self.client.abort_requests(processed.abort_in_core)
+        for rid, err in processed.errors.items():
+            state = self._states.pop(rid, None)
+            if state is not None:
+                self._finish_stats(state, "abort", it)
+                state.stream.put(EngineCoreRequestError(f"request {rid!r} failed in the engine core: {err}"))
+        for out in processed.outputs:
+            self._route(out, it)
+        if msg.stats is not None:
+            msg.stats.timestamp = now
+            self.last_stats = msg.stats
+            self._engine_waiting = msg.stats.num_waiting
+            self._engine_running = msg.stats.num_running
+        self._num_taken = msg.num_adds
+        self._notify(it)
 
     def _route(self, out: Output, it: IterationStats) -> None:
         state = self._states.get(out.request_id)
-        if state is None:  # aborted meanwhile
+        if state is None:  # released meanwhile
             return
-        state.last_output = out
+        m = out.metrics
+        if m is not None and m.first_scheduled_time is not None:
+            state.first_scheduled_time = m.first_scheduled_time
         if isinstance(out, RequestOutput):
-            num_tokens = sum(len(o.token_ids) for o in out.outputs)
-            new = num_tokens - state.num_tokens
+            new = sum(len(o.token_ids) for o in out.outputs)
+            state.reasons.update(o.finish_reason for o in out.outputs if o.finish_reason)
             if new > 0:
                 t = it.now
-                if state.first_token_time is None:  # measured here: the engine stamps before the forward
+                if state.first_token_time is None:
                     state.first_token_time = t
                     it.time_to_first_tokens.append(max(0.0, t - state.arrival_time))
                     new -= 1
                 if new > 0 and state.last_token_time is not None:
                     it.inter_token_latencies.extend([max(0.0, (t - state.last_token_time) / new)] * new)
                 state.last_token_time = t
-                state.num_tokens = num_tokens
+                state.num_tokens += sum(len(o.token_ids) for o in out.outputs)
         if out.finished:
             self._states.pop(out.request_id, None)
-            reason = "stop"
-            if isinstance(out, RequestOutput):
-                reasons = [o.finish_reason for o in out.outputs if o.finish_reason]
-                reason = "abort" if "abort" in reasons else ("length" if "length" in reasons else "stop")
-            self._finish_stats(state, reason, it.now, it, out)
-        self._send(state.stream, out)
+            r = state.reasons
+            reason = "abort" if "abort" in r else ("length" if "length" in r else "stop")
+            self._finish_stats(state, reason, it)
+        state.stream.put(out)
 
-    def _finish_stats(self, state: _ReqState, reason: str, now: float, it: IterationStats,
-                      out: Output | None) -> None:
-        out = out or state.last_output
-        m = getattr(out, "metrics", None)
-        num_prompt = len(out.prompt_token_ids) if out is not None else 0
-        f = FinishedRequestStats(reason, num_prompt, state.num_tokens, max(0.0, now - state.arrival_time))
-        first_tok, last_tok = state.first_token_time, state.last_token_time
-        sched = m.first_scheduled_time if m else None
+    def _finish_stats(self, state: _ReqState, reason: str, it: IterationStats) -> None:
+        now = it.now
+        f = FinishedRequestStats(reason, state.num_prompt_tokens, state.num_tokens,
+                                 max(0.0, now - state.arrival_time))
+        first_tok, last_tok, sched = state.first_token_time, state.last_token_time, state.first_scheduled_time
         if sched is not None:
             f.queue_time = max(0.0, sched - state.arrival_time)
             f.inference_time = max(0.0, now - sched)
@@ -389,16 +394,6 @@ class AsyncLLM:
                 f.time_per_output_token = f.decode_time / (per_seq - 1)
         it.finished.append(f)
 
-    def _publish(self, it: IterationStats, drained_adds: int) -> None:
-        stats = self.engine.get_stats()
-        stats.timestamp = it.now
-        with self._lock:
-            self._pending -= drained_adds
-            self._engine_waiting = stats.num_waiting
-            self._engine_running = stats.num_running
-        self.last_stats = stats
-        self._notify(it)
-
     def _notify(self, it: IterationStats) -> None:
         for listener in self._listeners:
             try:
@@ -406,18 +401,12 @@ class AsyncLLM:
             except Exception:
                 logger.exception("stat listener failed")
 
-    @staticmethod
-    def _send(stream: RequestStream, item: Output | BaseException) -> None:
-        with contextlib.suppress(RuntimeError):  # the caller's loop is closed
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-
-
-def _aborted_output(request_id: str, state: _ReqState) -> RequestOutput:
-    last = state.last_output
-    if isinstance(last, RequestOutput):
-        outs = [CompletionOutput(o.index, o.text, list(o.token_ids), o.cumulative_logprob, o.logprobs,
-                                 o.finish_reason or "abort", o.stop_reason) for o in last.outputs]
-        return RequestOutput(request_id, last.prompt, last.prompt_token_ids, outs, True, last.metrics,
-                             last.num_cached_tokens)
-    outs = [CompletionOutput(i, "", [], finish_reason="abort") for i in range(state.n)]
-    return RequestOutput(request_id, None, [], outs, True)
+    def _fail(self, err: BaseException) -> None:
+        if self._dead is None and not self._shut_down:
+            logger.error("engine core is dead: %s", err)
+        if self._dead is None:
+            self._dead = err
+        for state in self._states.values():
+            state.stream.put(err)
+        self._states.clear()
+        self.output_processor.abort(list(self.output_processor.parents))

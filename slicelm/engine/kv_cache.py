@@ -1,34 +1,47 @@
 """Paged KV cache bookkeeping: a block pool with prefix caching, and per-request block tables.
 
 The GPU/CPU tensors live in the model runner; this module only decides which block ids a request
-owns. Prefix caching follows vLLM v1: every *full* block gets a chained hash
-``hash((parent_hash, token_ids_of_block))``; a freed block keeps its hash and sits in an LRU free
-queue, so a later request with the same prefix takes it back (a "hit") unless it was evicted for
-reuse first. Only blocks whose contents have been (or are being, this step) computed are hashed.
+owns. Prefix caching follows vLLM v1: every *full* block gets a chained hash, sha256 over the
+msgpack encoding of ``(parent_hash, token_ids_of_block, extra_keys)`` — a cryptographic hash of an
+unambiguous serialization, so two different blocks never share a cache entry, by accident or on
+purpose (several tenants share a slice's cache; Python's ``hash`` of ints and tuples is predictable).
+A freed block keeps its hash and sits in an LRU free queue, so a later request with the same prefix
+takes it back (a "hit") unless it was evicted for reuse first. Only blocks whose contents have been
+(or are being, this step) computed are hashed.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import msgspec
 
 from slicelm.engine.request import Request
+
+BlockHash = bytes  # 32-byte sha256 digest
+_encode = msgspec.msgpack.Encoder().encode
 
 
 def cdiv(a: int, b: int) -> int:
     return -(a // -b)
 
 
-def hash_block(parent_hash: int | None, token_ids: Iterable[int]) -> int:
-    return hash((parent_hash, tuple(token_ids)))
+def hash_block(parent_hash: BlockHash | None, token_ids: Sequence[int], extra_keys: tuple[Any, ...] | None = None
+               ) -> BlockHash:
+    """sha256 of the msgpack encoding of (parent hash, token ids, extra keys): self-delimiting, so
+    different inputs never serialize alike, and chained, so a block's hash covers its whole prefix."""
+    return hashlib.sha256(_encode((parent_hash, token_ids, extra_keys))).digest()
 
 
 @dataclass(eq=False)
 class KVCacheBlock:
     block_id: int
     ref_cnt: int = 0
-    block_hash: int | None = None
+    block_hash: BlockHash | None = None
 
 
 class BlockPool:
@@ -40,7 +53,7 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
-        self.cached: dict[int, KVCacheBlock] = {}
+        self.cached: dict[BlockHash, KVCacheBlock] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -49,7 +62,7 @@ class BlockPool:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def get_cached_block(self, block_hash: int) -> KVCacheBlock | None:
+    def get_cached_block(self, block_hash: BlockHash) -> KVCacheBlock | None:
         return self.cached.get(block_hash)
 
     def get_new_blocks(self, n: int) -> list[KVCacheBlock]:
@@ -85,7 +98,7 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free_queue[block.block_id] = block
 
-    def cache_block(self, block: KVCacheBlock, block_hash: int) -> None:
+    def cache_block(self, block: KVCacheBlock, block_hash: BlockHash) -> None:
         assert block.block_hash is None
         block.block_hash = block_hash
         # Two requests may compute the same block in one step; the first one stays the hit target.

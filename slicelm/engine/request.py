@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -76,17 +76,12 @@ class Request:
     num_pending: int = 0  # trailing PLACEHOLDER tokens, sampled on the device but not read back yet
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
     stop_reason: int | str | None = None
-    block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
-    logprobs: list[dict[int, Any]] | None = None
-    cumulative_logprob: float = 0.0
-    pooled: torch.Tensor | None = None
+    block_hashes: list[bytes] = field(default_factory=list)  # chained sha256 hashes of full blocks
     metrics: RequestMetrics = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
-        if self.sampling_params is not None and self.sampling_params.logprobs is not None:
-            self.logprobs = []
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -172,7 +167,8 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """Cumulative state of a request after a step (offline API and servers compute deltas)."""
+    """What a request produced: a delta (streams: only what is new since its previous output) or, for
+    the offline API's ``stream=False`` requests, everything once it has finished."""
 
     request_id: str
     prompt: str | None

@@ -1,7 +1,9 @@
-"""Worker: builds everything an engine runs on — model, tokenizer, KV cache, runner, scheduler.
+"""Worker: owns the device, the model, the KV cache tensors and the model runner of one engine core.
 
-It resolves the model, picks device and dtype, loads weights, sizes the KV cache (on a GPU through
-the memory planner, on the CPU from a byte budget) and derives the scheduler limits.
+The engine core builds it in named steps: ``init_device`` → ``load_model`` (resolve the checkpoint,
+infer the task, build and load the model) → ``initialize_cache`` (plan memory, allocate the KV cache,
+build the runner, derive the scheduler limits) → ``make_scheduler``. Tokenizers are the API side's
+business: the worker never loads one.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from slicelm.engine.kv_cache import KVCacheManager, cdiv
 from slicelm.engine.pooling_runner import PoolingRunner
 from slicelm.engine.runner import ModelRunner, StepHandle
 from slicelm.engine.scheduler import Scheduler, SchedulerOutput
-from slicelm.loader.model_files import resolve_model
-from slicelm.loader.tokenizer import load_tokenizer
+from slicelm.loader.model_files import ModelSource, resolve_model
 from slicelm.models.registry import get_model_class, is_pooling_architecture
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
             p.normal_(0.0, 0.02, generator=gen)
 
 
-def _infer_task(args: EngineArgs, architecture: str) -> str:
+def infer_task(args: EngineArgs, architecture: str) -> str:
     if args.task != "auto":
         return args.task
     if is_pooling_architecture(architecture):
@@ -57,104 +58,133 @@ def _infer_task(args: EngineArgs, architecture: str) -> str:
     return "generate"
 
 
+def model_eos_token_ids(source: ModelSource) -> set[int]:
+    """eos ids named by generation_config.json (or config.json); the tokenizer's are added by the API side."""
+    gen_eos = source.generation_config.get("eos_token_id", source.config.get("eos_token_id"))
+    if gen_eos is None:
+        return set()
+    return {int(t) for t in (gen_eos if isinstance(gen_eos, list) else [gen_eos])}
+
+
+def _max_positions(source: ModelSource, hf_config: dict, pooling: bool) -> int:
+    max_pos = int(hf_config.get("max_position_embeddings") or 2048)
+    if pooling:
+        from slicelm.models.bert import _is_roberta
+
+        if _is_roberta(hf_config):  # XLM-R positions start after padding_idx: 8194 -> 8192 usable
+            pad = hf_config.get("pad_token_id")
+            max_pos -= (1 if pad is None else int(pad)) + 1
+        if getattr(source, "max_seq_length", None):
+            max_pos = min(max_pos, int(source.max_seq_length))
+    return max_pos
+
+
 class Worker:
     def __init__(self, args: EngineArgs) -> None:
-        t0 = time.perf_counter()
-        torch.manual_seed(args.seed)
-        self.device = pick_device(args.device)
+        self.args = args
+        self.t0 = time.perf_counter()
+        self.memory_plan = None
+
+    # ------------------------------------------------------------------------- build steps
+    def init_device(self) -> None:
+        torch.manual_seed(self.args.seed)
+        self.device = pick_device(self.args.device)
+
+    def load_model(self) -> None:
+        """Resolves the checkpoint, infers the task, builds the model and loads (or randomizes) its weights."""
+        args = self.args
         source = resolve_model(args.model, args.load_format)
         hf_config = source.config
         architectures = hf_config.get("architectures") or []
         model_cls = get_model_class(architectures)  # raises with the list of supported ones
         architecture = architectures[0]
-        task = _infer_task(args, architecture)
+        task = infer_task(args, architecture)
         pooling = is_pooling_architecture(architecture)
         if pooling != (task != "generate"):
             raise ValueError(f"task {task!r} does not fit architecture {architecture} of {args.model!r}")
         dtype = resolve_dtype(args.dtype, hf_config.get("torch_dtype") or hf_config.get("dtype"), self.device)
-
-        max_pos = int(hf_config.get("max_position_embeddings") or 2048)
-        if pooling:
-            from slicelm.models.bert import _is_roberta
-
-            if _is_roberta(hf_config):  # XLM-R positions start after padding_idx: 8194 -> 8192 usable
-                pad = hf_config.get("pad_token_id")
-                max_pos -= (1 if pad is None else int(pad)) + 1
-            if getattr(source, "max_seq_length", None):
-                max_pos = min(max_pos, int(source.max_seq_length))
+        max_pos = _max_positions(source, hf_config, pooling)
         if args.max_model_len is not None and args.max_model_len > max_pos:
             raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's maximum of {max_pos}")
-        max_model_len = args.max_model_len or max_pos
+        self.eos_token_ids = model_eos_token_ids(source)
+        self.model = self._build_model(source, model_cls, pooling).to(dtype=dtype, device=self.device)
+        if args.load_format == "dummy":
+            init_dummy_weights(self.model, args.seed)
+        else:
+            self.model.load_weights(source.iter_weights())
+        self.model.eval()
+        self.vocab_size = int(hf_config.get("vocab_size") or getattr(self.model, "vocab_size", 0))
+        self.hidden_size = int(getattr(self.model, "hidden_size", 0) or hf_config.get("hidden_size") or 0)
+        names = args.served_model_name or [args.model]
+        self.model_config = ModelConfig(args.model, hf_config, architecture, task, dtype,
+                                        args.max_model_len or max_pos, names)
 
-        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.chat_template)
-        self.eos_token_ids: set[int] = set()
-        if self.tokenizer is not None:
-            self.eos_token_ids |= set(self.tokenizer.eos_token_ids)
-        gen_eos = source.generation_config.get("eos_token_id", hf_config.get("eos_token_id"))
-        if gen_eos is not None:
-            self.eos_token_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-
+    def _build_model(self, source: ModelSource, model_cls: type, pooling: bool) -> torch.nn.Module:
+        args = self.args
         if pooling:
             from slicelm.layers.pooler import PoolingConfig
 
             pool_cfg = PoolingConfig.from_sentence_transformers(
-                getattr(source, "st_pooling", None), pooling_type=args.pooling_type, normalize=args.normalize
+                getattr(source, "st_pooling", None), pooling_type=args.pooling_type, normalize=args.normalize)
+            return model_cls(source.config, pooling=pool_cfg)
+        from slicelm.layers.attention import get_attention_backend
+
+        backend = get_attention_backend(self.device, args.attention_backend, args.attention_flash_prefill,
+                                        args.attention_decode_splits)
+        return model_cls(source.config, attn_backend=backend)
+
+    def initialize_cache(self) -> None:
+        """Sizes and allocates the KV cache, builds the runner, and derives the scheduler limits."""
+        if self.model_config.is_pooling:
+            self._initialize_pooling()
+        else:
+            self._initialize_kv_cache()
+        mc, cc = self.model_config, self.cache_config
+        logger.info("loaded %s (%s, task=%s) on %s as %s in %.1fs; max_model_len=%d, KV blocks=%d",
+                    mc.model, mc.architecture, mc.task, self.device, mc.dtype, time.perf_counter() - self.t0,
+                    mc.max_model_len, cc.num_blocks)
+
+    def _initialize_pooling(self) -> None:
+        args, max_model_len = self.args, self.model_config.max_model_len
+        batched = args.max_num_batched_tokens or max(max_model_len, 8192)
+        if batched < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens={batched} must be >= max_model_len={max_model_len} for pooling "
+                "models (their prompts are never split)"
             )
-            model = model_cls(hf_config, pooling=pool_cfg)
-        else:
-            from slicelm.layers.attention import get_attention_backend
-
-            model = model_cls(hf_config, attn_backend=get_attention_backend(self.device))
-        model = model.to(dtype=dtype, device=self.device)
-        if args.load_format == "dummy":
-            init_dummy_weights(model, args.seed)
-        else:
-            model.load_weights(source.iter_weights())
-        model.eval()
-        self.model = model
-        self.vocab_size = int(hf_config.get("vocab_size") or getattr(model, "vocab_size", 0))
-
-        names = args.served_model_name or [args.model]
-        self.model_config = ModelConfig(args.model, hf_config, architecture, task, dtype, max_model_len, names)
-
-        if pooling:
-            batched = args.max_num_batched_tokens or max(max_model_len, 8192)
-            if batched < max_model_len:
-                raise ValueError(
-                    f"max_num_batched_tokens={batched} must be >= max_model_len={max_model_len} for pooling "
-                    "models (their prompts are never split)"
-                )
-            self.cache_config = CacheConfig(args.block_size, 1, False)
-            self.kv_cache = KVCacheManager(1, args.block_size, False)
-            self.runner: ModelRunner | PoolingRunner = PoolingRunner(model, self.device)
-        else:
-            num_blocks, kv_caches = self._allocate_kv_cache(args, model, dtype, max_model_len)
-            max_tokens_in_cache = num_blocks * args.block_size
-            if max_model_len > max_tokens_in_cache:
-                if args.max_model_len is not None:
-                    raise ValueError(
-                        f"max_model_len={max_model_len} is larger than the KV cache can hold "
-                        f"({num_blocks} blocks × {args.block_size} = {max_tokens_in_cache} tokens); "
-                        "give the cache more memory or lower max_model_len"
-                    )
-                logger.warning("max_model_len lowered from %d to %d to fit the KV cache",
-                               max_model_len, max_tokens_in_cache)
-                max_model_len = self.model_config.max_model_len = max_tokens_in_cache
-            default_batched = 8192 if self.device.type == "cuda" else 2048
-            batched = args.max_num_batched_tokens or max(default_batched, args.max_num_seqs)
-            self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
-            self.kv_cache = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
-            self.runner = ModelRunner(model, kv_caches, args.block_size, self.device, self.vocab_size)
-            if self.device.type == "cuda" and not args.enforce_eager:
-                self.runner.enable_cuda_graphs(min(args.max_num_seqs, 512), max_model_len)
+        self.cache_config = CacheConfig(args.block_size, 1, False)
+        self.kv_cache = KVCacheManager(1, args.block_size, False)
+        self.runner: ModelRunner | PoolingRunner = PoolingRunner(self.model, self.device)
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, batched, max_model_len, args.scheduling_policy)
-        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache)
-        logger.info(
-            "loaded %s (%s, task=%s) on %s as %s in %.1fs; max_model_len=%d, KV blocks=%d",
-            args.model, architecture, task, self.device, dtype, time.perf_counter() - t0,
-            max_model_len, self.cache_config.num_blocks,
-        )
 
+    def _initialize_kv_cache(self) -> None:
+        args, model = self.args, self.model
+        max_model_len = self.model_config.max_model_len
+        num_blocks, kv_caches = self._allocate_kv_cache(args, model, self.model_config.dtype, max_model_len)
+        max_tokens_in_cache = num_blocks * args.block_size
+        if max_model_len > max_tokens_in_cache:
+            if args.max_model_len is not None:
+                raise ValueError(
+                    f"max_model_len={max_model_len} is larger than the KV cache can hold "
+                    f"({num_blocks} blocks × {args.block_size} = {max_tokens_in_cache} tokens); "
+                    "give the cache more memory or lower max_model_len"
+                )
+            logger.warning("max_model_len lowered from %d to %d to fit the KV cache",
+                           max_model_len, max_tokens_in_cache)
+            max_model_len = self.model_config.max_model_len = max_tokens_in_cache
+        default_batched = 8192 if self.device.type == "cuda" else 2048
+        batched = args.max_num_batched_tokens or max(default_batched, args.max_num_seqs)
+        self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
+        self.kv_cache = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.runner = ModelRunner(model, kv_caches, args.block_size, self.device, self.vocab_size)
+        if self.device.type == "cuda" and not args.enforce_eager:
+            self.runner.enable_cuda_graphs(min(args.max_num_seqs, 512), max_model_len)
+        self.scheduler_config = SchedulerConfig(args.max_num_seqs, batched, max_model_len, args.scheduling_policy)
+
+    def make_scheduler(self) -> Scheduler:
+        return Scheduler(self.scheduler_config, self.kv_cache)
+
+    # ----------------------------------------------------------------------------- memory
     def _allocate_kv_cache(
         self, args: EngineArgs, model: torch.nn.Module, dtype: torch.dtype, max_model_len: int
     ) -> tuple[int, list[torch.Tensor]]:

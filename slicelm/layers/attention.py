@@ -94,15 +94,26 @@ class TorchAttentionBackend:
         return out
 
 
-def get_attention_backend(device: torch.device | str) -> AttentionBackend:
-    """The fastest backend available for ``device``: Triton on CUDA when importable, else torch."""
-    if torch.device(device).type == "cuda":
-        try:
-            from slicelm.layers.triton.backend import TritonAttentionBackend
-        except ImportError:
-            return TorchAttentionBackend()
-        return TritonAttentionBackend()
-    return TorchAttentionBackend()
+def get_attention_backend(device: torch.device | str, name: str = "auto", flash_prefill: bool = False,
+                          decode_splits: int | None = None) -> AttentionBackend:
+    """``name="auto"``: Triton on CUDA when importable, else torch. ``flash_prefill`` and ``decode_splits``
+    configure the Triton backend (``--attention-flash-prefill``, ``--attention-decode-splits``)."""
+    if name not in ("auto", "torch", "triton"):
+        raise ValueError(f"attention_backend must be auto, torch or triton; got {name!r}")
+    cuda = torch.device(device).type == "cuda"
+    if name == "torch" or (name == "auto" and not cuda):
+        if flash_prefill or decode_splits is not None:
+            raise ValueError("attention_flash_prefill / attention_decode_splits apply to the Triton backend only")
+        return TorchAttentionBackend()
+    if not cuda:
+        raise ValueError("attention_backend 'triton' needs a CUDA device")
+    try:
+        from slicelm.layers.triton.backend import TritonAttentionBackend
+    except ImportError:
+        if name == "triton":
+            raise
+        return TorchAttentionBackend()
+    return TritonAttentionBackend(use_flash_prefill=flash_prefill, decode_num_splits=decode_splits)
 
 
 class Attention(nn.Module):

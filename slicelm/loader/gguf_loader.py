@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slicelm.loader.model_files import CorruptModelFileError
+from slicelm.loader.errors import CorruptModelFileError
 
 # general.architecture -> HF architecture class name
 ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM"}

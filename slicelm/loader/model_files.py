@@ -17,6 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from slicelm.loader.bundled import BUNDLED_MODELS, ModelNotFoundError, bundled_model_path, is_bundled_name
+from slicelm.loader.errors import CorruptModelFileError as CorruptModelFileError
+from slicelm.loader.errors import InvalidModelDirError as InvalidModelDirError
+from slicelm.loader.errors import MissingWeightsError as MissingWeightsError
 
 if TYPE_CHECKING:
     from slicelm.loader.gguf_loader import GGUFModel
@@ -36,18 +39,6 @@ _POOLING_MODES = {  # sentence-transformers Pooling config key -> our pooling_mo
     "pooling_mode_mean_tokens": "mean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-
-
-class InvalidModelDirError(ValueError):
-    """A model directory lacks config.json or has an unreadable one."""
-
-
-class MissingWeightsError(ValueError):
-    """A model directory has no (or incomplete) safetensors weight files."""
-
-
-class CorruptModelFileError(ValueError):
-    """A weight file (safetensors or GGUF) cannot be parsed."""
 
 
 def _read_json(path: Path, error: type[ValueError] = InvalidModelDirError) -> Any:

@@ -453,3 +453,21 @@ def _gguf_sentencepiece_bpe(meta: dict[str, Any], tokens: list[str]) -> HFTokeni
 
 
 __all__ = ["ChatTemplateError", "Tokenizer", "load_tokenizer", "tokenizer_from_gguf_metadata"]
+
+
+def load_tokenizer_from(name_or_path: str, chat_template: str | None = None) -> Tokenizer:
+    """The tokenizer named by ``--tokenizer`` (or the model): a directory with tokenizer.json (no weights
+    needed), a ``.gguf`` file, or a bundled short name. generation_config.json's eos ids count too."""
+    from slicelm.loader.model_files import resolve_model
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        tokenizer = _tokenizer_from_hf_dir(path)
+        gen = path / "generation_config.json"
+        if gen.is_file():
+            tokenizer.extra_eos_token_ids |= _as_id_set(json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id"))
+        override = _read_chat_template_arg(chat_template)
+        if override is not None:
+            tokenizer.chat_template = override
+        return tokenizer
+    return load_tokenizer(resolve_model(name_or_path, load_format="dummy"), chat_template)

@@ -162,3 +162,31 @@ def test_disabled_caching_never_hits(enable):
     kv.free(a)
     _, n = kv.get_computed_blocks(make_request("b", list(range(9))))
     assert n == (8 if enable else 0)
+
+
+def test_block_hashes_are_sha256_and_ignore_builtin_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Different blocks never share a cached block, even if Python's ``hash`` of their keys is equal."""
+    import builtins
+
+    from slicelm.engine.kv_cache import hash_block
+
+    monkeypatch.setattr(builtins, "hash", lambda _obj: 0)  # every key collides under the built-in hash
+    kv = KVCacheManager(num_blocks=10, block_size=BS)
+    a = make_request("a", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    kv.get_computed_blocks(a)
+    assert kv.allocate_slots(a, a.num_tokens)
+    a.num_computed_tokens = a.num_tokens
+    kv.free(a)
+    assert len(kv.pool.cached) == 2
+    for tokens in ([1, 2, 3, 5, 5, 6, 7, 8, 9], [2, 1, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 9, 9]):
+        b = make_request("b", tokens)
+        hits, n = kv.get_computed_blocks(b)
+        same = next((i for i in range(2) if tokens[i * BS:(i + 1) * BS] != a.all_token_ids[i * BS:(i + 1) * BS]), 2)
+        assert n == same * BS and len(hits) == same, tokens  # only the truly equal prefix hits
+    # the hash: sha256 (32 bytes) over an unambiguous serialization of parent, tokens and extra keys
+    h = hash_block(None, [1, 2, 3, 4])
+    assert isinstance(h, bytes) and len(h) == 32
+    assert hash_block(None, [1, 2, 3, 4]) == h
+    assert len({h, hash_block(h, [1, 2, 3, 4]), hash_block(None, [1, 2, 3, 4], ("tenant-a",)),
+                hash_block(None, [1, 2, 3, 4], ("tenant-b",)), hash_block(None, [12, 3, 4]),
+                hash_block(None, [1, 23, 4]), hash_block(None, [-1, 2, 3, 4])}) == 7

@@ -72,7 +72,7 @@ def test_n_samples_are_distinct_and_share_prompt_blocks(llm):
     assert 32 < len(prompt) < 48  # two full blocks of 16 and a partial one
     kv.reset_prefix_cache()
     params = SamplingParams(n=4, temperature=1.0, max_tokens=8, ignore_eos=True, seed=7)
-    engine.add_request("n4", {"prompt_token_ids": prompt}, params)
+    engine.add_request("n4", {"prompt_token_ids": prompt}, params, stream=False)
     free_before = kv.num_free_blocks
     engine.step()  # prefill of the four sequences, all in one step
     used = free_before - kv.num_free_blocks

@@ -7,11 +7,12 @@ import json
 import time
 
 import pytest
-from fake_engine import FakeEngine
+from fake_engine import EchoEngineClient, make_fake_engine
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from slicelm.engine.async_llm import AsyncLLM, EngineDeadError, EngineOverloadedError
+from slicelm.engine.async_llm import EngineDeadError, EngineOverloadedError
+from slicelm.engine.protocol import EngineClient
 from slicelm.entrypoints.server.app import build_app
 from slicelm.entrypoints.server.metrics import METRIC_NAMES
 from slicelm.entrypoints.server.state import ServerState
@@ -19,7 +20,7 @@ from slicelm.sampling_params import SamplingParams, SamplingParamsError
 
 
 def make_client(api_key: str | None = None, max_waiting: int | None = None, **kw: object) -> TestClient:
-    engine = AsyncLLM(FakeEngine(**kw), max_waiting_requests=max_waiting)  # type: ignore[arg-type]
+    engine, _ = make_fake_engine(max_waiting_requests=max_waiting, **kw)
     state = ServerState.from_engine(engine, api_keys=[api_key] if api_key else None, log_stats=False)
     return TestClient(build_app(state, max_body_bytes=1 << 16))
 
@@ -31,11 +32,12 @@ def chat_body(**kw: object) -> dict:
 # ------------------------------------------------------------------------------------------ AsyncLLM
 def test_async_llm_generate_abort_and_validation() -> None:
     async def main() -> None:
-        fake = FakeEngine()
-        llm = AsyncLLM(fake)
+        llm, fake = make_fake_engine()
+        assert isinstance(llm, EngineClient)
         outs = [o async for o in llm.generate([5, 6, 7], SamplingParams(max_tokens=4), "r1")]
-        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 4
-        assert outs[-1].outputs[0].text == "bcde"[:0] + fake.tokenizer.decode(outs[-1].outputs[0].token_ids)
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"
+        ids = [t for o in outs for t in o.outputs[0].token_ids]  # deltas: each output has only the new tokens
+        assert len(ids) == 4 and "".join(o.outputs[0].text for o in outs) == llm.tokenizer.decode(ids)
         with pytest.raises(SamplingParamsError):
             SamplingParams(temperature=-1)
         with pytest.raises(ValueError, match="prompt"):
@@ -63,8 +65,7 @@ def test_async_llm_generate_abort_and_validation() -> None:
 
 def test_async_llm_overload_and_death() -> None:
     async def main() -> None:
-        fake = FakeEngine(max_num_seqs=1, step_delay=0.05)
-        llm = AsyncLLM(fake, max_waiting_requests=2)
+        llm, fake = make_fake_engine(max_waiting_requests=2, max_num_seqs=1, step_delay=0.05)
         streams = []
         with pytest.raises(EngineOverloadedError):
             for i in range(10):
@@ -82,6 +83,7 @@ def test_async_llm_overload_and_death() -> None:
         assert llm.errored and not llm.is_running
         with pytest.raises(EngineDeadError):
             await llm.add_request("after", [5], SamplingParams())
+        llm.shutdown()
 
     asyncio.run(main())
 
@@ -143,7 +145,7 @@ def test_health_503_when_engine_loop_died_and_draining() -> None:
         r = c.post("/v1/chat/completions", json=chat_body())
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
         state.draining = False
-        state.engine.engine.fail_on_step = True
+        state.engine.client.core.fail_on_step = True  # type: ignore[attr-defined]
         r = c.post("/v1/chat/completions", json=chat_body())
         assert r.status_code == 503
         deadline = time.time() + 2
@@ -172,3 +174,30 @@ def test_body_limit_and_content_type() -> None:
         r = c.post("/v1/chat/completions", content=json.dumps(chat_body()), headers={"Content-Type": "text/plain"})
         assert r.status_code == 415
         assert c.get("/health").status_code == 200
+
+
+def test_stop_strings_end_the_sequence_in_the_core() -> None:
+    async def main() -> None:
+        llm, fake = make_fake_engine(step_delay=0.001)
+        params = SamplingParams(max_tokens=20, stop=["de"])
+        outs = [o async for o in llm.generate([3 + ord("a")], params, "s1")]
+        assert "".join(o.outputs[0].text for o in outs) == "bc"
+        assert outs[-1].outputs[0].finish_reason == "stop" and outs[-1].outputs[0].stop_reason == "de"
+        for _ in range(100):
+            if "s1" in fake.aborted:
+                break
+            await asyncio.sleep(0.01)
+        assert "s1" in fake.aborted and not fake.reqs
+        llm.shutdown()
+
+    asyncio.run(main())
+
+
+def test_server_runs_on_any_engine_client() -> None:
+    engine = EchoEngineClient()
+    assert isinstance(engine, EngineClient)
+    state = ServerState.from_engine(engine, log_stats=False)  # type: ignore[arg-type]
+    with TestClient(build_app(state)) as c:
+        r = c.post("/v1/completions", json={"model": "echo-model", "prompt": [100, 101, 102], "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == "abc"

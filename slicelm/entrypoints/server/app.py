@@ -2,8 +2,10 @@
 
 ``build_app(state)`` wires the routers (chat, completions, info, and ``server/pooling.py``'s ``router``
 when that module exists), the gateway middleware (auth, body limit, draining) and the error handlers.
-``run_server(args)`` loads the engine, then serves until SIGTERM: new requests get 503, in-flight ones
-get ``--shutdown-timeout`` seconds to finish, the rest are aborted, and the process exits 0.
+``run_server(args)`` starts the engine core in its own process (``--no-engine-process``: a thread of this
+one) and serves until SIGTERM: new requests get 503, in-flight ones get ``--shutdown-timeout`` seconds to
+finish, the rest are aborted, and the process exits 0. If the engine core dies, in-flight requests end
+with an error, ``/health`` answers 503, and the server exits 1 so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from slicelm.engine.async_llm import AsyncLLM
+from slicelm.engine.protocol import EngineClient
 from slicelm.entrypoints.server import chat, completions, info
 from slicelm.entrypoints.server.errors import install_error_handlers
 from slicelm.entrypoints.server.gateway import GatewayMiddleware
@@ -54,14 +57,20 @@ def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     return app
 
 
+ENGINE_DEAD_EXIT_DELAY = 1.0  # seconds the server keeps answering (errors, /health 503) after the core died
+
+
 class DrainingServer(uvicorn.Server):
-    """uvicorn server whose first SIGTERM drains (503 for new requests, grace period, abort, exit 0)."""
+    """uvicorn server whose first SIGTERM drains (503 for new requests, grace period, abort, exit 0), and
+    that exits with ``exit_code`` 1 soon after the engine core died."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self.state = state
+        self.exit_code = 0
         self._drain_requested = False
         self._drain_task: asyncio.Task[None] | None = None
+        self._dead_since: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and not self._drain_requested and not self.should_exit:
@@ -73,6 +82,14 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self._drain_requested and self._drain_task is None:
             self._drain_task = asyncio.ensure_future(self._drain())
+        if self.state.engine.errored and not self.state.draining:
+            now = asyncio.get_running_loop().time()
+            if self._dead_since is None:
+                self._dead_since = now
+                logger.error("the engine core died (%s): exiting with status 1", self.state.engine.dead_error)
+            if now - self._dead_since >= ENGINE_DEAD_EXIT_DELAY:
+                self.exit_code = 1
+                self.should_exit = True
         return await super().on_tick(counter)
 
     async def _drain(self) -> None:
@@ -102,7 +119,8 @@ def run_server(args: argparse.Namespace) -> int:
 
     check_api_args(args)
     engine_args = EngineArgs.from_cli_args(args)
-    engine = AsyncLLM.from_engine_args(engine_args, max_waiting_requests=args.max_waiting_requests)
+    engine: EngineClient = AsyncLLM.from_engine_args(engine_args, max_waiting_requests=args.max_waiting_requests,
+                                                     multiprocess=args.engine_process)
     state = ServerState.from_engine(engine, served_model_names=args.served_model_name,
                                     chat_template=_read_chat_template(args.chat_template),
                                     api_keys=[args.api_key] if args.api_key else [],
@@ -123,8 +141,11 @@ def run_server(args: argparse.Namespace) -> int:
           + (" -H 'Authorization: Bearer $VLLM_API_KEY'" if args.api_key else "")
           + f" -d '{{\"model\": \"{state.served_model_names[0]}\", "
           "\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], \"max_tokens\": 32}'", flush=True)
-    server.run()
-    return 0
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    return server.exit_code
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -149,4 +170,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--ssl-keyfile", default=None)
     g.add_argument("--ssl-certfile", default=None)
     add_api_args(g)
+    g.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine core (scheduler, KV cache, model) in its own process; "
+                        "--no-engine-process runs it in a thread of the server process (debugging)")
     return parser

@@ -11,7 +11,9 @@ from typing import Any
 
 from starlette.requests import Request
 
-from slicelm.engine.async_llm import AsyncLLM, RequestStream
+from slicelm.engine.async_llm import RequestStream
+from slicelm.engine.protocol import EngineClient
+from slicelm.engine.request import CompletionOutput, RequestOutput
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.metrics import LoggingStatLogger, PrometheusStatLogger
 from slicelm.entrypoints.server.options import ApiOptions
@@ -26,7 +28,7 @@ class ClientDisconnected(Exception):
 
 @dataclass
 class ServerState:
-    engine: AsyncLLM
+    engine: EngineClient
     served_model_names: list[str]
     max_model_len: int
     task: str
@@ -42,7 +44,7 @@ class ServerState:
     _token_text: dict[int, str] = field(default_factory=dict)
 
     @classmethod
-    def from_engine(cls, engine: AsyncLLM, served_model_names: list[str] | None = None,
+    def from_engine(cls, engine: EngineClient, served_model_names: list[str] | None = None,
                     chat_template: str | None = None, api_keys: list[str] | None = None,
                     shutdown_timeout: float = 30.0, log_stats: bool = True) -> ServerState:
         mc = engine.model_config
@@ -124,14 +126,45 @@ async def wait_for_disconnect(request: Request) -> None:
             return
 
 
+class OutputAccumulator:
+    """Folds a request's deltas into its complete output (texts joined once, lists extended: O(length))."""
+
+    def __init__(self) -> None:
+        self.last: Any = None
+        self._choices: dict[int, tuple[list[str], list[int], list[Any] | None, CompletionOutput]] = {}
+
+    def add(self, out: Any) -> None:
+        self.last = out
+        if not isinstance(out, RequestOutput):
+            return
+        for o in out.outputs:
+            texts, ids, lps, _ = self._choices.get(o.index) or ([], [], None, o)
+            texts.append(o.text)
+            ids.extend(o.token_ids)
+            if o.logprobs is not None:
+                lps = [] if lps is None else lps
+                lps.extend(o.logprobs)
+            self._choices[o.index] = (texts, ids, lps, o)
+
+    def result(self) -> Any:
+        out = self.last
+        if not isinstance(out, RequestOutput):
+            return out
+        choices = [CompletionOutput(i, "".join(texts), ids, last.cumulative_logprob, lps, last.finish_reason,
+                                    last.stop_reason)
+                   for i, (texts, ids, lps, last) in sorted(self._choices.items())]
+        return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, choices, out.finished, out.metrics,
+                             out.num_cached_tokens)
+
+
 async def final_outputs(streams: list[RequestStream], request: Request) -> list[Any]:
-    """Consumes ``streams`` to their final outputs; raises ``ClientDisconnected`` if the client leaves first."""
+    """Consumes ``streams`` to their complete outputs; raises ``ClientDisconnected`` if the client leaves first."""
 
     async def consume(stream: RequestStream) -> Any:
-        last = None
+        acc = OutputAccumulator()
         async for out in stream:
-            last = out
-        return last
+            acc.add(out)
+        return acc.result()
 
     consumer = asyncio.ensure_future(asyncio.gather(*(consume(s) for s in streams)))
     watcher = asyncio.ensure_future(wait_for_disconnect(request))

@@ -1,4 +1,4 @@
-"""Server-sent events and the cumulative -> delta bookkeeping of streamed choices."""
+"""Server-sent events and the bookkeeping of streamed choices (the engine hands out deltas)."""
 
 from __future__ import annotations
 
@@ -26,14 +26,13 @@ def sse_error(err: APIError) -> str:
 
 
 class DeltaTracker:
-    """Turns cumulative ``CompletionOutput``s into deltas, per choice index.
+    """Per choice index of a stream of delta ``CompletionOutput``s: tokens sent so far and whether it ended.
 
-    ``delta`` returns ``(new_text, new_token_ids, new_logprobs)`` or None when nothing changed and the
-    choice has not just finished. A finished choice yields exactly one final delta.
+    ``delta`` returns ``(new_text, new_token_ids, new_logprobs)`` or None when the output carries nothing
+    and does not finish the choice. A finished choice yields exactly one final delta.
     """
 
     def __init__(self, n: int) -> None:
-        self.text_len = [0] * n
         self.num_ids = [0] * n
         self.done = [False] * n
 
@@ -49,13 +48,9 @@ class DeltaTracker:
         i = o.index
         if self.done[i]:
             return None
-        text = o.text[self.text_len[i]:]
-        ids = o.token_ids[self.num_ids[i]:]
-        lps = o.logprobs[self.num_ids[i]:] if o.logprobs is not None else None
         finished = o.finish_reason is not None
-        if not text and not ids and not finished:
+        if not o.text and not o.token_ids and not finished:
             return None
-        self.text_len[i] = len(o.text)
-        self.num_ids[i] = len(o.token_ids)
+        self.num_ids[i] += len(o.token_ids)
         self.done[i] = finished
-        return text, ids, lps
+        return o.text, o.token_ids, o.logprobs

@@ -1,0 +1,212 @@
+"""EngineCore: scheduler + KV cache + model runner of one model; takes sequences, steps, hands out deltas.
+
+A step = schedule -> run the model -> append sampled tokens -> check token stops -> free. It knows
+token ids only: text (detokenization, stop strings, logprob texts) is the API side's work
+(``OutputProcessor``), which aborts a sequence here once one of its stop strings appears. With async
+scheduling the step launched now is read back during the next call, so the host schedules step N+1
+while the device computes step N. The same object runs in the offline ``LLMEngine`` (in-process) and
+in the engine-core process behind the server (``core_proc``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from slicelm.config import EngineArgs
+from slicelm.engine.core_messages import EngineCoreInfo, EngineCoreOutput, EngineCoreRequest
+from slicelm.engine.request import Request, RequestStatus
+from slicelm.engine.runner import RunnerOutput, StepHandle
+from slicelm.engine.sampler import make_generator
+from slicelm.engine.stats import EngineStats
+from slicelm.engine.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.worker = build_worker(args)
+        self.scheduler = self.worker.make_scheduler()
+        self.model_config = self.worker.model_config
+        self.cache_config = self.worker.cache_config
+        self.scheduler_config = self.worker.scheduler_config
+        self.requests: dict[str, Request] = {}
+        self._stats = EngineStats()
+        self._inflight: StepHandle | None = None  # the launched step not read back yet
+        self.async_scheduling = (
+            args.async_scheduling if args.async_scheduling is not None else self.worker.device.type == "cuda"
+        )
+
+    def info(self) -> EngineCoreInfo:
+        w = self.worker
+        return EngineCoreInfo(self.model_config, self.cache_config, self.scheduler_config, w.vocab_size,
+                              w.hidden_size, sorted(w.eos_token_ids), w.device.type, self.async_scheduling)
+
+    # --------------------------------------------------------------------------- requests
+    def add_request(self, req: EngineCoreRequest) -> None:
+        """Queues a sequence that the API side has validated (ids, lengths, parameters)."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        generator = make_generator(req.seed, self.worker.device) if req.seed is not None else None
+        request = Request(
+            req.request_id,
+            req.prompt_token_ids,
+            sampling_params=req.sampling_params,
+            pooling_params=req.pooling_params,
+            eos_token_ids=frozenset(req.eos_token_ids),
+            priority=req.priority,
+            arrival_time=req.arrival_time or time.time(),
+            token_type_ids=req.token_type_ids,
+            generator=generator,
+        )
+        self.requests[req.request_id] = request
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        reqs = [r for rid in request_ids if (r := self.requests.pop(rid, None)) is not None]
+        if reqs:
+            self.scheduler.finish_requests(reqs, RequestStatus.FINISHED_ABORTED)
+            for r in reqs:
+                r.drop_placeholders()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -------------------------------------------------------------------------------- step
+    def step(self) -> list[EngineCoreOutput]:
+        """One iteration; returns what each sequence produced (deltas) in the step(s) read back now."""
+        self._stats.num_steps += 1
+        if self.model_config.is_pooling:
+            return self._pooling_step()
+        outputs: dict[str, EngineCoreOutput] = {}
+        if self._inflight is not None and (not self.async_scheduling or self._needs_history()):
+            self._read_back(self._inflight, outputs)
+            self._inflight = None
+        sched = self.scheduler.schedule()
+        handle = None
+        if not sched.is_empty:
+            handle = self.worker.execute_model(sched, self._inflight)
+            self.scheduler.update_after_step(sched)
+            self._stats.num_prompt_tokens += sum(
+                max(0, min(s.request.num_prompt_tokens, s.request.num_computed_tokens)
+                    - (s.request.num_computed_tokens - s.num_new_tokens))
+                for s in sched.scheduled
+            )
+            for req in handle.requests:
+                req.append_placeholder()
+        prev, self._inflight = self._inflight, handle
+        if prev is not None:
+            self._read_back(prev, outputs)
+        if not self.async_scheduling and self._inflight is not None:
+            self._read_back(self._inflight, outputs)
+            self._inflight = None
+        return list(outputs.values())
+
+    def _needs_history(self) -> bool:
+        """Penalties read every output token's value: such steps wait for the one in flight."""
+        return any(r.sampling_params.needs_output_history for r in self.scheduler.running)
+
+    def _pooling_step(self) -> list[EngineCoreOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        pooled = self.worker.execute_pooling(sched)
+        self.scheduler.update_after_step(sched)
+        self._count_pooling_step(len(sched.scheduled))
+        outputs = []
+        for s, data in zip(sched.scheduled, pooled):
+            req = s.request
+            self._stats.num_prompt_tokens += s.num_new_tokens
+            self._finish(req, RequestStatus.FINISHED_STOPPED)
+            outputs.append(EngineCoreOutput(req.request_id, finish_reason="stop",
+                                            pooled=data.float().contiguous().numpy().tobytes(),
+                                            first_scheduled_time=req.metrics.first_scheduled_time))
+        return outputs
+
+    def _count_pooling_step(self, num_requests: int) -> None:
+        """Cumulative pooling batch figures in ``EngineStats.extra`` (steps, multi-request steps, largest)."""
+        extra = self._stats.extra
+        extra["pooling_steps"] = extra.get("pooling_steps", 0.0) + 1
+        extra["pooling_requests"] = extra.get("pooling_requests", 0.0) + num_requests
+        if num_requests > 1:
+            extra["pooling_multi_request_steps"] = extra.get("pooling_multi_request_steps", 0.0) + 1
+        extra["pooling_max_batch_requests"] = max(extra.get("pooling_max_batch_requests", 0.0), num_requests)
+
+    def _read_back(self, handle: StepHandle, outputs: dict[str, EngineCoreOutput]) -> None:
+        """Reads a launched step's samples, fills the requests' pending tokens, checks token stops."""
+        result = handle.wait()
+        for row, (req, token) in enumerate(zip(result.requests, result.sampled_token_ids)):
+            if req.is_finished:  # aborted, or stopped by an earlier token while this step ran
+                continue
+            req.resolve_placeholder(token)
+            self._stats.num_generation_tokens += 1
+            out = outputs.get(req.request_id)
+            if out is None:
+                out = outputs[req.request_id] = EngineCoreOutput(req.request_id, [])
+                if req.num_known_output_tokens == 1:  # its first token: say when it was first scheduled
+                    out.first_scheduled_time = req.metrics.first_scheduled_time
+                    out.num_cached_tokens = req.num_cached_tokens
+            out.new_token_ids.append(token)
+            if result.logprobs is not None and req.sampling_params.logprobs is not None:
+                out.new_logprobs = out.new_logprobs or []
+                out.new_logprobs.append(_logprob_entry(req, result, row))
+            status = self._check_stop(req, token)
+            if status is not None:
+                self._finish(req, status)
+                out.finish_reason = status.finish_reason
+                out.stop_reason = req.stop_reason if isinstance(req.stop_reason, int) else None
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        params = req.sampling_params
+        num_output = req.num_known_output_tokens
+        past_min = num_output >= params.min_tokens
+        if past_min and not params.ignore_eos and token in req.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if past_min and params.stop_token_ids and token in params.stop_token_ids:
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and num_output >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens - req.num_pending >= self.model_config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.drop_placeholders()
+        self.scheduler.finish_requests([req], status)
+        req.metrics.finished_time = time.time()
+        self.requests.pop(req.request_id, None)
+
+    # ------------------------------------------------------------------------------- stats
+    def get_stats(self) -> EngineStats:
+        s = self._stats
+        kv = self.scheduler.kv_cache
+        s.num_running = len(self.scheduler.running)
+        s.num_waiting = len(self.scheduler.waiting)
+        s.kv_cache_usage = kv.usage()
+        s.num_preemptions = self.scheduler.num_preemptions
+        s.prefix_cache_queries = kv.prefix_cache_queries
+        s.prefix_cache_hits = kv.prefix_cache_hits
+        s.timestamp = time.time()
+        snapshot = EngineStats(**{k: getattr(s, k) for k in s.__dataclass_fields__})
+        snapshot.extra = dict(s.extra)
+        return snapshot
+
+
+def build_worker(args: EngineArgs) -> Worker:
+    """The worker's start-up steps, in order: device, model, KV cache (and runner)."""
+    worker = Worker(args)
+    worker.init_device()
+    worker.load_model()
+    worker.initialize_cache()
+    return worker
+
+
+def _logprob_entry(req: Request, result: RunnerOutput, row: int) -> tuple[list[int], list[float], int | None]:
+    assert result.logprob_token_ids is not None and result.logprobs is not None
+    k = req.sampling_params.logprobs or 0
+    rank = result.ranks[row] if result.ranks is not None else None
+    return result.logprob_token_ids[row][: k + 1], result.logprobs[row][: k + 1], rank

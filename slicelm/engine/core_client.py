@@ -1,0 +1,235 @@
+"""Clients of an engine core: ``MPCoreClient`` (its own process, the server's default) and
+``ThreadCoreClient`` (the same loop in a thread of this process: ``--no-engine-process``, tests, fakes).
+
+Both talk to ``CoreLoop`` through a zmq PUSH socket (adds / aborts, msgpack) and a PULL socket (one
+``EngineCoreOutputs`` per step). A reader thread receives, counts and decodes the outputs and hands
+each message to the owner's event loop with one ``call_soon_threadsafe``; it also watches the core and
+reports its death (process exit, thread end, or a ``dead_error`` message) within about a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable
+from multiprocessing.connection import wait as wait_connections
+from typing import Any
+
+import zmq
+
+from slicelm.engine.core_messages import (
+    ABORT,
+    ADD,
+    SHUTDOWN,
+    EngineCoreInfo,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    make_encoder,
+    outputs_decoder,
+)
+from slicelm.engine.core_proc import CoreLoop, run_engine_core
+from slicelm.engine.protocol import EngineDeadError
+
+logger = logging.getLogger(__name__)
+READ_POLL_MS = 500
+
+OutputCallback = Callable[[EngineCoreOutputs | EngineDeadError], None]
+
+
+class EngineStartupError(RuntimeError):
+    """The engine core failed to start (a load error that was not a ``ValueError``)."""
+
+
+class _SocketCoreClient:
+    """Sockets, encoding and the reader thread shared by both clients."""
+
+    def __init__(self, ctx: zmq.Context, in_addr: str, out_addr: str) -> None:
+        # ctx is the process-wide zmq.Context.instance(): never terminated, so no garbage-collected
+        # context can block on a socket another thread still holds; sockets are closed by shutdown().
+        self.ctx = ctx
+        self.in_sock = ctx.socket(zmq.PUSH)
+        self.in_sock.setsockopt(zmq.LINGER, 0)
+        self.in_sock.bind(in_addr)
+        self.out_sock = ctx.socket(zmq.PULL)
+        self.out_sock.setsockopt(zmq.LINGER, 0)
+        self.out_sock.bind(out_addr)
+        self.encoder = make_encoder()
+        self.decoder = outputs_decoder()
+        self.bytes_received = 0  # bytes of output messages taken from the core (O(length) checks)
+        self.messages_received = 0
+        self.max_message_bytes = 0
+        self._send_lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        self._target: tuple[asyncio.AbstractEventLoop, OutputCallback] | None = None
+        self._closing = False
+
+    # ----------------------------------------------------------------- requests in
+    def add_requests(self, reqs: list[EngineCoreRequest]) -> None:
+        with self._send_lock:
+            for req in reqs:
+                self.in_sock.send_multipart([ADD, self.encoder.encode(req)], copy=False)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        if request_ids:
+            with self._send_lock:
+                self.in_sock.send_multipart([ABORT, self.encoder.encode(request_ids)], copy=False)
+
+    # ----------------------------------------------------------------- outputs out
+    def start_reader(self, loop: asyncio.AbstractEventLoop, callback: OutputCallback) -> None:
+        """Hands output messages (or the core's death) to ``callback`` on ``loop`` from now on (a later
+        call moves delivery to another loop, e.g. after the first one was closed)."""
+        self._target = (loop, callback)
+        if self._reader is None:
+            self._reader = threading.Thread(target=self._read, name="slicelm-core-reader", daemon=True)
+            self._reader.start()
+
+    def _read(self) -> None:
+        while not self._closing:
+            try:
+                ready = self.out_sock.poll(READ_POLL_MS)
+            except zmq.ZMQError:
+                return  # closed by shutdown
+            if not ready:
+                reason = self.death_reason()
+                if reason is not None and not self._closing:
+                    self._deliver(EngineDeadError(reason))
+                    return
+                continue
+            try:
+                frame = self.out_sock.recv(copy=False)
+            except zmq.ZMQError:
+                return
+            size = len(frame.buffer)
+            self.bytes_received += size
+            self.messages_received += 1
+            self.max_message_bytes = max(self.max_message_bytes, size)
+            msg = self.decoder.decode(frame.buffer)
+            self._deliver(msg)
+            if msg.dead_error is not None:
+                return
+
+    def _deliver(self, item: EngineCoreOutputs | EngineDeadError) -> None:
+        assert self._target is not None
+        loop, callback = self._target
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens any more
+            loop.call_soon_threadsafe(callback, item)
+
+    def death_reason(self) -> str | None:
+        raise NotImplementedError
+
+    def _close_sockets(self) -> None:
+        self._closing = True
+        with self._send_lock, contextlib.suppress(zmq.ZMQError):
+            self.in_sock.send_multipart([SHUTDOWN], flags=zmq.NOBLOCK)
+
+    def _destroy(self) -> None:
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(2 * READ_POLL_MS / 1000)
+        self.in_sock.close(linger=0)
+        self.out_sock.close(linger=0)
+
+
+class MPCoreClient(_SocketCoreClient):
+    """Starts ``EngineCore(args)`` in a ``spawn``ed process and talks to it over ipc sockets."""
+
+    def __init__(self, args: Any) -> None:
+        self._dir = tempfile.mkdtemp(prefix="slicelm-core-")
+        super().__init__(zmq.Context.instance(), f"ipc://{self._dir}/in", f"ipc://{self._dir}/out")
+        mp = multiprocessing.get_context("spawn")
+        reader, writer = mp.Pipe(duplex=False)
+        self._ready = reader
+        self.proc = mp.Process(target=run_engine_core, name="slicelm-engine-core", daemon=True,
+                               args=(args, f"ipc://{self._dir}/in", f"ipc://{self._dir}/out", writer, os.getpid()))
+        self.proc.start()
+        writer.close()
+        logger.info("engine core process started (pid %d)", self.proc.pid)
+
+    def wait_ready(self, timeout: float | None = None) -> EngineCoreInfo:
+        """Blocks until the core has loaded; raises its load error (a ``ValueError`` stays one)."""
+        try:
+            ready = wait_connections([self._ready, self.proc.sentinel], timeout)
+            if self._ready in ready:
+                with contextlib.suppress(EOFError):
+                    msg = self._ready.recv()
+                    if msg[0] == "ready":
+                        return msg[1]
+                    _, name, text, is_value_error, tb = msg
+                    logger.debug("engine core start-up failed:\n%s", tb)
+                    raise (ValueError if is_value_error else EngineStartupError)(
+                        text if is_value_error else f"engine core failed to start: {name}: {text}")
+            if not ready:
+                raise EngineStartupError(f"engine core did not start within {timeout} s")
+            self.proc.join(5)
+            raise EngineStartupError(f"engine core process exited with code {self.proc.exitcode} while starting")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    def death_reason(self) -> str | None:
+        if self.proc.is_alive():
+            return None
+        return f"the engine core process died (exit code {self.proc.exitcode})"
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._close_sockets()
+        if self.proc.is_alive():
+            self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout)
+        self._destroy()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class ThreadCoreClient(_SocketCoreClient):
+    """Runs ``CoreLoop`` over ``core`` (an ``EngineCore`` or a test fake) in a thread of this process."""
+
+    def __init__(self, core: Any) -> None:
+        name = uuid.uuid4().hex
+        super().__init__(zmq.Context.instance(), f"inproc://{name}-in", f"inproc://{name}-out")
+        self.core = core
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="slicelm-engine-core", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        in_sock = self.ctx.socket(zmq.PULL)
+        in_sock.connect(self.in_sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        out_sock = self.ctx.socket(zmq.PUSH)
+        out_sock.setsockopt(zmq.LINGER, 1000)
+        out_sock.connect(self.out_sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        try:
+            CoreLoop(self.core, in_sock, out_sock).run()
+        except BaseException as e:
+            self.error = e
+        finally:
+            in_sock.close(linger=0)
+            out_sock.close()
+
+    def wait_ready(self, timeout: float | None = None) -> EngineCoreInfo:
+        return self.core.info()
+
+    def death_reason(self) -> str | None:
+        if self._thread.is_alive():
+            return None
+        return f"the engine core thread stopped: {self.error!r}"
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._close_sockets()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._destroy()

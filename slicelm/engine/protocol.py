@@ -1,0 +1,67 @@
+"""``EngineClient``: what the API server needs from an engine (``AsyncLLM`` and test fakes implement it).
+
+Streams yield **deltas**: each ``RequestOutput`` carries the text, token ids and logprobs that are new
+since the previous one (outputs that pile up while the caller is busy are merged); the last one has
+``finished=True``. Pooling requests yield one ``PoolingOutput``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, Protocol, runtime_checkable
+
+from slicelm.engine.stats import EngineStats, IterationStats
+
+StatListener = Callable[[EngineStats, IterationStats], None]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core has died (or was shut down); no request can be served."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full (``max_waiting_requests``); retry later."""
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    tokenizer: Any  # None with --skip-tokenizer-init
+    model_config: Any
+    cache_config: Any
+
+    @property
+    def is_running(self) -> bool: ...
+
+    @property
+    def errored(self) -> bool: ...
+
+    @property
+    def dead_error(self) -> BaseException | None: ...
+
+    @property
+    def num_active_requests(self) -> int: ...
+
+    def add_stat_listener(self, listener: StatListener) -> None: ...
+
+    async def add_request(self, request_id: str, prompt: Any, params: Any, arrival_time: float | None = None,
+                          priority: int = 0) -> Any:
+        """Validates and queues a request; returns its stream (an async iterator of outputs)."""
+        ...
+
+    def generate(self, prompt: Any, params: Any, request_id: str, priority: int = 0,
+                 arrival_time: float | None = None) -> AsyncIterator[Any]: ...
+
+    def encode(self, prompt: Any, params: Any, request_id: str, priority: int = 0,
+               arrival_time: float | None = None) -> AsyncIterator[Any]: ...
+
+    def release(self, stream: Any) -> None:
+        """The caller is done with ``stream``; aborts its request if it has not finished."""
+        ...
+
+    def abort(self, request_ids: str | Iterable[str]) -> None: ...
+
+    def abort_all(self) -> None: ...
+
+    async def wait_idle(self, timeout: float) -> bool: ...
+
+    def shutdown(self, timeout: float = 10.0) -> None: ...

@@ -1,0 +1,160 @@
+"""The engine core in its own process: O(length) streams over IPC, start-up errors, kill -9 of the core.
+
+A tiny random Llama (``--load-format dummy``, SmolLM2's 49,152-token vocabulary) with SmolLM2's tokenizer
+(``--tokenizer``) keeps steps fast, so thousands of tokens stream in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import MODEL, ROOT, start_server, stop_server
+
+from slicelm.config import EngineArgs
+from slicelm.engine.async_llm import AsyncLLM
+from slicelm.engine.core_client import MPCoreClient
+from slicelm.sampling_params import SamplingParams
+
+TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+              "intermediate_size": 32, "vocab_size": 49152, "tie_word_embeddings": True, "rope_theta": 10000.0,
+              "rms_norm_eps": 1e-5, "max_position_embeddings": 8192}
+
+
+def tiny_model(root: Path, config: dict | None = None) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(config or TINY_LLAMA))
+    return str(root)
+
+
+def cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "slicelm.entrypoints.cli", *argv], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- O(length) host work
+@pytest.mark.slow
+def test_a_2000_token_stream_costs_linear_ipc(tmp_path: Path) -> None:
+    args = EngineArgs(model=tiny_model(tmp_path / "tiny"), load_format="dummy", tokenizer=MODEL, device="cpu",
+                      max_model_len=4096, max_num_seqs=4)
+    llm = AsyncLLM.from_engine_args(args)  # the multiprocess core
+    client = llm.client
+    assert isinstance(client, MPCoreClient) and client.proc.is_alive()
+
+    async def stream(max_tokens: int) -> tuple[int, int, int, list[int], str]:
+        b0, m0 = client.bytes_received, client.messages_received
+        client.max_message_bytes = 0
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        ids: list[int] = []
+        text = []
+        async for out in llm.generate({"prompt_token_ids": [1, 2, 3]}, params, f"r{max_tokens}"):
+            ids += out.outputs[0].token_ids  # each output carries only the tokens new since the last one
+            text.append(out.outputs[0].text)
+        return client.bytes_received - b0, client.messages_received - m0, client.max_message_bytes, ids, "".join(text)
+
+    async def main() -> None:
+        short_bytes, short_msgs, _, short_ids, _ = await stream(500)
+        processed0 = llm.output_processor.num_tokens_processed
+        long_bytes, long_msgs, max_msg, ids, text = await stream(2000)
+        assert len(short_ids) == 500 and len(ids) == 2000
+        assert llm.output_processor.num_tokens_processed - processed0 == 2000  # each token is processed once
+        assert text == llm.tokenizer.decode(ids, skip_special_tokens=True)
+        # Linear: 4x the tokens cost ~4x the bytes (cumulative token lists would cost ~16x), and no message
+        # grows with the stream's length (2000 token ids alone would take > 4 kB).
+        print(f"IPC: {short_bytes} B / {short_msgs} msgs for 500 tokens, {long_bytes} B / {long_msgs} msgs for 2000, "
+              f"largest message {max_msg} B")
+        assert long_msgs >= 1000 and short_msgs >= 250
+        assert long_bytes / short_bytes < 4.6, (long_bytes, short_bytes)
+        assert max_msg < 600, max_msg
+        assert long_bytes / 2000 < 300  # one small delta + the stats snapshot per step
+
+    try:
+        asyncio.run(main())
+    finally:
+        llm.shutdown()
+    assert not client.proc.is_alive()
+
+
+# ----------------------------------------------------------------------------- start-up errors
+@pytest.mark.slow
+def test_serve_exits_with_the_core_load_error(tmp_path: Path) -> None:
+    bad = tiny_model(tmp_path / "bad", {**TINY_LLAMA, "architectures": ["NoSuchForCausalLM"]})
+    t0 = time.monotonic()
+    out = cli("serve", bad, "--tokenizer", MODEL, "--device", "cpu", "--port", "0", "--load-format", "dummy")
+    assert out.returncode != 0
+    assert "NoSuchForCausalLM" in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert time.monotonic() - t0 < 100
+    out = cli("serve", "/nonexistent/model", "--device", "cpu", "--port", "0")
+    assert out.returncode != 0 and "/nonexistent/model" in out.stderr and "Traceback" not in out.stderr
+    out = cli("serve", bad, "--tokenizer", str(tmp_path / "no-tokenizer"), "--device", "cpu", "--port", "0")
+    assert out.returncode != 0 and "no-tokenizer" in out.stderr, out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- kill -9 of the core
+@pytest.mark.slow
+def test_kill_9_of_the_core_fails_every_stream_and_the_server_exits_1(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "--load-format", "dummy", "--tokenizer", MODEL, "--max-model-len", "8192",
+                          model=tiny_model(tmp_path / "tiny"))
+    try:
+        pid = int(re.search(r"engine core process started \(pid (\d+)\)", server.log()).group(1))  # type: ignore[union-attr]
+        results: dict[int, tuple[str, float]] = {}
+        started = threading.Barrier(5)
+
+        def client(i: int) -> None:
+            body = {"model": server_model(tmp_path), "prompt": f"stream {i}", "max_tokens": 8000,
+                    "ignore_eos": True, "stream": True}
+            kind = "ended"
+            try:
+                with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+                    first = True
+                    for line in r.iter_lines():
+                        if first:
+                            first = False
+                            started.wait(30)
+                        if line.startswith("data: ") and '"error"' in line:
+                            kind = "error-event"
+            except httpx.HTTPError as e:
+                kind = f"connection: {type(e).__name__}"
+            results[i] = (kind, time.monotonic())
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        started.wait(60)  # every client is receiving tokens
+        time.sleep(0.3)
+        killed = time.monotonic()
+        import os
+
+        os.kill(pid, signal.SIGKILL)
+        health = []
+        while server.proc.poll() is None and time.monotonic() - killed < 5:
+            try:
+                health.append(httpx.get(f"{server.url}/health", timeout=1).status_code)
+            except httpx.HTTPError:
+                break
+            time.sleep(0.05)
+        for t in threads:
+            t.join(10)
+        assert len(results) == 4, results
+        for kind, when in results.values():
+            assert kind != "ended", results  # never a clean end: the stream says it failed
+            assert when - killed < 5, results
+        assert 503 in health, health
+        assert server.proc.wait(15) == 1, server.log()
+        assert "engine core died" in server.log()
+    finally:
+        stop_server(server)
+
+
+def server_model(tmp_path: Path) -> str:
+    return str(tmp_path / "tiny")
