@@ -21,18 +21,20 @@ if TYPE_CHECKING:
 
 # `slicelm serve`'s flags (tests/stack/test_serve_args.py keeps this equal to the real parser's).
 SERVE_FLAGS = frozenset({
-    "--api-key", "--api-server-count", "--async-scheduling", "--block-size", "--chat-template", "--device",
-    "--disable-access-log", "--disable-log-stats", "--disable-uvicorn-access-log", "--dtype",
-    "--enable-chunked-prefill", "--enable-force-include-usage", "--enable-prefix-caching",
-    "--enable-prompt-tokens-details", "--enable-request-id-headers", "--enable-tokenizer-info-endpoint",
-    "--enforce-eager", "--gpu-memory-budget", "--gpu-memory-utilization", "--help", "--host",
-    "--kv-cache-memory-bytes", "--load-format", "--max-logprobs", "--max-model-len", "--max-num-batched-tokens",
-    "--max-num-seqs", "--max-request-body-bytes", "--max-waiting-requests", "--model", "--no-async-scheduling",
-    "--no-enable-chunked-prefill", "--no-enable-prefix-caching", "--no-normalize", "--normalize",
-    "--num-gpu-blocks-override", "--pooling-type", "--port", "--return-tokens-as-token-ids", "--root-path",
-    "--runner", "--scheduling-policy", "--seed", "--served-model-name", "--show-hidden-metrics-for-version",
-    "--shutdown-timeout", "--skip-tokenizer-init", "--ssl-certfile", "--ssl-keyfile", "--task",
-    "--timeout-keep-alive", "--tokenizer", "--trust-request-chat-template", "--uds", "--uvicorn-log-level",
+    "--api-key", "--api-server-count", "--async-scheduling", "--attention-backend", "--attention-decode-splits",
+    "--attention-flash-prefill", "--block-size", "--chat-template", "--device", "--disable-access-log",
+    "--disable-log-stats", "--disable-uvicorn-access-log", "--dtype", "--enable-chunked-prefill",
+    "--enable-force-include-usage", "--enable-prefix-caching", "--enable-prompt-tokens-details",
+    "--enable-request-id-headers", "--enable-tokenizer-info-endpoint", "--enforce-eager", "--engine-process",
+    "--gpu-memory-budget", "--gpu-memory-utilization", "--help", "--host", "--kv-cache-memory-bytes",
+    "--load-format", "--max-logprobs", "--max-model-len", "--max-num-batched-tokens", "--max-num-seqs",
+    "--max-request-body-bytes", "--max-waiting-requests", "--model", "--no-async-scheduling",
+    "--no-attention-flash-prefill", "--no-enable-chunked-prefill", "--no-enable-prefix-caching",
+    "--no-engine-process", "--no-normalize", "--normalize", "--num-gpu-blocks-override", "--pooling-type",
+    "--port", "--return-tokens-as-token-ids", "--root-path", "--runner", "--scheduling-policy", "--seed",
+    "--served-model-name", "--show-hidden-metrics-for-version", "--shutdown-timeout", "--skip-tokenizer-init",
+    "--ssl-certfile", "--ssl-keyfile", "--task", "--timeout-keep-alive", "--tokenizer",
+    "--trust-request-chat-template", "--uds", "--uvicorn-log-level",
 })
 # Set by `slicelm up` per replica; a stack file cannot override them.
 MANAGED_FLAGS = frozenset({"--host", "--port", "--uds", "--model", "--device", "--help"})
