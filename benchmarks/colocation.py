@@ -46,20 +46,21 @@ def _new_request(rng: random.Random) -> tuple[list[int], int]:
 def _run_phase(engine, rng: random.Random, concurrency: int, seconds: float, warmup: float) -> dict:
     from slicelm.sampling_params import SamplingParams
 
-    counter = [0]
+    live: set[str] = set()
 
     def top_up() -> None:
-        while engine.get_num_unfinished_requests() < concurrency:
+        while len(live) < concurrency:
             prompt, out_len = _new_request(rng)
-            counter[0] += 1
-            engine.add_request(f"r{counter[0]}", {"prompt_token_ids": prompt},
+            rid = engine.next_request_id()
+            live.add(rid)
+            engine.add_request(rid, {"prompt_token_ids": prompt},
                                SamplingParams(max_tokens=out_len, ignore_eos=True), stream=False)
 
     t_start = time.perf_counter()
     mark = None
     while True:
         top_up()
-        engine.step()
+        live.difference_update(o.request_id for o in engine.step() if o.finished)
         now = time.perf_counter()
         if mark is None and now - t_start >= warmup:
             mark = (now, engine.get_stats().num_generation_tokens)
@@ -67,7 +68,7 @@ def _run_phase(engine, rng: random.Random, concurrency: int, seconds: float, war
             tokens = engine.get_stats().num_generation_tokens - mark[1]
             elapsed = now - mark[0]
             break
-    engine.abort_request([r.request_id for r in list(engine.scheduler.running) + list(engine.scheduler.waiting)])
+    engine.abort_request(list(live))
     while engine.has_unfinished_requests():
         engine.step()
     return {"concurrency": concurrency, "output_tokens": tokens, "seconds": elapsed,
