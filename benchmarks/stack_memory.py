@@ -59,7 +59,8 @@ def gpu_rag_stack(paths: dict[str, str], run_dir: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ NVML
 class Sampler(threading.Thread):
-    """Every ``period_s``: NVML's per-process used memory on every GPU; keeps each pid's peak and GPU."""
+    """Every ``period_s``: NVML's per-process used memory on every GPU, summed per process group (a replica is
+    one group: its server and the engine-core process it spawns); keeps each group's peak and GPU."""
 
     def __init__(self, period_s: float) -> None:
         super().__init__(daemon=True)
@@ -69,26 +70,28 @@ class Sampler(threading.Thread):
         self.nvml, self.period_s = pynvml, period_s
         self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         self.uuids = [pynvml.nvmlDeviceGetUUID(h) for h in self.handles]
-        self.peak: dict[int, int] = {}
-        self.gpu_of: dict[int, str] = {}
+        self.peak: dict[int, int] = {}  # process group -> peak bytes (sum over its processes at one sample)
+        self.gpu_of: dict[int, str] = {}  # process group -> GPU uuid
         self.samples = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
+            now: dict[int, int] = {}
             for uuid, h in zip(self.uuids, self.handles):
                 for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(h):
-                    if p.usedGpuMemory is not None:
-                        self.peak[p.pid] = max(self.peak.get(p.pid, 0), int(p.usedGpuMemory))
-                        self.gpu_of[p.pid] = uuid
+                    if p.usedGpuMemory is None:
+                        continue
+                    try:
+                        group = os.getpgid(p.pid)
+                    except ProcessLookupError:
+                        continue
+                    now[group] = now.get(group, 0) + int(p.usedGpuMemory)
+                    self.gpu_of[group] = uuid
+            for group, used in now.items():
+                self.peak[group] = max(self.peak.get(group, 0), used)
             self.samples += 1
             time.sleep(self.period_s)
-
-
-def group_pids(pgid: int) -> list[int]:
-    from slicelm.stack.procs import group_members
-
-    return group_members(pgid)
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -174,8 +177,7 @@ def memory_run(args: argparse.Namespace) -> dict[str, Any]:
         slicelm("down", "--run-dir", str(run_dir))
     rows = []
     for r in state["replicas"]:
-        pids = group_pids(r["pid"]) or [r["pid"]]
-        peak = max((sampler.peak.get(p, 0) for p in pids), default=0)
+        peak = sampler.peak.get(r["pid"], 0)  # the replica's server leads its process group
         rows.append({"model": r["model"], "slice_mib": r["memory_mib"], "peak_mib": round(peak / MiB, 1),
                      "peak_within_slice": peak <= (r["memory_mib"] or 0) * MiB, "cores": r["cores"],
                      "gpu": r["gpus"], **stats[r["model"]]})
@@ -201,9 +203,8 @@ def placement_run(args: argparse.Namespace) -> dict[str, Any]:
         sampler.stop.set()
         sampler.join()
         slicelm("down", "--run-dir", str(run_dir))
-        planned = {p["replica"]: p["gpus"][0]["uuid"] for p in plan["placements"]}
-        seen = {r["replica"]: next((sampler.gpu_of[p] for p in group_pids(r["pid"]) if p in sampler.gpu_of), None)
-                for r in state["replicas"]}
+        planned = {f"{p['model']}/{p['replica']}": p["gpus"][0]["uuid"] for p in plan["placements"]}
+        seen = {f"{r['model']}/{r['replica']}": sampler.gpu_of.get(r["pid"]) for r in state["replicas"]}
         out[policy] = {"plan": plan, "planned_gpu": planned, "nvml_gpu": seen, "agree": planned == seen,
                        "gpus_used": len(set(seen.values()))}
     return out
