@@ -10,6 +10,7 @@ PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platfo
 PKGS=(fastapi starlette pydantic pydantic-core annotated-types typing-inspection typing-extensions anyio sniffio
       idna h11 httpx httpcore certifi uvicorn uvloop httptools prometheus-client pyzmq msgspec gguf pyyaml
       openai distro jiter nvidia-ml-py rich pygments markdown-it-py mdurl click python-multipart
+      httpx2 httpcore2 truststore annotated-doc opentelemetry-api importlib-metadata zipp psutil
       aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl)
 mkdir -p .whl
 for p in "${PKGS[@]}"; do
