@@ -106,11 +106,20 @@ async def load_chat(url: str, model: str, stop_at: float, concurrency: int, stat
                 body = {"model": model, "prompt": prompt, "max_tokens": rng.randint(100, 512), "temperature": 0,
                         "ignore_eos": True}
                 r = await client.post(f"{url}/v1/completions", json=body)
-                key = "ok" if r.status_code == 200 else "errors"
-                stats[key] += 1
+                count(stats, r)
                 if r.status_code == 200:
                     stats["tokens"] += r.json()["usage"]["completion_tokens"]
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def count(stats: dict, r: Any) -> None:
+    """ok / errors, and per error status the count and the first body (so a failed request is explained)."""
+    if r.status_code == 200:
+        stats["ok"] += 1
+        return
+    stats["errors"] += 1
+    seen = stats.setdefault("error_statuses", {}).setdefault(str(r.status_code), {"count": 0, "first": r.text[:300]})
+    seen["count"] += 1
 
 
 def _text(rng: random.Random, words: int) -> str:
@@ -132,7 +141,7 @@ async def load_pooling(url: str, model: str, kind: str, stop_at: float, concurre
                 else:
                     body = {"model": model, "query": _text(rng, 20), "documents": [_text(rng, 200) for _ in range(32)]}
                     r = await client.post(f"{url}/v1/rerank", json=body)
-                stats["ok" if r.status_code == 200 else "errors"] += 1
+                count(stats, r)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
