@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "tests" / "stack" / "production_stack_examples"
+EXAMPLES = ROOT.parent / "shared" / "docs" / "stack-examples"  # unchanged, beside the checkout (CI has it too)
 L4 = {"index": 0, "count": 10, "devmem": 23034, "devcore": 100, "type": "NVIDIA-NVIDIA L4", "numa": 0,
       "mode": "hami-core", "health": True}
 

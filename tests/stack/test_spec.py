@@ -15,7 +15,8 @@ from slicelm.stack.spec import StackSpecError, export_schema, load_stack, parse_
 
 ROOT = Path(__file__).resolve().parents[2]
 # ../shared/docs/stack-examples: production-stack's tutorial values files and the seed's HAMi RAG stack, unchanged
-EXAMPLES = sorted((ROOT / "tests" / "stack" / "production_stack_examples").glob("*.yaml"))
+EXAMPLES = sorted((ROOT.parent / "shared" / "docs" / "stack-examples").glob("*.yaml"))
+assert len(EXAMPLES) >= 4, "../shared/docs/stack-examples is missing (it sits beside the checkout, in CI too)"
 M0 = "servingEngineSpec.modelSpec[0]"
 
 
