@@ -66,7 +66,6 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.parents: dict[str, _Parent] = {}
         self._seq_parent: dict[str, _Parent] = {}
-        self._token_text: dict[int, str] = {}
         self.num_tokens_processed = 0  # token ids taken from core outputs (for O(length) checks)
 
     def has_unfinished_requests(self) -> bool:
@@ -181,14 +180,7 @@ class OutputProcessor:
         return out
 
     def _text_of(self, token_id: int) -> str | None:
-        if self.tokenizer is None:
-            return None
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            if len(self._token_text) < 1 << 18:
-                self._token_text[token_id] = text
-        return text
+        return None if self.tokenizer is None else self.tokenizer.token_text(token_id)
 
     def _finish(self, parent: _Parent, seq: _Seq, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason = reason

@@ -60,6 +60,7 @@ class Tokenizer:
     chat_template: str | None = None
     extra_eos_token_ids: set[int] = field(default_factory=set)  # from generation_config
     extra_special_tokens: dict[str, str] = field(default_factory=dict)  # cls/sep/mask, for templates
+    _token_texts: dict[int, str] = field(default_factory=dict, repr=False)  # token_text's bounded cache
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.hf.token_to_id(token)
@@ -110,6 +111,15 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """Text of one token with special tokens kept, as logprobs show it (cached, up to 2**18 tokens)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self.decode([token_id], skip_special_tokens=False)
+            if len(self._token_texts) < 1 << 18:
+                self._token_texts[token_id] = text
+        return text
 
     def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str | None]:
         return [self.hf.id_to_token(i) for i in ids]

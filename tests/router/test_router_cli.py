@@ -43,17 +43,6 @@ def test_bad_flags_name_the_flag(args: list[str], flag: str) -> None:
     assert "Traceback" not in r.stderr
 
 
-def test_k8s_without_its_module_is_a_clear_error() -> None:
-    try:
-        import slicelm.router.discovery_k8s  # noqa: F401
-    except ImportError:
-        r = run_cli("--service-discovery", "k8s", "--k8s-label-selector", "app=x")
-        assert r.returncode == 2
-        assert "--service-discovery k8s" in r.stderr and "Traceback" not in r.stderr
-    else:
-        pytest.skip("slicelm.router.discovery_k8s is installed")
-
-
 def test_router_cli_does_not_import_torch() -> None:
     code = ("import sys; import slicelm.entrypoints.cli, slicelm.router.app, slicelm.router.cli; "
             "print('torch' in sys.modules, 'slicelm.engine' in sys.modules)")

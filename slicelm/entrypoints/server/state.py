@@ -41,7 +41,6 @@ class ServerState:
     draining: bool = False
     options: ApiOptions = field(default_factory=ApiOptions)
     created: int = field(default_factory=lambda: int(time.time()))
-    _token_text: dict[int, str] = field(default_factory=dict)
 
     @classmethod
     def from_engine(cls, engine: EngineClient, served_model_names: list[str] | None = None,
@@ -88,12 +87,7 @@ class ServerState:
 
     def token_text(self, token_id: int) -> str:
         """Text of one token (cached), as shown in logprobs."""
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            if len(self._token_text) < 1 << 18:
-                self._token_text[token_id] = text
-        return text
+        return self.tokenizer.token_text(token_id)
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> int:
         """Returns the effective max_tokens; 400 when prompt + max_tokens exceed ``max_model_len``."""
