@@ -149,6 +149,8 @@ class EngineCore:
                 if req.num_known_output_tokens == 1:  # its first token: say when it was first scheduled
                     out.first_scheduled_time = req.metrics.first_scheduled_time
                     out.num_cached_tokens = req.num_cached_tokens
+                    if req.wants_prompt_logprobs:
+                        out.prompt_logprobs = req.prompt_logprobs
             out.new_token_ids.append(token)
             if result.logprobs is not None and req.sampling_params.logprobs is not None:
                 out.new_logprobs = out.new_logprobs or []

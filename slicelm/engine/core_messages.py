@@ -53,6 +53,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None  # sent with a sequence's first output
     error: str | None = None  # the core refused or failed this sequence
+    # with its first token, for requests with prompt_logprobs: one entry per prompt token after the first
+    prompt_logprobs: list[LogprobEntry] | None = None
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
