@@ -30,11 +30,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from slicelm.engine.async_llm import IterationStats
 from slicelm.engine.request import PoolingOutput
 from slicelm.engine.stats import EngineStats
+from slicelm.entrypoints.server.chat import convert_messages, render_chat, request_template
 from slicelm.entrypoints.server.embed_encoding import encode_vector, vector_bytes
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.pooling_protocol import EmbeddingRequest, RerankRequest, ScoreRequest
-from slicelm.entrypoints.server.sampling import request_ids, response_headers
+from slicelm.entrypoints.server.sampling import check_text_size, request_ids, response_headers
 from slicelm.entrypoints.server.state import (
     TASK_ENDPOINTS,
     ClientDisconnected,
@@ -283,17 +284,31 @@ async def embed_outputs(state: ServerState, raw: Request, req: EmbeddingRequest)
     special = req.add_special_tokens is not False
     resp_id = _ids("embd", req, raw)
     items = req.inputs()
-    many = not isinstance(req.input, str) and not isinstance(req.input[0], int)
+    many = isinstance(req.input, list) and not isinstance(req.input[0], int)
 
     def tokenize() -> list[Prompt]:
         return [{"prompt_token_ids": _encode(state, item, limit, special, f"input[{i}]" if many else "input")
                  if isinstance(item, str) else _token_ids(state, item, limit, f"input[{i}]" if many else "input")}
                 for i, item in enumerate(items)]
 
-    prompts = await asyncio.to_thread(tokenize)
+    prompts = await asyncio.to_thread(tokenize) if req.messages is None else [await _chat_prompt(state, req, limit)]
     normalize = req.normalize if req.normalize is not None else req.use_activation
     params = PoolingParams(dimensions=req.dimensions, normalize=normalize, task="embed")
     return resp_id, await _run(state, raw, prompts, params, resp_id, req.priority or 0)
+
+
+async def _chat_prompt(state: ServerState, req: EmbeddingRequest, limit: int | None) -> Prompt:
+    """vLLM's chat-style embedding input: the messages rendered with the chat template, then tokenized."""
+    assert req.messages is not None
+    messages = convert_messages(req.messages)
+    check_text_size(state, sum(len(m["content"] or "") for m in messages), "messages",
+                    truncating=req.truncate_prompt_tokens is not None)
+    template = request_template(state, req.chat_template, req.chat_template_kwargs)
+    ids = await asyncio.to_thread(
+        render_chat, state, messages, add_generation_prompt=bool(req.add_generation_prompt),
+        continue_final_message=bool(req.continue_final_message), template=template, kwargs=req.chat_template_kwargs,
+        tools=None, documents=None, add_special_tokens=bool(req.add_special_tokens))
+    return {"prompt_token_ids": _token_ids(state, ids, limit, "messages")}
 
 
 @router.post("/v1/embeddings")
