@@ -79,6 +79,8 @@ class EngineCoreInfo:
     eos_token_ids: list[int]  # from config.json / generation_config.json (the tokenizer adds its own)
     device_type: str
     async_scheduling: bool
+    pooling_type: str | None = None  # pooling models: the resolved "MEAN" | "CLS" | "LAST"
+    pooling_normalize: bool | None = None  # pooling models: whether embeddings are normalized by default
 
 
 def _enc_hook(obj: Any) -> Any:
