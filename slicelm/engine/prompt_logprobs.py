@@ -16,7 +16,7 @@ import torch
 
 from slicelm.engine.request import Request
 
-ROWS_PER_CHUNK = 256  # bounds the [rows, vocab] float32 logits held at once
+ROWS_PER_CHUNK = 64  # bounds the [rows, vocab] float32 logits held at once (not in the memory profile)
 
 
 @dataclass
