@@ -75,7 +75,10 @@ def test_prompt_logprobs_match_transformers(model, mode):
     assert again.prompt_logprobs is None
 
 
-def test_prompt_logprobs_zero_gives_the_token_only(model):
+def test_prompt_logprobs_zero_gives_the_token_only(model, monkeypatch):
+    from slicelm.engine import prompt_logprobs
+
+    monkeypatch.setattr(prompt_logprobs, "ROWS_PER_CHUNK", 8)  # a 29-token prompt in 4 slices
     path, expected = model
     llm = LLM(path, skip_tokenizer_init=True)
     out = llm.generate([{"prompt_token_ids": PROMPTS[4]}],
