@@ -55,7 +55,7 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
-    prompt_logprobs: int | None = None  # not supported: must stay None
+    prompt_logprobs: int | None = None  # logprobs of the prompt tokens: the token and the top-k
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -152,8 +152,9 @@ class SamplingParams:
         lp = self.logprobs
         if lp is not None and (not _is_int(lp) or not lp >= 0):  # servers cap it (--max-logprobs)
             raise bad("logprobs", "must be an integer >= 0")
-        if self.prompt_logprobs is not None:
-            raise bad("prompt_logprobs", "is not supported (leave it unset)")
+        plp = self.prompt_logprobs
+        if plp is not None and (not _is_int(plp) or not plp >= 0):  # servers cap it (--max-logprobs)
+            raise bad("prompt_logprobs", "must be an integer >= 0")
         if self.truncate_prompt_tokens is not None and (
             not _is_int(self.truncate_prompt_tokens) or self.truncate_prompt_tokens < 1
         ):

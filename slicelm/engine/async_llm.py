@@ -57,7 +57,8 @@ def merge_deltas(items: list[RequestOutput]) -> RequestOutput:
                                         logprobs, last.finish_reason, last.stop_reason))
     last_item = items[-1]
     return RequestOutput(last_item.request_id, last_item.prompt, last_item.prompt_token_ids, outputs,
-                         last_item.finished, last_item.metrics, last_item.num_cached_tokens)
+                         last_item.finished, last_item.metrics, last_item.num_cached_tokens,
+                         next((i.prompt_logprobs for i in items if i.prompt_logprobs is not None), None))
 
 
 class RequestStream:

@@ -43,7 +43,8 @@ class EngineCore:
     def info(self) -> EngineCoreInfo:
         w = self.worker
         return EngineCoreInfo(self.model_config, self.cache_config, self.scheduler_config, w.vocab_size,
-                              w.hidden_size, sorted(w.eos_token_ids), w.device.type, self.async_scheduling)
+                              w.hidden_size, sorted(w.eos_token_ids), w.device.type, self.async_scheduling,
+                              *_pooling_defaults(w.model))
 
     # --------------------------------------------------------------------------- requests
     def add_request(self, req: EngineCoreRequest) -> None:
@@ -149,6 +150,8 @@ class EngineCore:
                 if req.num_known_output_tokens == 1:  # its first token: say when it was first scheduled
                     out.first_scheduled_time = req.metrics.first_scheduled_time
                     out.num_cached_tokens = req.num_cached_tokens
+                    if req.wants_prompt_logprobs:
+                        out.prompt_logprobs = req.prompt_logprobs
             out.new_token_ids.append(token)
             if result.logprobs is not None and req.sampling_params.logprobs is not None:
                 out.new_logprobs = out.new_logprobs or []
@@ -194,6 +197,11 @@ class EngineCore:
         snapshot = EngineStats(**{k: getattr(s, k) for k in s.__dataclass_fields__})
         snapshot.extra = dict(s.extra)
         return snapshot
+
+
+def _pooling_defaults(model: object) -> tuple[str | None, bool | None]:
+    pooling = getattr(model, "pooling", None)
+    return getattr(pooling, "pooling_type", None), getattr(pooling, "normalize", None)
 
 
 def build_worker(args: EngineArgs) -> Worker:

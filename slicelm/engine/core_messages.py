@@ -53,6 +53,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None  # sent with a sequence's first output
     error: str | None = None  # the core refused or failed this sequence
+    # with its first token, for requests with prompt_logprobs: one entry per prompt token after the first
+    prompt_logprobs: list[LogprobEntry] | None = None
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -77,6 +79,8 @@ class EngineCoreInfo:
     eos_token_ids: list[int]  # from config.json / generation_config.json (the tokenizer adds its own)
     device_type: str
     async_scheduling: bool
+    pooling_type: str | None = None  # pooling models: the resolved "MEAN" | "CLS" | "LAST"
+    pooling_normalize: bool | None = None  # pooling models: whether embeddings are normalized by default
 
 
 def _enc_hook(obj: Any) -> Any:

@@ -52,6 +52,7 @@ class _Parent:
     num_cached_tokens: int = 0
     num_unfinished: int = 0
     error: str | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass
@@ -129,6 +130,8 @@ class OutputProcessor:
             if co.first_scheduled_time is not None and m.first_scheduled_time is None:
                 m.first_scheduled_time = co.first_scheduled_time
                 parent.num_cached_tokens = co.num_cached_tokens
+            if co.prompt_logprobs is not None and parent.prompt_logprobs is None:  # n > 1: the first one
+                parent.prompt_logprobs = [None] + [self._entry_dict(e) for e in co.prompt_logprobs]
             if co.pooled is not None:
                 self._finish(parent, seq, "stop", None)
                 m.first_token_time = m.last_token_time = now
@@ -170,13 +173,17 @@ class OutputProcessor:
         return False
 
     def _logprob_dict(self, entry: LogprobEntry, seq: _Seq) -> dict[int, Logprob]:
+        if entry[1]:
+            seq.cumulative_logprob += entry[1][0]
+        return self._entry_dict(entry)
+
+    def _entry_dict(self, entry: LogprobEntry) -> dict[int, Logprob]:
+        """{token id: Logprob}: the chosen token with its rank, then the top-k with ranks 1..k."""
         ids, lps, rank = entry
         out: dict[int, Logprob] = {}
         for j, (tid, lp) in enumerate(zip(ids, lps)):
             if tid not in out:
                 out[tid] = Logprob(lp, rank if j == 0 else j, self._text_of(tid))
-        if lps:
-            seq.cumulative_logprob += lps[0]
         return out
 
     def _text_of(self, token_id: int) -> str | None:
@@ -209,7 +216,7 @@ class OutputProcessor:
         outputs = [self._completion(s, finished, parent.stream) for s in seqs if s.touched or not parent.stream]
         req = parent.req
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished, parent.metrics,
-                             parent.num_cached_tokens)
+                             parent.num_cached_tokens, parent.prompt_logprobs)
 
     @staticmethod
     def _completion(seq: _Seq, request_finished: bool, delta: bool) -> CompletionOutput:

@@ -77,6 +77,8 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
     stop_reason: int | str | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # chained sha256 hashes of full blocks
+    # prompt_logprobs requests: (ids [token, top-k..], logprobs, rank) of prompt tokens 1, 2, ... so far
+    prompt_logprobs: list[tuple[list[int], list[float], int]] = field(default_factory=list)
     metrics: RequestMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +104,10 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.sampling_params is not None and self.sampling_params.prompt_logprobs is not None
 
     @property
     def num_known_output_tokens(self) -> int:
@@ -177,6 +183,8 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    # vLLM's shape: None for the first prompt token, then per token {id: Logprob} (the token and the top-k)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass

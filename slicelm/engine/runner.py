@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from slicelm.engine.cuda_graphs import CUDAGraphDecoder, capture_sizes
+from slicelm.engine.prompt_logprobs import PromptLogprobsJob, plan_jobs, run_jobs
 from slicelm.engine.request import PLACEHOLDER, Request
 from slicelm.engine.sampler import Sampler, SamplingMetadata
 from slicelm.engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -64,6 +65,7 @@ class StepInputs:
     attn_meta: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the hidden states that sample
     sampling: list[ScheduledRequest]
+    prompt_logprobs: list[PromptLogprobsJob] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -195,6 +197,7 @@ class ModelRunner:
             attn_meta=meta,
             logits_indices=self._to_device(logits_indices),
             sampling=sampling,
+            prompt_logprobs=plan_jobs(scheduled, query_start_loc, self.vocab_size),
         )
 
     # ------------------------------------------------------------------------------ run
@@ -202,12 +205,15 @@ class ModelRunner:
         meta = inputs.attn_meta
         if (
             self.graphs is not None
+            and not inputs.prompt_logprobs
             and meta.is_decode_only
             and len(inputs.sampling) == meta.num_seqs
             and self.graphs.padded_size(meta.num_seqs) is not None
         ):
             return self.graphs.run(inputs.input_ids, inputs.positions, meta)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta)
+        if inputs.prompt_logprobs:
+            run_jobs(self.model, hidden, inputs.prompt_logprobs)
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
     @torch.inference_mode()

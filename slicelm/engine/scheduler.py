@@ -108,6 +108,8 @@ class Scheduler:
                     if request.num_tokens > budget:
                         break  # pooling prompts are never chunked
                     num_computed, hits = 0, []
+                elif request.wants_prompt_logprobs:
+                    num_computed, hits = 0, []  # every prompt position needs its logits (as vLLM)
                 else:
                     hits, num_computed = self.kv_cache.get_computed_blocks(request)
                 num_new = min(request.num_tokens - num_computed, budget)

@@ -21,7 +21,7 @@ INVALID = [
     ("repetition_penalty", -1.0),
     ("logprobs", -1),
     ("logprobs", -2),  # the upper bound is the server's --max-logprobs
-    ("prompt_logprobs", 1),
+    ("prompt_logprobs", -1),
     ("seed", 1.5),
     ("seed", "42"),
     ("logit_bias", {1: 100.5}),
@@ -50,9 +50,9 @@ def test_min_tokens_above_max_tokens():
     SamplingParams(max_tokens=None, min_tokens=5)  # no limit: fine
 
 
-def test_prompt_logprobs_not_supported():
-    with pytest.raises(ValueError, match="not supported"):
-        SamplingParams(prompt_logprobs=0)
+def test_prompt_logprobs_accepted():
+    assert SamplingParams(prompt_logprobs=0).prompt_logprobs == 0
+    assert SamplingParams(prompt_logprobs=5).prompt_logprobs == 5
 
 
 def test_defaults_match_vllm():

@@ -177,6 +177,12 @@ def test_embedding_model_rejects_generation(minilm: Server) -> None:
     assert err["code"] == "wrong_task" and "embed" in err["message"]
 
 
+def test_messages_without_chat_template_is_400(minilm: Server) -> None:
+    """MiniLM has no chat template: chat-style input needs --chat-template (vLLM refuses it too)."""
+    err = error_of(post(minilm, {"model": MINILM, "messages": [{"role": "user", "content": "hi"}]}))
+    assert "--chat-template" in err["message"]
+
+
 def test_api_paths_in_openapi(minilm: Server) -> None:
     paths = httpx.get(minilm.url + "/openapi.json", timeout=10).json()["paths"]
     for p in ("/v1/embeddings", "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank"):

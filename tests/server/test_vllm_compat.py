@@ -122,3 +122,61 @@ def test_refused_flags(tmp_path_factory: pytest.TempPathFactory) -> None:
                           (("--enable-lora",), "--enable-lora")):
         with pytest.raises(RuntimeError, match=needle):
             start_server(tmp_path_factory.mktemp("refused"), *flags, timeout=60)
+
+
+def test_prompt_logprobs_chat(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1, extra_body={"prompt_logprobs": 2})
+    plp = out.model_extra["prompt_logprobs"]
+    assert len(plp) == out.usage.prompt_tokens and plp[0] is None
+    for entry in plp[1:]:
+        assert 1 <= len(entry) <= 3
+        for tid, lp in entry.items():
+            assert int(tid) >= 0 and set(lp) == {"logprob", "rank", "decoded_token"}
+            assert lp["logprob"] <= 0.0 and lp["rank"] >= 1 and isinstance(lp["decoded_token"], str)
+        assert sorted(lp["rank"] for lp in entry.values())[:2] == [1, 2]  # the top-2, and the token
+
+
+def test_prompt_logprobs_agree_with_sampled_logprobs(client: openai.OpenAI) -> None:
+    """The logprobs a prompt's tokens get as prompt_logprobs are those the same tokens got when sampled."""
+    gen = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0,
+                                    logprobs=0, extra_body={"return_token_ids": True})
+    c = gen.choices[0]
+    ids = c.model_extra["prompt_token_ids"] + c.model_extra["token_ids"]
+    runs = [client.completions.create(model=MODEL, prompt=ids, max_tokens=1, extra_body={"prompt_logprobs": 1})
+            for _ in range(2)]  # the second would hit the prefix cache: prompt_logprobs requests skip it
+    plp = runs[0].choices[0].model_extra["prompt_logprobs"]
+    assert runs[1].choices[0].model_extra["prompt_logprobs"] == plp
+    assert len(plp) == len(ids) and plp[0] is None
+    for pos, sampled in zip(range(len(ids) - 4, len(ids)), c.logprobs.token_logprobs):
+        own = plp[pos][str(ids[pos])]
+        assert own["rank"] == 1 and own["logprob"] == pytest.approx(sampled, abs=2e-2)  # greedy: the top token
+
+
+def test_echo_logprobs_give_prompt_tokens_logprobs(client: openai.OpenAI) -> None:
+    prompt = "One two three four"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1, temperature=0)
+    c = out.choices[0]
+    plp = c.model_extra["prompt_logprobs"]
+    n_prompt = out.usage.prompt_tokens
+    assert len(plp) == n_prompt and c.text.startswith(prompt)
+    lps = c.logprobs.token_logprobs
+    assert len(lps) == n_prompt + 2 and lps[0] is None and c.logprobs.top_logprobs[0] is None
+    assert all(isinstance(x, float) for x in lps[1:])
+    for pos in range(1, n_prompt):
+        own = next(v for v in plp[pos].values() if v["decoded_token"] == c.logprobs.tokens[pos])
+        assert lps[pos] == pytest.approx(own["logprob"])
+    streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1,
+                                              temperature=0, stream=True))
+    first = streamed[0].choices[0].logprobs.token_logprobs
+    assert first[0] is None and first[1:n_prompt] == pytest.approx(lps[1:n_prompt])
+
+
+def test_prompt_logprobs_refused(client: openai.OpenAI) -> None:
+    for value in (31, -1):  # over --max-logprobs 30 (-1: the whole vocabulary)
+        with pytest.raises(openai.BadRequestError, match="max allowed: 30"):
+            client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body={"prompt_logprobs": value})
+    with pytest.raises(openai.BadRequestError, match="stream=True"):
+        client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1, stream=True,
+                                       extra_body={"prompt_logprobs": 1})
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body={"prompt_logprobs": -2})

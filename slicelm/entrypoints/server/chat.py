@@ -19,8 +19,10 @@ from slicelm.entrypoints.server.sampling import (
     check_priority,
     check_text_size,
     off_loop,
+    prompt_logprobs_json,
     request_ids,
     resolve_num_logprobs,
+    resolve_prompt_logprobs,
     response_headers,
     usage,
 )
@@ -107,7 +109,8 @@ async def create_chat_completion(raw: Request) -> Response:
     messages, prompt_ids = await chat_prompt_ids(state, req)
     max_tokens = state.check_length(len(prompt_ids), req.effective_max_tokens, param="messages")
     top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
-    params = build_sampling_params(state, req, max_tokens, logprobs=top_n if req.logprobs else None)
+    params = build_sampling_params(state, req, max_tokens, logprobs=top_n if req.logprobs else None,
+                                   prompt_logprobs=resolve_prompt_logprobs(state, req))
     stream = await state.engine.add_request(engine_id, {"prompt_token_ids": prompt_ids}, params, priority=priority)
     observe_params(state, params)
     echo = ""
@@ -142,7 +145,8 @@ async def create_chat_completion(raw: Request) -> Response:
         "id": resp_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
         "usage": usage(len(prompt_ids), sum(len(o.token_ids) for o in final.outputs), final.num_cached_tokens,
                        state.options.enable_prompt_tokens_details),
-        "system_fingerprint": None, "service_tier": None, "prompt_logprobs": None,
+        "system_fingerprint": None, "service_tier": None,
+        "prompt_logprobs": prompt_logprobs_json(state, final.prompt_logprobs),
     }
     if req.return_token_ids:
         body["prompt_token_ids"] = list(prompt_ids)

@@ -20,8 +20,10 @@ from slicelm.entrypoints.server.sampling import (
     check_text_size,
     completion_logprobs,
     off_loop,
+    prompt_logprobs_json,
     request_ids,
     resolve_num_logprobs,
+    resolve_prompt_logprobs,
     response_headers,
     usage,
 )
@@ -88,10 +90,14 @@ async def create_completion(raw: Request) -> Response:
         raise bad_request("prompt: Either prompt or prompt_embeds must be provided and non-empty.", param="prompt",
                           code="empty_prompt")
     num_lp = resolve_num_logprobs(state, req.logprobs, "logprobs")
+    num_prompt_lp = resolve_prompt_logprobs(state, req)
+    if num_prompt_lp is None and req.echo and num_lp is not None:
+        num_prompt_lp = num_lp  # vLLM: echo + logprobs gives the echoed prompt tokens their logprobs
     params_list = []
     for _, ids in prompts:
         max_tokens = state.check_length(len(ids), req.max_tokens, param="prompt")
-        params_list.append(build_sampling_params(state, req, max_tokens, logprobs=num_lp))
+        params_list.append(build_sampling_params(state, req, max_tokens, logprobs=num_lp,
+                                                 prompt_logprobs=num_prompt_lp))
     streams: list[RequestStream] = []
     try:
         for i, ((_, ids), params) in enumerate(zip(prompts, params_list)):
@@ -126,10 +132,12 @@ async def create_completion(raw: Request) -> Response:
             lp = None
             if num_lp is not None:
                 lp = completion_logprobs(state, o.token_ids, o.logprobs, num_lp, 0,
-                                         echo_ids=prompt_ids if req.echo else None, as_ids=as_ids)
+                                         echo_ids=prompt_ids if req.echo else None,
+                                         echo_logprobs=final.prompt_logprobs, as_ids=as_ids)
             choice: dict[str, Any] = {"index": p_idx * n + o.index, "text": echo_texts[p_idx] + o.text,
                                       "logprobs": lp, "finish_reason": o.finish_reason or "abort",
-                                      "stop_reason": o.stop_reason, "prompt_logprobs": None}
+                                      "stop_reason": o.stop_reason,
+                                      "prompt_logprobs": prompt_logprobs_json(state, final.prompt_logprobs)}
             if req.return_token_ids:
                 choice["prompt_token_ids"] = list(prompt_ids)
                 choice["token_ids"] = list(o.token_ids)
@@ -188,7 +196,7 @@ async def _stream(state: ServerState, req: CompletionRequest, streams: list[Requ
                 lp = None
                 if num_lp is not None:
                     lp = completion_logprobs(state, new_ids, new_lps, num_lp, offsets[p_idx][i], echo_ids,
-                                             as_ids=as_ids)
+                                             echo_logprobs=out.prompt_logprobs, as_ids=as_ids)
                     if lp["text_offset"]:
                         offsets[p_idx][i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 choice: dict[str, Any] = {"index": p_idx * n + i, "text": text, "logprobs": lp,

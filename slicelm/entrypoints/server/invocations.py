@@ -75,9 +75,7 @@ async def create_cohere_embed(raw: Request) -> Response:
 
 def _route_for(state: Any, body: dict[str, Any]) -> Any:
     if "messages" in body:
-        if state.task == "generate":
-            return chat.create_chat_completion
-        raise bad_request("messages: chat-style embedding inputs are not supported yet", param="messages")
+        return chat.create_chat_completion if state.task == "generate" else pooling.create_embeddings
     if "prompt" in body:
         return completions.create_completion
     if "input" in body:

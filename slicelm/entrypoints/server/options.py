@@ -9,7 +9,9 @@ arguments: --flag"), never dropped.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from slicelm.entrypoints.server.embed_chunking import PoolerConfig
 
 
 @dataclass
@@ -23,6 +25,7 @@ class ApiOptions:
     max_logprobs: int = 20  # -1: no limit (the whole vocabulary)
     scheduling_policy: str = "fcfs"
     max_prompt_chars: int | None = None  # None: derived from max_model_len (see ServerState users)
+    pooler_config: PoolerConfig = field(default_factory=PoolerConfig)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ApiOptions:
@@ -35,6 +38,7 @@ class ApiOptions:
             enable_tokenizer_info_endpoint=bool(getattr(args, "enable_tokenizer_info_endpoint", False)),
             max_logprobs=int(getattr(args, "max_logprobs", 20)),
             scheduling_policy=str(getattr(args, "scheduling_policy", "fcfs")),
+            pooler_config=PoolerConfig.parse(getattr(args, "pooler_config", None)),
         )
 
 
@@ -60,6 +64,9 @@ def add_api_args(g: argparse._ArgumentGroup) -> None:
                    help="accepted for vLLM compatibility: slicelm hides no deprecated metrics")
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
                    help="accepted for vLLM compatibility: chunked prefill is always on")
+    g.add_argument("--pooler-config", default=None,
+                   help='pooling settings as JSON: {"enable_chunked_processing": true, "max_embed_len": N, '
+                        '"pooling_type": "MEAN", "normalize": true}')
     g.add_argument("--api-server-count", "-asc", type=int, default=1,
                    help="API server processes in front of the engine (only 1 is supported)")
 
@@ -76,5 +83,9 @@ def check_api_args(args: argparse.Namespace) -> None:
     lp = getattr(args, "max_logprobs", 20)
     if lp < -1:
         raise ValueError(f"--max-logprobs must be >= 0, or -1 for the whole vocabulary; got {lp}")
+    pooler = PoolerConfig.parse(getattr(args, "pooler_config", None))
+    for key in ("pooling_type", "normalize"):  # the engine's own flags; an explicit flag wins
+        if getattr(pooler, key) is not None and getattr(args, key, None) is None:
+            setattr(args, key, getattr(pooler, key))
     if getattr(args, "uds", None) and getattr(args, "ssl_certfile", None):
         raise ValueError("--uds cannot be combined with --ssl-certfile")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from typing import Any
 
@@ -30,11 +31,13 @@ from tokenizers import Tokenizer as HFTokenizer
 from slicelm.engine.async_llm import IterationStats
 from slicelm.engine.request import PoolingOutput
 from slicelm.engine.stats import EngineStats
+from slicelm.entrypoints.server.chat import convert_messages, render_chat, request_template
+from slicelm.entrypoints.server.embed_chunking import run_chunked
 from slicelm.entrypoints.server.embed_encoding import encode_vector, vector_bytes
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.pooling_protocol import EmbeddingRequest, RerankRequest, ScoreRequest
-from slicelm.entrypoints.server.sampling import request_ids, response_headers
+from slicelm.entrypoints.server.sampling import check_text_size, request_ids, response_headers
 from slicelm.entrypoints.server.state import (
     TASK_ENDPOINTS,
     ClientDisconnected,
@@ -92,7 +95,13 @@ def _limit(state: ServerState, truncate: int | None) -> int | None:
     return truncate
 
 
-def _check_len(state: ServerState, n: int, param: str) -> None:
+def _check_len(state: ServerState, n: int, param: str, max_len: int | None = None) -> None:
+    if max_len is not None and max_len != state.max_model_len:  # chunked embeddings (--pooler-config)
+        if n > max_len:
+            raise bad_request(f"{param}: this model's maximum embedding input length is {max_len} tokens "
+                              f"(max_embed_len); the input has {n} tokens", param=param,
+                              code="context_length_exceeded")
+        return
     if n > state.max_model_len:
         raise bad_request(f"{param}: {n} tokens exceed this model's maximum context length of {state.max_model_len} "
                           "tokens; shorten the input or set truncate_prompt_tokens", param=param,
@@ -117,23 +126,25 @@ def _truncating(hf: HFTokenizer, limit: int) -> HFTokenizer:
     return tok
 
 
-def _encode(state: ServerState, text: str, limit: int | None, special: bool, param: str) -> list[int]:
+def _encode(state: ServerState, text: str, limit: int | None, special: bool, param: str,
+            max_len: int | None = None) -> list[int]:
     hf = state.tokenizer.hf
     ids = hf.encode(text, add_special_tokens=special).ids
     if limit is not None and len(ids) > limit:
         ids = _truncating(hf, limit).encode(text, add_special_tokens=special).ids
-    _check_len(state, len(ids), param)
+    _check_len(state, len(ids), param, max_len)
     return list(ids)
 
 
-def _token_ids(state: ServerState, ids: list[int], limit: int | None, param: str) -> list[int]:
+def _token_ids(state: ServerState, ids: list[int], limit: int | None, param: str,
+               max_len: int | None = None) -> list[int]:
     vocab = int(_hf_config(state).get("vocab_size") or 0)
     if vocab and any(not 0 <= t < vocab for t in ids):
         bad = next(t for t in ids if not 0 <= t < vocab)
         raise bad_request(f"{param}: token id {bad} is out of range [0, {vocab})", param=param)
     if limit is not None:
         ids = ids[-limit:]
-    _check_len(state, len(ids), param)
+    _check_len(state, len(ids), param, max_len)
     return list(ids)
 
 
@@ -283,17 +294,49 @@ async def embed_outputs(state: ServerState, raw: Request, req: EmbeddingRequest)
     special = req.add_special_tokens is not False
     resp_id = _ids("embd", req, raw)
     items = req.inputs()
-    many = not isinstance(req.input, str) and not isinstance(req.input[0], int)
+    many = isinstance(req.input, list) and not isinstance(req.input[0], int)
+
+    cap = _embed_cap(state)
 
     def tokenize() -> list[Prompt]:
-        return [{"prompt_token_ids": _encode(state, item, limit, special, f"input[{i}]" if many else "input")
-                 if isinstance(item, str) else _token_ids(state, item, limit, f"input[{i}]" if many else "input")}
+        return [{"prompt_token_ids": _encode(state, item, limit, special, f"input[{i}]" if many else "input", cap)
+                 if isinstance(item, str) else _token_ids(state, item, limit, f"input[{i}]" if many else "input",
+                                                          cap)}
                 for i, item in enumerate(items)]
 
-    prompts = await asyncio.to_thread(tokenize)
+    prompts = await asyncio.to_thread(tokenize) if req.messages is None else \
+        [await _chat_prompt(state, req, limit, cap)]
     normalize = req.normalize if req.normalize is not None else req.use_activation
+    if any(len(p["prompt_token_ids"]) > state.max_model_len for p in prompts):
+        info = getattr(state.engine, "info", None)
+        return resp_id, await run_chunked(
+            prompts, lambda ps, params: _run(state, raw, ps, params, resp_id, req.priority or 0),
+            state.max_model_len, getattr(info, "pooling_type", None), getattr(info, "pooling_normalize", None),
+            req.dimensions, normalize, resp_id)
     params = PoolingParams(dimensions=req.dimensions, normalize=normalize, task="embed")
     return resp_id, await _run(state, raw, prompts, params, resp_id, req.priority or 0)
+
+
+def _embed_cap(state: ServerState) -> int:
+    """Most tokens one embedding input may have: max_model_len, or more with chunked processing."""
+    pc = state.options.pooler_config
+    if not pc.enable_chunked_processing:
+        return state.max_model_len
+    return pc.max_embed_len if pc.max_embed_len is not None else sys.maxsize
+
+
+async def _chat_prompt(state: ServerState, req: EmbeddingRequest, limit: int | None, cap: int) -> Prompt:
+    """vLLM's chat-style embedding input: the messages rendered with the chat template, then tokenized."""
+    assert req.messages is not None
+    messages = convert_messages(req.messages)
+    check_text_size(state, sum(len(m["content"] or "") for m in messages), "messages",
+                    truncating=req.truncate_prompt_tokens is not None or cap > state.max_model_len)
+    template = request_template(state, req.chat_template, req.chat_template_kwargs)
+    ids = await asyncio.to_thread(
+        render_chat, state, messages, add_generation_prompt=bool(req.add_generation_prompt),
+        continue_final_message=bool(req.continue_final_message), template=template, kwargs=req.chat_template_kwargs,
+        tools=None, documents=None, add_special_tokens=bool(req.add_special_tokens))
+    return {"prompt_token_ids": _token_ids(state, ids, limit, "messages", cap)}
 
 
 @router.post("/v1/embeddings")

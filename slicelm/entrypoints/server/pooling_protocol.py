@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from slicelm.entrypoints.server.protocol import LaxModel, check_request_id
+from slicelm.entrypoints.server.protocol import ChatMessage, LaxModel, check_request_id
 
 MAX_INPUTS = 2048  # OpenAI's limit on embedding inputs per request; also the documents / pairs limit here
 
@@ -45,7 +45,15 @@ def _check_count(name: str, n: int) -> None:
 
 
 class EmbeddingRequest(PoolingFields):
-    input: str | list[str] | list[int] | list[list[int]]
+    """OpenAI's ``input``, or vLLM's chat-style ``messages`` (rendered with the chat template; then
+    ``add_special_tokens`` defaults to false, as vLLM)."""
+
+    input: str | list[str] | list[int] | list[list[int]] | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool | None = False
+    continue_final_message: bool | None = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     encoding_format: Literal["float", "base64", "bytes", "bytes_only"] = "float"
     dimensions: int | None = None
     normalize: bool | None = None  # vLLM extra: None = the model's default
@@ -57,6 +65,13 @@ class EmbeddingRequest(PoolingFields):
     def _check(self) -> EmbeddingRequest:
         if self.dimensions is not None and self.dimensions < 1:
             raise ValueError(f"dimensions: must be >= 1, got {self.dimensions}")
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("input: give exactly one of input or messages")
+        if self.messages is not None:
+            _check_count("messages", len(self.messages))
+            if "add_special_tokens" not in self.model_fields_set:
+                self.add_special_tokens = False
+            return self
         items = self.inputs()
         _check_count("input", len(items))
         for i, item in enumerate(items):
@@ -68,6 +83,8 @@ class EmbeddingRequest(PoolingFields):
     def inputs(self) -> list[str | list[int]]:
         """One entry per embedding: a string or a list of token ids."""
         x = self.input
+        if x is None:
+            return []
         if isinstance(x, str):
             return [x]
         if x and isinstance(x[0], int):

@@ -72,12 +72,34 @@ def resolve_num_logprobs(state: ServerState, value: int | None, param: str) -> i
     return num
 
 
+def resolve_prompt_logprobs(state: ServerState, req: SamplingFields) -> int | None:
+    """The request's ``prompt_logprobs`` count (-1: vocabulary), capped by ``--max-logprobs``; not with
+    ``stream`` (vLLM refuses it there too)."""
+    if req.prompt_logprobs is None:
+        return None
+    if req.stream:
+        raise bad_request("prompt_logprobs: `prompt_logprobs` are not available when `stream=True`.",
+                          param="prompt_logprobs")
+    return resolve_num_logprobs(state, req.prompt_logprobs, "prompt_logprobs")
+
+
+def prompt_logprobs_json(state: ServerState, entries: list[dict[int, Logprob] | None] | None,
+                         as_ids: bool = False) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's ``prompt_logprobs`` field: per prompt token None (the first) or {id: {logprob, rank,
+    decoded_token}}, -inf clamped to -9999."""
+    if entries is None:
+        return None
+    return [None if e is None else {
+        str(tid): {"logprob": max(lp.logprob, -9999.0), "rank": lp.rank,
+                   "decoded_token": token_label(state, tid, lp, as_ids)}
+        for tid, lp in e.items()} for e in entries]
+
+
 def build_sampling_params(state: ServerState, req: SamplingFields, max_tokens: int,
-                          logprobs: int | None) -> SamplingParams:
-    """Validated ``SamplingParams`` (``SamplingParamsError`` names the field -> 400)."""
+                          logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+    """Validated ``SamplingParams`` (``SamplingParamsError`` names the field -> 400). ``prompt_logprobs``
+    is the already resolved count (``resolve_prompt_logprobs``)."""
     vocab = state.tokenizer.vocab_size if state.engine.tokenizer is not None else None
-    if req.prompt_logprobs is not None:
-        raise bad_request("prompt_logprobs: is not supported yet", param="prompt_logprobs")
     bias: dict[int, float] | None = None
     if req.logit_bias:
         bias = {int(k): float(v) for k, v in req.logit_bias.items()}
@@ -97,6 +119,7 @@ def build_sampling_params(state: ServerState, req: SamplingFields, max_tokens: i
         ignore_eos=req.ignore_eos, max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs,
         include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens, logit_bias=bias,
+        prompt_logprobs=prompt_logprobs,
     )
 
 

@@ -126,11 +126,14 @@ class OutputAccumulator:
     def __init__(self) -> None:
         self.last: Any = None
         self._choices: dict[int, tuple[list[str], list[int], list[Any] | None, CompletionOutput]] = {}
+        self._prompt_logprobs: list[Any] | None = None
 
     def add(self, out: Any) -> None:
         self.last = out
         if not isinstance(out, RequestOutput):
             return
+        if self._prompt_logprobs is None:
+            self._prompt_logprobs = out.prompt_logprobs
         for o in out.outputs:
             texts, ids, lps, _ = self._choices.get(o.index) or ([], [], None, o)
             texts.append(o.text)
@@ -148,7 +151,7 @@ class OutputAccumulator:
                                     last.stop_reason)
                    for i, (texts, ids, lps, last) in sorted(self._choices.items())]
         return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, choices, out.finished, out.metrics,
-                             out.num_cached_tokens)
+                             out.num_cached_tokens, self._prompt_logprobs)
 
 
 async def final_outputs(streams: list[RequestStream], request: Request) -> list[Any]:
