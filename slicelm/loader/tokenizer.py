@@ -2,29 +2,23 @@
 
 Sources: an HF directory (tokenizer.json, tokenizer_config.json, chat_template.jinja) or a GGUF
 file's `tokenizer.*` metadata (byte-level BPE "gpt2" or sentencepiece-BPE "llama").
-Chat templates are rendered like transformers' `apply_chat_template` (sandboxed jinja2,
-trim_blocks/lstrip_blocks, `raise_exception`, `strftime_now`, non-escaping `tojson`), in jinja2's
-immutable sandbox with limits: `range()` size, `*` results, output size and render time.
+Chat templates render in `chat_template.py` (transformers-compatible, sandboxed, with limits).
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from slicelm.loader.chat_template import compile_template, render_limited
 from slicelm.loader.model_files import ModelSource
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
@@ -162,8 +156,8 @@ class Tokenizer:
         }
         variables.update(kwargs)
         try:
-            rendered = _render_limited(
-                _compile(template),
+            rendered = render_limited(
+                compile_template(template),
                 dict(messages=chat, tools=tools, add_generation_prompt=add_generation_prompt, **variables),
             )
         except jinja2.TemplateError as e:
@@ -178,96 +172,6 @@ class Tokenizer:
             else:  # the template trimmed trailing whitespace
                 rendered = rendered[:loc].rstrip()
         return rendered
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-# Limits of one chat-template rendering: output size, wall time, and the size of one `*` / range().
-MAX_RENDER_CHARS = 8 << 20
-MAX_RENDER_SECONDS = 5.0
-MAX_RANGE = 10_000
-
-
-class _LimitedSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, plus caps on `range()` and on `'x' * n` / `[..] * n` results."""
-
-    intercepted_binops = frozenset(["*", "**"])
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                limit = MAX_RENDER_CHARS if isinstance(seq, str) else MAX_RANGE
-                if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > limit:
-                    raise jinja2.exceptions.SecurityError(
-                        f"the chat template builds a sequence of {len(seq) * n} items (limit {limit})")
-        if operator == "**" and isinstance(right, int) and abs(right) > 1000:
-            raise jinja2.exceptions.SecurityError("the chat template raises to a power above 1000")
-        return super().call_binop(context, operator, left, right)
-
-
-_render_deadline = threading.local()
-
-
-class _CheckedRange:
-    """``range()`` for templates: at most ``MAX_RANGE`` items, and iterating stops at the render deadline."""
-
-    def __init__(self, *args: int) -> None:
-        self.r = range(*args)
-        if len(self.r) > MAX_RANGE:
-            raise jinja2.exceptions.SecurityError(f"range() of {len(self.r)} items in a chat template "
-                                                  f"(limit {MAX_RANGE})")
-
-    def __len__(self) -> int:
-        return len(self.r)
-
-    def __iter__(self) -> Iterator[int]:
-        deadline = getattr(_render_deadline, "value", None)
-        for i in self.r:
-            if deadline is not None and not i & 255 and time.monotonic() > deadline:
-                raise jinja2.exceptions.SecurityError(f"the chat template took more than {MAX_RENDER_SECONDS:.0f} "
-                                                      "s to render")
-            yield i
-
-
-def _render_limited(template: jinja2.Template, variables: dict[str, Any]) -> str:
-    """Renders piecewise: stops with a TemplateError past ``MAX_RENDER_CHARS`` or ``MAX_RENDER_SECONDS``."""
-    deadline = time.monotonic() + MAX_RENDER_SECONDS
-    _render_deadline.value = deadline
-    parts: list[str] = []
-    size = 0
-    for piece in template.generate(**variables):
-        parts.append(piece)
-        size += len(piece)
-        if size > MAX_RENDER_CHARS:
-            raise jinja2.exceptions.SecurityError(f"the chat template rendered more than {MAX_RENDER_CHARS} "
-                                                  "characters")
-        if time.monotonic() > deadline:
-            raise jinja2.exceptions.SecurityError(f"the chat template took more than {MAX_RENDER_SECONDS:.0f} s "
-                                                  "to render")
-    return "".join(parts)
-
-
-@lru_cache(maxsize=32)
-def _compile(template: str) -> jinja2.Template:
-    env = _LimitedSandbox(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.globals["range"] = _CheckedRange
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(template)
 
 
 def _token_str(value: Any) -> str | None:

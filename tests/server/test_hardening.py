@@ -69,7 +69,8 @@ def test_template_limits_when_trusted() -> None:
     """With --trust-request-chat-template the sandbox caps output, range() and render time."""
     import jinja2
 
-    from slicelm.loader.tokenizer import _compile, _render_limited
+    from slicelm.loader.chat_template import compile_template as _compile
+    from slicelm.loader.chat_template import render_limited as _render_limited
 
     for t in ("{{ 'x' * 1000000000 }}", "{% for i in range(100000) %}{% endfor %}",
               "{{ ().__class__.__base__.__subclasses__() }}", "{{ [1] * 100000000 }}"):
