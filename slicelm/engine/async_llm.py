@@ -333,7 +333,12 @@ class AsyncLLM:
             return
         now = time.time()
         it = IterationStats(now=now)
-        processed = self.output_processor.process(msg.outputs, now)
+        try:
+            processed = self.output_processor.process(msg.outputs, now)
+        except Exception as e:  # a bug here must fail the requests, never leave them waiting
+            logger.exception("processing the engine core's outputs failed")
+            self._fail(EngineDeadError(f"processing the engine core's outputs failed: {e!r}"))
+            return
         if processed.abort_in_core:
             self.client.abort_requests(processed.abort_in_core)
         for rid, err in processed.errors.items():

@@ -30,11 +30,11 @@ SERVE_FLAGS = frozenset({
     "--load-format", "--max-logprobs", "--max-model-len", "--max-num-batched-tokens", "--max-num-seqs",
     "--max-request-body-bytes", "--max-waiting-requests", "--model", "--no-async-scheduling",
     "--no-attention-flash-prefill", "--no-enable-chunked-prefill", "--no-enable-prefix-caching",
-    "--no-engine-process", "--no-normalize", "--normalize", "--num-gpu-blocks-override", "--pooling-type",
-    "--port", "--return-tokens-as-token-ids", "--root-path", "--runner", "--scheduling-policy", "--seed",
-    "--served-model-name", "--show-hidden-metrics-for-version", "--shutdown-timeout", "--skip-tokenizer-init",
-    "--ssl-certfile", "--ssl-keyfile", "--task", "--timeout-keep-alive", "--tokenizer",
-    "--trust-request-chat-template", "--uds", "--uvicorn-log-level",
+    "--no-engine-process", "--no-normalize", "--normalize", "--num-gpu-blocks-override", "--pooler-config",
+    "--pooling-type", "--port", "--return-tokens-as-token-ids", "--root-path", "--runner",
+    "--scheduling-policy", "--seed", "--served-model-name", "--show-hidden-metrics-for-version",
+    "--shutdown-timeout", "--skip-tokenizer-init", "--ssl-certfile", "--ssl-keyfile", "--task",
+    "--timeout-keep-alive", "--tokenizer", "--trust-request-chat-template", "--uds", "--uvicorn-log-level",
 })
 # Set by `slicelm up` per replica; a stack file cannot override them.
 MANAGED_FLAGS = frozenset({"--host", "--port", "--uds", "--model", "--device", "--help"})

@@ -88,6 +88,24 @@ def test_async_llm_overload_and_death() -> None:
     asyncio.run(main())
 
 
+def test_output_processing_bug_fails_requests_instead_of_hanging() -> None:
+    async def main() -> None:
+        llm, _ = make_fake_engine()
+
+        def broken(*_args, **_kwargs):
+            raise RuntimeError("planted bug")
+
+        llm.output_processor.process = broken
+        s = await llm.add_request("bug", [5], SamplingParams(max_tokens=5))
+        with pytest.raises(EngineDeadError, match="planted bug"):
+            async with asyncio.timeout(10):
+                async for _ in s:
+                    pass
+        llm.shutdown()
+
+    asyncio.run(main())
+
+
 # ------------------------------------------------------------------------------------------ app
 def test_chat_and_completion_shapes() -> None:
     with make_client() as c:
