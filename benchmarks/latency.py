@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SHAPES, environment, measure_copy_bandwidth, save_result, write_config_dir
+from common import RESULTS, SHAPES, device_slug, environment, measure_copy_bandwidth, save_result, write_config_dir
 
 
 def time_graph_replay(engine, iters: int = 50) -> float | None:
@@ -39,6 +39,26 @@ def time_graph_replay(engine, iters: int = 50) -> float | None:
     return start.elapsed_time(end) / iters
 
 
+def profile_graph_replay(engine, name: str, env: dict, iters: int = 20) -> list[dict]:
+    """torch.profiler over ``iters`` batch-1 graph replays: the kernels of one decode step, saved as a
+    table beside the results (``<name>_<device>.txt``) and returned as rows (us per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = engine.worker.runner.graphs
+    if graphs is None or 1 not in graphs.graphs:
+        return []
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            graphs.graphs[1].replay()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30)
+    (RESULTS / f"{name}_{device_slug(env['device'])}.txt").write_text(f"{env['device']} {env['commit']}\n{table}\n")
+    print(table)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    return [{"name": e.key[:120], "us_per_step": e.self_device_time_total / iters, "calls_per_step": e.count / iters}
+            for e in rows[:30] if e.self_device_time_total > 0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
@@ -47,6 +67,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--name", default="latency")
+    ap.add_argument("--profile", action="store_true", help="also save a kernel table of the batch-1 graph replay")
     args = ap.parse_args()
 
     from slicelm.config import EngineArgs
@@ -96,6 +117,8 @@ def main() -> None:
         "peak_memory_bytes": torch.cuda.max_memory_reserved(),
         "memory_budget_bytes": engine.worker.memory_plan.budget_bytes if engine.worker.memory_plan else None,
     }
+    if args.profile:
+        result["replay_kernels"] = profile_graph_replay(engine, f"{args.name}_{args.shape}", env)
     save_result(f"{args.name}_{args.shape}", result)
     print(f"\n{env['device']}: TPOT {tpot:.2f} ms (floor {floor_ms:.2f} ms, {tpot / floor_ms:.2f}x), "
           f"TTFT {statistics.median(r['ttft_ms'] for r in runs):.1f} ms; graph replay alone {graph_ms}")

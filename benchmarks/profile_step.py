@@ -64,7 +64,7 @@ def add_workload(engine, reqs: list[tuple[list[int], int]], tag: str) -> None:
 
 
 # ----------------------------------------------------------------------------- part 1: timeline
-def timeline(engine, reqs, shape: dict, bandwidth: float) -> dict:
+def timeline(engine, reqs, shape: dict, bandwidth: float, tag: str) -> dict:
     """Runs ``reqs`` to the end with a CUDA event pair around every launched step."""
     worker, steps = engine.worker, []
     launch = worker.execute_model
@@ -84,14 +84,23 @@ def timeline(engine, reqs, shape: dict, bandwidth: float) -> dict:
         return handle
 
     worker.execute_model = timed
-    add_workload(engine, reqs, "t")
+    add_workload(engine, reqs, tag)
+    alloc0 = _allocator_counts()
     t0 = time.perf_counter()
     while engine.has_unfinished_requests():
         engine.step()
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     worker.execute_model = launch
-    return summarize(steps, wall)
+    alloc = {k: v - alloc0[k] for k, v in _allocator_counts().items()}
+    return {**summarize(steps, wall), "allocator": alloc}
+
+
+def _allocator_counts() -> dict[str, int]:
+    """cudaMalloc calls, frees and out-of-memory retries of torch's caching allocator (each can sync)."""
+    st = torch.cuda.memory_stats()
+    keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+    return {k: int(st.get(k, 0)) for k in keys}
 
 
 def summarize(steps: list[dict], wall_s: float) -> dict:
@@ -167,6 +176,25 @@ def profile_decode(engine, reqs, steps: int, eager: bool) -> dict:
             "table": prof.key_averages().table(sort_by="device_time_total", row_limit=25)}
 
 
+def profile_prefill(engine, reqs, steps: int = 2) -> dict:
+    """The first ``steps`` steps of a fresh workload A (16k-token prefill chunks), profiled."""
+    add_workload(engine, reqs, "p")
+    torch.cuda.synchronize()
+    with host_spans(engine), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            with record_function("engine step"):
+                engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    engine.abort_request([f"p{i}" for i in range(len(reqs))])
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"wall_ms_per_step": 1e3 * wall / steps, "num_seqs": len(reqs), "steps": steps,
+            "kernels": top_kernels(prof, steps), "host_spans": host_table(prof, steps),
+            "table": prof.key_averages().table(sort_by="device_time_total", row_limit=25)}
+
+
 def top_kernels(prof, steps: int, limit: int = 20) -> list[dict]:
     rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or _device_us(e) > 0]
     rows = [e for e in rows if not e.key.startswith("host:") and e.key != "engine step"]
@@ -207,33 +235,39 @@ def main() -> None:
     add_workload(engine, [(p[:64], 8) for p, _ in reqs[:8]], "w")
     while engine.has_unfinished_requests():
         engine.step()
-    line = timeline(engine, reqs, shape, bandwidth)
+    first = timeline(engine, reqs, shape, bandwidth, "t")  # pays for any kernel compiled on first use
+    line = timeline(engine, reqs, shape, bandwidth, "u")
+    prefill = profile_prefill(engine, reqs)
     graph = profile_decode(engine, reqs, args.profile_steps, eager=False)
     eager = profile_decode(engine, reqs, args.profile_steps, eager=True)
     result = {**env, "workload": {"name": "A (offline throughput), step timeline + decode-step profile",
                                   "shape": args.shape, "num_requests": len(reqs), "max_num_batched_tokens": 16384,
                                   "profiled_decode_steps": args.profile_steps},
-              "copy_bandwidth_bytes_per_s": bandwidth, "timeline": line,
+              "copy_bandwidth_bytes_per_s": bandwidth, "timeline_first_run": first, "timeline": line,
+              "prefill_profile": {k: v for k, v in prefill.items() if k != "table"},
               "decode_profile_graphs": {k: v for k, v in graph.items() if k != "table"},
               "decode_profile_eager": {k: v for k, v in eager.items() if k != "table"}}
     path = save_result(f"{args.name}_{args.shape}", result)
     text = RESULTS / f"{args.name}_{args.shape}_{device_slug(env['device'])}.txt"
-    text.write_text(f"{env['device']} commit {env['commit']}\n\nCUDA graphs:\n{graph['table']}\n\n"
+    text.write_text(f"{env['device']} commit {env['commit']}\n\nprefill steps:\n{prefill['table']}\n\n"
+                    f"decode, CUDA graphs:\n{graph['table']}\n\n"
                     f"eager:\n{eager['table']}\n")
-    print_summary(line, graph, eager)
+    print_summary(first, "first run")
+    print_summary(line, "second run", {"prefill": prefill, "graphs": graph, "eager": eager})
     print(f"saved {path} and {text}")
 
 
-def print_summary(line: dict, graph: dict, eager: dict) -> None:
+def print_summary(line: dict, label: str, profiles: dict | None = None) -> None:
     t = line["total"]
-    print(f"\nwall {line['wall_s']:.2f}s  device {t['device_ms'] / 1e3:.2f}s  floor {t['floor_ms'] / 1e3:.2f}s  "
+    print(f"\n{label}: allocator {line['allocator']}")
+    print(f"wall {line['wall_s']:.2f}s  device {t['device_ms'] / 1e3:.2f}s  floor {t['floor_ms'] / 1e3:.2f}s  "
           f"idle {t['idle_before_ms'] / 1e3:.2f}s  steps {t['steps']}")
     for kind, g in line["groups"].items():
         print(f"  {kind:22s} steps {g['steps']:5d}  device {g['device_ms']:8.1f} ms  floor {g['floor_ms']:8.1f} ms"
               f"  x{g['device_over_floor'] or 0:.2f}  idle {g['idle_before_ms']:7.1f} ms  "
               f"host launch {g['host_launch_ms']:7.1f} ms")
-    for name, prof in (("graphs", graph), ("eager", eager)):
-        print(f"\ndecode step at {prof['num_seqs']} seqs ({name}): {prof['wall_ms_per_step']:.2f} ms wall per step")
+    for name, prof in (profiles or {}).items():
+        print(f"\n{name} step at {prof['num_seqs']} seqs ({name}): {prof['wall_ms_per_step']:.2f} ms wall per step")
         for k in prof["kernels"][:12]:
             share = 100 * k["share"]
             print(f"  {k['us_per_step']:9.1f} us  x{k['calls_per_step']:5.1f}  {share:5.1f}%  {k['name'][:90]}")
