@@ -5,15 +5,19 @@ Llama-8B (8 KV / 32 q heads, D 128) shapes in bf16, block size 16, shuffled bloc
 median time (triton.testing.do_bench), KV bytes read / time, and that over the device-to-device
 copy bandwidth (bytes read + written) measured first. Inputs rotate among several KV caches when
 one would fit in L2. Prefill: a few fresh-prefill batches, TFLOP/s of the unified kernel (and of
-torch's varlen flash attention when present). Runs in about a minute on an H100/H200.
+torch's varlen flash attention when present). GEMV: batch-1 bf16 ``x @ W.T`` for the Llama-3.1-8B
+projection shapes, cuBLAS (F.linear) against the Triton GEMV over a sweep of launch configs, each
+timed as CUDA-graph replays of 50 calls on rotating weight copies (cold L2, no launch overhead).
+Runs in about two minutes on an H100/H200; one section alone (results merged into the JSON):
 
-    python benchmarks/kernels.py [--quick]
+    python benchmarks/kernels.py [--quick] [--only decode|prefill|gemv ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -22,9 +26,10 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, save_result
+from common import RESULTS, device_slug, environment, save_result
 
 from slicelm.layers.triton.backend import _find_varlen_attn
+from slicelm.layers.triton.gemv import default_config, gemv
 from slicelm.layers.triton.paged_attention import (
     _num_sms,
     choose_num_splits,
@@ -38,6 +43,7 @@ CONTEXTS = [512, 2048, 8192]
 BLOCK = 16
 DTYPE = torch.bfloat16
 L2_BYTES = 256 << 20  # rotate caches until the working set clearly exceeds L2 (50-60 MB)
+SECTIONS = ("decode", "prefill", "gemv")
 
 
 def copy_bandwidth(dev: torch.device) -> float:
@@ -132,10 +138,108 @@ def bench_prefill(dev: torch.device, quick: bool) -> list[dict]:
     return rows
 
 
+GEMV_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+GEMV_CALLS = 50  # calls per CUDA graph
+
+
+def gemv_configs() -> list[tuple[int, int, int, int]]:
+    """~30 (block_n, block_k, num_warps, num_stages): fp32 accumulator of 8..64 registers a thread."""
+    cfgs = []
+    for bn in (4, 8, 16, 32):
+        for bk in (128, 256, 512, 1024):
+            for nw in (4, 8):
+                per_thread = bn * bk // (32 * nw)
+                if 8 <= per_thread <= 64 and bn * bk >= 1024:
+                    cfgs.append((bn, bk, nw, 2))
+    cfgs += [(8, 512, 4, ns) for ns in (1, 3, 4)]  # plain loads are not pipelined; check stages do nothing
+    return cfgs
+
+
+def graph_us(call, n_copies: int, reps: int = 5, rounds: int = 5) -> float:
+    """Median per-call time of GEMV_CALLS calls captured in one CUDA graph (call(i) uses copy i % n)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(3):
+            call(i % n_copies)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(GEMV_CALLS):
+            call(i % n_copies)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds):
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (reps * GEMV_CALLS))
+    del graph
+    return sorted(times)[rounds // 2]
+
+
+def bench_gemv(dev: torch.device, copy_bw: float, quick: bool) -> dict:
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    cfgs = gemv_configs()[::3] if quick else gemv_configs()
+    rows, best = [], {}
+    for name, (n, k) in GEMV_SHAPES.items():
+        w_bytes = n * k * DTYPE.itemsize
+        copies = max(1, min(8, -(-L2_BYTES // w_bytes)))
+        ws = [torch.randn(n, k, device=dev, dtype=DTYPE) / k**0.5 for _ in range(copies)]
+        x = torch.randn(1, k, device=dev, dtype=DTYPE)
+        ref = torch.nn.functional.linear(x.float(), ws[0].float())
+
+        def gbps(us: float, w_bytes=w_bytes) -> float:
+            return w_bytes / (us * 1e-6) / 1e9
+
+        cublas = graph_us(lambda i, x=x, ws=ws: torch.nn.functional.linear(x, ws[i]), len(ws))
+        default = default_config(n, k, sms)
+        row = {"shape": name, "N": n, "K": k, "weight_bytes": w_bytes, "copies": len(ws), "cublas_us": cublas,
+               "cublas_GBps": gbps(cublas), "default_config": default, "configs": []}
+        print(f"gemv {name:8s} N={n:5d} K={k:5d} {w_bytes / 1e6:6.1f} MB  cuBLAS {cublas:6.2f} us "
+              f"{gbps(cublas):6.0f} GB/s  (copy-bandwidth ideal {2 * w_bytes / copy_bw * 1e6:6.2f} us)")
+        for cfg in dict.fromkeys([default, *cfgs]):
+            bn, bk, nw, ns = cfg
+            kw = {"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns}
+            err = ((gemv(x, ws[0], **kw).float() - ref).norm() / ref.norm()).item()
+            us = graph_us(lambda i, x=x, ws=ws, kw=kw: gemv(x, ws[i], **kw), len(ws))
+            row["configs"].append({"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns, "us": us,
+                                   "GBps": gbps(us), "rel_err": err, "default": cfg == default})
+            print(f"    bn={bn:2d} bk={bk:4d} warps={nw} stages={ns} {us:7.2f} us {gbps(us):6.0f} GB/s "
+                  f"x{cublas / us:5.2f} vs cuBLAS  err {err:.1e}{'  (default)' if cfg == default else ''}")
+            assert err < 1e-2, (name, cfg, err)
+        top = min(row["configs"], key=lambda c: c["us"])
+        row["best"] = top
+        x4 = torch.randn(4, k, device=dev, dtype=DTYPE)  # small-batch decode: is M=4 worth routing too?
+        kw = {key: top[key] for key in ("block_n", "block_k", "num_warps", "num_stages")}
+        row["m4_cublas_us"] = graph_us(lambda i, x4=x4, ws=ws: torch.nn.functional.linear(x4, ws[i]), len(ws))
+        row["m4_gemv_us"] = graph_us(lambda i, x4=x4, ws=ws, kw=kw: gemv(x4, ws[i], **kw), len(ws))
+        rows.append(row)
+        best[name] = {**kw, "us": top["us"], "GBps": top["GBps"], "cublas_us": cublas, "speedup": cublas / top["us"]}
+        del ws
+        torch.cuda.empty_cache()
+    print(f"\ngemv best per shape ({sms} SMs, bf16, M=1):")
+    for row in rows:
+        b = row["best"]
+        d = next(c for c in row["configs"] if c["default"])
+        print(f"  {row['shape']:8s} bn={b['block_n']:2d} bk={b['block_k']:4d} warps={b['num_warps']} "
+              f"stages={b['num_stages']}  {b['us']:6.2f} us {b['GBps']:6.0f} GB/s | default {d['us']:6.2f} us | "
+              f"cuBLAS {row['cublas_us']:6.2f} us {row['cublas_GBps']:6.0f} GB/s | "
+              f"M=4: gemv {row['m4_gemv_us']:6.2f} us cuBLAS {row['m4_cublas_us']:6.2f} us")
+    return {"shapes": rows, "best": best}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few points only")
+    ap.add_argument("--only", action="append", choices=SECTIONS,
+                    help="run only this section (repeatable); the others are kept from the existing JSON")
     args = ap.parse_args()
+    sections = args.only or list(SECTIONS)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
     dev = torch.device("cuda")
@@ -143,16 +247,26 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(dev)
     copy_bw = copy_bandwidth(dev)
     print(f"{device_name}: {_num_sms(dev)} SMs, device copy {copy_bw / 1e12:.2f} TB/s (read + write)")
-    decode = bench_decode(dev, copy_bw, args.quick)
-    prefill = bench_prefill(dev, args.quick)
+    figures = {"copy_bandwidth_Bps": copy_bw}
+    if "decode" in sections:
+        figures["decode"] = bench_decode(dev, copy_bw, args.quick)
+    if "prefill" in sections:
+        figures["prefill"] = bench_prefill(dev, args.quick)
+    if "gemv" in sections:
+        figures["gemv"] = bench_gemv(dev, copy_bw, args.quick)
     result = {
         **environment(),
         "versions": {"torch": torch.__version__, "triton": triton.__version__},
         "workload": {"decode": {"shapes": SHAPES, "batches": BATCHES, "contexts": CONTEXTS, "block_size": BLOCK,
                                 "dtype": str(DTYPE), "quick": args.quick},
-                     "prefill": "fresh prefill, 8192 tokens per batch, seq 512/2048/8192"},
-        "figures": {"copy_bandwidth_Bps": copy_bw, "decode": decode, "prefill": prefill},
+                     "prefill": "fresh prefill, 8192 tokens per batch, seq 512/2048/8192",
+                     "gemv": {"shapes": GEMV_SHAPES, "M": 1, "dtype": str(DTYPE), "calls_per_graph": GEMV_CALLS},
+                     "sections_run": sections},
+        "figures": figures,
     }
+    old = RESULTS / f"kernels_{device_slug(result['device'])}.json"
+    if args.only and old.exists():  # keep the sections not re-run (from their earlier run)
+        result["figures"] = {**json.loads(old.read_text()).get("figures", {}), **figures}
     save_result("kernels", result)
 
 

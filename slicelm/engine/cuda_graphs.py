@@ -49,7 +49,8 @@ class CUDAGraphDecoder:
         # One output buffer for every graph: per-graph outputs would each stay alive (and sum to GBs
         # of logits at vocabularies of 150k).
         vocab = int(model.vocab_size)
-        self.logits = torch.empty(max_num_seqs, vocab, dtype=torch.float32, device=device)
+        dtype = next(model.parameters()).dtype  # logits stay in the model's dtype; the sampler upcasts
+        self.logits = torch.empty(max_num_seqs, vocab, dtype=dtype, device=device)
         self.sizes: list[int] = []
         self.pool_bytes = 0
 
@@ -69,7 +70,7 @@ class CUDAGraphDecoder:
 
     def _forward(self, n: int) -> torch.Tensor:
         hidden = self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, self._meta(n))
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, out=self.logits[:n])
 
     @torch.inference_mode()
     def capture(self, sizes: list[int]) -> None:
@@ -83,7 +84,7 @@ class CUDAGraphDecoder:
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.logits[:n].copy_(self._forward(n))
+                self._forward(n)
             self.graphs[n] = graph
         torch.cuda.synchronize()
         self.sizes = sorted(self.graphs)

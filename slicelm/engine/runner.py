@@ -236,7 +236,7 @@ class ModelRunner:
             device=logits.device,
             eos_token_ids=requests[0].eos_token_ids,
         )
-        out = self.sampler(logits.float(), meta)
+        out = self.sampler(logits, meta)
         device_tensors = {"sampled": out.sampled_token_ids}
         if out.logprobs is not None:
             device_tensors.update(logprob_token_ids=out.logprob_token_ids, logprobs=out.logprobs)

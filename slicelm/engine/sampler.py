@@ -70,6 +70,12 @@ class SamplingMetadata:
     vocab_size: int = 0
     batch_size: int = 0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row greedy and nothing that edits or reports logits: the argmax of the raw logits."""
+        return (self.all_greedy and self.max_num_logprobs is None and self.no_penalties
+                and self.logit_bias_values is None and self.min_tokens_rows is None)
+
     @classmethod
     def build(
         cls,
@@ -244,9 +250,11 @@ def compute_logprobs(
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == meta.batch_size, (logits.shape, meta.batch_size)
-        logits = logits.to(torch.float32)
+        if meta.plain_greedy:  # argmax of the raw logits: no float32 copy (bf16 -> fp32 is exact)
+            return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1))
+        # A float32 copy: the steps below work in place; leave the caller's tensor alone.
+        logits = logits.to(torch.float32, copy=True)
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
-        logits = logits.clone()  # the steps below work in place; leave the caller's tensor alone
 
         if meta.logit_bias_values is not None:
             logits.index_put_((meta.logit_bias_rows, meta.logit_bias_cols), meta.logit_bias_values,

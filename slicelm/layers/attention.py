@@ -140,21 +140,31 @@ class Attention(nn.Module):
         self.scale = scale
         self.backend = backend
 
+    @property
+    def takes_stored_kv(self) -> bool:
+        """Whether the backend can be called with k = v = None, the step's keys/values being in the
+        cache already (written by a fused kernel before attention)."""
+        return bool(getattr(self.backend, "takes_stored_kv", False))
+
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """q: [T, H*D] or [T, H, D]; k, v: [T, KH*D] or [T, KH, D]. Output has q's rank."""
+        """q: [T, H*D] or [T, H, D]; k, v: [T, KH*D] or [T, KH, D], or both None when the backend
+        ``takes_stored_kv`` and they sit in ``kv_cache`` already. Output has q's rank."""
         if self.backend is None:
             self.backend = get_attention_backend(q.device)
         flat = q.dim() == 2
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if k is None or v is None:
+            assert k is None and v is None and self.takes_stored_kv, "k/v may be omitted only together"
+        else:
+            k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim) if flat else out

@@ -18,6 +18,8 @@ from torch import nn
 from slicelm.layers.activation import SiluAndMul
 from slicelm.layers.attention import Attention
 from slicelm.layers.attention_metadata import AttentionBackend, AttentionMetadata
+from slicelm.layers.fused import fused_ops_for
+from slicelm.layers.linear import Linear
 from slicelm.layers.norm import RMSNorm
 from slicelm.layers.rotary import get_rope
 
@@ -121,8 +123,8 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
-        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias)
+        self.qkv_proj = Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+        self.o_proj = Linear(self.q_size, args.hidden_size, bias=args.o_bias)
         self.rotary_emb = get_rope(args.head_dim, args.max_position_embeddings, config)
         self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
@@ -132,7 +134,12 @@ class LlamaAttention(nn.Module):
         self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(hidden)
+        ops = fused_ops_for(qkv)
+        if ops is not None and self.attn.takes_stored_kv and self.rotary_emb.rotary_dim == self.head_dim \
+                and ops.qkv_prep_supported(self.head_dim, self.rotary_emb.rotary_dim):
+            return self.o_proj(self._attend_fused(ops, positions, qkv, kv_cache, meta))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q.reshape(num_tokens, self.num_heads, self.head_dim))
             k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
@@ -141,11 +148,24 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
+    def _attend_fused(self, ops, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: torch.Tensor,
+                      meta: AttentionMetadata) -> torch.Tensor:
+        """CUDA: one kernel does qk-norm, rotary and the KV store; attention then reads k/v from the cache."""
+        norm = self.q_norm is not None and self.k_norm is not None
+        q = ops.qkv_norm_rope_store(
+            qkv, positions, self.rotary_emb.cos_sin_cache,
+            self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+            self.q_norm.eps if norm else 0.0, kv_cache, meta.slot_mapping,
+            self.num_heads, self.num_kv_heads, self.head_dim,
+        )
+        return self.attn(q, None, None, kv_cache, meta).reshape(qkv.shape[0], self.q_size)
+
+
 class LlamaMLP(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,9 +260,13 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, attn_meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits in the model's dtype (the sampler upcasts where it needs float32); written into
+        ``out`` when given (a CUDA graph's static buffer: no copy)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if out is not None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return F.linear(hidden, weight)
 
     def _shard_slice(self, fused: str, shard: str | int) -> tuple[int, int]:
         if fused == "gate_up_proj":

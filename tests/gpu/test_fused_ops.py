@@ -65,3 +65,40 @@ def test_silu_and_mul(dtype):
     x = torch.randn(29, 2 * 3072, device="cuda", dtype=dtype)
     ref = torch.nn.functional.silu(x[:, :3072]) * x[:, 3072:]
     assert rel(silu_and_mul(x), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize(("hq", "hk"), [(16, 8), (32, 8)])
+@torch.no_grad()
+def test_qkv_prep_matches_unfused_kernels(qk_norm, hq, hk):
+    """The fused qk-norm + rotary + KV store against the separate GPU kernels it replaces (bf16)."""
+    from slicelm.layers.norm import RMSNorm
+    from slicelm.layers.triton.fused_ops import qkv_norm_rope_store
+    from slicelm.layers.triton.kv_store import store_kv_cache
+
+    d, t = 128, 77
+    params = rope_parameters({"rope_theta": 1e6})
+    inv, scale = compute_inv_freq(params, d, 4096)
+    rope = RotaryEmbedding(d, d, 4096, inv, scale).to("cuda", torch.bfloat16)
+    qn, kn = RMSNorm(d).to("cuda", torch.bfloat16), RMSNorm(d).to("cuda", torch.bfloat16)
+    qn.weight.uniform_(0.5, 1.5)
+    kn.weight.uniform_(0.5, 1.5)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, device="cuda", dtype=torch.bfloat16) * 3
+    positions = torch.randint(0, 4096, (t,), device="cuda")
+    slots = torch.randperm(40 * 16, device="cuda")[:t]
+    slots[5] = -1
+    cache = torch.zeros(2, 40, 16, hk, d, device="cuda", dtype=torch.bfloat16)
+    ref_cache = cache.clone()
+    q, k, v = qkv.clone().split([hq * d, hk * d, hk * d], dim=-1)
+    if qk_norm:
+        q, k = qn(q.reshape(t, hq, d)), kn(k.reshape(t, hk, d))
+    q, k = rope(positions, q, k)
+    store_kv_cache(k.reshape(t, hk, d), v.reshape(t, hk, d), ref_cache, slots)
+    ours = qkv_norm_rope_store(qkv, positions, rope.cos_sin_cache, qn.weight if qk_norm else None,
+                               kn.weight if qk_norm else None, qn.eps, cache, slots, hq, hk, d)
+    # same roundings; only the norm's sum of squares may be added in another order (1 ulp)
+    assert rel(ours, q.reshape(t, hq, d)) < 4e-3
+    assert rel(cache, ref_cache) < 4e-3
+    written = torch.zeros(40 * 16, dtype=torch.bool, device="cuda")
+    written[slots[slots >= 0]] = True
+    assert (cache[0].reshape(-1, hk, d)[~written] == 0).all()  # nothing outside the slots

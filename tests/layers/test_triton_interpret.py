@@ -39,9 +39,9 @@ if INTERPRET:
 
     _interp._patch_lang_tensor = _patch_lang_tensor
 
-    from slicelm.layers.triton import backend, kv_store, paged_attention
+    from slicelm.layers.triton import backend, kv_store, paged_attention, qkv_prep
 
-    K = types.SimpleNamespace(backend=backend, kv_store=kv_store, paged_attention=paged_attention)
+    K = types.SimpleNamespace(backend=backend, kv_store=kv_store, paged_attention=paged_attention, qkv_prep=qkv_prep)
 
 
 def make_case(q_lens, seq_lens, num_kv_heads, group, head_dim, block_size, dtype=torch.float32, seed=0):
@@ -232,6 +232,37 @@ def test_matches_torch_backend():
         assert rel_err(ours, theirs.double()) < 1e-5
 
 
+@pytest.mark.parametrize("qk_norm", [True, False])
+@torch.no_grad()
+def test_qkv_prep_matches_unfused_path(qk_norm):
+    """qk-norm + rotary + KV store in one kernel == RMSNorm, RotaryEmbedding, store_kv (float32)."""
+    from slicelm.layers.attention import store_kv
+    from slicelm.layers.norm import RMSNorm
+    from slicelm.layers.rotary import get_rope
+
+    hq, hk, d, t = 4, 2, 32, 5
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g)
+    positions = torch.tensor([0, 3, 17, 4, 60])
+    slots = torch.tensor([1, 9, -1, 30, 2])
+    rope = get_rope(d, 64, {"rope_theta": 10000.0})
+    qn, kn = RMSNorm(d), RMSNorm(d)
+    qn.weight.copy_(torch.rand(d, generator=g) + 0.5)
+    kn.weight.copy_(torch.rand(d, generator=g) + 0.5)
+    cache = torch.full((2, 3, 16, hk, d), float("nan"))
+    ref_cache = cache.clone()
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    q, k = q.reshape(t, hq, d), k.reshape(t, hk, d)
+    if qk_norm:
+        q, k = qn(q), kn(k)
+    q, k = rope(positions, q, k)
+    store_kv(k, v.reshape(t, hk, d), ref_cache, slots)
+    ours = K.qkv_prep.qkv_norm_rope_store(qkv, positions, rope.cos_sin_cache, qn.weight if qk_norm else None,
+                                          kn.weight if qk_norm else None, 1e-6, cache, slots, hq, hk, d)
+    torch.testing.assert_close(ours, q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache, ref_cache, rtol=1e-5, atol=1e-5, equal_nan=True)  # slot -1: untouched
+
+
 def test_bad_shapes_raise():
     query, key, value, kv_cache, meta, _, _ = make_case([1], [4], 1, 2, 32, 16)
     with pytest.raises(ValueError, match="kv_cache"):
@@ -267,10 +298,10 @@ def _sm90_usage(fn, dtype: str, consts: dict) -> dict[str, int]:
         if n in consts:
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
-            ints = ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr")
+            ints = ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "pos_ptr", "slots_ptr")
             sig[n] = "*" + ("fp32" if n.startswith("part") else "i32" if n in ints else dtype)
         else:
-            sig[n] = "fp32" if n == "qk_scale" else "i32"
+            sig[n] = "fp32" if n in ("qk_scale", "eps") else "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n not in consts and (n.endswith("_ptr") or n.startswith("stride"))}
     src = ASTSource(fn=fn, signature=sig, attrs=attrs,
@@ -295,6 +326,11 @@ def test_bf16_kernels_compile_for_sm90_without_spills():
         assert use.get("STACK", 0) == 0 and use["REG"] < 200, use
     consts = {"GROUP": 4, "BLOCK_M": 64, "BLOCK_Q": 16, "BLOCK_N": 64, **common}
     use = _sm90_usage(pa._unified_kernel, "bf16", consts)
+    assert use.get("STACK", 0) == 0, use
+    from slicelm.layers.triton import qkv_prep
+
+    consts = {"HQ": 16, "HK": 8, "D": 128, "HALF": 64, "BLOCK_HQ": 16, "BLOCK_HK": 8, "BLOCK_SIZE": 16, "QK_NORM": True}
+    use = _sm90_usage(qkv_prep._qkv_prep_kernel, "bf16", consts)
     assert use.get("STACK", 0) == 0, use
 
 

@@ -51,6 +51,9 @@ class TritonAttentionBackend:
         max_seq_len_bound: int | None = None,
         decode_num_splits: int | None = None,
     ) -> None:
+        # The model may write K/V itself (fused qk-norm + rotary + store) and pass key = value = None;
+        # not with flash prefill, which reads the new keys/values from their tensors.
+        self.takes_stored_kv = not use_flash_prefill
         self.max_seq_len_bound = max_seq_len_bound
         self.decode_num_splits = decode_num_splits
         self._varlen_attn, self._varlen_opts = _find_varlen_attn() if use_flash_prefill else (None, {})
@@ -58,18 +61,21 @@ class TritonAttentionBackend:
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        key: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim]; None: stored already
+        value: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim]; None: stored already
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        if query.dim() != 3 or key.dim() != 3:
-            shapes = f"{tuple(query.shape)}, {tuple(key.shape)}"
+        if query.dim() != 3 or (key is not None and key.dim() != 3):
+            shapes = f"{tuple(query.shape)}, {None if key is None else tuple(key.shape)}"
             raise ValueError(f"query/key: expected 3-D [T, H, D], got {shapes}")
         if query.stride(-1) != 1:
             query = query.contiguous()
-        store_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        if key is not None and value is not None:
+            store_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        elif not self.takes_stored_kv:
+            raise ValueError("key/value: required with flash prefill (the kernel reads them, not the cache)")
         out = torch.empty_like(query)
         if meta.is_decode_only:
             max_seq_len = self.max_seq_len_bound or meta.max_seq_len
@@ -77,7 +83,7 @@ class TritonAttentionBackend:
                 out, query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                 meta.num_seqs, max_seq_len, scale, num_splits=self.decode_num_splits,
             )
-        if self._varlen_attn is not None and self._is_fresh_prefill(meta):
+        if self._varlen_attn is not None and key is not None and self._is_fresh_prefill(meta):
             return self._flash_prefill(query, key, value, meta, scale)
         return unified_attention(
             out, query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,

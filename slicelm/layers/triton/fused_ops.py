@@ -116,3 +116,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         _silu_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, x2.stride(0), out.stride(0), d,
                                                                BLOCK=block, num_warps=4)
     return out.view(*x.shape[:-1], d)
+
+
+from slicelm.layers.triton.gemv import gemv, gemv_supported  # noqa: E402, F401
+from slicelm.layers.triton.qkv_prep import qkv_norm_rope_store, qkv_prep_supported  # noqa: E402, F401
