@@ -43,7 +43,7 @@ CONTEXTS = [512, 2048, 8192]
 BLOCK = 16
 DTYPE = torch.bfloat16
 L2_BYTES = 256 << 20  # rotate caches until the working set clearly exceeds L2 (50-60 MB)
-SECTIONS = ("decode", "prefill", "gemv")
+SECTIONS = ("decode", "prefill", "gemv", "decode_sweep")
 
 
 def copy_bandwidth(dev: torch.device) -> float:
@@ -99,6 +99,43 @@ def bench_decode(dev: torch.device, copy_bw: float, quick: bool) -> list[dict]:
                       f"{row['auto_us']:8.1f} us {row['auto_GBps']:7.0f} GB/s "
                       f"({row['auto_frac_of_copy']:.2f} of copy)"
                       + (f"  no-split {row['no_split_us']:8.1f} us" if "no_split_us" in row else ""))
+    return rows
+
+
+def bench_decode_sweep(dev: torch.device, copy_bw: float) -> list[dict]:
+    """Workload A's first decode steps (256 sequences, contexts = its prompt lengths + 0..64 tokens,
+    Qwen3-0.6B heads) through every launch config in a small grid; best first."""
+    from common import workload_a
+
+    lens = [len(p) + i % 64 for i, (p, _) in enumerate(workload_a(256))]
+    hkv, hq, d = SHAPES["qwen3-0.6b"]
+    blocks = [-(-n // BLOCK) for n in lens]
+    caches = [torch.randn(2, sum(blocks) + 1, BLOCK, hkv, d, device=dev, dtype=DTYPE) for _ in range(4)]
+    table = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
+    perm = torch.randperm(sum(blocks)) + 1
+    for i, b in enumerate(blocks):
+        table[i, :b] = perm[sum(blocks[:i]): sum(blocks[: i + 1])]
+    table, seq_lens = table.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev)
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32, device=dev)
+    query = torch.randn(len(lens), hq, d, device=dev, dtype=DTYPE)
+    out = torch.empty_like(query)
+    kv_bytes = 2 * sum(lens) * hkv * d * DTYPE.itemsize
+    rows, state = [], {"i": 0}
+    for splits in (1, 2, 4):
+        for block_n in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    def run(splits=splits, block_n=block_n, warps=warps, stages=stages) -> None:
+                        i = state["i"] = (state["i"] + 1) % len(caches)
+                        paged_decode_attention(out, query, caches[i], table, seq_lens, qsl, len(lens), 4096,
+                                               d**-0.5, num_splits=splits, block_n=block_n, num_warps=warps,
+                                               num_stages=stages)
+                    ms = do_bench(run, warmup=10, rep=60, return_mode="median")
+                    rows.append({"num_splits": splits, "block_n": block_n, "num_warps": warps, "num_stages": stages,
+                                 "us": ms * 1e3, "frac_of_copy": kv_bytes / (ms * 1e-3) / copy_bw})
+    rows.sort(key=lambda r: r["us"])
+    for r in rows[:8]:
+        print(f"decode sweep: {r}")
     return rows
 
 
@@ -254,6 +291,8 @@ def main() -> None:
         figures["prefill"] = bench_prefill(dev, args.quick)
     if "gemv" in sections:
         figures["gemv"] = bench_gemv(dev, copy_bw, args.quick)
+    if "decode_sweep" in sections:
+        figures["decode_sweep"] = bench_decode_sweep(dev, copy_bw)
     result = {
         **environment(),
         "versions": {"torch": torch.__version__, "triton": triton.__version__},

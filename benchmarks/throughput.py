@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,12 @@ def floor_seconds(shape: dict, reqs: list[tuple[list[int], int]], bandwidth: flo
     t = (kv_bytes + weight_bytes) / bandwidth + prefill_flops / flops
     return {"kv_bytes": kv_bytes, "weight_bytes": weight_bytes, "prefill_flops": prefill_flops,
             "params": params, "floor_s": t}
+
+
+def triton_cache_entries() -> set[str]:
+    """Kernels in Triton's on-disk cache (one ``<hash>/<name>.json`` per compiled variant)."""
+    root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return {f"{p.parent.name[:8]}/{p.stem}" for p in root.glob("*/*.json") if not p.stem.startswith("__grp__")}
 
 
 def run_peer(shape: str, num_requests: int, timeout: int) -> dict:
@@ -107,10 +114,12 @@ def main() -> None:
     prompts = [{"prompt_token_ids": p} for p, _ in reqs]
     params = [SamplingParams(temperature=args.temperature, max_tokens=o, ignore_eos=True, seed=i)
               for i, (_, o) in enumerate(reqs)]
+    compiled_before = triton_cache_entries()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
+    compiled_in_run = sorted(triton_cache_entries() - compiled_before)  # should be empty: warm-up compiles
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     prompt_tokens = sum(len(p) for p, _ in reqs)
     assert out_tokens == sum(o for _, o in reqs), "every request must generate exactly its output length"
@@ -135,6 +144,7 @@ def main() -> None:
         "floor_output_tokens_per_s": floor_tps,
         "fraction_of_floor": (out_tokens / elapsed) / floor_tps,
         "num_preemptions": stats.num_preemptions,
+        "triton_kernels_compiled_in_timed_run": compiled_in_run,
         "peak_memory_bytes": torch.cuda.max_memory_reserved(),
         "memory_budget_bytes": plan.budget_bytes if plan else None,
         "memory_plan": plan.__dict__ if plan else None,

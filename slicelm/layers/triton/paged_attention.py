@@ -31,7 +31,9 @@ MAX_SPLITS = 64
 MIN_TOKENS_PER_SPLIT = 256
 
 
-@triton.jit
+# Block-table width changes from step to step: left unspecialized (Triton would otherwise compile a
+# new variant the first time a width is 1 or a multiple of 16, mid-run).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -139,7 +141,7 @@ def _find_seq(query_start_loc_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _unified_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     qk_scale, num_seqs,
