@@ -320,8 +320,8 @@ def test_bf16_kernels_compile_for_sm90_without_spills():
     from slicelm.layers.triton import paged_attention as pa
 
     common = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "DOT_PRECISION": "tf32"}
-    for splits in (1, 8):
-        consts = {"NUM_HEADS": 16, "GROUP": 2, "GROUP_PAD": 16, "BLOCK_N": 64, "NUM_SPLITS": splits, **common}
+    for splits, block_n in ((1, 128), (1, 64), (8, 64)):
+        consts = {"NUM_HEADS": 16, "GROUP": 2, "GROUP_PAD": 16, "BLOCK_N": block_n, "NUM_SPLITS": splits, **common}
         use = _sm90_usage(pa._decode_kernel, "bf16", consts)
         assert use.get("STACK", 0) == 0 and use["REG"] < 200, use
     consts = {"GROUP": 4, "BLOCK_M": 64, "BLOCK_Q": 16, "BLOCK_N": 64, **common}

@@ -250,7 +250,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     num_heads, num_kv_heads, head_dim, block_size = _check(out, query, kv_cache)
     if num_seqs == 0:
@@ -261,8 +261,13 @@ def paged_decode_attention(
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits: must be a power of two >= 1, got {num_splits}")
     d_pad = triton.next_power_of_2(head_dim)
+    # Unsplit launches (many sequences: one program per sequence and KV head) stream long tile
+    # ranges: 128-key tiles, 3 stages measured fastest on an H200 (kernels.py --only decode_sweep).
+    wide = num_splits == 1 and d_pad <= 128 and query.element_size() <= 2
     if block_n is None:
-        block_n = 64 if d_pad <= 128 and query.element_size() <= 2 else 32
+        block_n = 128 if wide else 64 if d_pad <= 128 and query.element_size() <= 2 else 32
+    if num_stages is None:
+        num_stages = 3 if wide else 2
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     if num_splits > 1:
         f32 = {"dtype": torch.float32, "device": out.device}
