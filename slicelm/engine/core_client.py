@@ -146,7 +146,7 @@ class MPCoreClient(_SocketCoreClient):
         reader, writer = mp.Pipe(duplex=False)
         self._ready = reader
         self.proc = mp.Process(target=run_engine_core, name="slicelm-engine-core", daemon=True,
-                               args=(args, f"ipc://{self._dir}/in", f"ipc://{self._dir}/out", writer, os.getpid()))
+                               args=(args, [f"ipc://{self._dir}/in"], [f"ipc://{self._dir}/out"], writer, os.getpid()))
         self.proc.start()
         writer.close()
         logger.info("engine core process started (pid %d)", self.proc.pid)
@@ -154,20 +154,7 @@ class MPCoreClient(_SocketCoreClient):
     def wait_ready(self, timeout: float | None = None) -> EngineCoreInfo:
         """Blocks until the core has loaded; raises its load error (a ``ValueError`` stays one)."""
         try:
-            ready = wait_connections([self._ready, self.proc.sentinel], timeout)
-            if self._ready in ready:
-                with contextlib.suppress(EOFError):
-                    msg = self._ready.recv()
-                    if msg[0] == "ready":
-                        return msg[1]
-                    _, name, text, is_value_error, tb = msg
-                    logger.debug("engine core start-up failed:\n%s", tb)
-                    raise (ValueError if is_value_error else EngineStartupError)(
-                        text if is_value_error else f"engine core failed to start: {name}: {text}")
-            if not ready:
-                raise EngineStartupError(f"engine core did not start within {timeout} s")
-            self.proc.join(5)
-            raise EngineStartupError(f"engine core process exited with code {self.proc.exitcode} while starting")
+            return wait_core_ready(self._ready, self.proc, timeout)
         except BaseException:
             self.shutdown()
             raise
@@ -183,16 +170,37 @@ class MPCoreClient(_SocketCoreClient):
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._close_sockets()
-        if self.proc.is_alive():
-            self.proc.join(timeout)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(timeout)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(timeout)
+        stop_process(self.proc, timeout)
         self._destroy()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def wait_core_ready(ready: Any, proc: Any, timeout: float | None) -> EngineCoreInfo:
+    """Waits for the core process's start-up message on the pipe ``ready``; raises its load error."""
+    found = wait_connections([ready, proc.sentinel], timeout)
+    if ready in found:
+        with contextlib.suppress(EOFError):
+            msg = ready.recv()
+            if msg[0] == "ready":
+                return msg[1]
+            _, name, text, is_value_error, tb = msg
+            logger.debug("engine core start-up failed:\n%s", tb)
+            raise (ValueError if is_value_error else EngineStartupError)(
+                text if is_value_error else f"engine core failed to start: {name}: {text}")
+    if not found:
+        raise EngineStartupError(f"engine core did not start within {timeout} s")
+    proc.join(5)
+    raise EngineStartupError(f"engine core process exited with code {proc.exitcode} while starting")
+
+
+def stop_process(proc: Any, timeout: float) -> None:
+    """Waits ``timeout`` s for ``proc`` (already asked to stop), then terminates it, then kills it."""
+    for step in (None, proc.terminate, proc.kill):
+        if not proc.is_alive():
+            return
+        if step is not None:
+            step()
+        proc.join(timeout)
 
 
 class ThreadCoreClient(_SocketCoreClient):

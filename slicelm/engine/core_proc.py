@@ -4,6 +4,12 @@ Loop: take every queued message (add / abort / shutdown) without blocking while 
 (with a timeout, to notice a dead parent) when idle; step; send the step's deltas with the stats
 snapshot and the count of adds taken. A failing step sends ``dead_error`` and ends the loop (the
 process then exits 1), so the API side fails its requests at once instead of waiting.
+
+Several clients (``--api-server-count N``): one PULL socket connected to every client's PUSH endpoint
+(fair-queued) and one PUSH socket per client. A client other than 0 tags its adds with its index (a
+third frame); the loop remembers each sequence's owner and sends a client only its own outputs, with
+its own count of adds, the stats snapshot (client 0 every step, the others with their outputs or at
+least every ``STATS_INTERVAL`` s). With one client nothing is tagged, looked up or split.
 """
 
 from __future__ import annotations
@@ -34,19 +40,26 @@ from slicelm.engine.core_messages import (
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 1000  # how often an idle core checks that its parent still lives
+STATS_INTERVAL = 0.05  # several clients: the longest a client goes without a stats snapshot while busy
 
 
 class CoreLoop:
-    def __init__(self, core: Any, in_sock: zmq.Socket, out_sock: zmq.Socket,
+    def __init__(self, core: Any, in_sock: zmq.Socket, out_sock: zmq.Socket | list[zmq.Socket],
                  parent_alive: Callable[[], bool] | None = None) -> None:
         self.core = core
         self.in_sock = in_sock
-        self.out_sock = out_sock
+        self.out_socks = out_sock if isinstance(out_sock, list) else [out_sock]
+        self.out_sock = self.out_socks[0]
+        self.multi = len(self.out_socks) > 1
         self.parent_alive = parent_alive or (lambda: True)
         self.encoder = make_encoder()
         self.req_decoder = request_decoder()
         self.ids_decoder = ids_decoder()
-        self.num_adds = 0
+        self.num_adds = 0  # one client: its adds; several: the sum (client_adds per client)
+        self.client_adds = [0] * len(self.out_socks)
+        self.owners: dict[str, int] = {}  # several clients: sequence id -> client index
+        self._sent_adds = [0] * len(self.out_socks)
+        self._last_sent = [0.0] * len(self.out_socks)
         self.stopped = False
 
     def run(self) -> None:
@@ -67,17 +80,24 @@ class CoreLoop:
                 if self.stopped:
                     return
                 outputs = self.core.step() if self.core.has_unfinished_requests() else []
-                self._send(EngineCoreOutputs(errors + outputs, self.core.get_stats(), self.num_adds, time.time()))
+                if self.multi:
+                    self._send_each(errors, outputs)
+                else:
+                    if errors:
+                        outputs = [o for _, o in errors] + outputs
+                    self._send(EngineCoreOutputs(outputs, self.core.get_stats(), self.num_adds, time.time()))
         except Exception as e:
             logger.exception("engine core failed")
-            with contextlib.suppress(Exception):
-                self._send(EngineCoreOutputs(num_adds=self.num_adds, timestamp=time.time(),
-                                             dead_error=f"{type(e).__name__}: {e}"))
+            for i in range(len(self.out_socks)):
+                with contextlib.suppress(Exception):
+                    self._send(EngineCoreOutputs(num_adds=self.client_adds[i], timestamp=time.time(),
+                                                 dead_error=f"{type(e).__name__}: {e}"), i)
             raise
 
-    def _drain_inputs(self) -> list[EngineCoreOutput]:
-        """Applies every queued message; a sequence the core refuses comes back as an error output."""
-        errors: list[EngineCoreOutput] = []
+    def _drain_inputs(self) -> list[tuple[int, EngineCoreOutput]]:
+        """Applies every queued message; a sequence the core refuses comes back as an error output
+        (with the index of the client that sent it)."""
+        errors: list[tuple[int, EngineCoreOutput]] = []
         while True:
             try:
                 frames = self.in_sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
@@ -85,25 +105,52 @@ class CoreLoop:
                 return errors
             kind = frames[0].bytes
             if kind == ADD:
+                client = int.from_bytes(frames[2].bytes, "little") if len(frames) > 2 else 0
                 self.num_adds += 1
+                self.client_adds[client] += 1
                 req = self.req_decoder.decode(frames[1].buffer)
                 try:
                     self.core.add_request(req)
                 except Exception as e:
-                    errors.append(EngineCoreOutput(req.request_id, finish_reason="error",
-                                                   error=f"{type(e).__name__}: {e}"))
+                    errors.append((client, EngineCoreOutput(req.request_id, finish_reason="error",
+                                                            error=f"{type(e).__name__}: {e}")))
+                else:
+                    if self.multi:
+                        self.owners[req.request_id] = client
             elif kind == ABORT:
-                self.core.abort_requests(self.ids_decoder.decode(frames[1].buffer))
+                ids = self.ids_decoder.decode(frames[1].buffer)
+                self.core.abort_requests(ids)
+                if self.multi:
+                    for rid in ids:
+                        self.owners.pop(rid, None)
             elif kind == SHUTDOWN:
                 self.stopped = True
                 return errors
 
-    def _send(self, msg: EngineCoreOutputs) -> None:
-        self.out_sock.send(self.encoder.encode(msg), copy=False)
+    def _send_each(self, errors: list[tuple[int, EngineCoreOutput]], outputs: list[EngineCoreOutput]) -> None:
+        """Several clients: each gets its own sequences' outputs (and the stats, see the module docstring)."""
+        per_client: list[list[EngineCoreOutput]] = [[] for _ in self.out_socks]
+        for client, out in errors:
+            per_client[client].append(out)
+        owners = self.owners
+        for out in outputs:
+            client = owners.get(out.request_id) if out.finish_reason is None else owners.pop(out.request_id, None)
+            if client is not None:  # None: aborted meanwhile
+                per_client[client].append(out)
+        stats, now = self.core.get_stats(), time.time()
+        for i, outs in enumerate(per_client):
+            adds = self.client_adds[i]
+            if outs or i == 0 or adds != self._sent_adds[i] or now - self._last_sent[i] >= STATS_INTERVAL:
+                self._sent_adds[i], self._last_sent[i] = adds, now
+                self._send(EngineCoreOutputs(outs, stats, adds, now), i)
+
+    def _send(self, msg: EngineCoreOutputs, client: int = 0) -> None:
+        self.out_socks[client].send(self.encoder.encode(msg), copy=False)
 
 
-def run_engine_core(args: Any, in_addr: str, out_addr: str, ready: Connection, parent_pid: int) -> None:
-    """Entry point of the engine-core process (started with ``spawn``)."""
+def run_engine_core(args: Any, in_addrs: list[str], out_addrs: list[str], ready: Connection, parent_pid: int) -> None:
+    """Entry point of the engine-core process (started with ``spawn``): adds / aborts / shutdown come from
+    every address of ``in_addrs``; client ``i``'s outputs go to ``out_addrs[i]``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the API process, which shuts us down
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s engine-core: %(message)s",
@@ -120,16 +167,22 @@ def run_engine_core(args: Any, in_addr: str, out_addr: str, ready: Connection, p
     ready.close()
     ctx = zmq.Context()
     in_sock = ctx.socket(zmq.PULL)
-    in_sock.connect(in_addr)
-    out_sock = ctx.socket(zmq.PUSH)
-    out_sock.setsockopt(zmq.LINGER, 2000)  # a last message (e.g. dead_error) still goes out
-    out_sock.connect(out_addr)
+    for addr in in_addrs:
+        in_sock.connect(addr)
+    out_socks = []
+    for addr in out_addrs:
+        out_sock = ctx.socket(zmq.PUSH)
+        out_sock.setsockopt(zmq.LINGER, 2000)  # a last message (e.g. dead_error) still goes out
+        out_sock.connect(addr)
+        out_socks.append(out_sock)
+    code = 0
     try:
-        CoreLoop(core, in_sock, out_sock, parent_alive=lambda: os.getppid() == parent_pid).run()
+        CoreLoop(core, in_sock, out_socks, parent_alive=lambda: os.getppid() == parent_pid).run()
     except Exception:
-        out_sock.close()
-        ctx.term()
-        sys.exit(1)
+        code = 1
     in_sock.close(linger=0)
-    out_sock.close()
+    for out_sock in out_socks:
+        out_sock.close()
     ctx.term()
+    if code:
+        sys.exit(code)

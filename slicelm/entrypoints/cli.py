@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%m-%d %H:%M:%S")
     try:
         if args.command == "serve":
-            from slicelm.entrypoints.server.app import run_server
+            from slicelm.entrypoints.server.api_servers import serve
 
-            return run_server(args)
+            return serve(args)
         return _generate(args)
     except ValueError as e:  # bad flags or an unknown model: one clear line, no traceback
         print(f"slicelm {args.command}: error: {e}", file=sys.stderr)

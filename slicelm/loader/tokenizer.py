@@ -44,6 +44,15 @@ class ChatTemplateError(ValueError):
     """No chat template, or one that fails to render."""
 
 
+class MissingChatTemplateError(ChatTemplateError):
+    """Chat-style input for a tokenizer without a chat template, and none given (vLLM's message)."""
+
+    def __init__(self) -> None:
+        super().__init__("As of transformers v4.44, default chat template is no longer allowed, so you must provide "
+                         "a chat template if the tokenizer does not define one. Start the server with "
+                         "--chat-template (a file path or a jinja2 template string).")
+
+
 @dataclass
 class Tokenizer:
     hf: HFTokenizer
@@ -130,10 +139,7 @@ class Tokenizer:
         """Render `messages` to a prompt string the way transformers' apply_chat_template does."""
         template = chat_template or self.chat_template
         if template is None:
-            raise ChatTemplateError(
-                "this model's tokenizer has no chat template; pass one with --chat-template "
-                "(a file path or a jinja2 template string)"
-            )
+            raise MissingChatTemplateError()
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
         chat = [dict(m) for m in messages]
@@ -366,7 +372,8 @@ def _gguf_sentencepiece_bpe(meta: dict[str, Any], tokens: list[str]) -> HFTokeni
     return hf
 
 
-__all__ = ["ChatTemplateError", "Tokenizer", "load_tokenizer", "tokenizer_from_gguf_metadata"]
+__all__ = ["ChatTemplateError", "MissingChatTemplateError", "Tokenizer", "load_tokenizer",
+           "tokenizer_from_gguf_metadata"]
 
 
 def load_tokenizer_from(name_or_path: str, chat_template: str | None = None) -> Tokenizer:

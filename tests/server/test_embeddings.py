@@ -178,9 +178,16 @@ def test_embedding_model_rejects_generation(minilm: Server) -> None:
 
 
 def test_messages_without_chat_template_is_400(minilm: Server) -> None:
-    """MiniLM has no chat template: chat-style input needs --chat-template (vLLM refuses it too)."""
+    """MiniLM has no chat template: chat-style input is a 400 with vLLM's type and message (and our hint)."""
     err = error_of(post(minilm, {"model": MINILM, "messages": [{"role": "user", "content": "hi"}]}))
+    assert err["type"] == "BadRequestError" and err["param"] is None
+    assert err["message"].startswith("As of transformers v4.44, default chat template is no longer allowed, so you "
+                                     "must provide a chat template if the tokenizer does not define one.")
     assert "--chat-template" in err["message"]
+    with openai.OpenAI(base_url=minilm.url + "/v1", api_key="x", max_retries=0) as client, \
+            pytest.raises(openai.BadRequestError, match="default chat template is no longer allowed"):
+        client.post("/embeddings", body={"model": MINILM, "messages": [{"role": "user", "content": "hi"}]},
+                    cast_to=object)
 
 
 def test_api_paths_in_openapi(minilm: Server) -> None:

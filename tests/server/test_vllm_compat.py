@@ -118,7 +118,7 @@ def test_vllm_metrics(srv: Server) -> None:
 
 
 def test_refused_flags(tmp_path_factory: pytest.TempPathFactory) -> None:
-    for flags, needle in ((("--api-server-count", "2"), "--api-server-count"),
+    for flags, needle in ((("--api-server-count", "2", "--no-engine-process"), "--no-engine-process"),
                           (("--enable-lora",), "--enable-lora")):
         with pytest.raises(RuntimeError, match=needle):
             start_server(tmp_path_factory.mktemp("refused"), *flags, timeout=60)

@@ -1,11 +1,14 @@
 """The FastAPI app, and running it under uvicorn with a draining SIGTERM.
 
-``build_app(state)`` wires the routers (chat, completions, info, and ``server/pooling.py``'s ``router``
-when that module exists), the gateway middleware (auth, body limit, draining) and the error handlers.
+``build_app(state)`` wires the routers (chat, completions, info, and the ``router`` of ``pooling.py``,
+``score.py``, ``invocations.py`` when they exist), the gateway middleware (auth, body limit, draining) and
+the error handlers.
 ``run_server(args)`` starts the engine core in its own process (``--no-engine-process``: a thread of this
 one) and serves until SIGTERM: new requests get 503, in-flight ones get ``--shutdown-timeout`` seconds to
 finish, the rest are aborted, and the process exits 0. If the engine core dies, in-flight requests end
 with an error, ``/health`` answers 503, and the server exits 1 so that a supervisor restarts it.
+``slicelm serve`` enters through ``api_servers.serve``: ``--api-server-count N > 1`` runs N such servers
+over one core, 1 is ``run_server``.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -48,13 +53,36 @@ def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app.state.server = state
     for module in (chat, completions, info):
         app.include_router(module.router)
-    for name in ("pooling", "invocations"):
+    for name in ("pooling", "score", "invocations"):
         with contextlib.suppress(ModuleNotFoundError):
             app.include_router(importlib.import_module(f"slicelm.entrypoints.server.{name}").router)
     install_error_handlers(app)
     app.add_middleware(GatewayMiddleware, api_keys=state.api_keys, max_body_bytes=max_body_bytes,
                        is_draining=lambda: state.draining)
+    if os.environ.get("SLICELM_DEBUG_PID_HEADER"):
+        app.add_middleware(PidHeaderMiddleware)
     return app
+
+
+class PidHeaderMiddleware:
+    """Debugging / tests (env ``SLICELM_DEBUG_PID_HEADER=1``): every response names the API server process
+    that answered it (``x-slicelm-pid``), to see how ``--api-server-count`` spreads connections."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.header = (b"x-slicelm-pid", str(os.getpid()).encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_pid(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_pid)
 
 
 ENGINE_DEAD_EXIT_DELAY = 1.0  # seconds the server keeps answering (errors, /health 503) after the core died
@@ -62,11 +90,13 @@ ENGINE_DEAD_EXIT_DELAY = 1.0  # seconds the server keeps answering (errors, /hea
 
 class DrainingServer(uvicorn.Server):
     """uvicorn server whose first SIGTERM drains (503 for new requests, grace period, abort, exit 0), and
-    that exits with ``exit_code`` 1 soon after the engine core died."""
+    that exits with ``exit_code`` 1 soon after the engine core died (or once ``parent_pid``, its supervisor
+    under ``--api-server-count``, is gone)."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState, parent_pid: int | None = None) -> None:
         super().__init__(config)
         self.state = state
+        self.parent_pid = parent_pid
         self.exit_code = 0
         self._drain_requested = False
         self._drain_task: asyncio.Task[None] | None = None
@@ -80,6 +110,10 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid and not self.should_exit:
+            logger.error("the supervising process %d is gone: exiting with status 1", self.parent_pid)
+            self.exit_code = 1
+            self.should_exit = True
         if self._drain_requested and self._drain_task is None:
             self._drain_task = asyncio.ensure_future(self._drain())
         if self.state.engine.errored and not self.state.draining:
@@ -118,29 +152,14 @@ def run_server(args: argparse.Namespace) -> int:
     from slicelm.config import EngineArgs
 
     check_api_args(args)
+    assert args.api_server_count == 1, "api_servers.serve runs several API servers"
     engine_args = EngineArgs.from_cli_args(args)
     engine: EngineClient = AsyncLLM.from_engine_args(engine_args, max_waiting_requests=args.max_waiting_requests,
                                                      multiprocess=args.engine_process)
-    state = ServerState.from_engine(engine, served_model_names=args.served_model_name,
-                                    chat_template=_read_chat_template(args.chat_template),
-                                    api_keys=[args.api_key] if args.api_key else [],
-                                    shutdown_timeout=args.shutdown_timeout,
-                                    log_stats=not args.disable_log_stats)
-    state.options = ApiOptions.from_args(args)
-    app = build_app(state, max_body_bytes=args.max_request_body_bytes)
-    # timeout_graceful_shutdown: a client holding a half-sent body cannot keep the process alive after SIGTERM
-    config = uvicorn.Config(app, host=args.host, port=args.port, uds=args.uds, root_path=args.root_path,
-                            log_level=args.uvicorn_log_level, timeout_keep_alive=args.timeout_keep_alive,
-                            access_log=not args.disable_access_log, loop="auto", http="auto",
-                            ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
-                            timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)))
-    server = DrainingServer(config, state)
-    host = "localhost" if args.host in ("0.0.0.0", "::", "") else args.host
-    print(f"slicelm: serving {state.served_model_names[0]!r} on http://{host}:{args.port}\n"
-          f"  curl http://{host}:{args.port}/v1/chat/completions -H 'Content-Type: application/json'"
-          + (" -H 'Authorization: Bearer $VLLM_API_KEY'" if args.api_key else "")
-          + f" -d '{{\"model\": \"{state.served_model_names[0]}\", "
-          "\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], \"max_tokens\": 32}'", flush=True)
+    state = make_state(engine, args)
+    server = DrainingServer(make_uvicorn_config(build_app(state, max_body_bytes=args.max_request_body_bytes), args),
+                            state)
+    print_banner(state, args)
     try:
         server.run()
     finally:
@@ -148,9 +167,37 @@ def run_server(args: argparse.Namespace) -> int:
     return server.exit_code
 
 
-def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    import os
+def make_state(engine: EngineClient, args: argparse.Namespace, primary: bool = True) -> ServerState:
+    """The endpoints' state; only the ``primary`` API server records engine-side metrics and logs stats."""
+    state = ServerState.from_engine(engine, served_model_names=args.served_model_name,
+                                    chat_template=_read_chat_template(args.chat_template),
+                                    api_keys=[args.api_key] if args.api_key else [],
+                                    shutdown_timeout=args.shutdown_timeout,
+                                    log_stats=primary and not args.disable_log_stats,
+                                    record_engine_metrics=primary)
+    state.options = ApiOptions.from_args(args)
+    return state
 
+
+def make_uvicorn_config(app: Any, args: argparse.Namespace) -> uvicorn.Config:
+    # timeout_graceful_shutdown: a client holding a half-sent body cannot keep the process alive after SIGTERM
+    return uvicorn.Config(app, host=args.host, port=args.port, uds=args.uds, root_path=args.root_path,
+                          log_level=args.uvicorn_log_level, timeout_keep_alive=args.timeout_keep_alive,
+                          access_log=not args.disable_access_log, loop="auto", http="auto",
+                          ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                          timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)))
+
+
+def print_banner(state: ServerState, args: argparse.Namespace) -> None:
+    host = "localhost" if args.host in ("0.0.0.0", "::", "") else args.host
+    print(f"slicelm: serving {state.served_model_names[0]!r} on http://{host}:{args.port}\n"
+          f"  curl http://{host}:{args.port}/v1/chat/completions -H 'Content-Type: application/json'"
+          + (" -H 'Authorization: Bearer $VLLM_API_KEY'" if args.api_key else "")
+          + f" -d '{{\"model\": \"{state.served_model_names[0]}\", "
+          "\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], \"max_tokens\": 32}'", flush=True)
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0")
     g.add_argument("--port", type=int, default=8000)

@@ -28,6 +28,7 @@ from slicelm.entrypoints.server.sampling import (
 )
 from slicelm.entrypoints.server.state import ClientDisconnected, ServerState, final_outputs, get_state
 from slicelm.entrypoints.server.streaming import SSE_HEADERS, DeltaTracker, sse, sse_done, sse_error
+from slicelm.loader.tokenizer import MissingChatTemplateError
 
 router = APIRouter()
 
@@ -79,6 +80,8 @@ def render_chat(state: ServerState, messages: list[dict[str, Any]], *, add_gener
             chat_template=template or state.chat_template, tools=tools or None, documents=documents, **kwargs)
     except TypeError as e:
         raise bad_request(f"chat_template_kwargs: {e}", param="chat_template_kwargs") from e
+    except MissingChatTemplateError as e:  # vLLM's 400: its message, no param
+        raise bad_request(str(e)) from e
     except ValueError as e:
         raise bad_request(f"messages: {e}", param="messages", code="invalid_chat") from e
     return tok.encode(text, add_special_tokens=add_special_tokens)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from slicelm.entrypoints.server import chat, completions, pooling
+from slicelm.entrypoints.server import chat, completions, pooling, score
 from slicelm.entrypoints.server.embed_encoding import encode_vector
 from slicelm.entrypoints.server.errors import bad_request
 from slicelm.entrypoints.server.gateway import parse_body
@@ -81,9 +81,9 @@ def _route_for(state: Any, body: dict[str, Any]) -> Any:
     if "input" in body:
         return pooling.create_embeddings
     if "query" in body and "documents" in body:
-        return pooling.create_rerank
+        return score.create_rerank
     if any(k in body for k in ("queries", "data_1", "text_1")):
-        return pooling.create_score
+        return score.create_score
     raise bad_request("the body matches no endpoint: send a chat (messages), completion (prompt), embedding "
                       "(input), rerank (query + documents) or score (queries + documents) request")
 

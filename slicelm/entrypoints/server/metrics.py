@@ -3,6 +3,12 @@
 Both are ``AsyncLLM`` stat listeners: they run on the engine-loop thread after every iteration with the
 engine's ``EngineStats`` snapshot (gauges set, cumulative counters advanced by deltas) and the
 iteration's per-request latencies (histograms).
+
+Several API servers (``--api-server-count N``): prometheus_client's multiprocess mode (the parent sets
+``PROMETHEUS_MULTIPROC_DIR``, as vLLM does), so any server's ``/metrics`` adds up every server's series.
+Request-level metrics (request counts, latency and size histograms) are recorded by every server and
+summed; engine-level ones (running / waiting / KV gauges, token / preemption / prefix-cache counters,
+``iteration_tokens_total``) by server 0 only (``record_engine=False`` elsewhere), so each counts once.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from slicelm.engine.stats import EngineStats, IterationStats
 
@@ -62,7 +69,8 @@ class PrometheusStatLogger:
     """Owns a ``CollectorRegistry`` (one per server) holding the ``vllm:*`` metrics."""
 
     def __init__(self, model_name: str, max_model_len: int, cache_info: dict[str, str] | None = None,
-                 engine_index: int = 0) -> None:
+                 engine_index: int = 0, record_engine: bool = True) -> None:
+        self.record_engine = record_engine
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name", "engine"]
         self.labels = {"model_name": model_name, "engine": str(engine_index)}
@@ -122,12 +130,23 @@ class PrometheusStatLogger:
         self.waiting_by_reason = {reason: by_reason.labels(**self.labels, reason=reason) for reason in WAITING_REASONS}
         info = {k: str(v) for k, v in (cache_info or {}).items()}
         cache_gauge = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", sorted(info),
-                            registry=r)
+                            registry=r, multiprocess_mode="max")
         (cache_gauge.labels(**info) if info else cache_gauge).set(1)
-        r.register(SliceCollector(self.labels))
+        slice_collector = SliceCollector(self.labels)
+        r.register(slice_collector)
+        self.scrape_registry = r
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # every API server's series, from the shared files
+            self.scrape_registry = CollectorRegistry()
+            MultiProcessCollector(self.scrape_registry)
+            self.scrape_registry.register(slice_collector)
         self._prev: EngineStats | None = None
 
     def __call__(self, stats: EngineStats, it: IterationStats) -> None:
+        if self.record_engine:
+            self._record_engine(stats)
+        self._record_requests(it)
+
+    def _record_engine(self, stats: EngineStats) -> None:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.waiting_by_reason["capacity"].set(stats.num_waiting)  # nothing is deferred (no KV transfer)
@@ -143,6 +162,8 @@ class PrometheusStatLogger:
         step_tokens = d["num_prompt_tokens"] + d["num_generation_tokens"]
         if step_tokens > 0:
             self.iteration_tokens.observe(step_tokens)
+
+    def _record_requests(self, it: IterationStats) -> None:
         for t in it.time_to_first_tokens:
             self.ttft.observe(t)
         for t in it.inter_token_latencies:
@@ -164,7 +185,7 @@ class PrometheusStatLogger:
             self.params_max_tokens.observe(max_tokens)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.scrape_registry)
 
 
 def _slice_figures() -> tuple[int | None, int | None]:

@@ -68,15 +68,18 @@ def add_api_args(g: argparse._ArgumentGroup) -> None:
                    help='pooling settings as JSON: {"enable_chunked_processing": true, "max_embed_len": N, '
                         '"pooling_type": "MEAN", "normalize": true}')
     g.add_argument("--api-server-count", "-asc", type=int, default=1,
-                   help="API server processes in front of the engine (only 1 is supported)")
+                   help="API server processes (HTTP, tokenization, detokenization) in front of one engine-core "
+                        "process, sharing one listening socket")
 
 
 def check_api_args(args: argparse.Namespace) -> None:
     """Raises ``ValueError`` naming the flag for values slicelm cannot honour."""
     count = getattr(args, "api_server_count", 1)
-    if count != 1:
-        raise ValueError(f"--api-server-count {count}: slicelm runs one API server process per engine; "
-                         "use --api-server-count 1 (scale out with more replicas behind the router)")
+    if count < 1:
+        raise ValueError(f"--api-server-count must be >= 1, got {count}")
+    if count > 1 and not getattr(args, "engine_process", True):
+        raise ValueError(f"--api-server-count {count} needs the engine core in its own process: it cannot be "
+                         "combined with --no-engine-process")
     if getattr(args, "enable_chunked_prefill", None) is False:
         raise ValueError("--no-enable-chunked-prefill: chunked prefill is always on in slicelm and cannot be "
                          "disabled")

@@ -1,8 +1,8 @@
-"""Pooling endpoints: ``/v1/embeddings``, ``/v1/score`` + ``/score``, ``/v1/rerank`` + ``/rerank`` + ``/v2/rerank``.
+"""``/v1/embeddings``, and what every pooling endpoint shares (checks, tokenizing, running, batch metrics);
+score / rerank are in ``score.py``.
 
-Which model serves what (as vLLM): an embedding model (task "embed") serves embeddings, and score / rerank
-as the cosine similarity of the two sides' embeddings; a cross-encoder (task "score") serves score / rerank
-with its head's activated output for each (text_1, text_2) pair; a generative model serves none (400).
+Which model serves what (as vLLM): an embedding model (task "embed") serves embeddings (and score / rerank);
+a cross-encoder (task "score") serves score / rerank; a generative model serves none (400).
 
 Every input of a request becomes one engine request; they are all handed to the engine before the first
 one is awaited, so the engine loop batches them with whatever else is waiting. Text is tokenized here
@@ -22,7 +22,6 @@ import sys
 import time
 from typing import Any
 
-import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter, Gauge
@@ -36,7 +35,7 @@ from slicelm.entrypoints.server.embed_chunking import run_chunked
 from slicelm.entrypoints.server.embed_encoding import encode_vector, vector_bytes
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.gateway import parse_body
-from slicelm.entrypoints.server.pooling_protocol import EmbeddingRequest, RerankRequest, ScoreRequest
+from slicelm.entrypoints.server.pooling_protocol import EmbeddingRequest
 from slicelm.entrypoints.server.sampling import check_text_size, request_ids, response_headers
 from slicelm.entrypoints.server.state import (
     TASK_ENDPOINTS,
@@ -45,7 +44,6 @@ from slicelm.entrypoints.server.state import (
     get_state,
     wait_for_disconnect,
 )
-from slicelm.layers.pooler import num_labels_of
 from slicelm.pooling_params import PoolingParams
 
 router = APIRouter()
@@ -53,7 +51,7 @@ Prompt = dict[str, list[int]]
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def _require_tasks(state: ServerState, tasks: tuple[str, ...], api: str) -> None:
+def require_tasks(state: ServerState, tasks: tuple[str, ...], api: str) -> None:
     if state.task in tasks:
         return
     wanted = " or ".join(repr(t) for t in tasks)
@@ -62,7 +60,7 @@ def _require_tasks(state: ServerState, tasks: tuple[str, ...], api: str) -> None
                       f"with task {wanted} for this endpoint", code="wrong_task")
 
 
-def _hf_config(state: ServerState) -> dict[str, Any]:
+def hf_config(state: ServerState) -> dict[str, Any]:
     return getattr(state.engine.model_config, "hf_config", None) or {}
 
 
@@ -70,7 +68,7 @@ def _check_dimensions(state: ServerState, dims: int | None) -> None:
     """As vLLM: ``dimensions`` only for Matryoshka models (config ``is_matryoshka`` / ``matryoshka_dimensions``)."""
     if dims is None:
         return
-    cfg = _hf_config(state)
+    cfg = hf_config(state)
     allowed = cfg.get("matryoshka_dimensions")
     if not (cfg.get("is_matryoshka") or allowed):
         raise bad_request(f"dimensions: the model `{state.served_model_names[0]}` does not support Matryoshka "
@@ -84,7 +82,7 @@ def _check_dimensions(state: ServerState, dims: int | None) -> None:
         raise bad_request(f"dimensions: the model supports {sorted(allowed)}, got {dims}", param="dimensions")
 
 
-def _limit(state: ServerState, truncate: int | None) -> int | None:
+def prompt_limit(state: ServerState, truncate: int | None) -> int | None:
     if truncate is None:
         return None
     if truncate == -1:
@@ -95,7 +93,7 @@ def _limit(state: ServerState, truncate: int | None) -> int | None:
     return truncate
 
 
-def _check_len(state: ServerState, n: int, param: str, max_len: int | None = None) -> None:
+def check_len(state: ServerState, n: int, param: str, max_len: int | None = None) -> None:
     if max_len is not None and max_len != state.max_model_len:  # chunked embeddings (--pooler-config)
         if n > max_len:
             raise bad_request(f"{param}: this model's maximum embedding input length is {max_len} tokens "
@@ -112,7 +110,7 @@ def _check_len(state: ServerState, n: int, param: str, max_len: int | None = Non
 _TRUNCATING: dict[tuple[int, int], HFTokenizer] = {}
 
 
-def _truncating(hf: HFTokenizer, limit: int) -> HFTokenizer:
+def truncating(hf: HFTokenizer, limit: int) -> HFTokenizer:
     """A copy of ``hf`` that truncates to ``limit`` tokens (longest-first for pairs), special tokens kept."""
     key = (id(hf), limit)
     tok = _TRUNCATING.get(key)
@@ -126,51 +124,30 @@ def _truncating(hf: HFTokenizer, limit: int) -> HFTokenizer:
     return tok
 
 
-def _encode(state: ServerState, text: str, limit: int | None, special: bool, param: str,
+def encode_text(state: ServerState, text: str, limit: int | None, special: bool, param: str,
             max_len: int | None = None) -> list[int]:
     hf = state.tokenizer.hf
     ids = hf.encode(text, add_special_tokens=special).ids
     if limit is not None and len(ids) > limit:
-        ids = _truncating(hf, limit).encode(text, add_special_tokens=special).ids
-    _check_len(state, len(ids), param, max_len)
+        ids = truncating(hf, limit).encode(text, add_special_tokens=special).ids
+    check_len(state, len(ids), param, max_len)
     return list(ids)
 
 
 def _token_ids(state: ServerState, ids: list[int], limit: int | None, param: str,
                max_len: int | None = None) -> list[int]:
-    vocab = int(_hf_config(state).get("vocab_size") or 0)
+    vocab = int(hf_config(state).get("vocab_size") or 0)
     if vocab and any(not 0 <= t < vocab for t in ids):
         bad = next(t for t in ids if not 0 <= t < vocab)
         raise bad_request(f"{param}: token id {bad} is out of range [0, {vocab})", param=param)
     if limit is not None:
         ids = ids[-limit:]
-    _check_len(state, len(ids), param, max_len)
+    check_len(state, len(ids), param, max_len)
     return list(ids)
 
 
-def _cut_tokens(state: ServerState, text: str, limit: int) -> str:
-    """``text`` cut to its first ``limit`` tokens (rerank's ``max_tokens_per_doc``)."""
-    enc = state.tokenizer.hf.encode(text, add_special_tokens=False)
-    if len(enc.ids) <= limit:
-        return text
-    return text[: enc.offsets[limit - 1][1]]
-
-
-def _encode_pair(state: ServerState, a: str, b: str, limit: int | None, param: str) -> Prompt:
-    tok = state.tokenizer
-    ids, types = tok.encode_pair(a, b)
-    if limit is not None and len(ids) > limit:
-        enc = _truncating(tok.hf, limit).encode(a, b)
-        ids, types = list(enc.ids), list(enc.type_ids)
-    _check_len(state, len(ids), param)
-    prompt: Prompt = {"prompt_token_ids": ids}
-    if int(_hf_config(state).get("type_vocab_size") or 2) > 1:  # XLM-R has a single token type
-        prompt["token_type_ids"] = types
-    return prompt
-
-
 # ---------------------------------------------------------------------------------------------- running
-async def _run(state: ServerState, raw: Request, prompts: list[Prompt], params: PoolingParams, base_id: str,
+async def run_prompts(state: ServerState, raw: Request, prompts: list[Prompt], params: PoolingParams, base_id: str,
                priority: int) -> list[PoolingOutput]:
     """Runs every prompt, at most ``max_num_seqs`` in the engine at once: a request larger than one step
     admits is split across steps instead of overflowing the waiting queue (which would answer 503 on an idle
@@ -210,40 +187,7 @@ async def _run(state: ServerState, raw: Request, prompts: list[Prompt], params: 
     return finals
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float(torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-12))
-
-
-async def _scores(state: ServerState, raw: Request, req: ScoreRequest | RerankRequest, left: list[str],
-                  right: list[str], base_id: str, names: tuple[str, str]) -> tuple[list[float], int]:
-    """Scores of ``left[i or 0]`` vs ``right[i]``; returns ``(scores, prompt tokens)``. ``names``: the request
-    fields of the two sides, for error messages."""
-    limit = _limit(state, req.truncate_prompt_tokens)
-    priority = req.priority or 0
-
-    def param(side: int, i: int) -> str:
-        return names[side] if len((left, right)[side]) == 1 else f"{names[side]}[{i}]"
-
-    if state.task == "embed":  # cosine similarity of embeddings; a single left text is embedded once
-        special = req.add_special_tokens is not False
-        prompts = [{"prompt_token_ids": _encode(state, t, limit, special, param(0, i))} for i, t in enumerate(left)]
-        prompts += [{"prompt_token_ids": _encode(state, t, limit, special, param(1, i))} for i, t in enumerate(right)]
-        outs = await _run(state, raw, prompts, PoolingParams(task="embed"), base_id, priority)
-        emb = [o.data for o in outs]
-        lhs, rhs = emb[: len(left)], emb[len(left):]
-        scores = [_cosine(lhs[i if len(lhs) > 1 else 0], r) for i, r in enumerate(rhs)]
-        return scores, sum(len(o.prompt_token_ids) for o in outs)
-    num_labels = num_labels_of(_hf_config(state))
-    if num_labels != 1:
-        raise bad_request(f"this cross-encoder has {num_labels} labels; scoring needs a model with one label")
-    pairs = [_encode_pair(state, left[i if len(left) > 1 else 0], r, limit, param(1, i)) for i, r in enumerate(right)]
-    outs = await _run(state, raw, pairs, PoolingParams(task="score", use_activation=req.use_activation,
-                                                       truncate_prompt_tokens=None), base_id, priority)
-    return [float(o.data.reshape(-1)[0]) for o in outs], sum(len(o.prompt_token_ids) for o in outs)
-
-
-def _ids(prefix: str, req: Any, raw: Request) -> str:
+def engine_request_id(prefix: str, req: Any, raw: Request) -> str:
     return request_ids(req, raw, prefix)[1]
 
 
@@ -262,10 +206,13 @@ class _PoolingMetrics:
         self.requests = Counter("slicelm:pooling_requests", "Pooling requests run by the engine.", labels,
                                 registry=m.registry).labels(**m.labels)
         self.max_batch = Gauge("slicelm:pooling_max_batch_requests", "Most pooling requests in one step.", labels,
-                               registry=m.registry).labels(**m.labels)
+                               registry=m.registry, multiprocess_mode="max").labels(**m.labels)
+        self.record_engine = m.record_engine
         self._prev: dict[str, float] = {}
 
     def __call__(self, stats: EngineStats, _: IterationStats) -> None:
+        if not self.record_engine:  # another API server of the same engine records these (metrics.py)
+            return
         extra = stats.extra
         for key, counter in (("pooling_steps", self.steps), ("pooling_multi_request_steps", self.multi),
                              ("pooling_requests", self.requests)):
@@ -276,7 +223,7 @@ class _PoolingMetrics:
         self.max_batch.set(extra.get("pooling_max_batch_requests", 0.0))
 
 
-def _ensure_metrics(raw: Request, state: ServerState) -> None:
+def ensure_pooling_metrics(raw: Request, state: ServerState) -> None:
     if state.metrics is None or getattr(raw.app.state, "pooling_metrics", None) is not None:
         return
     listener = _PoolingMetrics(state)
@@ -287,19 +234,19 @@ def _ensure_metrics(raw: Request, state: ServerState) -> None:
 # ---------------------------------------------------------------------------------------------- endpoints
 async def embed_outputs(state: ServerState, raw: Request, req: EmbeddingRequest) -> tuple[str, list[PoolingOutput]]:
     """Tokenizes ``req``'s inputs and runs them; returns ``(response id, outputs)``."""
-    _require_tasks(state, ("embed",), "Embeddings")
-    _ensure_metrics(raw, state)
+    require_tasks(state, ("embed",), "Embeddings")
+    ensure_pooling_metrics(raw, state)
     _check_dimensions(state, req.dimensions)
-    limit = _limit(state, req.truncate_prompt_tokens)
+    limit = prompt_limit(state, req.truncate_prompt_tokens)
     special = req.add_special_tokens is not False
-    resp_id = _ids("embd", req, raw)
+    resp_id = engine_request_id("embd", req, raw)
     items = req.inputs()
     many = isinstance(req.input, list) and not isinstance(req.input[0], int)
 
     cap = _embed_cap(state)
 
     def tokenize() -> list[Prompt]:
-        return [{"prompt_token_ids": _encode(state, item, limit, special, f"input[{i}]" if many else "input", cap)
+        return [{"prompt_token_ids": encode_text(state, item, limit, special, f"input[{i}]" if many else "input", cap)
                  if isinstance(item, str) else _token_ids(state, item, limit, f"input[{i}]" if many else "input",
                                                           cap)}
                 for i, item in enumerate(items)]
@@ -310,11 +257,11 @@ async def embed_outputs(state: ServerState, raw: Request, req: EmbeddingRequest)
     if any(len(p["prompt_token_ids"]) > state.max_model_len for p in prompts):
         info = getattr(state.engine, "info", None)
         return resp_id, await run_chunked(
-            prompts, lambda ps, params: _run(state, raw, ps, params, resp_id, req.priority or 0),
+            prompts, lambda ps, params: run_prompts(state, raw, ps, params, resp_id, req.priority or 0),
             state.max_model_len, getattr(info, "pooling_type", None), getattr(info, "pooling_normalize", None),
             req.dimensions, normalize, resp_id)
     params = PoolingParams(dimensions=req.dimensions, normalize=normalize, task="embed")
-    return resp_id, await _run(state, raw, prompts, params, resp_id, req.priority or 0)
+    return resp_id, await run_prompts(state, raw, prompts, params, resp_id, req.priority or 0)
 
 
 def _embed_cap(state: ServerState) -> int:
@@ -366,65 +313,3 @@ async def create_embeddings(raw: Request) -> Response:
     body = {"id": resp_id, "object": "list", "created": int(time.time()), "model": model, "data": data,
             "usage": usage}
     return JSONResponse(body, headers=headers)
-
-
-@router.post("/v1/score")
-@router.post("/score")
-async def create_score(raw: Request) -> Response:
-    state = get_state(raw)
-    req = await parse_body(raw, ScoreRequest)
-    model = state.check_model(req.model, required=False)
-    _require_tasks(state, ("embed", "score"), "Score")
-    _ensure_metrics(raw, state)
-    left, right = req.lists()
-    resp_id = _ids("score", req, raw)
-    try:
-        scores, tokens = await _scores(state, raw, req, left, right, resp_id, ("text_1", "text_2"))
-    except ClientDisconnected:
-        return Response(status_code=499)
-    data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
-    body = {"id": resp_id, "object": "list", "created": int(time.time()), "model": model, "data": data,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-    return JSONResponse(body, headers=response_headers(state, resp_id))
-
-
-async def _rerank(raw: Request, cohere_v2: bool) -> Response:
-    state = get_state(raw)
-    req = await parse_body(raw, RerankRequest)
-    model = state.check_model(req.model, required=False)
-    _require_tasks(state, ("embed", "score"), "Rerank")
-    _ensure_metrics(raw, state)
-    docs = req.texts()
-    if req.max_tokens_per_doc is not None:
-        docs = [_cut_tokens(state, d, req.max_tokens_per_doc) for d in docs]
-    resp_id = _ids("rerank", req, raw)
-    try:
-        scores, tokens = await _scores(state, raw, req, [req.query], docs, resp_id, ("query", "documents"))
-    except ClientDisconnected:
-        return Response(status_code=499)
-    order = sorted(range(len(docs)), key=lambda i: (-scores[i], i))[: req.top_n or len(docs)]  # 0: all
-    return_docs = req.return_documents if req.return_documents is not None else not cohere_v2
-    results = []
-    for i in order:
-        item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
-        if return_docs:
-            item["document"] = {"text": docs[i]}
-        results.append(item)
-    body: dict[str, Any] = {"id": resp_id, "model": model, "results": results,
-                            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-    if cohere_v2:
-        body["meta"] = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}
-    return JSONResponse(body, headers=response_headers(state, resp_id))
-
-
-@router.post("/v1/rerank")
-@router.post("/rerank")
-async def create_rerank(raw: Request) -> Response:
-    """Jina / vLLM shape (``return_documents`` defaults to true)."""
-    return await _rerank(raw, cohere_v2=False)
-
-
-@router.post("/v2/rerank")
-async def create_rerank_v2(raw: Request) -> Response:
-    """Cohere v2 shape (``return_documents`` defaults to false, ``meta`` block)."""
-    return await _rerank(raw, cohere_v2=True)

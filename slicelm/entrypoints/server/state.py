@@ -45,7 +45,8 @@ class ServerState:
     @classmethod
     def from_engine(cls, engine: EngineClient, served_model_names: list[str] | None = None,
                     chat_template: str | None = None, api_keys: list[str] | None = None,
-                    shutdown_timeout: float = 30.0, log_stats: bool = True) -> ServerState:
+                    shutdown_timeout: float = 30.0, log_stats: bool = True,
+                    record_engine_metrics: bool = True) -> ServerState:
         mc = engine.model_config
         names = list(served_model_names or mc.served_model_names or [mc.model])
         state = cls(engine, names, int(mc.max_model_len), str(mc.task), str(mc.model), chat_template,
@@ -53,7 +54,8 @@ class ServerState:
         cc = engine.cache_config
         info = {"block_size": getattr(cc, "block_size", ""), "num_gpu_blocks": getattr(cc, "num_blocks", ""),
                 "enable_prefix_caching": getattr(cc, "enable_prefix_caching", "")}
-        state.metrics = PrometheusStatLogger(names[0], state.max_model_len, info)
+        state.metrics = PrometheusStatLogger(names[0], state.max_model_len, info,
+                                             record_engine=record_engine_metrics)
         engine.add_stat_listener(state.metrics)
         if log_stats:
             state.stat_logger = LoggingStatLogger()

@@ -1,0 +1,154 @@
+"""Score and rerank endpoints: ``/v1/score`` + ``/score``, ``/v1/rerank`` + ``/rerank`` + ``/v2/rerank``.
+
+An embedding model (task "embed") scores a pair as the cosine similarity of the two sides' embeddings (a
+single left text is embedded once); a cross-encoder (task "score") scores each (text_1, text_2) pair with
+its head's activated output; a generative model serves neither (400). Tokenizing, running and the batch
+metrics are ``pooling.py``'s.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from slicelm.entrypoints.server.errors import bad_request
+from slicelm.entrypoints.server.gateway import parse_body
+from slicelm.entrypoints.server.pooling import (
+    Prompt,
+    check_len,
+    encode_text,
+    engine_request_id,
+    ensure_pooling_metrics,
+    hf_config,
+    prompt_limit,
+    require_tasks,
+    run_prompts,
+    truncating,
+)
+from slicelm.entrypoints.server.pooling_protocol import RerankRequest, ScoreRequest
+from slicelm.entrypoints.server.sampling import response_headers
+from slicelm.entrypoints.server.state import ClientDisconnected, ServerState, get_state
+from slicelm.layers.pooler import num_labels_of
+from slicelm.pooling_params import PoolingParams
+
+router = APIRouter()
+
+
+def _cut_tokens(state: ServerState, text: str, limit: int) -> str:
+    """``text`` cut to its first ``limit`` tokens (rerank's ``max_tokens_per_doc``)."""
+    enc = state.tokenizer.hf.encode(text, add_special_tokens=False)
+    if len(enc.ids) <= limit:
+        return text
+    return text[: enc.offsets[limit - 1][1]]
+
+
+def _encode_pair(state: ServerState, a: str, b: str, limit: int | None, param: str) -> Prompt:
+    tok = state.tokenizer
+    ids, types = tok.encode_pair(a, b)
+    if limit is not None and len(ids) > limit:
+        enc = truncating(tok.hf, limit).encode(a, b)
+        ids, types = list(enc.ids), list(enc.type_ids)
+    check_len(state, len(ids), param)
+    prompt: Prompt = {"prompt_token_ids": ids}
+    if int(hf_config(state).get("type_vocab_size") or 2) > 1:  # XLM-R has a single token type
+        prompt["token_type_ids"] = types
+    return prompt
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float(torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-12))
+
+
+async def _scores(state: ServerState, raw: Request, req: ScoreRequest | RerankRequest, left: list[str],
+                  right: list[str], base_id: str, names: tuple[str, str]) -> tuple[list[float], int]:
+    """Scores of ``left[i or 0]`` vs ``right[i]``; returns ``(scores, prompt tokens)``. ``names``: the request
+    fields of the two sides, for error messages."""
+    limit = prompt_limit(state, req.truncate_prompt_tokens)
+    priority = req.priority or 0
+
+    def param(side: int, i: int) -> str:
+        return names[side] if len((left, right)[side]) == 1 else f"{names[side]}[{i}]"
+
+    if state.task == "embed":  # cosine similarity of embeddings; a single left text is embedded once
+        special = req.add_special_tokens is not False
+        prompts: list[Prompt] = [{"prompt_token_ids": encode_text(state, t, limit, special, param(side, i))}
+                                 for side, texts in enumerate((left, right)) for i, t in enumerate(texts)]
+        outs = await run_prompts(state, raw, prompts, PoolingParams(task="embed"), base_id, priority)
+        emb = [o.data for o in outs]
+        lhs, rhs = emb[: len(left)], emb[len(left):]
+        scores = [_cosine(lhs[i if len(lhs) > 1 else 0], r) for i, r in enumerate(rhs)]
+        return scores, sum(len(o.prompt_token_ids) for o in outs)
+    num_labels = num_labels_of(hf_config(state))
+    if num_labels != 1:
+        raise bad_request(f"this cross-encoder has {num_labels} labels; scoring needs a model with one label")
+    pairs = [_encode_pair(state, left[i if len(left) > 1 else 0], r, limit, param(1, i)) for i, r in enumerate(right)]
+    outs = await run_prompts(state, raw, pairs, PoolingParams(task="score", use_activation=req.use_activation,
+                                                       truncate_prompt_tokens=None), base_id, priority)
+    return [float(o.data.reshape(-1)[0]) for o in outs], sum(len(o.prompt_token_ids) for o in outs)
+
+
+@router.post("/v1/score")
+@router.post("/score")
+async def create_score(raw: Request) -> Response:
+    state = get_state(raw)
+    req = await parse_body(raw, ScoreRequest)
+    model = state.check_model(req.model, required=False)
+    require_tasks(state, ("embed", "score"), "Score")
+    ensure_pooling_metrics(raw, state)
+    left, right = req.lists()
+    resp_id = engine_request_id("score", req, raw)
+    try:
+        scores, tokens = await _scores(state, raw, req, left, right, resp_id, ("text_1", "text_2"))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
+    body = {"id": resp_id, "object": "list", "created": int(time.time()), "model": model, "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return JSONResponse(body, headers=response_headers(state, resp_id))
+
+
+async def _rerank(raw: Request, cohere_v2: bool) -> Response:
+    state = get_state(raw)
+    req = await parse_body(raw, RerankRequest)
+    model = state.check_model(req.model, required=False)
+    require_tasks(state, ("embed", "score"), "Rerank")
+    ensure_pooling_metrics(raw, state)
+    docs = req.texts()
+    if req.max_tokens_per_doc is not None:
+        docs = [_cut_tokens(state, d, req.max_tokens_per_doc) for d in docs]
+    resp_id = engine_request_id("rerank", req, raw)
+    try:
+        scores, tokens = await _scores(state, raw, req, [req.query], docs, resp_id, ("query", "documents"))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    order = sorted(range(len(docs)), key=lambda i: (-scores[i], i))[: req.top_n or len(docs)]  # 0: all
+    return_docs = req.return_documents if req.return_documents is not None else not cohere_v2
+    results = []
+    for i in order:
+        item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+        if return_docs:
+            item["document"] = {"text": docs[i]}
+        results.append(item)
+    body: dict[str, Any] = {"id": resp_id, "model": model, "results": results,
+                            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    if cohere_v2:
+        body["meta"] = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}
+    return JSONResponse(body, headers=response_headers(state, resp_id))
+
+
+@router.post("/v1/rerank")
+@router.post("/rerank")
+async def create_rerank(raw: Request) -> Response:
+    """Jina / vLLM shape (``return_documents`` defaults to true)."""
+    return await _rerank(raw, cohere_v2=False)
+
+
+@router.post("/v2/rerank")
+async def create_rerank_v2(raw: Request) -> Response:
+    """Cohere v2 shape (``return_documents`` defaults to false, ``meta`` block)."""
+    return await _rerank(raw, cohere_v2=True)
