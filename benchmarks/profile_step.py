@@ -162,27 +162,28 @@ def profile_decode(engine, reqs, steps: int, eager: bool) -> dict:
         engine.step()
     runner = engine.worker.runner
     graphs, runner.graphs = runner.graphs, (None if eager else runner.graphs)
-    torch.cuda.synchronize()
-    with host_spans(engine), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            with record_function("engine step"):
-                engine.step()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
+    result = profiled_steps(engine, steps)
     runner.graphs = graphs
     engine.abort_request([f"{'e' if eager else 'g'}{i}" for i in range(len(reqs))])
     while engine.has_unfinished_requests():
         engine.step()
-    return {"wall_ms_per_step": 1e3 * wall / steps, "num_seqs": len(reqs), "steps": steps,
-            "kernels": top_kernels(prof, steps), "host_spans": host_table(prof, steps),
-            "table": prof.key_averages().table(sort_by="device_time_total", row_limit=25)}
+    return {**result, "num_seqs": len(reqs)}
 
 
 def profile_prefill(engine, reqs, steps: int = 2) -> dict:
     """The first ``steps`` steps of workload A in a fresh engine (16k-token prefill chunks), profiled:
     anything done on first use (kernel compiles, allocations) shows up here."""
     add_workload(engine, reqs, "p", shift=2)
+    result = profiled_steps(engine, steps)
+    engine.abort_request([f"p{i}" for i in range(len(reqs))])
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {**result, "num_seqs": len(reqs)}
+
+
+def profiled_steps(engine, steps: int) -> dict:
+    """``steps`` engine steps under torch.profiler with the host phases named: wall time, top kernels,
+    host spans and the profiler's table."""
     torch.cuda.synchronize()
     with host_spans(engine), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
@@ -191,10 +192,7 @@ def profile_prefill(engine, reqs, steps: int = 2) -> dict:
                 engine.step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    engine.abort_request([f"p{i}" for i in range(len(reqs))])
-    while engine.has_unfinished_requests():
-        engine.step()
-    return {"wall_ms_per_step": 1e3 * wall / steps, "num_seqs": len(reqs), "steps": steps,
+    return {"wall_ms_per_step": 1e3 * wall / steps, "steps": steps,
             "kernels": top_kernels(prof, steps), "host_spans": host_table(prof, steps),
             "table": prof.key_averages().table(sort_by="device_time_total", row_limit=25)}
 

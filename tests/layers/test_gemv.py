@@ -21,17 +21,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 if INTERPRET:
-    import triton.runtime.interpreter as _interp
+    from utils_triton import patch_interpreter
 
-    # triton 3.6's interpreter turns 1-element arrays into loop bounds with int(array), which
-    # NumPy >= 2.4 rejects for ndim > 0; take the element instead (same patch as test_triton_interpret).
-    _orig_patch = _interp._patch_lang_tensor
-
-    def _patch_lang_tensor(tensor, scope):
-        _orig_patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _interp._patch_lang_tensor = _patch_lang_tensor
+    patch_interpreter()
 
     from slicelm.layers.triton.gemv import gemv
 

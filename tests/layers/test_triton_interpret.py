@@ -27,17 +27,9 @@ if importlib.util.find_spec("triton") is None:
 if INTERPRET:
     import types
 
-    import triton.runtime.interpreter as _interp
+    from utils_triton import patch_interpreter
 
-    # triton 3.6's interpreter keeps scalars as 1-element arrays and turns them into loop bounds
-    # with int(array), which NumPy >= 2.4 rejects for ndim > 0; take the element instead.
-    _orig_patch = _interp._patch_lang_tensor
-
-    def _patch_lang_tensor(tensor, scope):
-        _orig_patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _interp._patch_lang_tensor = _patch_lang_tensor
+    patch_interpreter()
 
     from slicelm.layers.triton import backend, kv_store, paged_attention, qkv_prep
 
