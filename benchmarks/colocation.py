@@ -152,26 +152,34 @@ def _mps_env(daemon, percent: int | None, budget: int) -> dict[str, str]:
                                    source="stack"))
 
 
+def _cap_label(cap: int | None) -> str:
+    return "mps" if cap is None else f"mps_cap{cap}"
+
+
 def part_table(args: argparse.Namespace, budget: int, daemon_factory) -> dict:
     cs = tuple(args.concurrencies)
     print("alone (whole GPU, no MPS)", flush=True)
     alone = run_group([("alone", {})], budget, args, cs)["alone"]
-    print("pair, time-sliced (no MPS)", flush=True)
-    ts = run_group([("ts_a", {}), ("ts_b", {})], budget, args, cs)
-    with daemon_factory() as daemon:
-        print("pair, slicelm's MPS daemon, no thread cap", flush=True)
-        mps = run_group([("mps_a", _mps_env(daemon, None, budget)), ("mps_b", _mps_env(daemon, None, budget))],
-                        budget, args, cs)
+    modes: dict[str, dict[str, list[dict]]] = {}
+    if not args.skip_time_sliced:
+        print("pair, time-sliced (no MPS)", flush=True)
+        modes["time_sliced"] = run_group([("ts_a", {}), ("ts_b", {})], budget, args, cs)
+    for cap in args.mps_caps:
+        label = _cap_label(cap)
+        with daemon_factory() as daemon:
+            print(f"pair, slicelm's MPS daemon, thread cap {cap or 'none'}", flush=True)
+            modes[label] = run_group([(f"{label}_a", _mps_env(daemon, cap, budget)),
+                                      (f"{label}_b", _mps_env(daemon, cap, budget))], budget, args, cs)
     rows = []
     for i, c in enumerate(cs):
         base = alone[i]["output_tokens_per_s"]
         row = {"concurrency": c, "alone_tok_s": base}
-        for mode, runs in (("time_sliced", ts), ("mps", mps)):
+        for mode, runs in modes.items():
             each = [runs[k][i]["output_tokens_per_s"] for k in runs]
             row[mode] = {"tok_s": each, "pct_of_alone": [100 * x / base for x in each],
                          "pair_over_one_engine": sum(each) / base}
         rows.append(row)
-    return {"alone": alone, "time_sliced": ts, "mps": mps, "rows": rows}
+    return {"alone": alone, **modes, "rows": rows}
 
 
 def part_isolation(args: argparse.Namespace, budget: int, daemon_factory) -> dict:
@@ -203,6 +211,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=12.0, help="measured window per phase")
     ap.add_argument("--warmup", type=float, default=4.0, help="unmeasured seconds before each window")
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--mps-caps", type=lambda v: None if v == "none" else int(v), nargs="*", default=[None],
+                    help="MPS thread caps (percent) for the pair table, 'none' = uncapped; one pair per cap")
+    ap.add_argument("--skip-time-sliced", action="store_true", help="leave the time-sliced pair out of the table")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -240,10 +251,9 @@ def main() -> None:
         result["isolation"] = part_isolation(args, budget, factory)
     save_result("colocation", result)
     for row in result.get("table", {}).get("rows", []):
-        print(f"c={row['concurrency']:<4} alone {row['alone_tok_s']:8.0f} | time-sliced "
-              f"{row['time_sliced']['pct_of_alone'][0]:5.1f}% {row['time_sliced']['pct_of_alone'][1]:5.1f}% "
-              f"(pair {row['time_sliced']['pair_over_one_engine']:.2f}x) | MPS {row['mps']['pct_of_alone'][0]:5.1f}% "
-              f"{row['mps']['pct_of_alone'][1]:5.1f}% (pair {row['mps']['pair_over_one_engine']:.2f}x)")
+        cells = [f"{mode} {row[mode]['pct_of_alone'][0]:5.1f}% {row[mode]['pct_of_alone'][1]:5.1f}% "
+                 f"(pair {row[mode]['pair_over_one_engine']:.2f}x)" for mode in row if isinstance(row[mode], dict)]
+        print(f"c={row['concurrency']:<4} alone {row['alone_tok_s']:8.0f} | " + " | ".join(cells))
     if "isolation" in result:
         print("isolation:", json.dumps({k: result["isolation"][k] for k in
                                         ("kept_fraction", "throughput_share_of_pair", "alone_fraction_of_uncapped")}))

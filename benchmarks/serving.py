@@ -24,11 +24,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHAPES, environment, save_result, workload_a, write_config_dir
@@ -59,22 +60,23 @@ def summary(values: list[float]) -> dict[str, float | None]:
             "p99": pct(values, 99)}
 
 
-async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> Record:
+async def one_request(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int],
+                      max_tokens: int) -> Record:
     rec = Record(start=time.perf_counter())
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            rec.status = r.status_code
-            if r.status_code != 200:
-                await r.aread()
+        async with session.post(url, json=body) as r:
+            rec.status = r.status
+            if r.status != 200:
+                await r.read()
                 rec.end = time.perf_counter()
                 return rec
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
+            async for raw in r.content:  # one SSE line at a time
+                if not raw.startswith(b"data: {"):
                     continue
-                chunk = json.loads(line[6:])
                 now = time.perf_counter()
+                chunk = json.loads(raw[6:])
                 if chunk.get("choices"):
                     rec.first = rec.first or now
                     rec.chunk_times.append(now)
@@ -82,20 +84,24 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
                     rec.output_tokens = chunk["usage"]["completion_tokens"]
         rec.end = time.perf_counter()
         rec.ok = rec.first is not None and rec.output_tokens == max_tokens
-    except httpx.HTTPError:
+    except aiohttp.ClientError:
         rec.end = time.perf_counter()
     return rec
 
 
 async def run_rate(base_url: str, model: str, reqs: list[tuple[list[int], int]], rate: float,
                    seed: int) -> dict[str, Any]:
+    """Sends ``reqs`` at ``rate`` (Poisson; inf = all at once) from one aiohttp session (as vLLM's
+    benchmark client: httpx's pool costs O(connections) per event and saturated the client here)."""
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=len(reqs) + 8, max_keepalive_connections=len(reqs) + 8)
-    async with httpx.AsyncClient(base_url=base_url, timeout=3600, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=3600)
+    url = base_url.rstrip("/") + "/v1/completions"
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=2**18) as session:
         tasks = []
         t0 = time.perf_counter()
         for prompt, out_len in reqs:
-            tasks.append(asyncio.create_task(one_request(client, model, prompt, out_len)))
+            tasks.append(asyncio.create_task(one_request(session, url, model, prompt, out_len)))
             if math.isfinite(rate):
                 await asyncio.sleep(rng.expovariate(rate))
         records = await asyncio.gather(*tasks)
@@ -140,9 +146,10 @@ def launch(args: argparse.Namespace, model_path: str, extra: list[str]) -> tuple
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}")
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
             pass
         time.sleep(0.5)
     proc.kill()

@@ -12,13 +12,27 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from slicelm.engine.cuda_graphs import CUDAGraphDecoder, capture_sizes
+from slicelm.engine.cuda_graphs import (
+    MIXED_MAX_TOKENS,
+    CUDAGraphDecoder,
+    CUDAGraphMixed,
+    capture_sizes,
+    mixed_capture_sizes,
+)
 from slicelm.engine.prompt_logprobs import PromptLogprobsJob, plan_jobs, run_jobs
 from slicelm.engine.request import PLACEHOLDER, Request
 from slicelm.engine.sampler import Sampler, SamplingMetadata
 from slicelm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from slicelm.layers.attention_metadata import AttentionMetadata
 from slicelm.sampling_params import SamplingParams
+
+
+def supports_mixed_graphs(model: torch.nn.Module) -> bool:
+    """Whether any step can be captured: every attention backend declares ``captures_mixed_batches``."""
+    from slicelm.layers.attention import Attention
+
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    return bool(layers) and all(getattr(m.backend, "captures_mixed_batches", False) for m in layers)
 
 
 @dataclass
@@ -85,12 +99,20 @@ class ModelRunner:
         self.sampler = Sampler()
         self.pin = device.type == "cuda"
         self.graphs: CUDAGraphDecoder | None = None
+        self.mixed_graphs: CUDAGraphMixed | None = None
 
-    def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+    def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int) -> None:
+        """Decode graphs always; mixed-step graphs when every attention layer reads only device tensors."""
         self.graphs = CUDAGraphDecoder(
             self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size, self.device
         )
-        self.graphs.capture(capture_sizes(max_num_seqs))
+        pool = torch.cuda.graph_pool_handle()
+        if supports_mixed_graphs(self.model):
+            self.mixed_graphs = CUDAGraphMixed(self.model, self.kv_caches, max_num_seqs, max_model_len,
+                                               self.block_size, self.graphs.logits,
+                                               min(max_num_batched_tokens, MIXED_MAX_TOKENS))
+            self.mixed_graphs.capture(mixed_capture_sizes(max_num_batched_tokens), pool)
+        self.graphs.capture(capture_sizes(max_num_seqs), pool)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int, sample: bool = True) -> None:
@@ -211,6 +233,9 @@ class ModelRunner:
             and self.graphs.padded_size(meta.num_seqs) is not None
         ):
             return self.graphs.run(inputs.input_ids, inputs.positions, meta)
+        mixed = self.mixed_graphs
+        if mixed is not None and not inputs.prompt_logprobs and mixed.fits(meta.num_tokens, meta.num_seqs):
+            return mixed.run(inputs.input_ids, inputs.positions, meta, inputs.logits_indices)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta)
         if inputs.prompt_logprobs:
             run_jobs(self.model, hidden, inputs.prompt_logprobs)

@@ -14,9 +14,10 @@ import time
 import torch
 
 from slicelm.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig, resolve_dtype
+from slicelm.engine.cuda_graphs import MIXED_MAX_TOKENS
 from slicelm.engine.kv_cache import KVCacheManager, cdiv
 from slicelm.engine.pooling_runner import PoolingRunner
-from slicelm.engine.runner import ModelRunner, StepHandle
+from slicelm.engine.runner import ModelRunner, StepHandle, supports_mixed_graphs
 from slicelm.engine.scheduler import Scheduler, SchedulerOutput
 from slicelm.loader.model_files import ModelSource, resolve_model
 from slicelm.models.registry import get_model_class, is_pooling_architecture
@@ -178,7 +179,7 @@ class Worker:
         self.kv_cache = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.runner = ModelRunner(model, kv_caches, args.block_size, self.device, self.vocab_size)
         if self.device.type == "cuda" and not args.enforce_eager:
-            self.runner.enable_cuda_graphs(min(args.max_num_seqs, 512), max_model_len)
+            self.runner.enable_cuda_graphs(min(args.max_num_seqs, 512), max_model_len, batched)
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, batched, max_model_len, args.scheduling_policy)
 
     def make_scheduler(self) -> Scheduler:
@@ -224,8 +225,12 @@ class Worker:
         graph_pool = 0
         if not args.enforce_eager:
             torch.cuda.reset_peak_memory_stats(self.device)
-            # the largest decode graph's tensors: the model and LM head, not the sampler (it runs outside)
-            runner.profile_run(args.max_num_seqs, args.max_num_seqs, sample=False)
+            # the largest graph's tensors (decode batch, or the largest mixed step when the model
+            # supports those): the model and LM head, not the sampler (it runs outside)
+            graph_tokens = args.max_num_seqs
+            if supports_mixed_graphs(model):
+                graph_tokens = max(graph_tokens, min(batched, MIXED_MAX_TOKENS))
+            runner.profile_run(graph_tokens, min(args.max_num_seqs, 512), sample=False)
             graph_pool = torch.cuda.max_memory_allocated(self.device) - base + (64 << 20)
         del runner, dummy
         torch.cuda.empty_cache()

@@ -82,6 +82,11 @@ def test_random_qwen3_fp32_matches_cpu_reference(qwen3_dir, prompts, qwen3_refer
         assert a == r, f"prompt {i} differs from the reference on a prefix-cache hit"
     if "num_gpu_blocks_override" in kwargs:
         assert llm.engine.get_stats().num_preemptions > 0
+    mixed = llm.engine.worker.runner.mixed_graphs
+    if kwargs.get("enforce_eager"):
+        assert mixed is None
+    else:  # every step that is not decode-only (prefill, chunks, prefix hits) replayed a mixed graph
+        assert mixed is not None and mixed.num_replays > 0
     del llm
     _free()
 

@@ -125,6 +125,35 @@ def test_unified_matches_reference(case):
     assert rel_err(out, reference(query, fk, fv, meta, scale)) < 1e-5
 
 
+@pytest.mark.parametrize("case", CASES[:2])
+def test_unified_with_mixed_graph_padding(case):
+    """The layout a captured mixed step replays with (engine/cuda_graphs.CUDAGraphMixed): more sequence
+    slots than sequences (the extra ones own no query rows, seq_len 0, stale block-table rows) and more
+    token rows than tokens (rows owned by no sequence, K/V slot -1). Real rows match the reference;
+    padded rows are never written and no K/V lands anywhere for them."""
+    q_lens, seq_lens, hkv, group, d, bs = case
+    query, key, value, kv_cache, meta, fk, fv = make_case(q_lens, seq_lens, hkv, group, d, bs, seed=5)
+    n, s, pad_tokens, pad_seqs = meta.num_tokens, meta.num_seqs, 37, 5
+    qsl = torch.cat([meta.query_start_loc, torch.full((pad_seqs,), n, dtype=torch.int32)])
+    lens = torch.cat([meta.seq_lens, torch.zeros(pad_seqs, dtype=torch.int32)])
+    stale = torch.randint(0, kv_cache.shape[1], (pad_seqs, meta.block_tables.shape[1]), dtype=torch.int32)
+    tables = torch.cat([meta.block_tables, stale])
+    extra = torch.randn(pad_tokens, *query.shape[1:])
+    q_pad = torch.cat([query, extra])
+    slots = torch.cat([meta.slot_mapping, torch.full((pad_tokens,), -1)])
+    k_pad = torch.cat([key, torch.randn(pad_tokens, *key.shape[1:])])
+    v_pad = torch.cat([value, torch.randn(pad_tokens, *value.shape[1:])])
+    cache_before = kv_cache.clone()
+    sentinel = 12345.0
+    out = torch.full_like(q_pad, sentinel)
+    K.kv_store.store_kv_cache(k_pad, v_pad, kv_cache, slots)
+    K.paged_attention.unified_attention(out, q_pad, kv_cache, tables, lens, qsl, s + pad_seqs, d**-0.5)
+    assert rel_err(out[:n], reference(query, fk, fv, meta, d**-0.5)) < 1e-5
+    assert torch.all(out[n:] == sentinel), "padded token rows must not be written"
+    written = ~(torch.isnan(cache_before) & torch.isnan(kv_cache)) & ~(cache_before == kv_cache)
+    assert written.sum() == 2 * n * hkv * d, "only the real tokens' K/V may be stored"
+
+
 DECODE_CASES = [  # (seq_lens, Hkv, group, D, block, num_splits)
     ([1, 17, 40], 2, 1, 64, 16, 1),
     ([33, 5], 1, 2, 128, 32, 1),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import msgspec
 
 from slicelm.engine.request import CompletionOutput, Logprob
 from slicelm.entrypoints.server.errors import APIError
@@ -11,8 +12,11 @@ from slicelm.entrypoints.server.errors import APIError
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+_json = msgspec.json.Encoder()  # compact UTF-8 like json.dumps(ensure_ascii=False), ~9x faster per chunk
+
+
 def sse(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_json.encode(body).decode()}\n\n"
 
 
 def sse_done() -> str:

@@ -54,6 +54,9 @@ class TritonAttentionBackend:
         # The model may write K/V itself (fused qk-norm + rotary + store) and pass key = value = None;
         # not with flash prefill, which reads the new keys/values from their tensors.
         self.takes_stored_kv = not use_flash_prefill
+        # Every path reads device tensors only (no host metadata), so CUDA graphs may capture mixed
+        # prefill/decode steps; flash prefill inspects the host-side query lengths.
+        self.captures_mixed_batches = not use_flash_prefill
         self.max_seq_len_bound = max_seq_len_bound
         self.decode_num_splits = decode_num_splits
         self._varlen_attn, self._varlen_opts = _find_varlen_attn() if use_flash_prefill else (None, {})
