@@ -37,6 +37,7 @@ from slicelm.engine.core_messages import (
     make_encoder,
     request_decoder,
 )
+from slicelm.engine.gc_tuning import tune_gc
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 1000  # how often an idle core checks that its parent still lives
@@ -165,6 +166,7 @@ def run_engine_core(args: Any, in_addrs: list[str], out_addrs: list[str], ready:
         sys.exit(1)
     ready.send(("ready", core.info()))
     ready.close()
+    tune_gc()
     ctx = zmq.Context()
     in_sock = ctx.socket(zmq.PULL)
     for addr in in_addrs:

@@ -161,6 +161,7 @@ def api_server_main(args: argparse.Namespace, index: int, sock: socket.socket, i
     from slicelm.engine.async_llm import AsyncLLM
     from slicelm.engine.core_shared import SharedCoreClient
     from slicelm.engine.engine import load_api_tokenizer
+    from slicelm.engine.gc_tuning import tune_gc
     from slicelm.entrypoints.server.app import DrainingServer, build_app, make_state, make_uvicorn_config
 
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s %(asctime)s api-server-{index}: %(message)s",
@@ -175,6 +176,7 @@ def api_server_main(args: argparse.Namespace, index: int, sock: socket.socket, i
     state = make_state(engine, args, primary=index == 0)
     app = build_app(state, max_body_bytes=args.max_request_body_bytes)
     server = DrainingServer(make_uvicorn_config(app, args), state, parent_pid=parent_pid)
+    tune_gc()
     try:
         server.run(sockets=[sock])
     finally:

@@ -29,6 +29,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from slicelm.engine.async_llm import AsyncLLM
+from slicelm.engine.gc_tuning import tune_gc
 from slicelm.engine.protocol import EngineClient
 from slicelm.entrypoints.server import chat, completions, info
 from slicelm.entrypoints.server.errors import install_error_handlers
@@ -160,6 +161,7 @@ def run_server(args: argparse.Namespace) -> int:
     server = DrainingServer(make_uvicorn_config(build_app(state, max_body_bytes=args.max_request_body_bytes), args),
                             state)
     print_banner(state, args)
+    tune_gc()
     try:
         server.run()
     finally:
