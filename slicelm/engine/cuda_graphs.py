@@ -40,10 +40,12 @@ def mixed_capture_sizes(max_num_batched_tokens: int) -> list[int]:
     return [*(s for s in _MIXED_SIZES if s < top), top]
 
 
-def _capture_all(forward, sizes: list[int], pool) -> dict[int, torch.cuda.CUDAGraph]:
-    """One graph per size, largest first (smaller graphs reuse its memory), in ``pool``."""
+def _capture_all(forward, sizes: list[int], pool, stream: torch.cuda.Stream | None) -> dict[int, torch.cuda.CUDAGraph]:
+    """One graph per size, largest first (smaller graphs reuse its memory), in ``pool``, captured on
+    ``stream``: give every capture of an engine the same side stream, since the caching allocator keeps
+    the warm-ups' freed blocks per stream (a second stream would reserve them all over again)."""
     graphs: dict[int, torch.cuda.CUDAGraph] = {}
-    stream = torch.cuda.Stream()
+    stream = stream or torch.cuda.Stream()
     for n in sorted(sizes, reverse=True):
         with torch.cuda.stream(stream):
             forward(n)  # warm-up (kernel autotuning, lazy inits) outside the graph
@@ -109,10 +111,10 @@ class CUDAGraphDecoder:
         return self.model.compute_logits(hidden, out=self.logits[:n])
 
     @torch.inference_mode()
-    def capture(self, sizes: list[int], pool=None) -> None:
+    def capture(self, sizes: list[int], pool=None, stream: torch.cuda.Stream | None = None) -> None:
         t0 = time.perf_counter()
         before = torch.cuda.memory_reserved()
-        self.graphs = _capture_all(self._forward, sizes, pool or torch.cuda.graph_pool_handle())
+        self.graphs = _capture_all(self._forward, sizes, pool or torch.cuda.graph_pool_handle(), stream)
         self.sizes = sorted(self.graphs)
         self.pool_bytes = torch.cuda.memory_reserved() - before
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1fs using %.0f MiB",
@@ -176,9 +178,9 @@ class CUDAGraphMixed:
         return self.model.compute_logits(hidden[self.logits_indices], out=self.logits)
 
     @torch.inference_mode()
-    def capture(self, sizes: list[int], pool) -> None:
+    def capture(self, sizes: list[int], pool, stream: torch.cuda.Stream) -> None:
         t0 = time.perf_counter()
-        self.graphs = _capture_all(self._forward, sizes, pool)
+        self.graphs = _capture_all(self._forward, sizes, pool, stream)
         self.sizes = sorted(self.graphs)
         logger.info("captured %d mixed-step CUDA graphs (token counts %s) in %.1fs",
                     len(self.sizes), self.sizes, time.perf_counter() - t0)

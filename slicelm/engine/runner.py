@@ -106,13 +106,13 @@ class ModelRunner:
         self.graphs = CUDAGraphDecoder(
             self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size, self.device
         )
-        pool = torch.cuda.graph_pool_handle()
+        pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
         if supports_mixed_graphs(self.model):
             self.mixed_graphs = CUDAGraphMixed(self.model, self.kv_caches, max_num_seqs, max_model_len,
                                                self.block_size, self.graphs.logits,
                                                min(max_num_batched_tokens, MIXED_MAX_TOKENS))
-            self.mixed_graphs.capture(mixed_capture_sizes(max_num_batched_tokens), pool)
-        self.graphs.capture(capture_sizes(max_num_seqs), pool)
+            self.mixed_graphs.capture(mixed_capture_sizes(max_num_batched_tokens), pool, stream)
+        self.graphs.capture(capture_sizes(max_num_seqs), pool, stream)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int, sample: bool = True) -> None:
