@@ -50,6 +50,11 @@ def _capture_all(forward, sizes: list[int], pool, stream: torch.cuda.Stream | No
         with torch.cuda.stream(stream):
             forward(n)  # warm-up (kernel autotuning, lazy inits) outside the graph
         torch.cuda.current_stream().wait_stream(stream)
+        # The warm-up's activations sit cached on the side stream; hand them back so that the memory
+        # plan's activation + graph-pool reserve covers warm-up and capture (a mixed step of 8192
+        # tokens would otherwise hold its activations twice).
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream):
             forward(n)
