@@ -227,11 +227,14 @@ class Worker:
             torch.cuda.reset_peak_memory_stats(self.device)
             # the largest graph's tensors (decode batch, or the largest mixed step when the model
             # supports those): the model and LM head, not the sampler (it runs outside)
-            graph_tokens = args.max_num_seqs
-            if supports_mixed_graphs(model):
+            graph_tokens, mixed = args.max_num_seqs, supports_mixed_graphs(model)
+            if mixed:
                 graph_tokens = max(graph_tokens, min(batched, MIXED_MAX_TOKENS))
             runner.profile_run(graph_tokens, min(args.max_num_seqs, 512), sample=False)
-            graph_pool = torch.cuda.max_memory_allocated(self.device) - base + (64 << 20)
+            graph_pool = torch.cuda.max_memory_allocated(self.device) - base
+            # mixed graphs: each capture's warm-up (outside the pool, on the capture stream) runs while
+            # the pool already holds the larger graphs' memory, so reserve a second forward for it
+            graph_pool = graph_pool * (2 if mixed else 1) + (64 << 20)
         del runner, dummy
         torch.cuda.empty_cache()
         plan = memory.plan_memory(self.device, args.gpu_memory_budget, args.gpu_memory_utilization,
