@@ -94,7 +94,7 @@ async def run_rate(base_url: str, model: str, reqs: list[tuple[list[int], int]],
     """Sends ``reqs`` at ``rate`` (Poisson; inf = all at once) from one aiohttp session (as vLLM's
     benchmark client: httpx's pool costs O(connections) per event and saturated the client here)."""
     rng = random.Random(seed)
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=3600)
     url = base_url.rstrip("/") + "/v1/completions"
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=2**18) as session:

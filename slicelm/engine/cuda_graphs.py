@@ -67,6 +67,34 @@ def _padded(sizes: list[int], n: int) -> int | None:
     return next((s for s in sizes if s >= n), None)
 
 
+class StaticBatch:
+    """The input buffers a graph reads: ``max_tokens`` token rows and ``max_seqs`` sequence slots.
+    ``load`` copies a step in and pads the rows/slots up to the replayed graph's size."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_model_len: int, block_size: int,
+                 device: torch.device) -> None:
+        i32, i64 = torch.int32, torch.int64
+        self.input_ids = torch.zeros(max_tokens, dtype=i64, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=i64, device=device)
+        self.slot_mapping = torch.full((max_tokens,), -1, dtype=i64, device=device)
+        self.seq_lens = torch.zeros(max_seqs, dtype=i32, device=device)
+        self.query_start_loc = torch.zeros(max_seqs + 1, dtype=i32, device=device)
+        self.block_tables = torch.zeros(max_seqs, -(max_model_len // -block_size), dtype=i32, device=device)
+
+    def load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+             token_end: int, seq_end: int, pad_seq_len: int) -> None:
+        """Rows ``num_tokens:token_end`` write nowhere (slot -1); slots ``num_seqs:seq_end`` get
+        ``pad_seq_len``. ``query_start_loc`` is the caller's (static for decode graphs)."""
+        n, s = meta.num_tokens, meta.num_seqs
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        self.slot_mapping[n:token_end].fill_(-1)
+        self.seq_lens[:s].copy_(meta.seq_lens, non_blocking=True)
+        self.seq_lens[s:seq_end].fill_(pad_seq_len)
+        self.block_tables[:s, : meta.block_tables.shape[1]].copy_(meta.block_tables, non_blocking=True)
+
+
 class CUDAGraphDecoder:
     def __init__(
         self,
@@ -80,14 +108,9 @@ class CUDAGraphDecoder:
         self.model = model
         self.kv_caches = kv_caches
         self.max_model_len = max_model_len
-        max_blocks = -(max_model_len // -block_size)
-        i32, i64 = torch.int32, torch.int64
-        self.input_ids = torch.zeros(max_num_seqs, dtype=i64, device=device)
-        self.positions = torch.zeros(max_num_seqs, dtype=i64, device=device)
-        self.slot_mapping = torch.full((max_num_seqs,), -1, dtype=i64, device=device)
-        self.seq_lens = torch.ones(max_num_seqs, dtype=i32, device=device)
-        self.query_start_loc = torch.arange(max_num_seqs + 1, dtype=i32, device=device)
-        self.block_tables = torch.zeros(max_num_seqs, max_blocks, dtype=i32, device=device)
+        self.batch = StaticBatch(max_num_seqs, max_num_seqs, max_model_len, block_size, device)
+        self.batch.seq_lens.fill_(1)  # padded slots read one cached token
+        torch.arange(max_num_seqs + 1, out=self.batch.query_start_loc)  # one query row per sequence
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # One output buffer for every graph: per-graph outputs would each stay alive (and sum to GBs
         # of logits at vocabularies of 150k).
@@ -98,13 +121,14 @@ class CUDAGraphDecoder:
         self.pool_bytes = 0
 
     def _meta(self, n: int) -> AttentionMetadata:
+        b = self.batch
         return AttentionMetadata(
             num_seqs=n,
             num_tokens=n,
-            query_start_loc=self.query_start_loc[: n + 1],
-            seq_lens=self.seq_lens[:n],
-            slot_mapping=self.slot_mapping[:n],
-            block_tables=self.block_tables[:n],
+            query_start_loc=b.query_start_loc[: n + 1],
+            seq_lens=b.seq_lens[:n],
+            slot_mapping=b.slot_mapping[:n],
+            block_tables=b.block_tables[:n],
             max_query_len=1,
             max_seq_len=self.max_model_len,
             query_start_loc_cpu=list(range(n + 1)),
@@ -112,7 +136,7 @@ class CUDAGraphDecoder:
         )
 
     def _forward(self, n: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, self._meta(n))
+        hidden = self.model(self.batch.input_ids[:n], self.batch.positions[:n], self.kv_caches, self._meta(n))
         return self.model.compute_logits(hidden, out=self.logits[:n])
 
     @torch.inference_mode()
@@ -133,14 +157,7 @@ class CUDAGraphDecoder:
         n = meta.num_seqs
         size = self.padded_size(n)
         assert size is not None and meta.max_query_len == 1
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
-        self.slot_mapping[n:size].fill_(-1)
-        self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
-        self.seq_lens[n:size].fill_(1)
-        width = meta.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+        self.batch.load(input_ids, positions, meta, token_end=size, seq_end=size, pad_seq_len=1)
         self.graphs[size].replay()
         return self.logits[:n]
 
@@ -155,16 +172,8 @@ class CUDAGraphMixed:
         self.kv_caches = kv_caches
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
-        device = logits.device
-        max_blocks = -(max_model_len // -block_size)
-        i32, i64 = torch.int32, torch.int64
-        self.input_ids = torch.zeros(max_tokens, dtype=i64, device=device)
-        self.positions = torch.zeros(max_tokens, dtype=i64, device=device)
-        self.slot_mapping = torch.full((max_tokens,), -1, dtype=i64, device=device)
-        self.seq_lens = torch.zeros(max_num_seqs, dtype=i32, device=device)
-        self.query_start_loc = torch.zeros(max_num_seqs + 1, dtype=i32, device=device)
-        self.block_tables = torch.zeros(max_num_seqs, max_blocks, dtype=i32, device=device)
-        self.logits_indices = torch.zeros(max_num_seqs, dtype=i64, device=device)
+        self.batch = StaticBatch(max_tokens, max_num_seqs, max_model_len, block_size, logits.device)
+        self.logits_indices = torch.zeros(max_num_seqs, dtype=torch.int64, device=logits.device)
         self.logits = logits[:max_num_seqs]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.sizes: list[int] = []
@@ -172,14 +181,15 @@ class CUDAGraphMixed:
 
     def _meta(self, num_tokens: int) -> AttentionMetadata:
         # max_query_len > 1: the unified kernel; the host-side lists are never read on this path
+        b = self.batch
         return AttentionMetadata(
-            num_seqs=self.max_num_seqs, num_tokens=num_tokens, query_start_loc=self.query_start_loc,
-            seq_lens=self.seq_lens, slot_mapping=self.slot_mapping[:num_tokens], block_tables=self.block_tables,
+            num_seqs=self.max_num_seqs, num_tokens=num_tokens, query_start_loc=b.query_start_loc,
+            seq_lens=b.seq_lens, slot_mapping=b.slot_mapping[:num_tokens], block_tables=b.block_tables,
             max_query_len=num_tokens, max_seq_len=self.max_model_len, query_start_loc_cpu=[], seq_lens_cpu=[],
         )
 
     def _forward(self, n: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, self._meta(n))
+        hidden = self.model(self.batch.input_ids[:n], self.batch.positions[:n], self.kv_caches, self._meta(n))
         return self.model.compute_logits(hidden[self.logits_indices], out=self.logits)
 
     @torch.inference_mode()
@@ -199,16 +209,9 @@ class CUDAGraphMixed:
         n, s, k = meta.num_tokens, meta.num_seqs, logits_indices.shape[0]
         size = _padded(self.sizes, n)
         assert size is not None and s <= self.max_num_seqs
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
-        self.slot_mapping[n:size].fill_(-1)
-        self.query_start_loc[: s + 1].copy_(meta.query_start_loc, non_blocking=True)
-        self.query_start_loc[s + 1 :].fill_(n)  # padded sequences: no query rows
-        self.seq_lens[:s].copy_(meta.seq_lens, non_blocking=True)
-        self.seq_lens[s:].fill_(0)
-        width = meta.block_tables.shape[1]
-        self.block_tables[:s, :width].copy_(meta.block_tables, non_blocking=True)
+        self.batch.load(input_ids, positions, meta, token_end=size, seq_end=self.max_num_seqs, pad_seq_len=0)
+        self.batch.query_start_loc[: s + 1].copy_(meta.query_start_loc, non_blocking=True)
+        self.batch.query_start_loc[s + 1 :].fill_(n)  # padded sequences: no query rows
         self.logits_indices[:k].copy_(logits_indices, non_blocking=True)
         self.logits_indices[k:].fill_(0)  # stale rows could point past this graph's token count
         self.graphs[size].replay()
