@@ -39,7 +39,8 @@ def launch(playwright: Any) -> Any:
 
 @contextlib.contextmanager
 def serve_replay(recording: str, frame: int = -1) -> Iterator[str]:
-    """Serves a recording on a free local port in a thread; yields the page's URL."""
+    """Serves a recording on a free local port from its own thread and event loop (Playwright's sync API owns
+    this thread's loop); yields the page's URL."""
     from aiohttp import web
 
     from slicelm.router.dashboard.replay import load_recording, replay_app, replay_state
@@ -50,17 +51,26 @@ def serve_replay(recording: str, frame: int = -1) -> Iterator[str]:
         port = s.getsockname()[1]
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        started.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    started = threading.Event()
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
+    if not started.wait(30):
+        raise RuntimeError("the replay server did not start")
     try:
         yield f"http://127.0.0.1:{port}/dashboard/"
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
 
 
 def screenshot(url: str, out: Path, width: int = 1480, api_key: str | None = None, scale: float = 1.5) -> list[str]:

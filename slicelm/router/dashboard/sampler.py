@@ -36,7 +36,7 @@ IDLE_INTERVAL_S = 10.0
 LIVE_FOR_S = 120.0
 HISTORY_S = 600.0
 SCRAPE_TIMEOUT_S = 3.0
-FIRST_SAMPLE_WAIT_S = 10.0
+FIRST_SAMPLE_WAIT_S = 10.0  # at most this long for a fresh sample
 
 
 def routed_counts(metrics: RouterMetrics) -> dict[str, RoutedCounts]:
@@ -63,13 +63,14 @@ class Sampler:
         self.state: dict[str, Any] | None = None
         self.viewed_at = float("-inf")
         self._wake: asyncio.Event | None = None
-        self._ready: asyncio.Event | None = None
+        self._sampled: asyncio.Condition | None = None
+        self._count = 0  # samples taken
         self._task: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
 
     # ---- lifecycle (aiohttp startup / cleanup hooks) ----
     async def start(self, _app: object = None) -> None:
-        self._wake, self._ready = asyncio.Event(), asyncio.Event()
+        self._wake, self._sampled = asyncio.Event(), asyncio.Condition()
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S))
         self._task = asyncio.create_task(self._run())
 
@@ -84,28 +85,34 @@ class Sampler:
         return LIVE_INTERVAL_S if now - self.viewed_at < LIVE_FOR_S else IDLE_INTERVAL_S
 
     async def _run(self) -> None:
-        assert self._wake is not None and self._ready is not None
+        assert self._wake is not None and self._sampled is not None
         while True:
             try:
                 await self.sample_once()
             except Exception:
                 logger.exception("dashboard sample failed")
-            self._ready.set()
+            async with self._sampled:
+                self._count += 1
+                self._sampled.notify_all()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval(time.time()))
             self._wake.clear()
 
     # ---- what the API serves ----
     async def view(self) -> dict[str, Any] | None:
-        """The latest state with its history; a request keeps the sampling live for ``LIVE_FOR_S``."""
-        assert self._wake is not None and self._ready is not None
+        """The latest state with its history; a request keeps the sampling live for ``LIVE_FOR_S``. After a quiet
+        spell (slow sampling) it waits for a fresh sample rather than answer with an old one."""
+        assert self._wake is not None and self._sampled is not None
         now = time.time()
-        self.viewed_at = now
         latest = self.history.latest
-        if latest is None or now - latest.t > 1.5 * LIVE_INTERVAL_S:
-            self._wake.set()  # it was sampling slowly: a fresh sample now
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), FIRST_SAMPLE_WAIT_S)
+        stale = latest is None or now - latest.t > 1.5 * LIVE_INTERVAL_S or now - self.viewed_at >= LIVE_FOR_S
+        self.viewed_at = now
+        if stale:
+            seen = self._count
+            self._wake.set()
+            with contextlib.suppress(TimeoutError):
+                async with self._sampled:
+                    await asyncio.wait_for(self._sampled.wait_for(lambda: self._count > seen), FIRST_SAMPLE_WAIT_S)
         if self.state is None:
             return None
         return {**self.state, "interval_s": LIVE_INTERVAL_S, "history": history_json(self.history)}
