@@ -112,7 +112,7 @@ function sliceLine(state, s, isGpu) {
   ];
   if (isGpu) {
     figs.push(el("span", {"data-field": "cores", "data-value": JSON.stringify(s.cores)},
-      isNum(s.cores) ? `SM ${s.cores}%` : "SM –"));
+      isNum(s.cores) && s.cores < 100 ? `SM ${s.cores}%` : "SM uncapped"));
     figs.push(el("span", {"data-field": "policy", "data-value": JSON.stringify(s.policy)}, s.policy || "–"));
   }
   const joined = [];
@@ -135,7 +135,7 @@ function deviceCard(state, d, isGpu) {
   const kind = isGpu ? (d.type || d.uuid || "") : (isNum(d.cores) ? `${d.cores} cores · host memory` : "host memory");
   const foot = [];
   if (isGpu) {
-    foot.push(`${fmtMiB(sliced)} in slices`);
+    foot.push(`${fmtMiB(sliced)} in slices` + (total && total > sliced ? `, ${fmtMiB(total - sliced)} free` : ""));
     if (isNum(d.memory_used_mib)) foot.push(`NVML: ${fmtMiB(d.memory_used_mib)} used on the GPU` +
       (total ? ` (${((100 * d.memory_used_mib) / total).toFixed(0)}%)` : ""));
   } else {
@@ -219,8 +219,12 @@ function chart(t, series, opts) {
   label.textContent = opts.fmt(top);
   node.append(label);
   const span = svg("text", {class: "axis-label", x: L, y: H - 1});
-  span.textContent = t.length > 1 ? `-${Math.round((t1 - t0) / 60)} min` : "";
+  const ago = t1 - t0;
+  span.textContent = t.length > 1 ? (ago < 90 ? `-${Math.round(ago)} s` : `-${Math.round(ago / 60)} min`) : "";
   node.append(span);
+  const nowLabel = svg("text", {class: "axis-label", x: W - 2, y: H - 1, "text-anchor": "end"});
+  nowLabel.textContent = "now";
+  node.append(nowLabel);
   series.forEach((s, i) => {
     let d = "";
     let pen = false;
