@@ -102,6 +102,11 @@ def _uptime(s: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _sm(cores: int | None) -> str:
+    """An SM cap; HAMi's 0 (and 100) mean none."""
+    return f"{cores}%" if cores and cores < 100 else "-"
+
+
 def _status(s: str) -> str:
     return f"[{COLORS.get(s, 'red')}]{s}[/]"
 
@@ -120,7 +125,7 @@ def devices_table(state: dict[str, Any]) -> Table:
         total = f"{_mib(d.get('memory_mib'))} / {_mib(used)}"
         for i, s in enumerate(d["slices"]):
             t.add_row(name if i == 0 else "", total if i == 0 else "", s["key"], _mib(s["memory_mib"]),
-                      _mib(s["memory_used_mib"]), "-" if s["cores"] is None else f"{s['cores']}%", s["policy"] or "-",
+                      _mib(s["memory_used_mib"]), _sm(s["cores"]), s["policy"] or "-",
                       _status(s["status"]))
     return t
 

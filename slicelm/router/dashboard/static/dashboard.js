@@ -31,6 +31,7 @@ function fmtUptime(s) {
   return h ? `${h}h${String(m).padStart(2, "0")}m` : `${m}m${String(sec).padStart(2, "0")}s`;
 }
 const fmtPair = (a, b, f) => `${f(a)} / ${f(b)}`;
+const smCapped = (cores) => isNum(cores) && cores > 0 && cores < 100; // HAMi: 0 (or 100) is no SM limit
 
 // ---------------------------------------------------------------- DOM helpers
 function el(tag, attrs, ...children) {
@@ -112,7 +113,7 @@ function sliceLine(state, s, isGpu) {
   ];
   if (isGpu) {
     figs.push(el("span", {"data-field": "cores", "data-value": JSON.stringify(s.cores)},
-      isNum(s.cores) && s.cores < 100 ? `SM ${s.cores}%` : "SM uncapped"));
+      smCapped(s.cores) ? `SM ${s.cores}%` : "SM uncapped"));
     figs.push(el("span", {"data-field": "policy", "data-value": JSON.stringify(s.policy)}, s.policy || "–"));
   }
   const joined = [];
@@ -176,7 +177,7 @@ function loadCells(x) {
 function deviceText(r) {
   if (r.device === "cuda") {
     const g = (r.gpus || []).map((x) => (x.index ?? x.uuid)).join(",");
-    return `GPU ${g}` + (isNum(r.memory_mib) ? ` · ${fmtMiB(r.memory_mib)}` : "") + (isNum(r.cores) ? ` · SM ${r.cores}%` : "");
+    return `GPU ${g}` + (isNum(r.memory_mib) ? ` · ${fmtMiB(r.memory_mib)}` : "") + (smCapped(r.cores) ? ` · SM ${r.cores}%` : "");
   }
   return r.device || "–";
 }
