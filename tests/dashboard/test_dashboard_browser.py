@@ -22,6 +22,7 @@ import openai
 import pytest
 import yaml
 from utils_models import minilm_dir
+from utils_stack import ENV, ps, slicelm
 
 from slicelm.router.dashboard.render import chromium_path, launch, serve_replay
 from slicelm.router.dashboard.top import run_dir_state
@@ -33,7 +34,6 @@ if chromium_path() is None:
     pytest.skip("chromium is not installed: Debian package chromium (scripts/setup.sh installs it where apt and "
                 "root are)", allow_module_level=True)
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 CHAT, EMBED = "smollm2-135m-instruct", "all-minilm-l6-v2"
 KEY = "dash-key-42"
 # Every replica row, CPU slice and model row of the page, with the raw values it shows (data-value is JSON), and
@@ -53,17 +53,6 @@ ROW_FIELDS = {"status": "status", "restarts": "restarts", "uptime_s": "uptime_s"
               "prefix_hit_rate": "prefix_hit_rate"}
 PS_FIELDS = ("model", "replica", "url", "pid", "state", "restarts", "gpus", "memory_mib", "cores", "device", "policy",
              "served_names")
-
-
-def slicelm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slicelm.entrypoints.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
-
-
-def ps(run_dir: Path) -> dict:
-    r = slicelm("ps", "--run-dir", str(run_dir), "--format", "json", timeout=60)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 @pytest.fixture(scope="module")
