@@ -200,8 +200,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("device", "commit", "stack_start_s", "load", "checks")}, indent=2))
-    print(f"wrote {out} ({out.stat().st_size >> 10} KiB, {len(snaps)} snapshots); render it with:\n"
-          f"  python -m slicelm.router.dashboard.render --replay {out} --out docs/dashboard_gpu_h200.png")
+    png = "/tmp/dashboard_cpu_replay.png" if args.smoke else "docs/dashboard_gpu_h200.png"
+    print(f"wrote {out} ({out.stat().st_size >> 10} KiB, {len(snaps)} snapshots); render it (where chromium is) with:"
+          f"\n  python -m slicelm.router.dashboard.render --replay {out} --out {png}")
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ class Sampler:
                     await asyncio.wait_for(self._sampled.wait_for(lambda: self._count > seen), FIRST_SAMPLE_WAIT_S)
         if self.state is None:
             return None
-        return {**self.state, "interval_s": LIVE_INTERVAL_S, "history": history_json(self.history)}
+        return {**self.state, "history": history_json(self.history)}
 
     # ---- one sample ----
     async def sample_once(self) -> None:
@@ -148,7 +148,7 @@ class Sampler:
         k8s = cfg.service_discovery == "k8s"
         return Meta(discovery="stack" if self.run_dir else cfg.service_discovery, routing_logic=cfg.routing_logic,
                     run_dir=str(self.run_dir) if self.run_dir else None, phase=st["phase"] if st else None,
-                    interval_s=self.interval(time.time()), history_s=HISTORY_S, version=self.version,
+                    interval_s=LIVE_INTERVAL_S, history_s=HISTORY_S, version=self.version,
                     backends=len(pool.backends), healthy=pool.healthy_count(),
                     queued=self.router.admission.queue_sizes(),
                     host_memory_mib=None if k8s else psutil.virtual_memory().total // MiB)
