@@ -15,4 +15,10 @@ if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
   (DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }) \
     || echo "note: could not install promtool (apt package prometheus); the dashboard tests will skip"
 fi
+# chromium (Debian package) for the web dashboard's headless-browser tests; Playwright drives it and never downloads
+# a browser of its own. Only where apt and root are; the tests skip with the reason otherwise.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; }) \
+    || echo "note: could not install chromium (apt package chromium); the dashboard's browser tests will skip"
+fi
 echo "slicelm is set up in .venv"

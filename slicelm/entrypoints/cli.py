@@ -9,7 +9,7 @@ import logging
 import sys
 
 # Subcommand packages that must not import torch: each has COMMANDS, add_subcommands(sub), run(args) -> int.
-LIGHT_CLIS = tuple(m for m in ("slicelm.stack.cli", "slicelm.router.cli")
+LIGHT_CLIS = tuple(m for m in ("slicelm.stack.cli", "slicelm.router.cli", "slicelm.router.dashboard.cli")
                    if importlib.util.find_spec(m.rsplit(".", 1)[0]))
 
 

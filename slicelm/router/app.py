@@ -1,5 +1,5 @@
 """The router's HTTP server (aiohttp on uvloop): OpenAI/vLLM routes forwarded to replicas, plus ``/v1/models``,
-``/health``, ``/version``, ``/engines`` and ``/metrics`` answered by the router itself."""
+``/health``, ``/version``, ``/engines``, ``/metrics`` and the ``/dashboard/`` page answered by the router itself."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from slicelm.router.backends import BackendPool
 from slicelm.router.config import RouterConfig
+from slicelm.router.dashboard.routes import register_dashboard
 from slicelm.router.discovery import ServiceDiscovery
 from slicelm.router.errors import error_response
 from slicelm.router.logic import RoutingRequest, make_logic
@@ -69,6 +70,7 @@ class Router:
         app.router.add_get("/metrics", self.prometheus)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
+        register_dashboard(app, self, _version())
         return app
 
     async def _start(self, app: web.Application) -> None:
@@ -93,7 +95,8 @@ class Router:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):  # type: ignore[no-untyped-def]
-        if self._api_key is not None and (request.path.startswith("/v1") or request.path in PROXIED):
+        if self._api_key is not None and (request.path.startswith(("/v1", "/dashboard/api")) or
+                                          request.path in PROXIED):
             auth = request.headers.get("Authorization", "")
             token = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
             if not hmac.compare_digest(token, self._api_key):

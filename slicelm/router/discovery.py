@@ -23,6 +23,7 @@ class Endpoint:
     models: tuple[str, ...]
     model_type: str | None = None
     labels: dict[str, Any] = field(default_factory=dict, hash=False)
+    annotations: dict[str, str] = field(default_factory=dict, hash=False)  # a pod's HAMi ones (k8s discovery)
 
     def __post_init__(self) -> None:
         assert not self.url.endswith("/"), f"endpoint URL {self.url!r} must not end with '/'"

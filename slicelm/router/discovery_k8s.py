@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -42,6 +42,7 @@ class PodState:
     url: str | None  # None while the pod has no IP
     ready: bool
     labels: dict[str, str]
+    annotations: dict[str, str] = field(default_factory=dict)  # HAMi's (hami.io/*): its GPU decision
     models: tuple[str, ...] | None = None
     checked_at: float = 0.0
 
@@ -67,8 +68,9 @@ def pod_port(pod: dict[str, Any], port: int | None) -> int:
 def pod_state(pod: dict[str, Any], port: int | None) -> PodState:
     meta, status = pod.get("metadata") or {}, pod.get("status") or {}
     ip = status.get("podIP")
+    hami = {k: str(v) for k, v in (meta.get("annotations") or {}).items() if k.startswith("hami.io/")}
     return PodState(uid=meta.get("uid", ""), url=f"http://{ip}:{pod_port(pod, port)}" if ip else None,
-                    ready=pod_is_ready(pod), labels=dict(meta.get("labels") or {}))
+                    ready=pod_is_ready(pod), labels=dict(meta.get("labels") or {}), annotations=hami)
 
 
 def _api_client() -> k8s_client.ApiClient:
@@ -131,7 +133,7 @@ class K8sDiscovery:
     def endpoints(self) -> list[Endpoint]:
         with self._lock:
             pods = list(self._pods.values())
-        return sorted((Endpoint(p.url, p.models, p.labels.get("model_type"), dict(p.labels))
+        return sorted((Endpoint(p.url, p.models, p.labels.get("model_type"), dict(p.labels), dict(p.annotations))
                        for p in pods if p.ready and p.url and p.models), key=lambda e: e.url)
 
     # ------------------------------------------------------------------ pods (watch thread)

@@ -19,6 +19,7 @@ from typing import Any
 from slicelm.slicing.spec import Slice
 from slicelm.stack.planning import ReplicaPlacement, StackPlan
 from slicelm.stack.procs import free_port
+from slicelm.stack.requests import scheduler_policy
 from slicelm.stack.serve_args import model_env, serve_command, served_model_names
 from slicelm.stack.spec import ModelSpec, StackSpec
 
@@ -38,6 +39,7 @@ class Launch:
     gpus: list[dict[str, Any]] = field(default_factory=list)
     memory_mib: int | None = None
     cores: int | None = None
+    policy: str | None = None  # HAMi's placement policy of a GPU replica
 
     @property
     def port(self) -> int:
@@ -86,7 +88,8 @@ def _replica_launch(spec: StackSpec, model: ModelSpec, placement: ReplicaPlaceme
         log=run_dir / "logs" / f"{model.name}-{placement.replica}.log", url=f"http://{host}:{port}",
         model=model.name, replica=placement.replica, served_names=served_model_names(model),
         gpus=[{"uuid": g.uuid, "index": g.index} for g in placement.gpus],
-        memory_mib=(g0.memory_mib if g0 and _is_slice(model) else None), cores=(g0.cores if g0 else None))
+        memory_mib=(g0.memory_mib if g0 and _is_slice(model) else None), cores=(g0.cores if g0 else None),
+        policy=scheduler_policy(model) if g0 else None)
 
 
 def replica_launches(spec: StackSpec, plan: StackPlan, run_dir: Path,

@@ -3,7 +3,8 @@
 ``StackPlan.to_json()`` is the ``slicelm plan --format json`` contract:
 ``{"placements": [{"model", "replica", "gpus": [{"uuid", "index", "memory_mib", "cores"}], "score"}],
 "unplaced": [{"model", "replica", "reasons": [...]}]}``; a CPU replica is a placement with ``"gpus": []``
-and ``"score": null``.
+and ``"score": null``. ``StackPlan.devices`` lists the inventory's GPUs (what ``state.json`` and the dashboard show
+as each GPU's total).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class StackPlan:
     placements: list[ReplicaPlacement]
     unplaced: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)  # e.g. why replicas run on the CPU
+    devices: list[dict[str, Any]] = field(default_factory=list)  # the inventory's GPUs: uuid, index, type, memory_mib
 
     @property
     def feasible(self) -> bool:
@@ -66,4 +68,5 @@ def make_plan(spec: StackSpec, inventory: Inventory) -> StackPlan:
             placements[(p.model, p.replica)] = ReplicaPlacement(p.model, p.replica, list(p.gpus), p.score)
         unplaced = [{"model": u.model, "replica": u.replica, "reasons": list(u.reasons)} for u in plan.unplaced]
     order = [(m.name, r) for m in spec.models() for r in range(m.replicaCount)]
-    return StackPlan([placements[k] for k in order if k in placements], unplaced, notes)
+    devices = [{"uuid": g.uuid, "index": g.index, "type": g.type, "memory_mib": g.memory_mib} for g in inventory.gpus]
+    return StackPlan([placements[k] for k in order if k in placements], unplaced, notes, devices)

@@ -71,9 +71,9 @@ def tail(path: Path, lines: int = 20) -> list[str]:
         return []
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group ``pgid``, read from /proc."""
-    out = []
+def process_groups() -> dict[int, list[int]]:
+    """Live (non-zombie) processes by process group, read from /proc in one pass."""
+    out: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -82,6 +82,11 @@ def group_members(pgid: int) -> list[int]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            out.append(int(entry))
+        if fields[0] != "Z":
+            out.setdefault(int(fields[2]), []).append(int(entry))
     return out
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid``, read from /proc."""
+    return process_groups().get(pgid, [])

@@ -17,6 +17,11 @@ def gpu_count(model: ModelSpec) -> int:
     return 0
 
 
+def scheduler_policy(model: ModelSpec) -> str:
+    """HAMi's ``hami.io/gpu-scheduler-policy`` pod annotation (its default: spread)."""
+    return model.annotation("hami.io/gpu-scheduler-policy") or "spread"
+
+
 def _list(model: ModelSpec, key: str) -> list[str]:
     value = model.annotation(key)
     return split_list(value) if value else []
@@ -36,7 +41,7 @@ def replica_request(model: ModelSpec, replica: int) -> ReplicaRequest:
         nouse_types=_list(model, "nvidia.com/nouse-gputype"),
         use_uuids=_list(model, "nvidia.com/use-gpuuuid"),
         nouse_uuids=_list(model, "nvidia.com/nouse-gpuuuid"),
-        policy=model.annotation("hami.io/gpu-scheduler-policy") or "spread",
+        policy=scheduler_policy(model),
         numa_bind=bool_annotation("nvidia.com/numa-bind", numa) if numa else False,
         scoring_weights=scoring_weights(weights) if weights else (1.0, 1.0, 1.0),
     )

@@ -3,8 +3,9 @@
 ``state.json`` is rewritten atomically by the supervisor on every change:
 ``{"stack", "supervisor_pid", "started_at", "router": {"url", "pid", "port", "log"} | null,
 "replicas": [{"model", "replica", "served_names", "pid", "port", "url", "state", "restarts", "started_at",
-"device", "gpus": [{"uuid", "index", "memory_mib", "cores"}], "memory_mib", "cores", "log", "command"}],
-"mps": [{"gpu", "pipe_dir"}], "warnings": [...]}``.
+"device", "gpus": [{"uuid", "index", "memory_mib", "cores"}], "memory_mib", "cores", "policy", "log", "command"}],
+"gpus": [{"uuid", "index", "type", "memory_mib"}], "mps": [{"gpu", "pipe_dir"}], "warnings": [...]}``
+(top-level ``gpus``: every GPU of the machine, ``memory_mib`` its total).
 """
 
 from __future__ import annotations

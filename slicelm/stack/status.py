@@ -2,7 +2,10 @@
 
 ``ps --format json`` is a contract: ``{"router": {"url"} | null, "replicas": [{"model", "replica", "pid",
 "url", "state", "restarts", "gpus", "memory_mib", "cores"}]}`` (plus ``port``, ``memory_used_mib``,
-``uptime_s``); ``gpus`` lists ``{"uuid", "index"}`` (empty on the CPU), ``memory_mib`` is the slice.
+``uptime_s``, ``device``, ``policy``, ``served_names``); ``gpus`` lists ``{"uuid", "index"}`` (empty on the CPU),
+``memory_mib`` is the slice, ``memory_used_mib`` what NVML measures (GPU) or the resident memory of the replica's
+processes (CPU). A top-level ``gpus`` lists the machine's GPUs: ``{"uuid", "index", "type", "memory_mib" (total),
+"memory_used_mib" (NVML, every process)}``.
 """
 
 from __future__ import annotations
@@ -11,48 +14,84 @@ import contextlib
 import os
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slicelm.stack.procs import group_members, signal_group
+import psutil
+
+from slicelm.stack.procs import group_members, process_groups, signal_group
 from slicelm.stack.state import live_supervisor, pid_alive, read_state
 
 
-def nvml_used_mib() -> dict[int, int]:
-    """GPU memory per pid (NVML, all GPUs), or {} without a driver."""
+@dataclass
+class NvmlUse:
+    """NVML's view of this machine: GPU memory per pid and per GPU (uuid), in MiB."""
+
+    by_pid: dict[int, int] = field(default_factory=dict)
+    by_gpu: dict[str, int] = field(default_factory=dict)
+
+
+def nvml_use() -> NvmlUse:
+    """Read once from NVML (all GPUs); empty without a driver."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
     except Exception:
-        return {}
-    used: dict[int, int] = {}
+        return NvmlUse()
+    use = NvmlUse()
     try:
         for i in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            uuid = pynvml.nvmlDeviceGetUUID(handle)
+            use.by_gpu[uuid.decode() if isinstance(uuid, bytes) else uuid] = \
+                int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) // (1 << 20)
             for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 if proc.usedGpuMemory is not None:
-                    used[proc.pid] = used.get(proc.pid, 0) + int(proc.usedGpuMemory) // (1 << 20)
+                    use.by_pid[proc.pid] = use.by_pid.get(proc.pid, 0) + int(proc.usedGpuMemory) // (1 << 20)
     except pynvml.NVMLError:
         pass
     finally:
         with contextlib.suppress(Exception):
             pynvml.nvmlShutdown()
-    return used
+    return use
 
 
-def _replica_row(r: dict[str, Any], supervisor_alive: bool, used: dict[int, int]) -> dict[str, Any]:
+def resident_mib(pids: list[int]) -> int | None:
+    """Resident memory of ``pids`` together (a CPU replica: its server and engine process), in MiB."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            total += psutil.Process(pid).memory_info().rss
+    return total // (1 << 20) or None
+
+
+def _memory_used(r: dict[str, Any], members: list[int], used: dict[int, int]) -> int | None:
+    """NVML's use of a GPU replica, resident memory of a CPU one (its whole process group)."""
+    if r.get("gpus"):
+        return sum(used.get(p, 0) for p in members) or None
+    return resident_mib(members)
+
+
+def _replica_row(r: dict[str, Any], supervisor_alive: bool, used: dict[int, int],
+                 groups: dict[int, list[int]]) -> dict[str, Any]:
     pid = r.get("pid")
     alive = pid_alive(pid)
     state = r["state"] if supervisor_alive else ("orphaned" if alive else "stopped")
-    mem_used = None
-    if r.get("gpus") and alive:  # the server and any engine process it forked (same process group)
-        mem_used = sum(used.get(p, 0) for p in group_members(pid)) or None
     started = r.get("started_at")
     return {"model": r["model"], "replica": r["replica"], "pid": pid if alive else None, "url": r["url"],
             "state": state, "restarts": r["restarts"], "gpus": r.get("gpus", []), "memory_mib": r.get("memory_mib"),
-            "cores": r.get("cores"), "port": r.get("port"), "memory_used_mib": mem_used,
-            "uptime_s": round(time.time() - started, 1) if started and alive else None}
+            "cores": r.get("cores"), "port": r.get("port"),
+            "memory_used_mib": _memory_used(r, groups.get(pid, []), used) if alive else None,
+            "uptime_s": round(time.time() - started, 1) if started and alive else None,
+            "device": r.get("device", "cuda" if r.get("gpus") else "cpu"), "policy": r.get("policy"),
+            "served_names": r.get("served_names") or [r["model"]]}
+
+
+def _gpu_row(g: dict[str, Any], use: NvmlUse) -> dict[str, Any]:
+    return {"uuid": g["uuid"], "index": g["index"], "type": g.get("type"), "memory_mib": g.get("memory_mib"),
+            "memory_used_mib": use.by_gpu.get(g["uuid"])}
 
 
 def status(run_dir: Path) -> dict[str, Any] | None:
@@ -61,10 +100,12 @@ def status(run_dir: Path) -> dict[str, Any] | None:
     if state is None:
         return None
     sup = live_supervisor(run_dir)
-    used = nvml_used_mib() if any(r.get("gpus") for r in state["replicas"]) else {}
+    use = nvml_use() if state.get("gpus") or any(r.get("gpus") for r in state["replicas"]) else NvmlUse()
     router = state.get("router")
+    groups = process_groups()
     return {"router": {"url": router["url"]} if router and sup else None,
-            "replicas": [_replica_row(r, sup is not None, used) for r in state["replicas"]],
+            "replicas": [_replica_row(r, sup is not None, use.by_pid, groups) for r in state["replicas"]],
+            "gpus": [_gpu_row(g, use) for g in state.get("gpus") or []],
             "phase": state.get("phase") if sup else "stopped", "supervisor_pid": sup}
 
 

@@ -74,7 +74,7 @@ class Managed:
                 "port": la.port, "url": la.url, "state": self.state, "restarts": self.restarts,
                 "started_at": self.started_at, "exit_code": self.exit_code,
                 "device": "cuda" if la.gpus else "cpu", "gpus": la.gpus, "memory_mib": la.memory_mib,
-                "cores": la.cores, "log": str(la.log), "command": la.cmd}
+                "cores": la.cores, "policy": la.policy, "log": str(la.log), "command": la.cmd}
 
 
 def _mps_info(daemon: Any) -> dict[str, Any]:
@@ -83,7 +83,8 @@ def _mps_info(daemon: Any) -> dict[str, Any]:
 
 class Supervisor:
     def __init__(self, run_dir: Path, stack_file: str, replicas: list[Launch], router: Launch | None,
-                 startup_timeout: float, restart_limit: int, warnings: list[str], mps: list[Any] | None = None):
+                 startup_timeout: float, restart_limit: int, warnings: list[str], mps: list[Any] | None = None,
+                 gpus: list[dict[str, Any]] | None = None):
         self.run_dir = run_dir
         self.stack_file = stack_file
         self.replicas = [Managed(r) for r in replicas]
@@ -92,6 +93,7 @@ class Supervisor:
         self.restart_limit = restart_limit
         self.warnings = warnings
         self.mps = mps or []
+        self.gpus = gpus or []  # the machine's GPUs (uuid, index, type, memory_mib), for ps and the dashboard
         self.phase = "starting"
         self.error: str | None = None
         self.stopping = False
@@ -109,7 +111,7 @@ class Supervisor:
                             "state": self.router.state, "log": str(self.router.launch.log)}
                            if self.router else None),
                 "replicas": [m.to_json() for m in self.replicas],
-                "mps": [_mps_info(d) for d in self.mps],
+                "gpus": self.gpus, "mps": [_mps_info(d) for d in self.mps],
                 "warnings": self.warnings}
 
     def save(self) -> None:

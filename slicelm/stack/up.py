@@ -117,6 +117,7 @@ def print_ready(run_dir: Path, console: Console) -> None:
     router = st.get("router")
     if router:
         console.print(f"router: {router['url']}/v1  (all models)", highlight=False)
+        console.print(f"dashboard: {router['url']}/dashboard  (in a terminal: slicelm top)", highlight=False)
     for r in st["replicas"]:
         console.print(f"{r['model']}/{r['replica']}: {r['url']}/v1", highlight=False)
     console.print(f"run dir: {run_dir}   (slicelm ps / slicelm down --run-dir {run_dir})", highlight=False)
@@ -130,7 +131,7 @@ def supervise(spec: StackSpec, plan: StackPlan, run_dir: Path, console: Console,
     daemons, mps_env = start_mps(spec, plan, run_dir, dry_run=False)
     replicas = replica_launches(spec, plan, run_dir, mps_env)
     sup = Supervisor(run_dir, spec.source or "", replicas, router_launch(spec, run_dir),
-                     spec.slicelm.startupTimeout, spec.slicelm.restartLimit, spec.warnings, daemons)
+                     spec.slicelm.startupTimeout, spec.slicelm.restartLimit, spec.warnings, daemons, plan.devices)
     sup.install_signal_handlers()
     view = None if quiet else StatusView(run_dir, console)
     rc = 0

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,22 +18,11 @@ import openai
 import pytest
 import yaml
 from utils_models import minilm_dir, write_random_cross_encoder
+from utils_stack import ps, slicelm
 
 from slicelm.stack.procs import free_port
 
 pytestmark = pytest.mark.slow
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def slicelm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slicelm.entrypoints.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
-
-
-def ps(run_dir: Path) -> dict:
-    r = slicelm("ps", "--run-dir", str(run_dir), "--format", "json", timeout=60)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def processes_mentioning(text: str) -> list[int]:
