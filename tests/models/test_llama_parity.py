@@ -1,5 +1,6 @@
-"""Random-weight Llama / Mistral / Qwen2 / Qwen3 models vs transformers (CPU fp32), through the paged cache:
-one packed prefill of mixed-length prompts, decode steps, prefix-hit / chunked prefill mixed with decode."""
+"""Random-weight Llama / Mistral / Qwen2 / Qwen3 / Phi-3 models vs transformers (CPU fp32), through the paged
+cache: one packed prefill of mixed-length prompts, decode steps, prefix-hit / chunked prefill mixed with decode.
+Sliding windows (Mistral, Phi-3, Qwen2's upper layers) are shorter than the prompts so they change results."""
 
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ CASES: dict[str, tuple[str, dict]] = {
                                            "head_dim": 32}),
     "qwen3_tied_gqa2": ("Qwen3Config", {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
                                         "tie_word_embeddings": True, "num_hidden_layers": 3}),
+    "mistral_window": ("MistralConfig", {"num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 8}),
+    "qwen2_window_upper": ("Qwen2Config", {"num_attention_heads": 4, "num_key_value_heads": 2,
+                                           "use_sliding_window": True, "sliding_window": 9, "max_window_layers": 1}),
+    "phi3_longrope_window": ("Phi3Config", {
+        "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 12, "pad_token_id": 0,
+        "eos_token_id": 2, "bos_token_id": 1, "original_max_position_embeddings": 64,
+        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                            "short_factor": [1.0, 1.3, 1.7, 2.2], "long_factor": [2.0, 3.0, 5.0, 9.0]}}),
 }
 TOL = 1e-4
 
@@ -118,7 +127,8 @@ def test_prefill_then_decode(case: str) -> None:
     run_schedule(model, seqs, refs, schedule, block_size=16)
 
 
-@pytest.mark.parametrize("case", ["llama3_gqa2", "qwen2_tied_gqa2", "qwen3_headdim_gqa4"])
+@pytest.mark.parametrize("case", ["llama3_gqa2", "qwen2_tied_gqa2", "qwen3_headdim_gqa4", "mistral_window",
+                                  "phi3_longrope_window"])
 def test_prefix_hit_and_chunked_prefill(case: str) -> None:
     hf, config = build_hf(case)
     model = build_ours(hf, config)
@@ -181,9 +191,10 @@ def test_load_weights_errors() -> None:
 
 def test_config_validation() -> None:
     _, config = build_hf("mistral_gqa4")
-    with pytest.raises(ValueError, match="sliding_window"):
-        LlamaForCausalLM({**config, "sliding_window": 64})
-    LlamaForCausalLM({**config, "sliding_window": 64, "max_model_len": 64})  # window covers the context
+    windows = LlamaForCausalLM({**config, "sliding_window": 64}).args.sliding_windows
+    assert windows == (64, 64)
+    with pytest.raises(ValueError, match="layer_types"):
+        LlamaForCausalLM({**config, "sliding_window": 64, "layer_types": ["full_attention"]})
     with pytest.raises(ValueError, match="hidden_act"):
         LlamaForCausalLM({**config, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="num_key_value_heads"):
