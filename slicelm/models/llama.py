@@ -322,8 +322,13 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"unexpected weight {name!r} for {type(self).__name__}")
         return Target(params[name].data, set(expand_fused(name)))
 
+    def checkpoint_name(self, canonical: str) -> str:
+        """How this family's checkpoints spell a canonical name (for error messages)."""
+        return canonical
+
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into the (fused) parameters; returns the canonical names loaded."""
         params = dict(self.named_parameters())
-        return load_all(weights, lambda name: self.locate_weight(name, params), self.expected_weights())
+        return load_all(weights, lambda name: self.locate_weight(name, params), self.expected_weights(),
+                        self.checkpoint_name)

@@ -4,16 +4,15 @@ Sliding windows (Mistral, Phi-3, Qwen2's upper layers) are shorter than the prom
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+import utils_parity
 from safetensors.torch import load_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils_paged import PagedBatch, make_kv_caches
+from utils_parity import hf_logits, rel_err, run_schedule
 
 from slicelm.layers.attention import TorchAttentionBackend
 from slicelm.models.llama import LlamaForCausalLM
@@ -48,23 +47,9 @@ CASES: dict[str, tuple[str, dict]] = {
         "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                             "short_factor": [1.0, 1.3, 1.7, 2.2], "long_factor": [2.0, 3.0, 5.0, 9.0]}}),
 }
-TOL = 1e-4
-
-
 def build_hf(case: str) -> tuple[transformers.PreTrainedModel, dict]:
     cls_name, overrides = CASES[case]
-    config = getattr(transformers, cls_name)(**{**SMALL, **overrides})
-    torch.manual_seed(0)
-    model_cls = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))
-    hf = model_cls._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
-    # HF's init zeroes biases and sets norms to 1; randomise everything so bias / qk-norm are exercised
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.08)
-    return hf, config.to_dict()
+    return utils_parity.build_hf(cls_name, {**SMALL, **overrides})
 
 
 def build_ours(hf: transformers.PreTrainedModel, config: dict) -> LlamaForCausalLM:
@@ -74,46 +59,8 @@ def build_ours(hf: transformers.PreTrainedModel, config: dict) -> LlamaForCausal
     return model
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return (torch.linalg.norm(out.double() - ref.double()) / torch.linalg.norm(ref.double())).item()
-
-
 def make_tokens(lens: list[int], seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lens]
-
-
-@torch.no_grad()
-def hf_logits(hf: transformers.PreTrainedModel, seqs: list[list[int]]) -> list[torch.Tensor]:
-    return [hf(torch.tensor([s])).logits[0].float() for s in seqs]
-
-
-@torch.no_grad()
-def run_schedule(
-    model: LlamaForCausalLM,
-    seqs: list[list[int]],
-    refs: list[torch.Tensor],
-    schedule: list[list[int]],
-    block_size: int,
-) -> None:
-    """Feed ``schedule[step][i]`` new tokens of sequence i per step (packed, one forward per step);
-    every produced logits row must match transformers' full-sequence logits."""
-    batch = PagedBatch([len(s) for s in seqs], block_size, first_block=1, shuffle_seed=block_size)
-    caches = make_kv_caches(
-        model.num_layers, batch.num_blocks, block_size, model.num_kv_heads, model.head_dim, fill=float("nan")
-    )
-    assert tuple(caches[0].shape) == model.kv_cache_shape(batch.num_blocks, block_size)
-    for chunk_sizes in schedule:
-        starts = list(batch.num_computed)
-        step = batch.step([s[c : c + n] for s, c, n in zip(seqs, starts, chunk_sizes)])
-        logits = model.compute_logits(model(step.input_ids, step.positions, caches, step.meta))
-        assert logits.dtype == torch.float32 and logits.shape == (step.meta.num_tokens, VOCAB)
-        qsl = step.meta.query_start_loc_cpu
-        for i, (c, n) in enumerate(zip(starts, chunk_sizes)):
-            assert n > 0, "every sequence in a step has new tokens (as the runner builds them)"
-            err = rel_err(logits[qsl[i] : qsl[i + 1]], refs[i][c : c + n])
-            assert err <= TOL, f"seq {i} rows {c}:{c + n}: rel err {err:.2e}"
-    assert batch.num_computed == [len(s) for s in seqs]
+    return utils_parity.make_tokens(lens, seed, VOCAB)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
