@@ -10,6 +10,22 @@ from utils_paged import PagedBatch, make_kv_caches
 
 TOL = 1e-4
 
+# Engine tests: 8 prompts of mixed lengths; four share a 34-token prefix (two full blocks of 16) for prefix hits.
+_g = torch.Generator().manual_seed(1)
+_SHARED = torch.randint(0, 512, (34,), generator=_g).tolist()
+ENGINE_PROMPTS = [torch.randint(0, 512, (n,), generator=_g).tolist() for n in (5, 17, 40, 3)] + [
+    _SHARED + torch.randint(0, 512, (n,), generator=_g).tolist() for n in (1, 6, 13, 20)
+]
+ENGINE_MODES = {
+    "plain": {},
+    "chunked_prefill": {"max_num_batched_tokens": 16},
+    "prefix_hits": {},  # generate twice: the second pass hits the cache
+    "preemption": {"num_gpu_blocks_override": 10, "max_model_len": 96},
+    # the device path's overlap of step N+1's scheduling with step N, exercised on the CPU
+    "async_preemption_chunked": {"async_scheduling": True, "num_gpu_blocks_override": 10, "max_model_len": 96,
+                                 "max_num_batched_tokens": 24},
+}
+
 
 def build_hf(cls_name: str, config_kwargs: dict, seed: int = 0, std: float = 0.08,
              model_cls: str | None = None) -> tuple[transformers.PreTrainedModel, dict]:

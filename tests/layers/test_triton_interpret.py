@@ -14,7 +14,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -338,64 +337,32 @@ def test_interpreter_subprocess():
     assert " passed" in proc.stdout and "failed" not in proc.stdout
 
 
-def _sm90_usage(fn, dtype: str, consts: dict) -> dict[str, int]:
-    """Compile ``fn`` for sm_90 without a GPU (ptxas ships in the triton wheel) and return the
-    cubin's resource usage (REG, STACK, ...). Pointers and strides get the divisibility-16 hint
-    the JIT would give them at run time, so loads vectorise as they will on the device."""
-    import re
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = fn.arg_names
-    sig = {}
-    for n in names:
-        if n in consts:
-            sig[n] = "constexpr"
-        elif n.endswith("_ptr"):
-            ints = ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "pos_ptr", "slots_ptr")
-            sig[n] = "*" + ("fp32" if n.startswith("part") else "i32" if n in ints else dtype)
-        else:
-            sig[n] = "fp32" if n in ("sm_scale", "softcap", "eps") else "i32"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n not in consts and (n.endswith("_ptr") or n.startswith("stride"))}
-    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
-                    constexprs={(names.index(k),): v for k, v in consts.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        report = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
-    return {m[1]: int(m[2]) for m in re.finditer(r"(REG|STACK):(\d+)", report)}
-
-
 def test_bf16_kernels_compile_for_sm90_without_spills():
     """Catches compile errors and register spills of the real (non-interpreted) kernels on CPU."""
+    from utils_triton import sm90_usage
+
     from slicelm.layers.triton import paged_attention as pa
 
     common = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "DOT_PRECISION": "tf32",
               "USE_WINDOW": False, "USE_SOFTCAP": False}
     for splits, block_n in ((1, 128), (1, 64), (8, 64)):
         consts = {"NUM_HEADS": 16, "GROUP": 2, "GROUP_PAD": 16, "BLOCK_N": block_n, "NUM_SPLITS": splits, **common}
-        use = _sm90_usage(pa._decode_kernel, "bf16", consts)
+        use = sm90_usage(pa._decode_kernel, "bf16", consts)
         assert use.get("STACK", 0) == 0 and use["REG"] < 200, use
     consts = {"GROUP": 4, "BLOCK_M": 64, "BLOCK_Q": 16, "BLOCK_N": 64, **common}
-    use = _sm90_usage(pa._unified_kernel, "bf16", consts)
+    use = sm90_usage(pa._unified_kernel, "bf16", consts)
     assert use.get("STACK", 0) == 0, use
     # Gemma 3 270m's shape (head_dim 256, group 4) with the window and soft-cap on
     gemma = {**common, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, "USE_WINDOW": True, "USE_SOFTCAP": True}
-    use = _sm90_usage(pa._unified_kernel, "bf16", {**gemma, "GROUP": 4, "BLOCK_M": 32, "BLOCK_Q": 8, "BLOCK_N": 32})
+    use = sm90_usage(pa._unified_kernel, "bf16", {**gemma, "GROUP": 4, "BLOCK_M": 32, "BLOCK_Q": 8, "BLOCK_N": 32})
     assert use.get("STACK", 0) == 0, use
-    use = _sm90_usage(pa._decode_kernel, "bf16", {**gemma, "NUM_HEADS": 4, "GROUP": 4, "GROUP_PAD": 16,
+    use = sm90_usage(pa._decode_kernel, "bf16", {**gemma, "NUM_HEADS": 4, "GROUP": 4, "GROUP_PAD": 16,
                                                    "BLOCK_N": 32, "NUM_SPLITS": 1})
     assert use.get("STACK", 0) == 0, use
     from slicelm.layers.triton import qkv_prep
 
     consts = {"HQ": 16, "HK": 8, "D": 128, "HALF": 64, "BLOCK_HQ": 16, "BLOCK_HK": 8, "BLOCK_SIZE": 16, "QK_NORM": True}
-    use = _sm90_usage(qkv_prep._qkv_prep_kernel, "bf16", consts)
+    use = sm90_usage(qkv_prep._qkv_prep_kernel, "bf16", consts)
     assert use.get("STACK", 0) == 0, use
 
 
