@@ -47,7 +47,7 @@ def sm90_usage(fn, dtype: str, consts: dict, types: dict[str, str] | None = None
             ints = ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "pos_ptr", "slots_ptr")
             sig[n] = "*" + ("fp32" if n.startswith("part") else "i32" if n in ints else dtype)
         else:
-            sig[n] = "fp32" if n in ("sm_scale", "softcap", "eps") else "i32"
+            sig[n] = "fp32" if n in ("qk_scale", "softcap", "eps") else "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n not in consts and (n.endswith("_ptr") or n.startswith("stride"))}
     src = ASTSource(fn=fn, signature=sig, attrs=attrs,

@@ -36,24 +36,19 @@ MAX_SPLITS = 64
 MIN_TOKENS_PER_SPLIT = 256
 
 
+@triton.jit
+def _soft_cap(s, cap):
+    """``cap * tanh(s / cap)`` (inf-safe). Logits are in base 2 here, so is ``cap``: the same function."""
+    return cap * (1.0 - 2.0 / (tl.exp2(2.0 * LOG2E_C * s / cap) + 1.0))
+
+
 # Block-table width changes from step to step: left unspecialized (Triton would otherwise compile a
 # new variant the first time a width is 1 or a multiple of 16, mid-run).
-@triton.jit
-def _scores(q, k, sm_scale, softcap, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Scaled logits in base 2 (``s * log2(e)``), soft-capped as ``cap * tanh(s / cap)`` first if asked."""
-    s = tl.dot(q, k, input_precision=DOT_PRECISION)
-    if USE_SOFTCAP:
-        s = s * sm_scale
-        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # cap * tanh(s / cap), inf-safe
-        return s * LOG2E_C
-    return s * (sm_scale * LOG2E_C)
-
-
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    sm_scale, window, softcap,
+    qk_scale, window, softcap,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_c_blk, stride_c_tok, stride_c_h, stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -93,12 +88,16 @@ def _decode_kernel(
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for tile in range(tile_lo, tile_hi):
         pos = tile * BLOCK_N + offs_n
-        n_mask = (pos < seq_len) & (pos >= first_key)
+        n_mask = pos < seq_len
+        if USE_WINDOW:
+            n_mask = n_mask & (pos >= first_key)
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         kv_off = blk * stride_c_blk + (pos % BLOCK_SIZE) * stride_c_tok + kvh * stride_c_h
         k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None],
                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        s = _scores(q, k, sm_scale, softcap, USE_SOFTCAP, DOT_PRECISION)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if USE_SOFTCAP:
+            s = _soft_cap(s, softcap)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -165,7 +164,7 @@ def _find_seq(query_start_loc_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _unified_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    sm_scale, window, softcap, num_seqs,
+    qk_scale, window, softcap, num_seqs,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_c_blk, stride_c_tok, stride_c_h, stride_bt,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -210,7 +209,9 @@ def _unified_kernel(
         kv_off = blk * stride_c_blk + (pos % BLOCK_SIZE) * stride_c_tok + kvh * stride_c_h
         k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None],
                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        s = _scores(q, k, sm_scale, softcap, USE_SOFTCAP, DOT_PRECISION)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if USE_SOFTCAP:
+            s = _soft_cap(s, softcap)
         visible = n_mask[None, :] & (pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             visible = visible & (pos[None, :] > q_pos[:, None] - window)
@@ -310,7 +311,7 @@ def paged_decode_attention(
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, part_out, part_m, part_l,
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale, sliding_window or 0, soft_cap or 0.0,
+        scale * LOG2E, sliding_window or 0, (soft_cap or 0.0) * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
@@ -363,7 +364,7 @@ def unified_attention(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _unified_kernel[(num_q_blocks, num_kv_heads)](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale, sliding_window or 0, soft_cap or 0.0, num_seqs,
+        scale * LOG2E, sliding_window or 0, (soft_cap or 0.0) * LOG2E, num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad,
