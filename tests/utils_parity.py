@@ -97,3 +97,66 @@ def hf_greedy(hf: transformers.PreTrainedModel, prompts: list[list[int]],
         tokens.append(ids)
         logprobs.append(lps)
     return tokens, logprobs
+
+
+def assert_matches_transformers_gguf(llm, model_name: str, texts: list[str], monkeypatch) -> None:
+    """The engine's model gives transformers' logits on the same GGUF file (transformers' own GGUF loader)."""
+    import transformers.modeling_utils as modeling_utils
+    from utils_paged import PagedBatch, make_kv_caches
+
+    from slicelm.loader.model_files import resolve_model
+
+    monkeypatch.setattr(modeling_utils, "is_accelerate_available", lambda: True)  # CPU load needs no accelerate
+    path = resolve_model(model_name).path
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(t) for t in texts]
+    model = llm.engine.worker.model
+    batch = PagedBatch([len(p) for p in prompts], block_size=16)
+    kv = make_kv_caches(model.num_layers, batch.num_blocks, 16, model.num_kv_heads, model.head_dim)
+    step = batch.prefill(prompts)
+    with torch.no_grad():
+        ours = model.compute_logits(model(step.input_ids, step.positions, kv, step.meta))
+        offset = 0
+        for p in prompts:
+            ref = hf(torch.tensor([p])).logits[0].float()
+            assert rel_err(ours[offset : offset + len(p)], ref) < 1e-4
+            offset += len(p)
+
+
+def prompts_with_shared_prefix(lens: tuple[int, ...], vocab: int, seed: int = 3) -> list[list[int]]:
+    """Random prompts of ``lens`` plus four more that share a 48-token prefix (prefix-cache hits)."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(0, vocab, (48,), generator=g).tolist()
+    ps = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
+    return ps + [shared + p[:7] for p in ps[:4]]
+
+
+def greedy_ids(llm, prompts: list[list[int]], n: int = 32) -> list[list[int]]:
+    from slicelm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def free_cuda() -> None:
+    """Call after dropping every reference to an engine: its tensors and CUDA graphs go."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def assert_engine_matches(llm, prompts: list[list[int]], reference: list[list[int]], n: int, label: str = "") -> None:
+    """Greedy output equals ``reference`` twice: as computed, then again from the prefix cache; when the
+    engine was told to preempt (a tiny KV cache), it did."""
+    got = greedy_ids(llm, prompts, n)
+    again = greedy_ids(llm, prompts, n)  # second pass: prefix-cache hits
+    assert llm.engine.scheduler.kv_cache.prefix_cache_hits > 0
+    for i, (g, a, r) in enumerate(zip(got, again, reference)):
+        assert g == r, f"{label}prompt {i} (len {len(prompts[i])}) differs from the CPU reference"
+        assert a == r, f"{label}prompt {i} differs from the reference on a prefix-cache hit"
+    if llm.engine.worker.args.num_gpu_blocks_override is not None:
+        assert llm.engine.get_stats().num_preemptions > 0

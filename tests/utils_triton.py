@@ -59,3 +59,25 @@ def sm90_usage(fn, dtype: str, consts: dict, types: dict[str, str] | None = None
         tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
         report = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
     return {m[1]: int(m[2]) for m in re.finditer(r"(REG|STACK):(\d+)", report)}
+
+
+def run_interpreted(test_file: str, timeout: int = 600) -> None:
+    """Run ``test_file``'s tests in a child pytest process with TRITON_INTERPRET=1 (it must be set before
+    triton is first imported, so the parent session cannot run them itself)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+def keep_tests_for_this_process(namespace: dict, parent_tests: tuple[str, ...], interpreted: bool) -> None:
+    """A module's ``parent_tests`` run in the normal session (they start the interpreted child or need
+    no interpreter); every other test runs only in the TRITON_INTERPRET=1 child."""
+    for name in [n for n in namespace if n.startswith("test_")]:
+        if (name in parent_tests) == interpreted:
+            del namespace[name]

@@ -5,14 +5,20 @@ windows and soft-capping, CUDA graphs, chunked prefill, prefix hits, preemption)
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from slicelm import LLM, SamplingParams  # noqa: E402
+from utils_parity import (  # noqa: E402
+    assert_engine_matches,
+    build_hf,
+    free_cuda,
+    greedy_ids,
+    prompts_with_shared_prefix,
+)
+
+from slicelm import LLM  # noqa: E402
 from slicelm.layers.moe.layer import FusedMoE, torch_experts  # noqa: E402
 from slicelm.layers.moe.router import select_experts  # noqa: E402
 
@@ -31,11 +37,6 @@ MODELS = {
                                 "attn_logit_softcapping": 20.0, "final_logit_softcapping": 15.0}),
     "gemma3": ("Gemma3TextConfig", {"intermediate_size": 512, "sliding_window": 64, "sliding_window_pattern": 2}),
 }
-
-
-def _free() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def _routed(tokens: int, experts: int, top_k: int, seed: int):
@@ -98,56 +99,26 @@ def test_moe_block_replays_in_a_cuda_graph():
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def model_dir(request, tmp_path_factory):
-    import transformers
-
     cls_name, overrides = MODELS[request.param]
-    config = getattr(transformers, cls_name)(**{**COMMON, **overrides})
-    torch.manual_seed(0)
-    cls = getattr(transformers, cls_name.replace("TextConfig", "ForCausalLM").replace("Config", "ForCausalLM"))
-    model = cls(config)
-    gemma = "Gemma" in cls_name
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn_like(p) if "norm" in name
-                    else 0.06 * torch.randn_like(p))
+    hf, _ = build_hf(cls_name, {**COMMON, **overrides}, std=0.06)
     path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
+    hf.save_pretrained(path)
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(3)
-    shared = torch.randint(0, 2048, (48,), generator=g).tolist()
-    ps = [torch.randint(0, 2048, (n,), generator=g).tolist() for n in PROMPT_LENS]
-    return ps + [shared + p[:7] for p in ps[:4]]
-
-
-def _greedy(llm: LLM, prompts: list[list[int]], n: int = 24) -> list[list[int]]:
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
-
-
-def test_cuda_engine_matches_cpu_engine(model_dir, prompts):
-    reference = _greedy(LLM(model_dir, device="cpu", skip_tokenizer_init=True, max_model_len=1024), prompts)
+def test_cuda_engine_matches_cpu_engine(model_dir):
+    prompts = prompts_with_shared_prefix(PROMPT_LENS, 2048)
+    reference = greedy_ids(LLM(model_dir, device="cpu", skip_tokenizer_init=True, max_model_len=1024), prompts, 24)
     for kwargs in ({}, {"max_num_batched_tokens": 64}, {"num_gpu_blocks_override": 24, "max_model_len": 384}):
         opts = {"max_model_len": 1024, "gpu_memory_budget": "6GiB", "max_num_seqs": 16, **kwargs}
         llm = LLM(model_dir, device="cuda", dtype="float32", skip_tokenizer_init=True, **opts)
-        got = _greedy(llm, prompts)
-        again = _greedy(llm, prompts)  # prefix-cache hits
-        assert llm.engine.scheduler.kv_cache.prefix_cache_hits > 0
-        for i, (g, a, r) in enumerate(zip(got, again, reference)):
-            assert g == r, f"{kwargs}: prompt {i} (len {len(prompts[i])}) differs from the CPU engine"
-            assert a == r, f"{kwargs}: prompt {i} differs on a prefix-cache hit"
-        if "num_gpu_blocks_override" in kwargs:
-            assert llm.engine.get_stats().num_preemptions > 0
-        else:
+        assert_engine_matches(llm, prompts, reference, 24, f"{kwargs}: ")
+        if "num_gpu_blocks_override" not in kwargs:
             mixed = llm.engine.worker.runner.mixed_graphs
             assert mixed is not None and mixed.num_replays > 0  # windowed / soft-capped steps ran in graphs
             del mixed
         del llm
-        _free()
+        free_cuda()
 
 
 @pytest.mark.parametrize(("head_dim", "group", "window", "cap"), [(256, 4, 512, None), (128, 2, 96, 50.0),

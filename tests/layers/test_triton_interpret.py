@@ -12,11 +12,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from utils_triton import keep_tests_for_this_process
 
 from slicelm.layers.attention_metadata import AttentionMetadata
 
@@ -330,11 +329,9 @@ def test_bad_shapes_raise():
 
 def test_interpreter_subprocess():
     """Parent session: run the tests above in a child process that has TRITON_INTERPRET=1."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    from utils_triton import run_interpreted
+
+    run_interpreted(__file__, timeout=600)
 
 
 def test_bf16_kernels_compile_for_sm90_without_spills():
@@ -366,9 +363,6 @@ def test_bf16_kernels_compile_for_sm90_without_spills():
     assert use.get("STACK", 0) == 0, use
 
 
-if INTERPRET:
-    del test_interpreter_subprocess, test_bf16_kernels_compile_for_sm90_without_spills
-else:  # the interpreted tests only run in the child
-    _keep = ("test_interpreter_subprocess", "test_bf16_kernels_compile_for_sm90_without_spills")
-    for _name in [n for n in globals() if n.startswith("test_") and n not in _keep]:
-        del globals()[_name]
+
+keep_tests_for_this_process(globals(), ("test_interpreter_subprocess",
+                                        "test_bf16_kernels_compile_for_sm90_without_spills"), INTERPRET)
