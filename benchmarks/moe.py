@@ -131,10 +131,13 @@ def sweep(shape: dict) -> None:
         inputs = layer_inputs(shape, tokens, "cuda")
         chosen = moe_config(tokens, shape["num_experts"], shape["num_experts_per_tok"])
         for cfg in candidates:
-            t = timed(functools.partial(fused_experts, *inputs, cfg), 10)
+            try:
+                t = f"{timed(functools.partial(fused_experts, *inputs, cfg), 10) * 1e6:>9.1f}"
+            except Exception as e:  # e.g. triton's OutOfResources for a too-large tile: a row, not a crash
+                t = f"{type(e).__name__[:9]:>9}"
             mark = "  <-" if cfg == chosen else ""
             print(f"{tokens:>6} {cfg.block_m:>4} {cfg.block_n_gate_up:>5} {cfg.block_n_down:>4} {cfg.block_k:>4} "
-                  f"{cfg.group_m:>3} {cfg.num_warps:>2} {cfg.num_stages:>2} {t * 1e6:>9.1f}{mark}")
+                  f"{cfg.group_m:>3} {cfg.num_warps:>2} {cfg.num_stages:>2} {t}{mark}")
 
 
 def run_workload(shape: dict, reqs: list[tuple[list[int], int]], args: argparse.Namespace) -> dict:
