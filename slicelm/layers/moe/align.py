@@ -18,7 +18,8 @@ import triton.language as tl
 _BLOCK = 1024
 
 
-@triton.jit
+# Sizes change with the step's token count: unspecialized, so no variant is compiled mid-run.
+@triton.jit(do_not_specialize=["num_pairs", "num_padded"])
 def _count_kernel(topk_ids_ptr, counts_ptr, sorted_ids_ptr, num_pairs, num_padded, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(sorted_ids_ptr + offs, num_pairs, mask=offs < num_padded)  # sentinel everywhere first
@@ -27,7 +28,7 @@ def _count_kernel(topk_ids_ptr, counts_ptr, sorted_ids_ptr, num_pairs, num_padde
     tl.atomic_add(counts_ptr + ids, 1, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_blocks"])
 def _scan_kernel(counts_ptr, cursor_ptr, expert_ids_ptr, num_post_padded_ptr, num_experts, num_blocks,
                  BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
     offs_e = tl.arange(0, E_PAD)
@@ -46,7 +47,7 @@ def _scan_kernel(counts_ptr, cursor_ptr, expert_ids_ptr, num_post_padded_ptr, nu
         tl.store(expert_ids_ptr + blocks, expert, mask=blocks < num_blocks)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _scatter_kernel(topk_ids_ptr, cursor_ptr, sorted_ids_ptr, num_pairs, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < num_pairs

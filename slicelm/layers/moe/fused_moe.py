@@ -52,7 +52,8 @@ def moe_config(num_tokens: int, num_experts: int, top_k: int) -> MoEConfig:
     return MoEConfig(128, 64, 128, 64, 8, 8, 3)
 
 
-@triton.jit
+# The step's pair counts change every step: unspecialized, so no variant is compiled mid-run.
+@triton.jit(do_not_specialize=["num_pairs", "num_padded"])
 def _fused_moe_kernel(
     a_ptr, w_ptr, out_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
     N, K, num_pairs, num_padded,
