@@ -119,3 +119,20 @@ def test_torch_experts_match_transformers_experts() -> None:
     ref = experts(x, ids.long(), w)
     ours = torch_experts(x, experts.gate_up_proj.data, experts.down_proj.data, w, ids)
     torch.testing.assert_close(ours, ref)
+
+
+def test_benchmark_floor_counts_active_parameters() -> None:
+    """benchmarks/moe.py's floor at the Qwen3-30B-A3B shape: one token reads ~3.0B parameters (the "A3B"),
+    a large step every expert (~30.2B); the KV bytes of a 10-token prompt generating 3 tokens."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("moe_bench", Path(__file__).parents[2] / "benchmarks" / "moe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shape = bench.QWEN3_30B_A3B
+    assert bench.step_bytes(shape, 1) / 2 == pytest.approx(3.04e9, rel=5e-3)
+    assert bench.step_bytes(shape, 100_000) / 2 == pytest.approx(30.22e9, rel=5e-3)
+    per_token = 48 * 2 * 4 * 128 * 2
+    assert bench.kv_bytes(shape, [([0] * 10, 3)]) == per_token * (10 * 3 + 3)
+    fl = bench.floor(shape, [([0] * 10, 3)], [10, 1, 1], 1e12)
+    assert fl["floor_s"] == pytest.approx((fl["weight_bytes"] + fl["kv_bytes"]) / 1e12)
