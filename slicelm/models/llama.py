@@ -110,7 +110,7 @@ class LlamaArgs:
             family=family,
             vocab_size=int(required(config, "vocab_size")),
             hidden_size=hidden_size,
-            intermediate_size=int(config.get("intermediate_size") or 0),
+            intermediate_size=int(required(config, "intermediate_size")),
             num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,

@@ -114,16 +114,19 @@ class SparseMoeForCausalLM(LlamaForCausalLM):
 
     def locate_weight(self, name: str, params: dict[str, nn.Parameter]) -> Target | None:
         name = self.canonical_name(name)
-        m = _EXPERT.match(name)
-        if m is not None:
+        m = _EXPERT.match(name) or _STACKED_EXPERTS.match(name)
+        if m is None:
+            return super().locate_weight(name, params)
+        try:
             experts = self.get_submodule(m[1])
-            assert isinstance(experts, FusedMoE)
-            if int(m[2]) >= self.moe.num_experts:
-                raise ValueError(f"unexpected weight {name!r}: the model has {self.moe.num_experts} experts")
-            return Target(experts.expert_slice(int(m[2]), m[3]), {name})
-        m = _STACKED_EXPERTS.match(name)
-        if m is not None:
+        except AttributeError:
+            experts = None
+        if not isinstance(experts, FusedMoE):
+            raise ValueError(f"unexpected weight {self.checkpoint_name(name)!r}: that layer has no experts")
+        if m.re is _STACKED_EXPERTS:
             gate_up = m[2] == "gate_up_proj"
-            param = params[f"{m[1]}.{'w13_weight' if gate_up else 'w2_weight'}"]
+            param = experts.w13_weight if gate_up else experts.w2_weight
             return Target(param.data, self._expert_names(m[1], ("gate", "up") if gate_up else ("down",)))
-        return super().locate_weight(name, params)
+        if int(m[2]) >= self.moe.num_experts:
+            raise ValueError(f"unexpected weight {name!r}: the model has {self.moe.num_experts} experts")
+        return Target(experts.expert_slice(int(m[2]), m[3]), {name})

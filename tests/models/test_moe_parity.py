@@ -80,6 +80,9 @@ def test_load_errors_name_the_checkpoint_tensor(tmp_path: Path) -> None:
         model.load_weights([*weights.items(), ("model.layers.0.block_sparse_moe.experts.4.w1.weight", weights[gone])])
     with pytest.raises(ValueError, match="shape"):
         model.load_weights([*weights.items(), (gone, torch.zeros(3, 3))])
+    _, qwen = build("qwen3_moe_all")  # layer 0 is dense (mlp_only_layers)
+    with pytest.raises(ValueError, match="no experts"):
+        qwen.load_weights([("model.layers.0.mlp.experts.0.up_proj.weight", torch.zeros(32, 64))])
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
