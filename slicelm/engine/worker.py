@@ -8,8 +8,10 @@ business: the worker never loads one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -49,6 +51,16 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
             p.zero_()
         else:
             p.normal_(0.0, 0.02, generator=gen)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def infer_task(args: EngineArgs, architecture: str) -> str:
@@ -108,7 +120,10 @@ class Worker:
         if args.max_model_len is not None and args.max_model_len > max_pos:
             raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's maximum of {max_pos}")
         self.eos_token_ids = model_eos_token_ids(source)
-        self.model = self._build_model(source, model_cls, pooling).to(dtype=dtype, device=self.device)
+        # built on the device in the target dtype: a 30B model never passes through host memory in float32
+        with torch.device(self.device), _default_dtype(dtype):
+            model = self._build_model(source, model_cls, pooling)
+        self.model = model.to(dtype=dtype, device=self.device)
         if args.load_format == "dummy":
             init_dummy_weights(self.model, args.seed)
         else:

@@ -18,3 +18,11 @@ class SiluAndMul(nn.Module):
             return ops.silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
+
+
+class GeluAndMul(nn.Module):
+    """``gelu_tanh(x[..., :d]) * x[..., d:]`` (Gemma's GeGLU, transformers' ``gelu_pytorch_tanh``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return F.gelu(x[..., :d], approximate="tanh") * x[..., d:]

@@ -3,7 +3,8 @@
 ``TorchAttentionBackend`` runs on any device and is the oracle the fast backends are tested
 against: it stores the new keys/values into the paged cache, then for every sequence gathers its
 whole context ``[0, seq_len)`` through its block table and computes causal (GQA) attention for
-that sequence's query rows in float32.
+that sequence's query rows in float32 (optionally within a sliding window and with soft-capped
+logits, Gemma 2 / Mistral style).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class TorchAttentionBackend:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        soft_cap: float | None = None,
     ) -> torch.Tensor:
         _, num_heads, head_dim = query.shape
         num_kv_heads = key.shape[1]
@@ -85,8 +88,13 @@ class TorchAttentionBackend:
                 q = q.view(r1 - r0, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
                 q = q.reshape(num_kv_heads, group * (r1 - r0), head_dim)
                 scores = torch.bmm(q, kf.transpose(1, 2)) * scale  # [KH, group*T', S]
+                if soft_cap is not None:
+                    scores = torch.tanh(scores / soft_cap) * soft_cap
                 q_pos = seq_len - q_len + torch.arange(r0, r1, device=query.device)
-                mask = (kv_pos[None, :] > q_pos[:, None]).repeat(group, 1)  # [group*T', S]
+                mask = kv_pos[None, :] > q_pos[:, None]
+                if sliding_window is not None:
+                    mask |= kv_pos[None, :] <= q_pos[:, None] - sliding_window
+                mask = mask.repeat(group, 1)  # [group*T', S]
                 scores.masked_fill_(mask[None], float("-inf"))
                 o = torch.bmm(torch.softmax(scores, dim=-1), vf)  # [KH, group*T', D]
                 o = o.view(num_kv_heads, group, r1 - r0, head_dim).permute(2, 0, 1, 3)
@@ -117,7 +125,8 @@ def get_attention_backend(device: torch.device | str, name: str = "auto", flash_
 
 
 class Attention(nn.Module):
-    """Paged attention layer: reshapes q/k/v to heads and calls the backend.
+    """Paged attention layer: reshapes q/k/v to heads and calls the backend (with the layer's
+    sliding window and logit soft-cap, when it has them).
 
     With ``backend=None`` the backend is chosen from the device of the first input.
     """
@@ -129,9 +138,15 @@ class Attention(nn.Module):
         scale: float,
         num_kv_heads: int | None = None,
         backend: AttentionBackend | None = None,
+        sliding_window: int | None = None,
+        soft_cap: float | None = None,
     ) -> None:
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+        if soft_cap is not None and soft_cap <= 0:
+            raise ValueError(f"soft_cap must be > 0, got {soft_cap}")
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.num_heads = num_heads
@@ -139,6 +154,8 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.backend = backend
+        self.sliding_window = sliding_window
+        self.soft_cap = soft_cap
 
     @property
     def takes_stored_kv(self) -> bool:
@@ -166,5 +183,6 @@ class Attention(nn.Module):
         else:
             k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
             v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale,
+                                   sliding_window=self.sliding_window, soft_cap=self.soft_cap)
         return out.reshape(num_tokens, self.num_heads * self.head_dim) if flat else out

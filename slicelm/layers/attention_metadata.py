@@ -51,6 +51,8 @@ class AttentionBackend(Protocol):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,  # a query at position p sees keys in (p - window, p]
+        soft_cap: float | None = None,  # logits s -> soft_cap * tanh(s / soft_cap) (after scaling)
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Store key/value at ``meta.slot_mapping``, then attend over each sequence's context."""
         ...

@@ -3,7 +3,10 @@
 Rope parameters are read from a HF config dict in either layout:
   * transformers 5: ``rope_parameters = {"rope_type": ..., "rope_theta": ..., <scaling keys>}``
   * older configs: top-level ``rope_theta`` plus ``rope_scaling = {"rope_type"/"type": ..., ...}``
-Supported ``rope_type``: ``default`` (no scaling), ``linear``, ``llama3``, ``yarn``.
+  * per layer type (Gemma 3): ``rope_parameters = {"full_attention": {...}, "sliding_attention": {...}}``
+Supported ``rope_type``: ``default`` (no scaling), ``linear``, ``llama3``, ``yarn``, ``longrope`` (alias
+``su``, Phi-3: the short factors below ``original_max_position_embeddings``, the long ones from there on,
+as vLLM does).
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from torch import nn
 
 from slicelm.layers.fused import fused_ops_for
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "su")
 
 
-def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
-    """Merge old-style (``rope_theta`` + ``rope_scaling``) and new-style (``rope_parameters``) keys."""
+def rope_parameters(config: dict[str, Any], layer_type: str = "full_attention") -> dict[str, Any]:
+    """Merge old-style (``rope_theta`` + ``rope_scaling``) and new-style (``rope_parameters``) keys;
+    per-layer-type layouts give ``layer_type``'s entry."""
     params: dict[str, Any] = {}
     scaling = config.get("rope_scaling") or {}
     new = config.get("rope_parameters") or {}
@@ -28,12 +32,14 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(source, dict):
             raise ValueError(f"rope_scaling/rope_parameters must be a dict, got {source!r}")
         params.update({k: v for k, v in source.items() if v is not None})
-    if "full_attention" in params and isinstance(params["full_attention"], dict):
-        params = dict(params["full_attention"])  # per-layer-type layout
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])  # per-layer-type layout
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type") or params.get("type") or "default"
     params["rope_type"] = rope_type
     params.setdefault("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if rope_type in ("longrope", "su"):
+        params.setdefault("original_max_position_embeddings", config.get("original_max_position_embeddings"))
     return params
 
 
@@ -94,6 +100,29 @@ def _yarn_inv_freq(params: dict[str, Any], dim: int, max_position: int) -> tuple
     return inv_freq, float(attention_factor)
 
 
+def _longrope_inv_freqs(
+    params: dict[str, Any], dim: int, max_position: int
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """(short inv_freq, long inv_freq, attention factor, original context length) of LongRoPE."""
+    orig = params.get("original_max_position_embeddings")
+    if orig is None:
+        raise ValueError("original_max_position_embeddings is required for longrope")
+    orig = int(orig)
+    factor = params.get("factor") or max_position / orig
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    base = float(params["rope_theta"])
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    freqs = []
+    for key in ("short_factor", "long_factor"):
+        ext = torch.tensor(params[key], dtype=torch.float32)
+        if ext.numel() != dim // 2:
+            raise ValueError(f"rope {key} has {ext.numel()} entries, expected {dim // 2}")
+        freqs.append(1.0 / (ext * base**exponents))
+    return freqs[0], freqs[1], float(attention_factor), orig
+
+
 def compute_inv_freq(
     params: dict[str, Any], rotary_dim: int, max_position: int
 ) -> tuple[torch.Tensor, float]:
@@ -116,8 +145,10 @@ class RotaryEmbedding(nn.Module):
     """Applies neox-style rotary embedding to the first ``rotary_dim`` dims of every head."""
 
     def __init__(
-        self, head_dim: int, rotary_dim: int, max_position: int, inv_freq: torch.Tensor, scaling: float = 1.0
+        self, head_dim: int, rotary_dim: int, max_position: int, inv_freq: torch.Tensor, scaling: float = 1.0,
+        long_inv_freq: torch.Tensor | None = None, long_from: int = 0,
     ) -> None:
+        """``long_inv_freq``: positions from ``long_from`` on use these frequencies instead (LongRoPE)."""
         super().__init__()
         assert rotary_dim <= head_dim and rotary_dim % 2 == 0, (head_dim, rotary_dim)
         self.head_dim = head_dim
@@ -125,6 +156,8 @@ class RotaryEmbedding(nn.Module):
         self.max_position = max_position
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq.float())
+        if long_inv_freq is not None and long_from < max_position:
+            freqs[long_from:] = torch.outer(t[long_from:], long_inv_freq.float())
         cache = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)  # [P, rotary_dim]
         # Follows .to(dtype) like the rest of the model (HF also casts cos/sin to the activation dtype).
         self.register_buffer("cos_sin_cache", cache, persistent=False)
@@ -153,9 +186,14 @@ class RotaryEmbedding(nn.Module):
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
 
 
-def get_rope(head_dim: int, max_position: int, config: dict[str, Any]) -> RotaryEmbedding:
-    """Rotary embedding for a HF config dict (rope params in either layout, see module doc)."""
-    params = rope_parameters(config)
+def get_rope(
+    head_dim: int, max_position: int, config: dict[str, Any], layer_type: str = "full_attention"
+) -> RotaryEmbedding:
+    """Rotary embedding for a HF config dict (rope params in any layout, see module doc)."""
+    params = rope_parameters(config, layer_type)
     rotary_dim = int(head_dim * float(params["partial_rotary_factor"]))
+    if params["rope_type"] in ("longrope", "su"):
+        short, long, scaling, orig = _longrope_inv_freqs(params, rotary_dim, max_position)
+        return RotaryEmbedding(head_dim, rotary_dim, max_position, short, scaling, long, orig)
     inv_freq, scaling = compute_inv_freq(params, rotary_dim, max_position)
     return RotaryEmbedding(head_dim, rotary_dim, max_position, inv_freq, scaling)

@@ -2,6 +2,10 @@
 
 llama.cpp's `convert_hf_to_gguf.py` permutes the rows of `attn_q`/`attn_k` for its rotary layout
 (pairs interleaved within a head); `unpermute_qk` undoes that like transformers' GGUF loader does.
+For Gemma 3 it does not permute, but stores every RMSNorm weight as ``1 + w`` (llama.cpp's norms
+multiply by the weight, Gemma's by one plus it): the loader subtracts the one again. Gemma 3's
+metadata lacks what llama.cpp hard-codes (local rope base 10k, five sliding layers of six, the
+attention scale): `_gemma3_config` fills it in.
 GGUF stores dimensions innermost-first; the reader's numpy arrays are already in HF [out, in] order.
 """
 
@@ -19,7 +23,7 @@ import torch
 from slicelm.loader.errors import CorruptModelFileError
 
 # general.architecture -> HF architecture class name
-ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM"}
+ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 
 _LAYER_TENSORS: dict[str, str] = {
     "attn_q": "self_attn.q_proj",
@@ -32,6 +36,18 @@ _LAYER_TENSORS: dict[str, str] = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# where an architecture's tensor names differ from llama's
+_ARCH_LAYER_TENSORS: dict[str, dict[str, str]] = {
+    "gemma3": {
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
+    },
+}
+_PERMUTED_QK = ("llama",)  # architectures whose q/k rows llama.cpp permutes
+_NORM_PLUS_ONE = ("gemma3",)  # architectures whose norm weights llama.cpp stores as 1 + w
 _GLOBAL_TENSORS: dict[str, str] = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -41,12 +57,12 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     """HF parameter name of GGUF tensor `name`, or None for tensors HF models do not have."""
     m = _LAYER_RE.match(name)
     if m is not None:
         layer, part, kind = m.groups()
-        hf = _LAYER_TENSORS.get(part)
+        hf = _ARCH_LAYER_TENSORS.get(arch, {}).get(part) or _LAYER_TENSORS.get(part)
         return None if hf is None else f"model.layers.{layer}.{hf}.{kind}"
     base, _, kind = name.rpartition(".")
     hf = _GLOBAL_TENSORS.get(base)
@@ -139,7 +155,24 @@ class GGUFModel:
             value = self.get(f"tokenizer.ggml.{gguf_key}_token_id")
             if value is not None:
                 config[key] = int(value)
+        if self.arch == "gemma3":
+            self._gemma3_config(config)
         return config
+
+    def _gemma3_config(self, config: dict[str, Any]) -> None:
+        """What llama.cpp's gemma3 graph hard-codes, in transformers' Gemma3TextConfig terms."""
+        del config["hidden_act"]
+        config.update(
+            model_type="gemma3_text",
+            hidden_activation="gelu_pytorch_tanh",
+            sliding_window=int(self.arch_get("attention.sliding_window", 4096)),
+            sliding_window_pattern=6,
+            rope_local_base_freq=10000.0,
+            tie_word_embeddings=True,
+            # llama.cpp: 1/sqrt(head_dim), except Gemma 3 27B (62 layers): 1/sqrt(hidden / heads)
+            query_pre_attn_scalar=(config["hidden_size"] // config["num_attention_heads"]
+                                   if config["num_hidden_layers"] == 62 else config["head_dim"]),
+        )
 
     @property
     def generation_config(self) -> dict[str, Any]:
@@ -160,7 +193,7 @@ class GGUFModel:
         return "bfloat16"  # BF16 or quantized weights: originals are almost always bf16
 
     def num_weights(self) -> int:
-        return sum(gguf_to_hf_name(n) is not None for n in self.tensor_names)
+        return sum(gguf_to_hf_name(n, self.arch) is not None for n in self.tensor_names)
 
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, float32 tensor in HF shape) for every tensor the HF model has."""
@@ -168,7 +201,7 @@ class GGUFModel:
 
         config = self.config
         for tensor in self.reader.tensors:
-            hf_name = gguf_to_hf_name(tensor.name)
+            hf_name = gguf_to_hf_name(tensor.name, self.arch)
             if hf_name is None:
                 continue
             try:
@@ -184,10 +217,12 @@ class GGUFModel:
                 ) from e
             expected = tuple(int(d) for d in reversed(tensor.shape.tolist()))
             weight = torch.from_numpy(np.array(array, dtype=np.float32, copy=True)).reshape(expected)
-            if ".attn_q." in tensor.name:
+            if self.arch in _PERMUTED_QK and ".attn_q." in tensor.name:
                 weight = unpermute_qk(weight, config["num_attention_heads"])
-            elif ".attn_k." in tensor.name:
+            elif self.arch in _PERMUTED_QK and ".attn_k." in tensor.name:
                 weight = unpermute_qk(weight, config["num_key_value_heads"])
+            elif self.arch in _NORM_PLUS_ONE and tensor.name.endswith("norm.weight"):
+                weight = weight - 1.0
             yield hf_name, weight
 
     def tokenizer_metadata(self) -> dict[str, Any]:

@@ -1,13 +1,15 @@
-"""Llama-family decoder: Llama 2/3, Mistral, Qwen2 (qkv bias), Qwen3 (qk-norm) — one implementation.
+"""Llama-family decoder: Llama 2/3, Mistral, Qwen2 (qkv bias), Qwen3 (qk-norm), Phi-3 — one implementation,
+also the skeleton of the MoE decoders (``moe.py``) and Gemma (``gemma.py``).
 
 Differences between the families are flags derived from the HF config dict (``LlamaArgs``).
 q/k/v and gate/up projections are fused (``qkv_proj``, ``gate_up_proj``); ``load_weights`` maps the
-HF checkpoint names onto them.
+HF checkpoint names onto them (Phi-3 checkpoints hold them fused already). Layers may have a sliding
+window (Mistral, Phi-3, Qwen2/3 ``use_sliding_window``); one rotary table is shared by all layers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,23 +23,43 @@ from slicelm.layers.attention_metadata import AttentionBackend, AttentionMetadat
 from slicelm.layers.fused import fused_ops_for
 from slicelm.layers.linear import Linear
 from slicelm.layers.norm import RMSNorm
-from slicelm.layers.rotary import get_rope
+from slicelm.layers.rotary import RotaryEmbedding, get_rope
+from slicelm.models.loading import STACKED, Target, expand_fused, load_all
 
 _ARCH_TO_FAMILY = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
-_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-# Checkpoint entries that are derived buffers, not parameters.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+_FAMILIES = tuple(_ARCH_TO_FAMILY.values())
 
 
-def _required(config: dict[str, Any], key: str) -> Any:
+def required(config: dict[str, Any], key: str) -> Any:
     if config.get(key) is None:
         raise ValueError(f"config is missing required field {key!r}")
     return config[key]
+
+
+def layer_sliding_windows(config: dict[str, Any], family: str, num_layers: int) -> tuple[int | None, ...]:
+    """Per-layer sliding window (None: full attention) as transformers applies it."""
+    window = config.get("sliding_window")
+    layer_types = config.get("layer_types")
+    if window is None or family == "llama":
+        return (None,) * num_layers
+    if layer_types:
+        if len(layer_types) != num_layers:
+            raise ValueError(f"config layer_types has {len(layer_types)} entries for {num_layers} layers")
+        return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
+        if not config.get("use_sliding_window", False):
+            return (None,) * num_layers
+        first = int(config.get("max_window_layers") or 0) if family != "qwen3_moe" else 0
+        return tuple(int(window) if i >= first else None for i in range(num_layers))
+    return (int(window),) * num_layers  # mistral, mixtral, phi3
 
 
 @dataclass
@@ -57,6 +79,7 @@ class LlamaArgs:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool
+    sliding_windows: tuple[int | None, ...]
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LlamaArgs:
@@ -72,8 +95,8 @@ class LlamaArgs:
         hidden_act = config.get("hidden_act", "silu")
         if hidden_act != "silu":
             raise ValueError(f"config hidden_act {hidden_act!r} is not supported (only 'silu')")
-        num_heads = int(_required(config, "num_attention_heads"))
-        hidden_size = int(_required(config, "hidden_size"))
+        num_heads = int(required(config, "num_attention_heads"))
+        hidden_size = int(required(config, "hidden_size"))
         num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
         if num_heads % num_kv_heads != 0:
             raise ValueError(
@@ -81,54 +104,47 @@ class LlamaArgs:
                 f"num_key_value_heads ({num_kv_heads})"
             )
         attention_bias = bool(config.get("attention_bias", False))
+        qwen3 = family in ("qwen3", "qwen3_moe")
+        num_layers = int(required(config, "num_hidden_layers"))
         return cls(
             family=family,
-            vocab_size=int(_required(config, "vocab_size")),
+            vocab_size=int(required(config, "vocab_size")),
             hidden_size=hidden_size,
-            intermediate_size=int(_required(config, "intermediate_size")),
-            num_layers=int(_required(config, "num_hidden_layers")),
+            intermediate_size=int(required(config, "intermediate_size")),
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=int(config.get("head_dim") or hidden_size // num_heads),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(config.get("max_position_embeddings") or 4096),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=True if family == "qwen2" else attention_bias and family != "mistral",
-            o_bias=attention_bias and family in ("llama", "qwen3"),
+            qkv_bias=True if family == "qwen2" else attention_bias and family in ("llama", "qwen3", "qwen3_moe"),
+            o_bias=attention_bias and (family == "llama" or qwen3),
             mlp_bias=bool(config.get("mlp_bias", False)) and family == "llama",
-            qk_norm=family == "qwen3",
-        )
-
-
-def _check_sliding_window(config: dict[str, Any], args: LlamaArgs) -> None:
-    """Sliding-window attention is not implemented: refuse configs where it would change results."""
-    window = config.get("sliding_window")
-    if window is None:
-        return
-    if args.family in ("qwen2", "qwen3"):
-        layer_types = config.get("layer_types") or []
-        if not config.get("use_sliding_window", False) and "sliding_attention" not in layer_types:
-            return
-    max_model_len = int(config.get("max_model_len") or args.max_position_embeddings)
-    if int(window) < max_model_len:
-        raise ValueError(
-            f"config sliding_window={window} < max_model_len={max_model_len}: sliding-window attention "
-            "is not supported; cap max_model_len (config['max_model_len']) at the window"
+            qk_norm=qwen3,
+            sliding_windows=layer_sliding_windows(config, family, num_layers),
         )
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, args: LlamaArgs, config: dict[str, Any], backend: AttentionBackend | None) -> None:
+    """Fused qkv projection, optional per-head q/k norm, rotary, paged attention, output projection.
+    ``scale`` / ``soft_cap`` / ``norm`` default to Llama's; Gemma passes its own."""
+
+    def __init__(self, args: LlamaArgs, rope: RotaryEmbedding, backend: AttentionBackend | None,
+                 sliding_window: int | None, scale: float | None = None, soft_cap: float | None = None,
+                 norm: Callable[[int, float], nn.Module] = RMSNorm) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
         self.qkv_proj = Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
         self.o_proj = Linear(self.q_size, args.hidden_size, bias=args.o_bias)
-        self.rotary_emb = get_rope(args.head_dim, args.max_position_embeddings, config)
-        self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
-        self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
-        self.attn = Attention(args.num_heads, args.head_dim, args.head_dim**-0.5, args.num_kv_heads, backend)
+        self.rotary_emb = rope
+        self.q_norm = norm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
+        self.k_norm = norm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
+        self.fusable_norm = norm is RMSNorm  # the fused CUDA prep kernel computes RMSNorm's formula
+        self.attn = Attention(args.num_heads, args.head_dim, args.head_dim**-0.5 if scale is None else scale,
+                              args.num_kv_heads, backend, sliding_window=sliding_window, soft_cap=soft_cap)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
@@ -136,7 +152,8 @@ class LlamaAttention(nn.Module):
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
         ops = fused_ops_for(qkv)
-        if ops is not None and self.attn.takes_stored_kv and self.rotary_emb.rotary_dim == self.head_dim \
+        if ops is not None and self.fusable_norm and self.attn.takes_stored_kv \
+                and self.rotary_emb.rotary_dim == self.head_dim \
                 and ops.qkv_prep_supported(self.head_dim, self.rotary_emb.rotary_dim):
             return self.o_proj(self._attend_fused(ops, positions, qkv, kv_cache, meta))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -146,7 +163,6 @@ class LlamaAttention(nn.Module):
         q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v.reshape(num_tokens, self.num_kv_heads, self.head_dim), kv_cache, meta)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
-
 
     def _attend_fused(self, ops, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: torch.Tensor,
                       meta: AttentionMetadata) -> torch.Tensor:
@@ -162,21 +178,22 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
+                 act_fn: nn.Module | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
-        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
-        self.act_fn = SiluAndMul()
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = act_fn or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, config: dict[str, Any], backend: AttentionBackend | None) -> None:
+    def __init__(self, args: LlamaArgs, attn: LlamaAttention, mlp: nn.Module) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(args, config, backend)
-        self.mlp = LlamaMLP(args)
+        self.self_attn = attn
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -199,10 +216,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, args: LlamaArgs, config: dict[str, Any], backend: AttentionBackend | None) -> None:
+    def __init__(self, args: LlamaArgs, layers: Iterable[nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(args, config, backend) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(
@@ -220,21 +237,13 @@ class LlamaModel(nn.Module):
         return hidden
 
 
-# HF sub-module name -> (fused parameter module, shard id)
-_STACKED = {
-    "q_proj": ("qkv_proj", "q"),
-    "k_proj": ("qkv_proj", "k"),
-    "v_proj": ("qkv_proj", "v"),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
-
-
 class LlamaForCausalLM(nn.Module):
+    """The decoder LM. Subclasses change the parts through ``make_args`` / ``make_mlp`` / ``make_model``
+    and checkpoint names through ``locate_weight`` / ``expected_weights``."""
+
     def __init__(self, config: dict[str, Any], attn_backend: AttentionBackend | None = None) -> None:
         super().__init__()
-        args = LlamaArgs.from_config(config)
-        _check_sliding_window(config, args)
+        args = self.make_args(config)
         self.args = args
         self.num_layers = args.num_layers
         self.num_heads = args.num_heads
@@ -242,10 +251,26 @@ class LlamaForCausalLM(nn.Module):
         self.head_dim = args.head_dim
         self.vocab_size = args.vocab_size
         self.hidden_size = args.hidden_size
-        self.model = LlamaModel(args, config, attn_backend)
+        self.model = self.make_model(args, config, attn_backend)
         self.lm_head = (
             None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         )
+
+    @classmethod
+    def make_args(cls, config: dict[str, Any]) -> LlamaArgs:
+        return LlamaArgs.from_config(config)
+
+    def make_mlp(self, args: LlamaArgs, config: dict[str, Any], layer_idx: int) -> nn.Module:
+        return LlamaMLP(args.hidden_size, args.intermediate_size, args.mlp_bias)
+
+    def make_model(self, args: LlamaArgs, config: dict[str, Any], backend: AttentionBackend | None) -> nn.Module:
+        rope = get_rope(args.head_dim, args.max_position_embeddings, config)  # one table for every layer
+        layers = (
+            LlamaDecoderLayer(args, LlamaAttention(args, rope, backend, args.sliding_windows[i]),
+                              self.make_mlp(args, config, i))
+            for i in range(args.num_layers)
+        )
+        return LlamaModel(args, layers)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """Shape of one layer's paged KV cache."""
@@ -276,49 +301,34 @@ class LlamaForCausalLM(nn.Module):
         kv_size = self.num_kv_heads * self.head_dim
         return {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[str(shard)]
 
-    def _expected_names(self) -> set[str]:
-        """HF checkpoint names this model needs (fused parameters expanded to their shards)."""
-        names = set()
-        for name, _ in self.named_parameters():
-            for hf_sub, (fused, _shard) in _STACKED.items():
-                if f".{fused}." in name:
-                    names.add(name.replace(f".{fused}.", f".{hf_sub}."))
-            if not any(f".{fused}." in name for fused, _ in _STACKED.values()):
-                names.add(name)
-        return names
+    def expected_weights(self) -> set[str]:
+        """Canonical checkpoint names this model needs (fused parameters expanded to their parts)."""
+        return {n for name, _ in self.named_parameters() for n in expand_fused(name)}
+
+    def locate_weight(self, name: str, params: dict[str, nn.Parameter]) -> Target | None:
+        """Where checkpoint tensor ``name`` goes (None: not a weight of this model, e.g. a tied copy)."""
+        if name == "lm_head.weight" and self.lm_head is None:
+            return None  # tied: the checkpoint may still carry a copy of the embedding
+        parts = name.split(".")
+        stacked = STACKED.get(parts[-2]) if len(parts) >= 2 else None
+        if stacked is not None:
+            fused, shard = stacked
+            param_name = ".".join([*parts[:-2], fused, parts[-1]])
+            if param_name not in params:
+                raise ValueError(f"unexpected weight {name!r} (no parameter {param_name!r})")
+            start, size = self._shard_slice(fused, shard)
+            return Target(params[param_name].data.narrow(0, start, size), {name})
+        if name not in params:
+            raise ValueError(f"unexpected weight {name!r} for {type(self).__name__}")
+        return Target(params[name].data, set(expand_fused(name)))
+
+    def checkpoint_name(self, canonical: str) -> str:
+        """How this family's checkpoints spell a canonical name (for error messages)."""
+        return canonical
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named tensors into the (fused) parameters; returns the HF names loaded."""
+        """Copy HF-named tensors into the (fused) parameters; returns the canonical names loaded."""
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name.endswith(_IGNORED_SUFFIXES):
-                continue
-            if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: the checkpoint may still carry a copy of the embedding
-            parts = name.split(".")
-            stacked = _STACKED.get(parts[-2]) if len(parts) >= 2 else None
-            if stacked is not None:
-                fused, shard = stacked
-                param_name = ".".join([*parts[:-2], fused, parts[-1]])
-                param = params.get(param_name)
-                if param is None:
-                    raise ValueError(f"unexpected weight {name!r} (no parameter {param_name!r})")
-                start, size = self._shard_slice(fused, shard)
-                target = param.narrow(0, start, size)
-            else:
-                param = params.get(name)
-                if param is None:
-                    raise ValueError(f"unexpected weight {name!r} for {type(self).__name__}")
-                target = param
-            if tuple(target.shape) != tuple(tensor.shape):
-                raise ValueError(
-                    f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
-                )
-            target.copy_(tensor.to(dtype=target.dtype, device=target.device))
-            loaded.add(name)
-        missing = self._expected_names() - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {sorted(missing)}")
-        return loaded
+        return load_all(weights, lambda name: self.locate_weight(name, params), self.expected_weights(),
+                        self.checkpoint_name)

@@ -12,6 +12,12 @@ _GENERATE_MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("slicelm.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("slicelm.models.llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("slicelm.models.llama", "LlamaForCausalLM"),
+    "Phi3ForCausalLM": ("slicelm.models.llama", "LlamaForCausalLM"),
+    "Qwen3MoeForCausalLM": ("slicelm.models.moe", "SparseMoeForCausalLM"),
+    "MixtralForCausalLM": ("slicelm.models.moe", "SparseMoeForCausalLM"),
+    "Gemma2ForCausalLM": ("slicelm.models.gemma", "GemmaForCausalLM"),
+    "Gemma3ForCausalLM": ("slicelm.models.gemma", "GemmaForCausalLM"),
+    "Gemma3ForConditionalGeneration": ("slicelm.models.gemma", "GemmaForCausalLM"),
 }
 _POOLING_MODELS: dict[str, tuple[str, str]] = {
     "BertModel": ("slicelm.models.bert", "BertEmbeddingModel"),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from utils_parity import ENGINE_MODES as MODES
+from utils_parity import ENGINE_PROMPTS as PROMPTS
 
 from slicelm import LLM, SamplingParams
 
@@ -25,23 +27,6 @@ FAMILIES = {
     "qwen3_tied": ("Qwen3Config", {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
                                    "tie_word_embeddings": True}),
 }
-# 8 prompts of mixed lengths; four share a 34-token prefix (two full blocks of 16) for prefix hits.
-_g = torch.Generator().manual_seed(1)
-_SHARED = torch.randint(0, VOCAB, (34,), generator=_g).tolist()
-PROMPTS = [torch.randint(0, VOCAB, (n,), generator=_g).tolist() for n in (5, 17, 40, 3)] + [
-    _SHARED + torch.randint(0, VOCAB, (n,), generator=_g).tolist() for n in (1, 6, 13, 20)
-]
-MODES = {
-    "plain": {},
-    "chunked_prefill": {"max_num_batched_tokens": 16},
-    "prefix_hits": {},  # generate twice: the second pass hits the cache
-    "preemption": {"num_gpu_blocks_override": 10, "max_model_len": 96},
-    # the device path's overlap of step N+1's scheduling with step N, exercised on the CPU
-    "async_preemption_chunked": {"async_scheduling": True, "num_gpu_blocks_override": 10, "max_model_len": 96,
-                                 "max_num_batched_tokens": 24},
-}
-
-
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     cls_name, overrides = FAMILIES[request.param]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from utils_paged import PagedBatch, make_kv_caches
+from utils_parity import assert_matches_transformers_gguf
 
 from slicelm import LLM, SamplingParams
 from slicelm.engine.request import EmptyPromptError, PromptTooLongError
-from slicelm.loader.model_files import resolve_model
 from slicelm.sampling_params import SamplingParamsError
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -21,27 +20,8 @@ def llm() -> LLM:
 
 @pytest.mark.slow
 def test_logits_match_transformers_gguf_load(llm, monkeypatch):
-    import transformers
-    import transformers.modeling_utils as modeling_utils
-
-    monkeypatch.setattr(modeling_utils, "is_accelerate_available", lambda: True)  # CPU load needs no accelerate
-    path = resolve_model("smollm2-135m-instruct").path
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
-    tok = llm.get_tokenizer()
-    prompts = [tok.encode(t) for t in ("The capital of France is", "def fibonacci(n):\n    ", "Hello")]
-    model = llm.engine.worker.model
-    batch = PagedBatch([len(p) for p in prompts], block_size=16)
-    kv = make_kv_caches(model.num_layers, batch.num_blocks, 16, model.num_kv_heads, model.head_dim)
-    step = batch.prefill(prompts)
-    with torch.no_grad():
-        ours = model.compute_logits(model(step.input_ids, step.positions, kv, step.meta))
-        offset = 0
-        for p in prompts:
-            ref = hf(torch.tensor([p])).logits[0].float()
-            got = ours[offset : offset + len(p)]
-            offset += len(p)
-            assert (torch.linalg.norm(got - ref) / torch.linalg.norm(ref)).item() < 1e-4
+    texts = ("The capital of France is", "def fibonacci(n):\n    ", "Hello")
+    assert_matches_transformers_gguf(llm, "smollm2-135m-instruct", list(texts), monkeypatch)
 
 
 def test_chat_answer_contains_paris(llm):

@@ -3,7 +3,6 @@ CPU reference engine on the same weights; the memory budget holds."""
 
 from __future__ import annotations
 
-import gc
 import os
 from pathlib import Path
 
@@ -12,21 +11,15 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
+from utils_parity import assert_engine_matches, free_cuda, greedy_ids, prompts_with_shared_prefix  # noqa: E402
+
 from slicelm import LLM, SamplingParams  # noqa: E402
 
 PROMPT_LENS = (5, 17, 40, 3, 130, 64, 1, 300)
 
 
-def _free() -> None:
-    """Call after dropping every reference to an engine: its tensors and CUDA graphs go."""
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
-def _greedy(llm: LLM, prompts: list[list[int]], n: int = 32) -> list[list[int]]:
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
+_free = free_cuda
+_greedy = greedy_ids
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +41,7 @@ def qwen3_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(3)
-    shared = torch.randint(0, 2048, (48,), generator=g).tolist()
-    ps = [torch.randint(0, 2048, (n,), generator=g).tolist() for n in PROMPT_LENS]
-    return ps + [shared + p[:7] for p in ps[:4]]
+    return prompts_with_shared_prefix(PROMPT_LENS, 2048)
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +64,7 @@ def qwen3_reference(qwen3_dir, prompts) -> list[list[int]]:
 def test_random_qwen3_fp32_matches_cpu_reference(qwen3_dir, prompts, qwen3_reference, kwargs):
     opts = {"max_model_len": 1024, "gpu_memory_budget": "6GiB", "max_num_seqs": 16, **kwargs}
     llm = LLM(qwen3_dir, device="cuda", dtype="float32", skip_tokenizer_init=True, **opts)
-    got = _greedy(llm, prompts)
-    again = _greedy(llm, prompts)  # second pass: prefix-cache hits
-    assert llm.engine.scheduler.kv_cache.prefix_cache_hits > 0
-    for i, (g, a, r) in enumerate(zip(got, again, qwen3_reference)):
-        assert g == r, f"prompt {i} (len {len(prompts[i])}) differs from the CPU reference"
-        assert a == r, f"prompt {i} differs from the reference on a prefix-cache hit"
-    if "num_gpu_blocks_override" in kwargs:
-        assert llm.engine.get_stats().num_preemptions > 0
+    assert_engine_matches(llm, prompts, qwen3_reference, 32)
     mixed = llm.engine.worker.runner.mixed_graphs
     replays = None if mixed is None else mixed.num_replays
     del mixed  # it holds the KV cache: no reference may outlive the engine

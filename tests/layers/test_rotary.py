@@ -102,4 +102,37 @@ def test_old_style_config_matches_new_style() -> None:
 
 def test_unsupported_rope_type_is_rejected() -> None:
     with pytest.raises(ValueError, match="rope_type"):
+        get_rope(HEAD_DIM, 64, {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
         get_rope(HEAD_DIM, 64, {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}})
+
+
+def test_longrope_short_then_long_factors_and_partial_rotary() -> None:
+    """Phi-3 LongRoPE: positions below original_max_position_embeddings use the short factors, the rest
+    the long ones (vLLM's per-position cache); each half matches transformers' Phi3RotaryEmbedding
+    where it picks that factor set (a forward shorter / longer than the original context)."""
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    head_dim, rot = 32, 24  # partial_rotary_factor 0.75
+    g = torch.Generator().manual_seed(0)
+    params = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+              "short_factor": (1 + torch.rand(rot // 2, generator=g)).tolist(),
+              "long_factor": (1 + 4 * torch.rand(rot // 2, generator=g)).tolist()}
+    config = Phi3Config(hidden_size=head_dim * 4, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=512, original_max_position_embeddings=128,
+                        rope_parameters=params, pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    for key in ("su", "longrope"):  # "su" is the name older Phi-3 configs use
+        cfg = config.to_dict()
+        cfg["rope_parameters"] = {**cfg["rope_parameters"], "rope_type": key}
+        rope = get_rope(head_dim, 512, cfg)
+        assert rope.rotary_dim == rot
+        hf = Phi3RotaryEmbedding(config)
+        for positions in (torch.arange(0, 128), torch.arange(128, 512)):
+            all_pos = torch.arange(0, int(positions[-1]) + 1)  # HF picks the factors by the forward's length
+            cos, sin = hf(torch.zeros(1), all_pos[None])
+            half = rot // 2
+            cache = rope.cos_sin_cache[positions]
+            ref_cos, ref_sin = cos[0, positions, :half], sin[0, positions, :half]
+            torch.testing.assert_close(cache[:, :half], ref_cos, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cache[:, half:], ref_sin, rtol=1e-5, atol=1e-5)

@@ -12,12 +12,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from utils_triton import keep_tests_for_this_process
 
 from slicelm.layers.attention_metadata import AttentionMetadata
 
@@ -84,7 +82,7 @@ def make_case(q_lens, seq_lens, num_kv_heads, group, head_dim, block_size, dtype
     return query, torch.cat(keys), torch.cat(values), kv_cache, meta, full_k, full_v
 
 
-def reference(query, full_k, full_v, meta, scale):
+def reference(query, full_k, full_v, meta, scale, window=None, softcap=None):
     num_heads = query.shape[1]
     out = torch.empty(query.shape, dtype=torch.float64)
     for i in range(meta.num_seqs):
@@ -95,8 +93,14 @@ def reference(query, full_k, full_v, meta, scale):
         k = full_k[i].double().repeat_interleave(group, 1).transpose(0, 1)
         v = full_v[i].double().repeat_interleave(group, 1).transpose(0, 1)
         att = (q @ k.transpose(1, 2)) * scale
+        if softcap is not None:
+            att = softcap * torch.tanh(att / softcap)
         pos_q = torch.arange(s - (b - a), s)[:, None]
-        att = att.masked_fill(torch.arange(s)[None, :] > pos_q, float("-inf"))
+        pos_k = torch.arange(s)[None, :]
+        hidden = pos_k > pos_q
+        if window is not None:
+            hidden |= pos_k <= pos_q - window
+        att = att.masked_fill(hidden, float("-inf"))
         out[a:b] = (att.softmax(-1) @ v).transpose(0, 1)
     return out
 
@@ -188,6 +192,36 @@ def test_decode_matches_reference(case):
     K.paged_attention.unified_attention(out2, query, kv_cache, meta.block_tables, meta.seq_lens,
                                         meta.query_start_loc, meta.num_seqs, scale)
     assert rel_err(out2[live], ref[live]) < 1e-5
+
+
+WINDOW_CASES = [  # (q_lens, seq_lens, Hkv, group, D, block, window, softcap)
+    ([3, 1, 40], [3, 90, 70], 2, 1, 64, 16, 8, None),  # window smaller than a key tile
+    ([17, 1, 5], [17, 130, 37], 1, 4, 64, 16, 33, 5.0),  # chunk rows straddle the window edge
+    ([1, 9], [1, 9], 1, 2, 64, 32, None, 2.0),  # soft-cap alone (strong: most logits saturate)
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_sliding_window_and_softcap(case):
+    """Unified (prefill / chunks / prefix hits) and decode kernels, split and unsplit, with a layer's
+    sliding window and logit soft-cap, against the dense reference; same through the backend."""
+    q_lens, seq_lens, hkv, group, d, bs, window, cap = case
+    query, key, value, kv_cache, meta, fk, fv = make_case(q_lens, seq_lens, hkv, group, d, bs, seed=9)
+    scale = d**-0.5
+    backend = K.backend.TritonAttentionBackend()
+    out = backend.forward(query, key, value, kv_cache, meta, scale, sliding_window=window, soft_cap=cap)
+    ref = reference(query, fk, fv, meta, scale, window, cap)
+    assert rel_err(out, ref) < 1e-5
+    dq, dk, dv, dcache, dmeta, dfk, dfv = make_case([1] * len(seq_lens), [s + 3 for s in seq_lens], hkv, group,
+                                                     d, bs, seed=10)
+    dref = reference(dq, dfk, dfv, dmeta, scale, window, cap)
+    for splits in (1, 4):
+        out = K.backend.TritonAttentionBackend(decode_num_splits=splits).forward(
+            dq, dk, dv, dcache.clone(), dmeta, scale, sliding_window=window, soft_cap=cap)
+        assert rel_err(out, dref) < 1e-5, splits
+    torch_out = pytest.importorskip("slicelm.layers.attention").TorchAttentionBackend().forward(
+        query, key, value, kv_cache.clone(), meta, scale, sliding_window=window, soft_cap=cap)
+    assert rel_err(torch_out, ref) < 1e-5
 
 
 def test_decode_poisoned_output_and_automatic_splits():
@@ -295,69 +329,40 @@ def test_bad_shapes_raise():
 
 def test_interpreter_subprocess():
     """Parent session: run the tests above in a child process that has TRITON_INTERPRET=1."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    from utils_triton import run_interpreted
 
-
-def _sm90_usage(fn, dtype: str, consts: dict) -> dict[str, int]:
-    """Compile ``fn`` for sm_90 without a GPU (ptxas ships in the triton wheel) and return the
-    cubin's resource usage (REG, STACK, ...). Pointers and strides get the divisibility-16 hint
-    the JIT would give them at run time, so loads vectorise as they will on the device."""
-    import re
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = fn.arg_names
-    sig = {}
-    for n in names:
-        if n in consts:
-            sig[n] = "constexpr"
-        elif n.endswith("_ptr"):
-            ints = ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "pos_ptr", "slots_ptr")
-            sig[n] = "*" + ("fp32" if n.startswith("part") else "i32" if n in ints else dtype)
-        else:
-            sig[n] = "fp32" if n in ("qk_scale", "eps") else "i32"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n not in consts and (n.endswith("_ptr") or n.startswith("stride"))}
-    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
-                    constexprs={(names.index(k),): v for k, v in consts.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        report = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
-    return {m[1]: int(m[2]) for m in re.finditer(r"(REG|STACK):(\d+)", report)}
+    run_interpreted(__file__, timeout=600)
 
 
 def test_bf16_kernels_compile_for_sm90_without_spills():
     """Catches compile errors and register spills of the real (non-interpreted) kernels on CPU."""
+    from utils_triton import sm90_usage
+
     from slicelm.layers.triton import paged_attention as pa
 
-    common = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "DOT_PRECISION": "tf32"}
+    common = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "DOT_PRECISION": "tf32",
+              "USE_WINDOW": False, "USE_SOFTCAP": False}
     for splits, block_n in ((1, 128), (1, 64), (8, 64)):
         consts = {"NUM_HEADS": 16, "GROUP": 2, "GROUP_PAD": 16, "BLOCK_N": block_n, "NUM_SPLITS": splits, **common}
-        use = _sm90_usage(pa._decode_kernel, "bf16", consts)
+        use = sm90_usage(pa._decode_kernel, "bf16", consts)
         assert use.get("STACK", 0) == 0 and use["REG"] < 200, use
     consts = {"GROUP": 4, "BLOCK_M": 64, "BLOCK_Q": 16, "BLOCK_N": 64, **common}
-    use = _sm90_usage(pa._unified_kernel, "bf16", consts)
+    use = sm90_usage(pa._unified_kernel, "bf16", consts)
+    assert use.get("STACK", 0) == 0, use
+    # Gemma 3 270m's shape (head_dim 256, group 4) with the window and soft-cap on
+    gemma = {**common, "HEAD_DIM": 256, "HEAD_DIM_PAD": 256, "USE_WINDOW": True, "USE_SOFTCAP": True}
+    use = sm90_usage(pa._unified_kernel, "bf16", {**gemma, "GROUP": 4, "BLOCK_M": 32, "BLOCK_Q": 8, "BLOCK_N": 32})
+    assert use.get("STACK", 0) == 0, use
+    use = sm90_usage(pa._decode_kernel, "bf16", {**gemma, "NUM_HEADS": 4, "GROUP": 4, "GROUP_PAD": 16,
+                                                   "BLOCK_N": 32, "NUM_SPLITS": 1})
     assert use.get("STACK", 0) == 0, use
     from slicelm.layers.triton import qkv_prep
 
     consts = {"HQ": 16, "HK": 8, "D": 128, "HALF": 64, "BLOCK_HQ": 16, "BLOCK_HK": 8, "BLOCK_SIZE": 16, "QK_NORM": True}
-    use = _sm90_usage(qkv_prep._qkv_prep_kernel, "bf16", consts)
+    use = sm90_usage(qkv_prep._qkv_prep_kernel, "bf16", consts)
     assert use.get("STACK", 0) == 0, use
 
 
-if INTERPRET:
-    del test_interpreter_subprocess, test_bf16_kernels_compile_for_sm90_without_spills
-else:  # the interpreted tests only run in the child
-    _keep = ("test_interpreter_subprocess", "test_bf16_kernels_compile_for_sm90_without_spills")
-    for _name in [n for n in globals() if n.startswith("test_") and n not in _keep]:
-        del globals()[_name]
+
+keep_tests_for_this_process(globals(), ("test_interpreter_subprocess",
+                                        "test_bf16_kernels_compile_for_sm90_without_spills"), INTERPRET)

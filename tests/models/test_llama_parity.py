@@ -1,18 +1,18 @@
-"""Random-weight Llama / Mistral / Qwen2 / Qwen3 models vs transformers (CPU fp32), through the paged cache:
-one packed prefill of mixed-length prompts, decode steps, prefix-hit / chunked prefill mixed with decode."""
+"""Random-weight Llama / Mistral / Qwen2 / Qwen3 / Phi-3 models vs transformers (CPU fp32), through the paged
+cache: one packed prefill of mixed-length prompts, decode steps, prefix-hit / chunked prefill mixed with decode.
+Sliding windows (Mistral, Phi-3, Qwen2's upper layers) are shorter than the prompts so they change results."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+import utils_parity
 from safetensors.torch import load_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils_paged import PagedBatch, make_kv_caches
+from utils_parity import hf_logits, rel_err, run_schedule
 
 from slicelm.layers.attention import TorchAttentionBackend
 from slicelm.models.llama import LlamaForCausalLM
@@ -38,24 +38,18 @@ CASES: dict[str, tuple[str, dict]] = {
                                            "head_dim": 32}),
     "qwen3_tied_gqa2": ("Qwen3Config", {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
                                         "tie_word_embeddings": True, "num_hidden_layers": 3}),
+    "mistral_window": ("MistralConfig", {"num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 8}),
+    "qwen2_window_upper": ("Qwen2Config", {"num_attention_heads": 4, "num_key_value_heads": 2,
+                                           "use_sliding_window": True, "sliding_window": 9, "max_window_layers": 1}),
+    "phi3_longrope_window": ("Phi3Config", {
+        "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 12, "pad_token_id": 0,
+        "eos_token_id": 2, "bos_token_id": 1, "original_max_position_embeddings": 64,
+        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                            "short_factor": [1.0, 1.3, 1.7, 2.2], "long_factor": [2.0, 3.0, 5.0, 9.0]}}),
 }
-TOL = 1e-4
-
-
 def build_hf(case: str) -> tuple[transformers.PreTrainedModel, dict]:
     cls_name, overrides = CASES[case]
-    config = getattr(transformers, cls_name)(**{**SMALL, **overrides})
-    torch.manual_seed(0)
-    model_cls = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))
-    hf = model_cls._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
-    # HF's init zeroes biases and sets norms to 1; randomise everything so bias / qk-norm are exercised
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.08)
-    return hf, config.to_dict()
+    return utils_parity.build_hf(cls_name, {**SMALL, **overrides})
 
 
 def build_ours(hf: transformers.PreTrainedModel, config: dict) -> LlamaForCausalLM:
@@ -65,46 +59,8 @@ def build_ours(hf: transformers.PreTrainedModel, config: dict) -> LlamaForCausal
     return model
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return (torch.linalg.norm(out.double() - ref.double()) / torch.linalg.norm(ref.double())).item()
-
-
 def make_tokens(lens: list[int], seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lens]
-
-
-@torch.no_grad()
-def hf_logits(hf: transformers.PreTrainedModel, seqs: list[list[int]]) -> list[torch.Tensor]:
-    return [hf(torch.tensor([s])).logits[0].float() for s in seqs]
-
-
-@torch.no_grad()
-def run_schedule(
-    model: LlamaForCausalLM,
-    seqs: list[list[int]],
-    refs: list[torch.Tensor],
-    schedule: list[list[int]],
-    block_size: int,
-) -> None:
-    """Feed ``schedule[step][i]`` new tokens of sequence i per step (packed, one forward per step);
-    every produced logits row must match transformers' full-sequence logits."""
-    batch = PagedBatch([len(s) for s in seqs], block_size, first_block=1, shuffle_seed=block_size)
-    caches = make_kv_caches(
-        model.num_layers, batch.num_blocks, block_size, model.num_kv_heads, model.head_dim, fill=float("nan")
-    )
-    assert tuple(caches[0].shape) == model.kv_cache_shape(batch.num_blocks, block_size)
-    for chunk_sizes in schedule:
-        starts = list(batch.num_computed)
-        step = batch.step([s[c : c + n] for s, c, n in zip(seqs, starts, chunk_sizes)])
-        logits = model.compute_logits(model(step.input_ids, step.positions, caches, step.meta))
-        assert logits.dtype == torch.float32 and logits.shape == (step.meta.num_tokens, VOCAB)
-        qsl = step.meta.query_start_loc_cpu
-        for i, (c, n) in enumerate(zip(starts, chunk_sizes)):
-            assert n > 0, "every sequence in a step has new tokens (as the runner builds them)"
-            err = rel_err(logits[qsl[i] : qsl[i + 1]], refs[i][c : c + n])
-            assert err <= TOL, f"seq {i} rows {c}:{c + n}: rel err {err:.2e}"
-    assert batch.num_computed == [len(s) for s in seqs]
+    return utils_parity.make_tokens(lens, seed, VOCAB)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -118,7 +74,8 @@ def test_prefill_then_decode(case: str) -> None:
     run_schedule(model, seqs, refs, schedule, block_size=16)
 
 
-@pytest.mark.parametrize("case", ["llama3_gqa2", "qwen2_tied_gqa2", "qwen3_headdim_gqa4"])
+@pytest.mark.parametrize("case", ["llama3_gqa2", "qwen2_tied_gqa2", "qwen3_headdim_gqa4", "mistral_window",
+                                  "phi3_longrope_window"])
 def test_prefix_hit_and_chunked_prefill(case: str) -> None:
     hf, config = build_hf(case)
     model = build_ours(hf, config)
@@ -181,9 +138,10 @@ def test_load_weights_errors() -> None:
 
 def test_config_validation() -> None:
     _, config = build_hf("mistral_gqa4")
-    with pytest.raises(ValueError, match="sliding_window"):
-        LlamaForCausalLM({**config, "sliding_window": 64})
-    LlamaForCausalLM({**config, "sliding_window": 64, "max_model_len": 64})  # window covers the context
+    windows = LlamaForCausalLM({**config, "sliding_window": 64}).args.sliding_windows
+    assert windows == (64, 64)
+    with pytest.raises(ValueError, match="layer_types"):
+        LlamaForCausalLM({**config, "sliding_window": 64, "layer_types": ["full_attention"]})
     with pytest.raises(ValueError, match="hidden_act"):
         LlamaForCausalLM({**config, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="num_key_value_heads"):

@@ -3,7 +3,8 @@
 Per layer and step: ``store_kv_cache`` writes the new K/V rows at ``meta.slot_mapping``, then
 decode-only batches (``meta.max_query_len == 1``) run the GQA split-KV paged decode kernel and all
 other batches run the unified paged kernel (prefill, chunked prefill, prefix hits and decode rows
-together). Optionally, pure prefills without cached prefix go to torch's varlen flash attention.
+together); both take a layer's sliding window and logit soft-cap. Optionally, plain (no window, no
+soft-cap) prefills without cached prefix go to torch's varlen flash attention.
 
 CUDA graphs: the decode path reads only tensors (query_start_loc, seq_lens, block_tables,
 slot_mapping) plus the static ints ``meta.num_seqs`` and ``meta.max_seq_len``; the only
@@ -69,6 +70,8 @@ class TritonAttentionBackend:
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        soft_cap: float | None = None,
     ) -> torch.Tensor:
         if query.dim() != 3 or (key is not None and key.dim() != 3):
             shapes = f"{tuple(query.shape)}, {None if key is None else tuple(key.shape)}"
@@ -85,12 +88,14 @@ class TritonAttentionBackend:
             return paged_decode_attention(
                 out, query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                 meta.num_seqs, max_seq_len, scale, num_splits=self.decode_num_splits,
+                sliding_window=sliding_window, soft_cap=soft_cap,
             )
-        if self._varlen_attn is not None and key is not None and self._is_fresh_prefill(meta):
+        plain = sliding_window is None and soft_cap is None
+        if self._varlen_attn is not None and key is not None and plain and self._is_fresh_prefill(meta):
             return self._flash_prefill(query, key, value, meta, scale)
         return unified_attention(
             out, query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            meta.num_seqs, scale,
+            meta.num_seqs, scale, sliding_window=sliding_window, soft_cap=soft_cap,
         )
 
     @staticmethod

@@ -15,6 +15,10 @@ Two entry points, both reading K/V through ``block_tables`` from
   group (BLOCK_M = BLOCK_Q * G rows) against BLOCK_N keys, causal with offset seq_len - q_len;
   each program finds its sequence by binary search over query_start_loc (vLLM's scheme).
 
+Both take an optional sliding window (a query at position p sees keys in ``(p - window, p]``; tiles
+wholly outside it are skipped) and an optional tanh soft-cap of the scaled logits
+(``cap * tanh(s / cap)``, Gemma 2). Both are static per layer, so graphs stay capturable.
+
 Softmax in base 2 with fp32 running max / sum / accumulator; fp32 inputs use IEEE fp32 dots.
 """
 
@@ -27,8 +31,15 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
 MAX_SPLITS = 64
 MIN_TOKENS_PER_SPLIT = 256
+
+
+@triton.jit
+def _soft_cap(s, cap):
+    """``cap * tanh(s / cap)`` (inf-safe). Logits are in base 2 here, so is ``cap``: the same function."""
+    return cap * (1.0 - 2.0 / (tl.exp2(2.0 * LOG2E_C * s / cap) + 1.0))
 
 
 # Block-table width changes from step to step: left unspecialized (Triton would otherwise compile a
@@ -37,12 +48,13 @@ MIN_TOKENS_PER_SPLIT = 256
 def _decode_kernel(
     out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    qk_scale,
+    qk_scale, window, softcap,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_c_blk, stride_c_tok, stride_c_h, stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -53,8 +65,12 @@ def _decode_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    tile_lo = split * tiles_per_split
+    first_key = 0
+    if USE_WINDOW:  # the query sits at seq_len - 1 and sees keys in (seq_len - 1 - window, seq_len - 1]
+        first_key = tl.maximum(seq_len - window, 0)
+    first_tile = first_key // BLOCK_N
+    tiles_per_split = tl.cdiv(num_tiles - first_tile, NUM_SPLITS)
+    tile_lo = first_tile + split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
     offs_g = tl.arange(0, GROUP_PAD)
@@ -73,11 +89,15 @@ def _decode_kernel(
     for tile in range(tile_lo, tile_hi):
         pos = tile * BLOCK_N + offs_n
         n_mask = pos < seq_len
+        if USE_WINDOW:
+            n_mask = n_mask & (pos >= first_key)
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         kv_off = blk * stride_c_blk + (pos % BLOCK_SIZE) * stride_c_tok + kvh * stride_c_h
         k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None],
                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if USE_SOFTCAP:
+            s = _soft_cap(s, softcap)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -144,12 +164,13 @@ def _find_seq(query_start_loc_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _unified_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    qk_scale, num_seqs,
+    qk_scale, window, softcap, num_seqs,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_c_blk, stride_c_tok, stride_c_h, stride_bt,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -178,7 +199,10 @@ def _unified_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_end = ctx_len + tl.minimum((q_block + 1) * BLOCK_Q, q_len)  # keys past this are masked for all rows
-    for start in range(0, kv_end, BLOCK_N):
+    kv_lo = 0
+    if USE_WINDOW:  # keys before the block's first query position - window + 1 are masked for all rows
+        kv_lo = tl.maximum(ctx_len + q_block * BLOCK_Q - window + 1, 0) // BLOCK_N * BLOCK_N
+    for start in range(kv_lo, kv_end, BLOCK_N):
         pos = start + offs_n
         n_mask = pos < kv_end
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
@@ -186,7 +210,12 @@ def _unified_kernel(
         k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None],
                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(n_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        if USE_SOFTCAP:
+            s = _soft_cap(s, softcap)
+        visible = n_mask[None, :] & (pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -251,13 +280,16 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     num_heads, num_kv_heads, head_dim, block_size = _check(out, query, kv_cache)
     if num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, _num_sms(query.device))
+        span = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, span, _num_sms(query.device))
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits: must be a power of two >= 1, got {num_splits}")
     d_pad = triton.next_power_of_2(head_dim)
@@ -279,12 +311,13 @@ def paged_decode_attention(
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, part_out, part_m, part_l,
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * LOG2E,
+        scale * LOG2E, sliding_window or 0, (soft_cap or 0.0) * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DOT_PRECISION=_precision(query.dtype),
+        USE_WINDOW=sliding_window is not None, USE_SOFTCAP=soft_cap is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
@@ -309,6 +342,8 @@ def unified_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     num_heads, num_kv_heads, head_dim, block_size = _check(out, query, kv_cache)
     num_tokens = query.shape[0]
@@ -329,11 +364,12 @@ def unified_attention(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _unified_kernel[(num_q_blocks, num_kv_heads)](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * LOG2E, num_seqs,
+        scale * LOG2E, sliding_window or 0, (soft_cap or 0.0) * LOG2E, num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PRECISION=_precision(query.dtype),
+        USE_WINDOW=sliding_window is not None, USE_SOFTCAP=soft_cap is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
