@@ -18,24 +18,11 @@ import openai
 import pytest
 import yaml
 from utils_models import minilm_dir, write_random_cross_encoder
-from utils_stack import ps, slicelm
+from utils_stack import processes_mentioning, ps, slicelm
 
 from slicelm.stack.procs import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def processes_mentioning(text: str) -> list[int]:
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in cmdline and state != "Z":
-            out.append(int(pid))
-    return out
 
 
 def write_stack(tmp: Path, models: list[dict], router_port: int) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_stack_cpu import ENV, processes_mentioning
+from utils_stack import ENV, processes_mentioning
 
 from slicelm.stack.state import pid_alive
 
