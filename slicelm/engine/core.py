@@ -20,6 +20,7 @@ from slicelm.engine.request import Request, RequestStatus
 from slicelm.engine.runner import RunnerOutput, StepHandle
 from slicelm.engine.sampler import make_generator
 from slicelm.engine.stats import EngineStats
+from slicelm.engine.warmup import WarmupReport, warm_up
 from slicelm.engine.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class EngineCore:
         self.async_scheduling = (
             args.async_scheduling if args.async_scheduling is not None else self.worker.device.type == "cuda"
         )
+        self.warmup: WarmupReport = warm_up(self)  # before anyone is told the core is ready
 
     def info(self) -> EngineCoreInfo:
         w = self.worker

@@ -149,7 +149,8 @@ def fetch(name: str, options: HubOptions | None = None, weights: bool = True) ->
     if use_modelscope():
         from slicelm.loader.modelscope_hub import fetch_modelscope
 
-        path = fetch_modelscope(repo_id, quant, options, weights, offline=is_offline())
+        path = fetch_modelscope(repo_id, quant, options, weights, is_offline(), META_PATTERNS,
+                                repo_lock(repo_id, options))
         return _snapshot_of(repo_id, path, quant, [p.name for p in path.iterdir()])
     if not is_offline():
         listing = _list_repo(repo_id, options)

@@ -7,6 +7,7 @@ are asked for as from the Hub: config / tokenizer / chat-template files plus ``*
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,23 +17,24 @@ if TYPE_CHECKING:
     from slicelm.loader.hub import HubOptions
 
 
-def fetch_modelscope(repo_id: str, quant: str | None, options: HubOptions, weights: bool, offline: bool) -> Path:
-    from slicelm.loader.hub import META_PATTERNS, repo_lock
-
+def fetch_modelscope(repo_id: str, quant: str | None, options: HubOptions, weights: bool, offline: bool,
+                     meta_patterns: tuple[str, ...], lock: AbstractContextManager[None]) -> Path:
+    """The local ModelScope snapshot of ``repo_id``: metadata files plus the weights (``*.safetensors``, or the GGUF
+    of ``quant``), fetched under ``lock`` (hub.py's per-repo file lock)."""
     try:
         from modelscope.hub.snapshot_download import snapshot_download
     except ImportError:
         raise HubError(repo_id, f"model {repo_id!r}: VLLM_USE_MODELSCOPE / SLICELM_USE_MODELSCOPE is set but "
                                 "modelscope is not installed; run `pip install 'slicelm[modelscope]'` (or `pip install "
                                 "modelscope`), or unset the variable to use the Hugging Face Hub") from None
-    allow = list(META_PATTERNS)
+    allow = list(meta_patterns)
     if quant:
         allow += [f"*{quant}*.gguf", f"*{quant.lower()}*.gguf"]
     elif weights:
         allow += ["*.safetensors", "*.gguf"]
     kwargs = {"revision": options.revision} if options.revision else {}
     try:
-        with repo_lock(repo_id, options):
+        with lock:
             path = snapshot_download(repo_id, cache_dir=options.download_dir, local_files_only=offline,
                                      allow_file_pattern=allow, ignore_file_pattern=list(options.ignore_patterns),
                                      **kwargs)
