@@ -7,9 +7,9 @@ CPU, the sampler's variants — is paid here instead, by sequences of the shapes
 
 - generation: prompts of 1, 7, 16 and 2 blocks + 5 tokens in one batch (Triton specializes integer arguments equal
   to 1 and multiples of 16), greedy, sampled (top-k / top-p / min-p, logprobs) and penalized sequences, one asking for
-  prompt logprobs; then the long prompt again (a prefix-cache hit: the paged prefill over cached blocks); on a GPU
-  also a prompt longer than one step's token budget (chunked prefill). Each decodes a few tokens (decode steps; CUDA
-  graphs where captured).
+  prompt logprobs, each decoding one token after its prefill (decode steps: CUDA graphs where captured); then the
+  long prompt again (a prefix-cache hit: the paged prefill over cached blocks); on a GPU also a prompt longer than
+  one step's token budget (chunked prefill).
 - pooling: prompts of several lengths in one packed batch (and pairs with token types for a cross-encoder), with and
   without normalization / activation, then one prompt of the longest length served (capped at 512 tokens on the CPU),
   then a single short one — the usual first request.
@@ -78,21 +78,23 @@ def generation_waves(core: EngineCore) -> list[list[EngineCoreRequest]]:
         return []
     bs, vocab = core.cache_config.block_size, core.worker.vocab_size
     long_len = min(2 * bs + 5, limit)
-    greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
-    sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.05, logprobs=3, seed=0, max_tokens=3,
+    # two tokens each: a prefill step, then a decode step (with async scheduling one more is launched)
+    greedy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.05, logprobs=3, seed=0, max_tokens=2,
                              ignore_eos=True)
     penalized = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1,
-                               max_tokens=3, ignore_eos=True)
+                               max_tokens=2, ignore_eos=True)
+    prefill_only = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     first = [_gen(f"warmup-{n}", _ids(min(n, limit), vocab, n), greedy) for n in (1, 7, 16)]
     first += [_gen("warmup-long", _ids(long_len, vocab, 99), greedy),
               _gen("warmup-sampled", _ids(min(12, limit), vocab, 5), sampled, seed=0),
               _gen("warmup-penalized", _ids(min(9, limit), vocab, 6), penalized),
               _gen("warmup-prompt-logprobs", _ids(min(10, limit), vocab, 7),
                    SamplingParams(temperature=0.0, prompt_logprobs=2, max_tokens=1, ignore_eos=True))]
-    waves = [first, [_gen("warmup-prefix-hit", _ids(long_len, vocab, 99), greedy)]]
+    waves = [first, [_gen("warmup-prefix-hit", _ids(long_len, vocab, 99), prefill_only)]]
     budget = core.scheduler_config.max_num_batched_tokens
     if core.worker.device.type == "cuda" and limit > budget:
-        waves.append([_gen("warmup-chunked", _ids(min(budget + bs + 3, limit), vocab, 11), greedy)])
+        waves.append([_gen("warmup-chunked", _ids(min(budget + bs + 3, limit), vocab, 11), prefill_only)])
     return waves
 
 
