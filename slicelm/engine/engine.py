@@ -29,10 +29,13 @@ def load_api_tokenizer(args: EngineArgs) -> Any | None:
     ``skip_tokenizer_init``)."""
     if args.skip_tokenizer_init:
         return None
+    from slicelm.engine.warmup import warm_tokenizer
     from slicelm.loader.hub import HubOptions
     from slicelm.loader.tokenizer import load_tokenizer_from
 
-    return load_tokenizer_from(args.tokenizer or args.model, args.chat_template, HubOptions.for_tokenizer(args))
+    tokenizer = load_tokenizer_from(args.tokenizer or args.model, args.chat_template, HubOptions.for_tokenizer(args))
+    warm_tokenizer(tokenizer)
+    return tokenizer
 
 
 class LLMEngine:

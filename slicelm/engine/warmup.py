@@ -15,15 +15,17 @@ CPU, the sampler's variants — is paid here instead, by sequences of the shapes
   then a single short one — the usual first request.
 
 Afterwards the core is as new: no sequence, every KV block free, the prefix cache empty, counters at zero, and the
-RNG states restored. ``warm_up`` returns what it ran and how long it took (logged, and in ``EngineCoreInfo``).
+RNG states restored. ``warm_up`` returns what it ran and how long it took (logged). The API side's tokenizer is
+warmed as it loads (``warm_tokenizer``: the chat template's compile, the first encode / decode).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -65,6 +67,19 @@ def warm_up(core: EngineCore) -> WarmupReport:
     report = WarmupReport(sum(len(w) for w in waves), steps, time.perf_counter() - t0)
     logger.info("warm-up: %d sequences, %d steps in %.2f s", report.sequences, report.steps, report.seconds)
     return report
+
+
+def warm_tokenizer(tokenizer: Any) -> None:
+    """The API side's first request pays for compiling the chat template and the tokenizer's first calls: pay
+    them at start instead (a template that refuses a lone user message is left cold)."""
+    if tokenizer is None:
+        return
+    with contextlib.suppress(Exception):
+        if tokenizer.chat_template:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "warm-up"}], add_generation_prompt=True)
+            tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
+    with contextlib.suppress(Exception):
+        tokenizer.encode_pair("warm-up query", "warm-up document")
 
 
 def _ids(n: int, vocab: int, salt: int) -> list[int]:

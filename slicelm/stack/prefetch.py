@@ -47,7 +47,7 @@ def fetches_of(spec: StackSpec, model: ModelSpec) -> list[ModelFetch]:
     f = _hub_flags(list(extra))
     env = tuple(sorted((k, v) for k, v in model_env(spec.servingEngineSpec.env, model, None).items()
                        if k.startswith(_ENV_PREFIXES)))
-    revision = f.revision or model.modelRevision
+    revision = f.revision
     out = []
     if hub.is_hub_id(model.modelURL) and not _local(model.modelURL):
         options = hub.HubOptions(revision, f.download_dir, f.hf_token, tuple(f.ignore_patterns))
