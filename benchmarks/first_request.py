@@ -17,7 +17,6 @@ import json
 import os
 import random
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import QWEN3_0_6B, environment, save_result
-from rag import WORDS, XLMR_SHAPE, write_random_models
+from rag import WORDS, XLMR_SHAPE, stop, write_random_models
 
 from slicelm.stack.procs import free_port
 
@@ -117,16 +116,6 @@ def serve(model: str, flags: list[str], device: str, log: Path, timeout: float) 
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"{model}: not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def measure(kind: str, model: str, flags: list[str], device: str, tmp: Path, timeout: float) -> dict[str, Any]:

@@ -3,11 +3,13 @@ against it in a subprocess (huggingface_hub reads ``HF_HUB_OFFLINE`` / ``HF_ENDP
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from hub_server import FakeHub, Source
 from utils_models import minilm_dir
@@ -43,30 +45,21 @@ def add_smollm_gguf(hub: FakeHub) -> str:
                                SMOLLM_Q8: b"a quantization nobody asked for", "README.md": b"# SmolLM2 GGUF"})
 
 
-def write_tiny_xlmr(path: Path, reranker: bool, max_positions: int) -> Path:
-    """A tiny random XLM-R (bge-m3: CLS pooling + Normalize; bge-reranker-v2-m3: one label) with MiniLM's real
-    tokenizer; ``max_positions`` usable positions (XLM-R's config adds 2)."""
-    import torch
-    import transformers
+def _rag_benchmark() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("rag_bench", ROOT / "benchmarks" / "rag.py")
+    assert spec is not None and spec.loader is not None
+    rag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rag)
+    return rag
 
-    torch.manual_seed(1 if reranker else 0)
-    cfg = transformers.XLMRobertaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                        intermediate_size=64, max_position_embeddings=max_positions + 2,
-                                        type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                                        num_labels=1)
-    cls = transformers.XLMRobertaForSequenceClassification if reranker else transformers.XLMRobertaModel
-    cls(cfg).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        (path / name).write_bytes((minilm_dir() / name).read_bytes())
-    if not reranker:
-        (path / "modules.json").write_text(json.dumps([
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
-        (path / "1_Pooling").mkdir(exist_ok=True)
-        (path / "1_Pooling" / "config.json").write_text(json.dumps(
-            {"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
-    return path
+
+def write_tiny_xlmr(out: Path, reranker: bool, max_positions: int) -> Path:
+    """A tiny random XLM-R written by benchmarks/rag.py (bge-m3: CLS pooling + Normalize; bge-reranker-v2-m3: one
+    label) with MiniLM's real tokenizer; ``max_positions`` usable positions (XLM-R's config adds 2)."""
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 vocab_size=30522, max_position_embeddings=max_positions + 2)
+    embed, rerank = _rag_benchmark().write_random_models(out, minilm_dir(), shape=shape)
+    return rerank if reranker else embed
 
 
 def add_seed_models(hub: FakeHub, tmp: Path) -> dict[str, str]:
