@@ -124,7 +124,7 @@ def measure(kind: str, model: str, flags: list[str], device: str, tmp: Path, tim
     rng = random.Random(kind)
     times = []
     try:
-        with httpx.Client(base_url=url, timeout=120) as client:
+        with httpx.Client(base_url=url, timeout=900) as client:
             for _ in range(7):
                 path, body = request(kind, model, rng)
                 t = time.perf_counter()
