@@ -66,3 +66,13 @@ def test_pooling_warm_up_covers_pairs_and_the_longest_prompt(tmp_path: Path, kin
     types = {t for w in waves for r in w for t in (r.token_type_ids or [])}
     assert types == ({0, 1} if kind == "bert" else set())  # XLM-R has one token type: never a 1
     assert {r.pooling_params.task for w in waves for r in w} == {"score"}
+
+
+def test_penalized_sequence_joining_an_async_batch(llama: EngineCore, tmp_path: Path) -> None:
+    """Async scheduling: a penalized sequence scheduled beside sequences whose last token is still in flight used to
+    read their placeholders as token ids (IndexError in the core); the warm-up's first wave is exactly that."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    core = EngineCore(EngineArgs(model=str(tmp_path), load_format="dummy", device="cpu", async_scheduling=True,
+                                 num_gpu_blocks_override=10, max_model_len=96, max_num_batched_tokens=24))
+    assert core.async_scheduling and core.warmup.sequences == 8
+    assert_as_new(core)
