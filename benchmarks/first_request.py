@@ -172,6 +172,7 @@ def main() -> None:
         env["device"] = f"cpu-{os.cpu_count()}-cores"
     save_result("first_request", {
         **env,
+        "host_load_avg_1m_at_end": round(os.getloadavg()[0], 2),  # a shared CPU's other work skews every figure
         "workload": {"chat": "chat completion, 40-word user message, max_tokens 16, temperature 0, ignore_eos",
                      "embed": "one 40-word input", "rerank": "12-word query, 8 documents of 30 words",
                      "order": "first request as soon as /health is 200, then a second of the same shape with other "
