@@ -85,8 +85,21 @@ class EngineArgs:
     # CPU only: how much host memory the KV cache may take when no other size is given.
     cpu_kv_cache_bytes: int = 1 << 30
     disable_log_stats: bool = False
+    # Models by Hub id (slicelm/loader/hub.py): vLLM's download flags.
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    code_revision: str | None = None  # refused: slicelm runs no remote code
+    download_dir: str | None = None
+    hf_token: str | bool | None = None  # a token, or True: the one `hf auth login` stored; None: env HF_TOKEN
+    ignore_patterns: list[str] | tuple[str, ...] = ("original/**/*",)
 
     def __post_init__(self) -> None:
+        if self.code_revision is not None:
+            raise ValueError(f"code_revision={self.code_revision!r} (--code-revision): slicelm runs no model code from "
+                             "the Hub (there is no --trust-remote-code), so a code revision cannot apply; pin the "
+                             "weights with --revision")
+        if isinstance(self.ignore_patterns, str):
+            self.ignore_patterns = [self.ignore_patterns]
         if isinstance(self.served_model_name, str):
             self.served_model_name = [self.served_model_name]
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -159,6 +172,17 @@ class EngineArgs:
         g.add_argument("--pooling-type", default=None, choices=["MEAN", "CLS", "LAST"])
         g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
         g.add_argument("--disable-log-stats", action="store_true")
+        hub = parser.add_argument_group("models by Hub id")
+        hub.add_argument("--revision", default=None, help="branch, tag or commit of the model's Hub repo")
+        hub.add_argument("--tokenizer-revision", default=None,
+                         help="revision of the tokenizer's repo (default: --revision for the model's own)")
+        hub.add_argument("--code-revision", default=None, help="refused: slicelm runs no model code from the Hub")
+        hub.add_argument("--download-dir", default=None,
+                         help="cache directory for Hub snapshots (default: HF_HUB_CACHE, else HF_HOME/hub)")
+        hub.add_argument("--hf-token", nargs="?", const=True, default=None,
+                         help="Hub token for gated / private repos (no value: the stored login; default: env HF_TOKEN)")
+        hub.add_argument("--ignore-patterns", nargs="+", default=list(d.ignore_patterns),
+                         help="repo files never downloaded (glob patterns)")
         return parser
 
     @classmethod

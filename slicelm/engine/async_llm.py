@@ -150,7 +150,9 @@ class AsyncLLM:
         and waits for the core; a load error in the core is raised here."""
         from slicelm.engine.core_client import MPCoreClient, ThreadCoreClient
         from slicelm.engine.engine import load_api_tokenizer
+        from slicelm.loader.model_files import pin_hub_snapshots
 
+        args = pin_hub_snapshots(args)  # Hub ids: fetched once, here, before the core starts
         if multiprocess:
             client: Any = MPCoreClient(args)
         else:

@@ -10,6 +10,7 @@ in the engine-core process behind the server (``core_proc``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Iterable
@@ -20,6 +21,7 @@ from slicelm.engine.request import Request, RequestStatus
 from slicelm.engine.runner import RunnerOutput, StepHandle
 from slicelm.engine.sampler import make_generator
 from slicelm.engine.stats import EngineStats
+from slicelm.engine.warmup import WarmupReport, warm_up
 from slicelm.engine.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class EngineCore:
         self.async_scheduling = (
             args.async_scheduling if args.async_scheduling is not None else self.worker.device.type == "cuda"
         )
+        self.warmup: WarmupReport = warm_up(self)  # before anyone is told the core is ready
 
     def info(self) -> EngineCoreInfo:
         w = self.worker
@@ -107,8 +110,11 @@ class EngineCore:
         return list(outputs.values())
 
     def _needs_history(self) -> bool:
-        """Penalties read every output token's value: such steps wait for the one in flight."""
-        return any(r.sampling_params.needs_output_history for r in self.scheduler.running)
+        """Penalties read every output token's value, of every sequence in the batch: a step that may schedule a
+        penalized sequence (running, or waiting to start / resume) waits for the one in flight, whose sampled
+        tokens are still placeholders in the other sequences."""
+        return any(r.sampling_params.needs_output_history
+                   for r in itertools.chain(self.scheduler.running, self.scheduler.waiting))
 
     def _pooling_step(self) -> list[EngineCoreOutput]:
         sched = self.scheduler.schedule()

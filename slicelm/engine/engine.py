@@ -29,14 +29,20 @@ def load_api_tokenizer(args: EngineArgs) -> Any | None:
     ``skip_tokenizer_init``)."""
     if args.skip_tokenizer_init:
         return None
+    from slicelm.engine.warmup import warm_tokenizer
+    from slicelm.loader.hub import HubOptions
     from slicelm.loader.tokenizer import load_tokenizer_from
 
-    return load_tokenizer_from(args.tokenizer or args.model, args.chat_template)
+    tokenizer = load_tokenizer_from(args.tokenizer or args.model, args.chat_template, HubOptions.for_tokenizer(args))
+    warm_tokenizer(tokenizer)
+    return tokenizer
 
 
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
-        self.args = args
+        from slicelm.loader.model_files import pin_hub_snapshots
+
+        self.args = args = pin_hub_snapshots(args)
         self.core = EngineCore(args)
         self.tokenizer = load_api_tokenizer(args)
         self.input_processor = InputProcessor(self.core.info(), self.tokenizer)

@@ -21,6 +21,7 @@ from slicelm.engine.kv_cache import KVCacheManager, cdiv
 from slicelm.engine.pooling_runner import PoolingRunner
 from slicelm.engine.runner import ModelRunner, StepHandle, supports_mixed_graphs
 from slicelm.engine.scheduler import Scheduler, SchedulerOutput
+from slicelm.loader.hub import HubOptions
 from slicelm.loader.model_files import ModelSource, resolve_model
 from slicelm.models.registry import get_model_class, is_pooling_architecture
 
@@ -106,7 +107,7 @@ class Worker:
     def load_model(self) -> None:
         """Resolves the checkpoint, infers the task, builds the model and loads (or randomizes) its weights."""
         args = self.args
-        source = resolve_model(args.model, args.load_format)
+        source = resolve_model(args.model, args.load_format, HubOptions.for_model(args))
         hf_config = source.config
         architectures = hf_config.get("architectures") or []
         model_cls = get_model_class(architectures)  # raises with the list of supported ones

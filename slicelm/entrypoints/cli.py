@@ -9,13 +9,15 @@ import logging
 import sys
 
 # Subcommand packages that must not import torch: each has COMMANDS, add_subcommands(sub), run(args) -> int.
-LIGHT_CLIS = tuple(m for m in ("slicelm.stack.cli", "slicelm.router.cli", "slicelm.router.dashboard.cli")
+LIGHT_CLIS = tuple(m for m in ("slicelm.stack.cli", "slicelm.router.cli", "slicelm.router.dashboard.cli",
+                                "slicelm.entrypoints.download")
                    if importlib.util.find_spec(m.rsplit(".", 1)[0]))
 
 
 def _add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
-                        help="HF model directory, .gguf file, or a bundled short name (smollm2-135m-instruct)")
+                        help="HF model directory, .gguf file, bundled short name (smollm2-135m-instruct) or Hub id "
+                             "(org/name, org/name:QUANT for a GGUF repo)")
     parser.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
 
 

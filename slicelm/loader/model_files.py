@@ -22,7 +22,9 @@ from slicelm.loader.errors import InvalidModelDirError as InvalidModelDirError
 from slicelm.loader.errors import MissingWeightsError as MissingWeightsError
 
 if TYPE_CHECKING:
+    from slicelm.config import EngineArgs
     from slicelm.loader.gguf_loader import GGUFModel
+    from slicelm.loader.hub import HubOptions
 
 __all__ = [
     "CorruptModelFileError",
@@ -30,6 +32,8 @@ __all__ = [
     "MissingWeightsError",
     "ModelNotFoundError",
     "ModelSource",
+    "locate_model",
+    "pin_hub_snapshots",
     "resolve_model",
 ]
 
@@ -171,20 +175,30 @@ def _hf_weight_files(directory: Path) -> list[Path]:
     return files
 
 
-def resolve_model(name_or_path: str, load_format: str = "auto") -> ModelSource:
-    """Find and validate a model: a bundled short name, an HF directory or a `.gguf` file.
+def locate_model(name_or_path: str, load_format: str = "auto", hub: HubOptions | None = None) -> Path:
+    """vLLM's order: an existing path, a bundled short name, else a Hub repo id (fetched or found in the cache).
+    ``load_format="dummy"`` fetches config and tokenizer files only."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if is_bundled_name(name_or_path):
+        return bundled_model_path(name_or_path)
+    from slicelm.loader import hub as hub_mod
+
+    if hub_mod.is_hub_id(name_or_path):
+        return hub_mod.fetch(name_or_path, hub, weights=load_format != "dummy").model_path
+    raise ModelNotFoundError(
+        f"model {name_or_path!r}: no such file or directory, not a bundled model "
+        f"(short names: {', '.join(sorted(BUNDLED_MODELS))}) and not a Hub repo id (org/name)"
+    )
+
+
+def resolve_model(name_or_path: str, load_format: str = "auto", hub: HubOptions | None = None) -> ModelSource:
+    """Find and validate a model: a path (HF directory or `.gguf` file), a bundled short name or a Hub id.
 
     ``load_format="dummy"`` (vLLM's name) needs only ``config.json``: weights are random, for benchmarks.
     """
-    path = Path(name_or_path).expanduser()
-    if not path.exists():
-        if is_bundled_name(name_or_path):
-            path = bundled_model_path(name_or_path)
-        else:
-            raise ModelNotFoundError(
-                f"model {name_or_path!r}: no such file or directory, and not a bundled model "
-                f"(short names: {', '.join(sorted(BUNDLED_MODELS))})"
-            )
+    path = locate_model(name_or_path, load_format, hub)
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
@@ -217,3 +231,27 @@ def _gguf_source(path: Path) -> ModelSource:
     source = ModelSource(path=path, kind="gguf", gguf=model)
     _ = source.config  # validate metadata now
     return source
+
+
+def pin_hub_snapshots(args: EngineArgs) -> EngineArgs:
+    """Front ends call this before starting an engine core: a model or tokenizer named by Hub id is fetched here,
+    once (with huggingface_hub's progress bars, and its errors raised here), and its revision is pinned to the
+    snapshot's commit so that the core loads exactly these files from the cache."""
+    import dataclasses
+
+    from slicelm.loader import hub
+
+    def pinned(name: str, options: HubOptions, weights: bool) -> str | None:
+        if Path(name).expanduser().exists() or is_bundled_name(name) or not hub.is_hub_id(name):
+            return None
+        return hub.fetch(name, options, weights=weights).commit
+
+    changes: dict[str, str] = {}
+    if (commit := pinned(args.model, hub.HubOptions.for_model(args), args.load_format != "dummy")) is not None:
+        changes["revision"] = commit
+    tokenizer = args.tokenizer or args.model
+    if not args.skip_tokenizer_init:
+        tok_commit = pinned(tokenizer, hub.HubOptions.for_tokenizer(args), weights=False)
+        if tok_commit is not None:
+            changes["tokenizer_revision"] = tok_commit
+    return dataclasses.replace(args, **changes) if changes else args

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
@@ -20,6 +20,9 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from slicelm.loader.chat_template import compile_template, render_limited
 from slicelm.loader.model_files import ModelSource
+
+if TYPE_CHECKING:
+    from slicelm.loader.hub import HubOptions
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
@@ -376,12 +379,14 @@ __all__ = ["ChatTemplateError", "MissingChatTemplateError", "Tokenizer", "load_t
            "tokenizer_from_gguf_metadata"]
 
 
-def load_tokenizer_from(name_or_path: str, chat_template: str | None = None) -> Tokenizer:
+def load_tokenizer_from(name_or_path: str, chat_template: str | None = None,
+                        hub: HubOptions | None = None) -> Tokenizer:
     """The tokenizer named by ``--tokenizer`` (or the model): a directory with tokenizer.json (no weights
-    needed), a ``.gguf`` file, or a bundled short name. generation_config.json's eos ids count too."""
-    from slicelm.loader.model_files import resolve_model
+    needed), a ``.gguf`` file, a bundled short name or a Hub id (``hub``: its revision, cache, token).
+    generation_config.json's eos ids count too."""
+    from slicelm.loader.model_files import locate_model, resolve_model
 
-    path = Path(name_or_path).expanduser()
+    path = locate_model(name_or_path, load_format="dummy", hub=hub)
     if path.is_dir() and (path / "tokenizer.json").is_file():
         tokenizer = _tokenizer_from_hf_dir(path)
         gen = path / "generation_config.json"
@@ -391,4 +396,4 @@ def load_tokenizer_from(name_or_path: str, chat_template: str | None = None) -> 
         if override is not None:
             tokenizer.chat_template = override
         return tokenizer
-    return load_tokenizer(resolve_model(name_or_path, load_format="dummy"), chat_template)
+    return load_tokenizer(resolve_model(str(path), load_format="dummy"), chat_template)

@@ -9,6 +9,7 @@ import sys
 
 from rich.console import Console
 
+from slicelm.loader.errors import HubError
 from slicelm.stack.spec import StackSpec, StackSpecError, load_stack
 from slicelm.stack.state import resolve_run_dir
 
@@ -91,6 +92,9 @@ def _up(args: argparse.Namespace, out: Console, err: Console) -> int:
         up.print_dry_run([*launches, *([router] if router else [])], out)
         return 0
     if args.detach and not args.supervisor:
+        from slicelm.stack.prefetch import prefetch
+
+        prefetch(spec)  # here, in the foreground: one progress display, and Hub errors before anything starts
         return up.detach(args, run_dir, err)
     run_dir.mkdir(parents=True, exist_ok=True)
     return up.supervise(spec, plan, run_dir, err, quiet=args.supervisor)
@@ -136,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
     except StackSpecError as e:
         for line in e.problems:
             print(f"slicelm {args.command}: error: {line}", file=sys.stderr)
+        return 2
+    except HubError as e:  # a model named by Hub id cannot be had: nothing was started
+        print(f"slicelm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (RuntimeError, ValueError, OSError) as e:
         print(f"slicelm {args.command}: error: {e}", file=sys.stderr)

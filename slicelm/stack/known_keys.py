@@ -9,7 +9,7 @@ from __future__ import annotations
 
 _K8S = "Kubernetes object settings; no cluster here"
 _IMAGE = "container image; slicelm runs its own server"
-_STORAGE = "volume settings; models are read from modelURL on this machine"
+_STORAGE = "volume settings; on one machine models come from a path or the Hub cache (HF_HOME, --download-dir)"
 
 TOP_LEVEL: dict[str, str] = {
     "cacheserverSpec": "LMCache server is not part of slicelm",
@@ -80,9 +80,8 @@ MODEL_SPEC: dict[str, str] = {
     "pvcMatchLabels": _STORAGE,
     "pvcExistingClaimName": _STORAGE,
     "storageClass": _STORAGE,
-    "hf_token": "models are not downloaded; modelURL must be a local directory, .gguf file or bundled name",
     "envFromSecret": "Kubernetes secrets are not available; use env with values",
-    "modelRevision": "models are not downloaded",
+    "modelRevision": "give the revision as vllmConfig.extraArgs --revision",
     "lmcacheConfig": "LMCache is not part of slicelm",
     "chatTemplateConfigMap": _K8S,
 }

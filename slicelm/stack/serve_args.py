@@ -27,7 +27,8 @@ SERVE_FLAGS = frozenset({
     "--enable-force-include-usage", "--enable-prefix-caching", "--enable-prompt-tokens-details",
     "--enable-request-id-headers", "--enable-tokenizer-info-endpoint", "--enforce-eager", "--engine-process",
     "--gpu-memory-budget", "--gpu-memory-utilization", "--help", "--host", "--kv-cache-memory-bytes",
-    "--load-format", "--max-logprobs", "--max-model-len", "--max-num-batched-tokens", "--max-num-seqs",
+    "--load-format", "--revision", "--tokenizer-revision", "--code-revision", "--download-dir", "--hf-token",
+    "--ignore-patterns", "--max-logprobs", "--max-model-len", "--max-num-batched-tokens", "--max-num-seqs",
     "--max-request-body-bytes", "--max-waiting-requests", "--model", "--no-async-scheduling",
     "--no-attention-flash-prefill", "--no-enable-chunked-prefill", "--no-enable-prefix-caching",
     "--no-engine-process", "--no-normalize", "--normalize", "--num-gpu-blocks-override", "--pooler-config",
@@ -108,8 +109,10 @@ def serve_command(model: ModelSpec, host: str, port: int, device: str, budget_mi
 
 
 def model_env(spec_env: list, model: ModelSpec, api_key: str | None) -> dict[str, str]:
-    """``servingEngineSpec.env`` then the modelSpec's ``env`` (k8s EnvVar lists), and the API key."""
-    env = {e.name: e.value for e in [*spec_env, *model.env]}
+    """``hf_token`` (a string) as HF_TOKEN, then ``servingEngineSpec.env`` and the modelSpec's ``env`` (k8s EnvVar
+    lists, later ones win, as in a pod), and the API key."""
+    env = {"HF_TOKEN": model.hf_token} if isinstance(model.hf_token, str) and model.hf_token else {}
+    env.update({e.name: e.value for e in [*spec_env, *model.env]})
     if api_key:
         env["VLLM_API_KEY"] = api_key
     return env

@@ -105,6 +105,13 @@ class VLLMConfig(_Strict):
         return self
 
 
+class SecretKeyRef(_Strict):
+    """An existing Kubernetes Secret's name and key (production-stack's ``hf_token`` / ``vllmApiKey`` form)."""
+
+    secretName: Annotated[str, Field(min_length=1)]
+    secretKey: Annotated[str, Field(min_length=1)]
+
+
 class ModelSpec(_Strict):
     name: Name
     modelURL: Annotated[str, Field(min_length=1)]
@@ -126,6 +133,9 @@ class ModelSpec(_Strict):
     enableLoRA: bool | None = Field(None, description="must be false: LoRA is not supported")
     enableTool: bool | None = None
     toolCallParser: str | None = None
+    hf_token: str | SecretKeyRef | None = Field(
+        None, description="Hub token for gated / private modelURLs: a string (passed as HF_TOKEN), or "
+                          "{secretName, secretKey} of an existing Secret (the chart only)")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -272,6 +282,9 @@ def _semantic_warnings(spec: StackSpec) -> list[str]:
             out.append(f"{path}.enableTool/toolCallParser: ignored (tools go through the chat template)")
         if not m.enabled:
             out.append(f"{path}: enabled is false, not started")
+        if isinstance(m.hf_token, SecretKeyRef):
+            out.append(f"{path}.hf_token: ignored by slicelm up (a Kubernetes secret reference; give HF_TOKEN in env "
+                       "or the token as a string)")
     if spec.routerSpec.serviceDiscovery is not None:
         out.append("routerSpec.serviceDiscovery: ignored (slicelm up discovers its own replicas)")
     if isinstance(spec.servingEngineSpec.vllmApiKey, dict):

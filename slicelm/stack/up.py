@@ -17,6 +17,7 @@ from rich.console import Console
 
 from slicelm.stack.launch import Launch, replica_launches, router_available, router_launch
 from slicelm.stack.planning import StackPlan
+from slicelm.stack.prefetch import prefetch
 from slicelm.stack.procs import port_free, tail
 from slicelm.stack.spec import StackSpec
 from slicelm.stack.state import live_supervisor, read_state
@@ -128,8 +129,11 @@ def supervise(spec: StackSpec, plan: StackPlan, run_dir: Path, console: Console,
     """Runs the stack in this process until SIGTERM / Ctrl-C. 0 after a clean drain, 1 if a process
     failed to start (named, with the end of its log)."""
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    pins = prefetch(spec)  # Hub ids: fetched once, here; replicas pinned to those commits
     daemons, mps_env = start_mps(spec, plan, run_dir, dry_run=False)
     replicas = replica_launches(spec, plan, run_dir, mps_env)
+    for la in replicas:
+        la.cmd += pins.get(la.model or "", [])
     sup = Supervisor(run_dir, spec.source or "", replicas, router_launch(spec, run_dir),
                      spec.slicelm.startupTimeout, spec.slicelm.restartLimit, spec.warnings, daemons, plan.devices)
     sup.install_signal_handlers()

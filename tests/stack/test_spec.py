@@ -124,15 +124,27 @@ def test_hami_values_parse_as_hami_does() -> None:
 
 
 def test_known_production_stack_keys_are_reported_ignored() -> None:
-    raw = stack(repository="vllm/vllm-openai", pvcStorage="10Gi", hf_token="t", keda={"enabled": True},
+    raw = stack(repository="vllm/vllm-openai", pvcStorage="10Gi", keda={"enabled": True},
                 vllmConfig={"maxLoras": 4, "v0": "1"}, podAnnotations={"prometheus.io/scrape": "true"})
     raw["routerSpec"] = {"ingress": {"enabled": True}, "serviceDiscovery": "k8s"}
     raw["cacheserverSpec"] = {"enabled": False}
     warnings = parse_stack(raw).warnings
-    for path in (f"{M0}.repository", f"{M0}.pvcStorage", f"{M0}.hf_token", f"{M0}.keda",
+    for path in (f"{M0}.repository", f"{M0}.pvcStorage", f"{M0}.keda",
                  f"{M0}.vllmConfig.maxLoras", f"{M0}.vllmConfig.v0", f"{M0}.podAnnotations[prometheus.io/scrape]",
                  "routerSpec.ingress", "routerSpec.serviceDiscovery", "cacheserverSpec"):
         assert any(w.startswith(f"{path}: ignored (") for w in warnings), (path, warnings)
+
+
+def test_hf_token_string_is_the_replicas_hf_token_and_a_secret_ref_is_reported() -> None:
+    from slicelm.stack.serve_args import model_env
+
+    spec = parse_stack(stack(hf_token="hf_abc", env=[{"name": "HF_HOME", "value": "/models"}]))
+    assert model_env([], spec.models()[0], None) == {"HF_TOKEN": "hf_abc", "HF_HOME": "/models"}
+    ref = parse_stack(stack(hf_token={"secretName": "hf", "secretKey": "token"}))
+    assert "HF_TOKEN" not in model_env([], ref.models()[0], None)
+    assert any(w.startswith(f"{M0}.hf_token: ignored by slicelm up") for w in ref.warnings)
+    with pytest.raises(StackSpecError, match="hf_token"):
+        parse_stack(stack(hf_token={"secretName": "hf"}))
 
 
 def test_shared_examples_are_there() -> None:

@@ -50,11 +50,14 @@ def serve(args: argparse.Namespace) -> int:
 def run_api_servers(args: argparse.Namespace) -> int:
     from slicelm.config import EngineArgs
     from slicelm.engine.core_shared import SharedCoreProcess
+    from slicelm.loader.model_files import pin_hub_snapshots
 
     count = int(args.api_server_count)
+    engine_args = pin_hub_snapshots(EngineArgs.from_cli_args(args))  # Hub ids: fetched once, before any process
+    args.revision, args.tokenizer_revision = engine_args.revision, engine_args.tokenizer_revision
     prom_dir = _multiproc_dir()
     sock = _bind(args)
-    core = SharedCoreProcess(EngineArgs.from_cli_args(args), count)
+    core = SharedCoreProcess(engine_args, count)
     servers: list[Any] = []
     try:
         info = core.wait_ready()
