@@ -117,7 +117,10 @@ def plan_memory(
     reserved = torch.cuda.memory_reserved(device)
     non_torch = max(0, used - reserved) if used is not None else DEFAULT_NON_TORCH_BYTES
     non_torch += NON_TORCH_GROWTH_BYTES
-    kv_bytes = budget_bytes - weights - activation_bytes - graph_pool_bytes - non_torch
+    # the cap (cap_allocator) bounds what the allocator reserves: memory it holds in segments that a live
+    # tensor pins (a previous engine's leftovers in this process) is as unavailable as the weights
+    stranded = max(0, reserved - weights)
+    kv_bytes = budget_bytes - weights - stranded - activation_bytes - graph_pool_bytes - non_torch
     num_blocks = kv_bytes // bytes_per_block
     plan = MemoryPlan(budget_bytes, weights, activation_bytes, graph_pool_bytes, max(kv_bytes, 0),
                       max(num_blocks, 0), source, non_torch)
