@@ -67,6 +67,14 @@ class LinearMethod(ABC):
         target = shard_view(layer, name, param, spec, shard)
         if spec.per_shard:
             tensor = tensor.reshape(()) if shard is not None else tensor.reshape(()).expand(target.shape)
+        if spec.out_dim is None and not spec.per_shard:  # every shard carries the same tensor
+            seen = layer.__dict__.setdefault("_shared_loaded", set())
+            if name in seen:
+                if tuple(target.shape) == tuple(tensor.shape) and not torch.equal(target, tensor.to(target)):
+                    raise ValueError(f"tensor {layer.prefix}.{name} of shard {shard} differs from another shard's; "
+                                     "the fused layer's shards must share it")
+                return
+            seen.add(name)
         if tuple(target.shape) != tuple(tensor.shape):
             raise ValueError(f"tensor {layer.prefix}.{name} (shard {shard}) has shape {tuple(tensor.shape)}, "
                              f"expected {tuple(target.shape)}")

@@ -97,6 +97,15 @@ def _matches(pattern: str, name: str) -> bool:
     return name == pattern or name.endswith("." + pattern) or ("." + pattern + ".") in ("." + name + ".")
 
 
+def _infer_method(raw: dict[str, Any]) -> str:
+    """AutoAWQ's quant_config.json and AutoGPTQ's quantize_config.json may not name their method."""
+    if "w_bit" in raw or "zero_point" in raw or "q_group_size" in raw:
+        return "awq"
+    if "desc_act" in raw or "damp_percent" in raw:
+        return "gptq"
+    return ""
+
+
 def parse_quant_config(hf_config: dict[str, Any], quantization: str | None = None) -> QuantConfig | None:
     """The checkpoint's ``QuantConfig`` (or the online one ``quantization`` asks for), None when unquantized."""
     if quantization is not None and quantization not in METHOD_ALIASES:
@@ -113,7 +122,7 @@ def parse_quant_config(hf_config: dict[str, Any], quantization: str | None = Non
         return QuantConfig("fp8", Fp8Scheme("channel", online=True))
     if not isinstance(raw, dict):
         raise QuantizationError("quantization_config must be a JSON object")
-    method = str(raw.get("quant_method", "")).lower().replace("_", "-") if raw.get("quant_method") else ""
+    method = str(raw.get("quant_method") or wanted or _infer_method(raw)).lower().replace("_", "-")
     method = METHOD_ALIASES.get(method, METHOD_ALIASES.get(method.replace("-", "_"), method))
     if method not in ("awq", "gptq", "compressed-tensors", "fp8"):
         raise QuantizationError(f"quantization_config.quant_method {raw.get('quant_method')!r} is not supported; "
