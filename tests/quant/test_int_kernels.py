@@ -25,8 +25,8 @@ if INTERPRET:
 
     patch_interpreter()
 
-from slicelm.layers.quantization import int_kernels
-from slicelm.layers.quantization.int_weights import dequantize, pack_rows
+from slicelm.layers.quantization import int_kernels  # noqa: E402
+from slicelm.layers.quantization.int_weights import dequantize, pack_rows  # noqa: E402
 
 # (bits, group, zero points, K, M, config): config None = the defaults; M=1 GEMV (split K 1 and 2),
 # 2..256 fused GEMM (fp16 under the interpreter, whose dot has no bf16), >256 dequantize + matmul
