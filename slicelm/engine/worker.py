@@ -21,8 +21,9 @@ from slicelm.engine.kv_cache import KVCacheManager, cdiv
 from slicelm.engine.pooling_runner import PoolingRunner
 from slicelm.engine.runner import ModelRunner, StepHandle, supports_mixed_graphs
 from slicelm.engine.scheduler import Scheduler, SchedulerOutput
+from slicelm.layers.linear import init_dummy_quantized, process_weights_after_loading
 from slicelm.layers.quantization import KV_CACHE_DTYPES, QuantConfig, QuantizationError, parse_quant_config
-from slicelm.layers.quantization.base import cast_model, init_dummy_quantized, process_weights_after_loading
+from slicelm.layers.quantization.base import cast_model
 from slicelm.loader.hub import HubOptions
 from slicelm.loader.model_files import ModelSource, resolve_model
 from slicelm.models.registry import get_model_class, is_pooling_architecture

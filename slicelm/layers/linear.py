@@ -70,3 +70,22 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"method={type(self.method).__name__}")
+
+
+@torch.no_grad()
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Every quantized linear turns its loaded tensors into its kernels' layout (call once, after loading)."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.method.process_weights_after_loading(module)
+
+
+@torch.no_grad()
+def init_dummy_quantized(model: nn.Module, gen: torch.Generator) -> set[str]:
+    """Dummy values for the quantized linears' parameters; returns their qualified names (done)."""
+    done: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, Linear) and module.method.quantized:
+            module.method.init_dummy(module, gen)
+            done |= {f"{prefix}.{n}" for n in module.param_specs}
+    return done

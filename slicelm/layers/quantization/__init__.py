@@ -11,8 +11,8 @@ from slicelm.layers.quantization.config import (
     IntWeightScheme,
     QuantConfig,
     QuantizationError,
-    parse_quant_config,
 )
+from slicelm.layers.quantization.parsers import parse_quant_config
 
 __all__ = ["KV_CACHE_DTYPES", "VLLM_QUANTIZATION_NAMES", "LinearMethod", "QuantConfig", "QuantizationError",
            "get_linear_method", "parse_quant_config"]

@@ -128,26 +128,3 @@ def cast_model(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn
         return t.to(device=device, dtype=None if keep else dtype)
 
     return model._apply(convert)
-
-
-@torch.no_grad()
-def process_weights_after_loading(model: nn.Module) -> None:
-    """Every quantized linear turns its loaded tensors into its kernels' layout (call once, after loading)."""
-    from slicelm.layers.linear import Linear
-
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.method.process_weights_after_loading(module)
-
-
-@torch.no_grad()
-def init_dummy_quantized(model: nn.Module, gen: torch.Generator) -> set[str]:
-    """Dummy values for the quantized linears' parameters; returns their qualified names (done)."""
-    from slicelm.layers.linear import Linear
-
-    done: set[str] = set()
-    for prefix, module in model.named_modules():
-        if isinstance(module, Linear) and module.method.quantized:
-            module.method.init_dummy(module, gen)
-            done |= {f"{prefix}.{n}" for n in module.param_specs}
-    return done

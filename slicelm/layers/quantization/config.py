@@ -9,7 +9,6 @@ naming it, raised before any weight is read.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -95,41 +94,3 @@ def _matches(pattern: str, name: str) -> bool:
 
         return re.fullmatch(pattern[3:], name) is not None or re.search(pattern[3:], name) is not None
     return name == pattern or name.endswith("." + pattern) or ("." + pattern + ".") in ("." + name + ".")
-
-
-def _infer_method(raw: dict[str, Any]) -> str:
-    """AutoAWQ's quant_config.json and AutoGPTQ's quantize_config.json may not name their method."""
-    if "w_bit" in raw or "zero_point" in raw or "q_group_size" in raw:
-        return "awq"
-    if "desc_act" in raw or "damp_percent" in raw:
-        return "gptq"
-    return ""
-
-
-def parse_quant_config(hf_config: dict[str, Any], quantization: str | None = None) -> QuantConfig | None:
-    """The checkpoint's ``QuantConfig`` (or the online one ``quantization`` asks for), None when unquantized."""
-    if quantization is not None and quantization not in METHOD_ALIASES:
-        raise QuantizationError(f"--quantization {quantization!r} is not supported; supported: "
-                                f"{', '.join(VLLM_QUANTIZATION_NAMES)}")
-    wanted = METHOD_ALIASES.get(quantization) if quantization else None
-    raw = hf_config.get("quantization_config")
-    if not raw:
-        if wanted is None:
-            return None
-        if wanted != "fp8":
-            raise QuantizationError(f"--quantization {quantization}: the checkpoint is not quantized (no "
-                                    "quantization_config); only fp8 quantizes a 16-bit checkpoint at load")
-        return QuantConfig("fp8", Fp8Scheme("channel", online=True))
-    if not isinstance(raw, dict):
-        raise QuantizationError("quantization_config must be a JSON object")
-    method = str(raw.get("quant_method") or wanted or _infer_method(raw)).lower().replace("_", "-")
-    method = METHOD_ALIASES.get(method, METHOD_ALIASES.get(method.replace("-", "_"), method))
-    if method not in ("awq", "gptq", "compressed-tensors", "fp8"):
-        raise QuantizationError(f"quantization_config.quant_method {raw.get('quant_method')!r} is not supported; "
-                                f"supported: awq, gptq, compressed-tensors, fp8")
-    if wanted is not None and wanted != method:
-        raise QuantizationError(f"--quantization {quantization} does not match the checkpoint's quant_method "
-                                f"{raw.get('quant_method')!r}")
-    from slicelm.layers.quantization import parsers
-
-    return parsers.PARSERS[method](raw)

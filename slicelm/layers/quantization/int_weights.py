@@ -128,7 +128,7 @@ class IntWeightMethod(LinearMethod):
         if layer.w_perm is not None:
             x = x.index_select(1, layer.w_perm)
         if x.is_cuda:
-            from slicelm.layers.quantization import int_kernels
+            import slicelm.layers.quantization.int_kernels as int_kernels
 
             if int_kernels.supported(x):
                 return int_kernels.int_linear(x, layer.w_q, layer.w_scales, layer.w_zeros, self.bits,

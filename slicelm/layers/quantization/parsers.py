@@ -1,12 +1,19 @@
 """One parser per checkpoint format: its ``quantization_config`` dict -> ``QuantConfig`` (or a
-``QuantizationError`` naming the unsupported field)."""
+``QuantizationError`` naming the unsupported field); ``parse_quant_config`` picks the parser."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from slicelm.layers.quantization.config import Fp8Scheme, IntWeightScheme, QuantConfig, QuantizationError
+from slicelm.layers.quantization.config import (
+    METHOD_ALIASES,
+    VLLM_QUANTIZATION_NAMES,
+    Fp8Scheme,
+    IntWeightScheme,
+    QuantConfig,
+    QuantizationError,
+)
 
 
 def _ignored(raw: dict[str, Any], *keys: str) -> list[str]:
@@ -114,3 +121,39 @@ def parse_fp8(raw: dict[str, Any]) -> QuantConfig:
 PARSERS: dict[str, Callable[[dict[str, Any]], QuantConfig]] = {
     "awq": parse_awq, "gptq": parse_gptq, "compressed-tensors": parse_compressed_tensors, "fp8": parse_fp8,
 }
+
+
+def _infer_method(raw: dict[str, Any]) -> str:
+    """AutoAWQ's quant_config.json and AutoGPTQ's quantize_config.json may not name their method."""
+    if "w_bit" in raw or "zero_point" in raw or "q_group_size" in raw:
+        return "awq"
+    if "desc_act" in raw or "damp_percent" in raw:
+        return "gptq"
+    return ""
+
+
+def parse_quant_config(hf_config: dict[str, Any], quantization: str | None = None) -> QuantConfig | None:
+    """The checkpoint's ``QuantConfig`` (or the online one ``quantization`` asks for), None when unquantized."""
+    if quantization is not None and quantization not in METHOD_ALIASES:
+        raise QuantizationError(f"--quantization {quantization!r} is not supported; supported: "
+                                f"{', '.join(VLLM_QUANTIZATION_NAMES)}")
+    wanted = METHOD_ALIASES.get(quantization) if quantization else None
+    raw = hf_config.get("quantization_config")
+    if not raw:
+        if wanted is None:
+            return None
+        if wanted != "fp8":
+            raise QuantizationError(f"--quantization {quantization}: the checkpoint is not quantized (no "
+                                    "quantization_config); only fp8 quantizes a 16-bit checkpoint at load")
+        return QuantConfig("fp8", Fp8Scheme("channel", online=True))
+    if not isinstance(raw, dict):
+        raise QuantizationError("quantization_config must be a JSON object")
+    method = str(raw.get("quant_method") or wanted or _infer_method(raw)).lower().replace("_", "-")
+    method = METHOD_ALIASES.get(method, METHOD_ALIASES.get(method.replace("-", "_"), method))
+    if method not in ("awq", "gptq", "compressed-tensors", "fp8"):
+        raise QuantizationError(f"quantization_config.quant_method {raw.get('quant_method')!r} is not supported; "
+                                f"supported: awq, gptq, compressed-tensors, fp8")
+    if wanted is not None and wanted != method:
+        raise QuantizationError(f"--quantization {quantization} does not match the checkpoint's quant_method "
+                                f"{raw.get('quant_method')!r}")
+    return PARSERS[method](raw)
