@@ -9,6 +9,7 @@ business: the worker never loads one.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import Iterator
@@ -164,6 +165,8 @@ class Worker:
         backend = get_attention_backend(self.device, args.attention_backend, args.attention_flash_prefill,
                                         args.attention_decode_splits)
         if quant_config is not None:
+            if "quant_config" not in inspect.signature(model_cls).parameters:
+                raise QuantizationError(f"{model_cls.__name__} does not support quantized checkpoints")
             return model_cls(source.config, attn_backend=backend, quant_config=quant_config)
         return model_cls(source.config, attn_backend=backend)
 
