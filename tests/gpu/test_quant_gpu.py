@@ -87,6 +87,18 @@ def test_fp8_activation_quant_and_scaled_mm():
     assert rel(out, exact) < 6e-2  # activation quantization error
 
 
+@pytest.mark.parametrize("m", [1, 16, 64, 256, 300])
+def test_fp8_block_linear_matches_dequantized(m):
+    from slicelm.layers.quantization.fp8 import dequantize_blocks
+    from slicelm.layers.quantization.fp8_kernels import fp8_block_linear
+
+    w = (torch.randn(6144, 4096, device=DEV) * 64).to(torch.float8_e4m3fn)
+    scale = torch.rand(48, 32, device=DEV) * 1e-3 + 1e-4
+    x = torch.randn(m, 4096, device=DEV, dtype=torch.bfloat16)
+    ref = x.double() @ dequantize_blocks(w, scale, (128, 128)).double().T
+    assert rel(fp8_block_linear(x, w, scale, (128, 128), None), ref) < 1e-2
+
+
 FORMATS = {
     "awq": lambda hf, p: write_awq(hf, p, group=64),
     "gptq_act_order": lambda hf, p: write_gptq(hf, p, bits=4, group=64, sym=False, desc_act=True),

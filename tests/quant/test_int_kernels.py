@@ -71,6 +71,21 @@ def test_split_k_tickets_are_reset():
     assert torch.equal(a, int_kernels.int_linear(x, w_q, scales, zeros, 4, 512, None, (16, 16, 4, 4, 1)))
 
 
+@pytest.mark.parametrize("m", [1, 20, 300])
+def test_fp8_block_linear_matches_dequantized(m):
+    from slicelm.layers.quantization.fp8 import dequantize_blocks
+    from slicelm.layers.quantization.fp8_kernels import fp8_block_linear
+
+    g = torch.Generator().manual_seed(m)
+    w = (torch.randn(200, 384, generator=g) * 100).to(torch.float8_e4m3fn)  # N not a multiple of the block
+    scale = torch.rand(2, 3, generator=g) * 1e-3 + 1e-4
+    x = torch.randn(m, 384, generator=g).half()
+    bias = torch.randn(200, generator=g).half()
+    ref = x.float() @ dequantize_blocks(w, scale, (128, 128)).T + bias.float()
+    out = fp8_block_linear(x, w, scale, (128, 128), bias)
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 2e-3
+
+
 def test_interpreter_subprocess():
     env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
@@ -147,4 +162,4 @@ if INTERPRET:
                   "test_gemv_variants_compile_without_spills", "test_gemm_compiles_for_sm90_without_spills"):
         del globals()[_name]
 else:  # the interpreted tests only run in the child
-    del test_int_linear_matches_dequantized, test_split_k_tickets_are_reset
+    del test_int_linear_matches_dequantized, test_split_k_tickets_are_reset, test_fp8_block_linear_matches_dequantized

@@ -3,8 +3,9 @@
 ``weight_scale``), and ``--quantization fp8`` of a 16-bit checkpoint (per-channel scales computed at load).
 
 W8A8 on CUDA devices with fp8 tensor cores (sm >= 8.9): activations quantized per token (dynamic) or with the
-checkpoint's ``input_scale`` (static), then ``torch._scaled_mm`` with row-wise scales. Block-scaled weights, CPU
-and older GPUs dequantize the weight (weight-only, as vLLM's fallback does).
+checkpoint's ``input_scale`` (static), then ``torch._scaled_mm`` with row-wise scales. Block-scaled weights are
+weight-only on CUDA (``fp8_kernels.fp8_block_linear`` dequantizes inside the K loop of a tensor-core GEMM); the
+CPU and older GPUs dequantize the weight (weight-only, as vLLM's fallback does).
 """
 
 from __future__ import annotations
@@ -107,6 +108,12 @@ class Fp8LinearMethod(LinearMethod):
                                    out_dtype=torch.bfloat16)
             out = out.to(x.dtype)
             return out + bias if bias is not None else out
+        if (x.is_cuda and s.weight_strategy == "block" and not s.online and x.dtype in (torch.float16, torch.bfloat16)
+                and s.block_size is not None):
+            from slicelm.layers.quantization.fp8_kernels import fp8_block_linear
+
+            scale = layer.weight_scale_inv if self.names == "fp8" else layer.weight_scale
+            return fp8_block_linear(x, layer.weight, scale, s.block_size, bias)
         return F.linear(x, self.dequantized(layer).to(x.dtype), bias)
 
     def dequantized(self, layer: Linear) -> torch.Tensor:
