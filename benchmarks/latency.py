@@ -83,12 +83,18 @@ def decode_runs(engine, prompt_len: int, new_tokens: int, repeats: int) -> list[
     return runs
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def decode_parser(doc: str) -> argparse.ArgumentParser:
+    """Workload B's flags (shape, prompt length, new tokens, repeats)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    return ap
+
+
+def main() -> None:
+    ap = decode_parser(__doc__)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--name", default="latency")
     ap.add_argument("--profile", action="store_true", help="also save a kernel table of the batch-1 graph replay")

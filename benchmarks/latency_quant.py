@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import AWQ_G128, SHAPES, environment, measure_copy_bandwidth, save_result, write_config_dir
-from latency import decode_runs, profile_graph_replay, time_graph_replay
+from latency import decode_parser, decode_runs, profile_graph_replay, time_graph_replay
 
 
 def checkpoint_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -70,11 +70,7 @@ def measure(args: argparse.Namespace, root: str, quant: dict | None, bandwidth: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = decode_parser(__doc__)
     ap.add_argument("--profile", action="store_true", help="also save the kernel table of the AWQ graph replay")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shape, few tokens: checks the script")
     args = ap.parse_args()

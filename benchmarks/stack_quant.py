@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import AWQ_G128, environment, save_result, write_config_dir
-from stack_memory import MiB, Sampler, count, slicelm, up
+from stack_memory import MiB, Sampler, count, stop_and_down, up
 
 MODELS = {"mistral-7b-awq": "mistral-7b-v0.3", "qwen2.5-7b-awq": "qwen2.5-7b"}
 
@@ -105,11 +105,7 @@ def main() -> None:
         stats = asyncio.run(load_through_router(state["router"]["url"], list(MODELS), args.duration,
                                                 args.concurrency, lengths))
     finally:
-        if sampler:
-            sampler.stop.set()
-            sampler.join()
-        ps = json.loads(slicelm("ps", "--run-dir", str(run_dir), "--format", "json").stdout)
-        slicelm("down", "--run-dir", str(run_dir))
+        ps = stop_and_down(sampler, run_dir)
     rows = []
     for r in state["replicas"]:
         peak = sampler.peak.get(r["pid"], 0) if sampler else 0

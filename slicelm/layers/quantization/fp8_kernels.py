@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from slicelm.layers.quantization.int_kernels import gemm_tile_offsets, store_gemm_tile, x_tile
+
 FP8_MAX = 448.0
 
 
@@ -77,21 +79,13 @@ def _fp8_block_tile(W, S, rows, k0, K, stride_w, stride_s, BSN: tl.constexpr, BS
 def _fp8_block_gemm_kernel(X, W, S, B, OUT, M, N, K, stride_xm, stride_om, stride_w, stride_s,
                            BSN: tl.constexpr, BSK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
+    offs_m, offs_n, rows, offs_k, m_mask = gemm_tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + (k0 + offs_k)[None, :],
-                    mask=m_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+        x = x_tile(X, offs_m, m_mask, k0 + offs_k, K, stride_xm)
         w = _fp8_block_tile(W, S, rows, k0, K, stride_w, stride_s, BSN, BSK, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-    if HAS_BIAS:
-        acc += tl.load(B + rows).to(tl.float32)[None, :]
-    tl.store(OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc.to(OUT.dtype.element_ty),
-             mask=m_mask[:, None] & (offs_n < N)[None, :])
+    store_gemm_tile(OUT, acc, B, rows, offs_m, offs_n, m_mask, N, stride_om, HAS_BIAS)
 
 
 @triton.jit

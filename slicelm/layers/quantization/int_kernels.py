@@ -204,27 +204,41 @@ def _dequant_tile(WQ, S, Z, rows, k0, K, stride_w, stride_s, ONE, BITS: tl.const
     return tl.reshape(w_f, (BLOCK_N, BLOCK_K))
 
 
+@triton.jit
+def gemm_tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's output rows / columns (and the weight rows read, clamped into N), K offsets, row mask."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, tl.minimum(offs_n, N - 1).to(tl.int64), tl.arange(0, BLOCK_K), offs_m < M
+
+
+@triton.jit
+def store_gemm_tile(OUT, acc, B, rows, offs_m, offs_n, m_mask, N, stride_om, HAS_BIAS: tl.constexpr):
+    """``acc (+ bias)`` into ``OUT`` in its dtype."""
+    if HAS_BIAS:
+        acc += tl.load(B + rows).to(tl.float32)[None, :]
+    tl.store(OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc.to(OUT.dtype.element_ty),
+             mask=m_mask[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def x_tile(X, offs_m, m_mask, offs_k, K, stride_xm):
+    """Rows ``offs_m`` (masked by ``m_mask``), columns ``offs_k`` (< K) of the activations (zeros outside)."""
+    return tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                   mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+
+
 @triton.jit(do_not_specialize=["M", "N", "K", "ONE"])
 def _gemm_kernel(X, WQ, S, Z, B, OUT, M, N, K, stride_xm, stride_om, stride_w, stride_s, ONE,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
+    offs_m, offs_n, rows, offs_k, m_mask = gemm_tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + (k0 + offs_k)[None, :],
-                    mask=m_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+        x = x_tile(X, offs_m, m_mask, k0 + offs_k, K, stride_xm)
         w = _dequant_tile(WQ, S, Z, rows, k0, K, stride_w, stride_s, ONE, BITS, GROUP, HAS_ZP, BLOCK_N, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-    if HAS_BIAS:
-        acc += tl.load(B + rows).to(tl.float32)[None, :]
-    o_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
+    store_gemm_tile(OUT, acc, B, rows, offs_m, offs_n, m_mask, N, stride_om, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=["ONE"])
