@@ -122,11 +122,16 @@ def _gemv_kernel(X, WQ, S, Z, B, OUT, WS, LOCK, N, K, stride_w, stride_s, ONE,
     else:
         s_off = rows[:, None] * stride_s + (k_lo // GROUP + offs_c * (VEC * PACK) // GROUP)[None, :]
     s_ptrs = S + s_off
-    s_one = tl.load(s_ptrs).to(tl.float32)
-    z = (1 << (BITS - 1)) * 1.0
+    z_ptrs = Z + s_off
+    s = tl.zeros((BLOCK_N, CHUNKS), tl.float32)
     if HAS_ZP:
-        z_ptrs = Z + s_off
-        z = tl.load(z_ptrs).to(tl.float32)
+        z = tl.zeros((BLOCK_N, CHUNKS), tl.float32)
+    else:
+        z = (1 << (BITS - 1)) * 1.0
+    if ONE_GROUP:  # loaded once (row offsets only: valid even for an empty split)
+        s = tl.load(s_ptrs).to(tl.float32)
+        if HAS_ZP:
+            z = tl.load(z_ptrs).to(tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs)
@@ -140,9 +145,7 @@ def _gemv_kernel(X, WQ, S, Z, B, OUT, WS, LOCK, N, K, stride_w, stride_s, ONE,
         part = tl.sum(tl.reshape(part, (BLOCK_N, CHUNKS, VEC)), axis=2)  # per 4-word chunk (one thread's)
         sum_xs = tl.sum(tl.reshape(tl.sum(xs, axis=1), (CHUNKS, VEC)), axis=1)
         sum_x = tl.sum(tl.reshape(tl.sum(x.to(tl.float32), axis=1), (CHUNKS, VEC)), axis=1)
-        if ONE_GROUP:
-            s = s_one
-        else:
+        if not ONE_GROUP:
             if EVEN_K:
                 s = tl.load(s_ptrs).to(tl.float32)
                 if HAS_ZP:
@@ -282,6 +285,7 @@ def gemv_config(bits: int, group: int, n: int, k: int, num_sms: int) -> tuple[in
     split = 1
     while tiles * split < 3 * num_sms and steps // (split * 2) >= 1 and split < 16:
         split *= 2
+    split = triton.cdiv(steps, triton.cdiv(steps, split))  # no empty split
     return block_n, block_kw, split, 4, 3
 
 
