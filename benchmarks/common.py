@@ -147,3 +147,14 @@ def save_result(name: str, result: dict[str, Any]) -> Path:
         (Path(out_dir) / path.name).write_text(path.read_text())
     print(f"saved {path}")
     return path
+
+
+def run_child(script: str, argv: list[str], timeout: float = 900) -> dict[str, Any]:
+    """Run ``script argv --child-out FILE`` in a fresh process and return the JSON it wrote there: one engine per
+    process, so each engine measured in a run starts on an empty GPU whatever the previous one left behind."""
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        subprocess.run([sys.executable, script, *argv, "--child-out", f.name], check=True, timeout=timeout)
+        return json.loads(Path(f.name).read_text())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import AWQ_G128, SHAPES, environment, measure_copy_bandwidth, save_result, write_config_dir
+from common import AWQ_G128, SHAPES, environment, measure_copy_bandwidth, run_child, save_result, write_config_dir
 from latency import decode_parser, decode_runs, profile_graph_replay, time_graph_replay
 
 
@@ -73,14 +74,24 @@ def main() -> None:
     ap = decode_parser(__doc__)
     ap.add_argument("--profile", action="store_true", help="also save the kernel table of the AWQ graph replay")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shape, few tokens: checks the script")
+    ap.add_argument("--child", choices=["bf16", "awq"], help=argparse.SUPPRESS)
+    ap.add_argument("--bandwidth", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:  # one engine in this process (see common.run_child)
+        with tempfile.TemporaryDirectory() as root:
+            out = measure(args, root, AWQ_G128 if args.child == "awq" else None, args.bandwidth)
+        Path(args.child_out).write_text(json.dumps(out))
+        return
     if args.smoke:
         args.shape, args.new_tokens, args.repeats, args.prompt_len = "tiny-llama", 8, 1, 16
     env = environment()
     bandwidth = None if args.smoke else measure_copy_bandwidth()
-    with tempfile.TemporaryDirectory() as root:
-        bf16 = measure(args, root, None, bandwidth)
-        awq = measure(args, root, AWQ_G128, bandwidth)
+    argv = ["--shape", args.shape, "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+            "--prompt-len", str(args.prompt_len), *(["--profile"] if args.profile else []),
+            *(["--smoke"] if args.smoke else ["--bandwidth", str(bandwidth)])]
+    bf16 = run_child(__file__, [*argv, "--child", "bf16"])
+    awq = run_child(__file__, [*argv, "--child", "awq"])
     result = {
         **env,
         "workload": {"name": "B-AWQ (batch-1 decode latency, AWQ 4-bit g128 vs bf16)", "shape": args.shape,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sys
 import tempfile
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import AWQ_G128, SHAPES, environment, save_result, workload_a, write_config_dir
+from common import AWQ_G128, SHAPES, environment, run_child, save_result, workload_a, write_config_dir
 
 FORMATS = {"bf16": (None, None), "awq": (AWQ_G128, None), "fp8": (None, "fp8")}
 
@@ -73,6 +74,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shape, 8 requests of <= 16 tokens")
+    ap.add_argument("--child", choices=list(FORMATS), help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = set(formats) - set(FORMATS)
@@ -82,9 +85,14 @@ def main() -> None:
     if args.smoke:
         args.shape, args.max_num_seqs, args.max_num_batched_tokens = "tiny-llama", 8, 512
         reqs = [(p[:32], min(o, 16)) for p, o in workload_a(8)]
+    if args.child:  # one engine in this process (see common.run_child)
+        with tempfile.TemporaryDirectory() as root:
+            Path(args.child_out).write_text(json.dumps(run_format(args, root, args.child, reqs)))
+        return
     env = environment()
-    with tempfile.TemporaryDirectory() as root:
-        results = {fmt: run_format(args, root, fmt, reqs) for fmt in formats}
+    argv = ["--shape", args.shape, "--num-requests", str(args.num_requests), "--max-num-seqs", str(args.max_num_seqs),
+            "--max-num-batched-tokens", str(args.max_num_batched_tokens), *(["--smoke"] if args.smoke else [])]
+    results = {fmt: run_child(__file__, [*argv, "--child", fmt]) for fmt in formats}
     ratios = {f"{fmt}_vs_bf16": results[fmt]["output_tokens_per_s"] / results["bf16"]["output_tokens_per_s"]
               for fmt in formats if fmt != "bf16" and "bf16" in results}
     result = {
