@@ -275,9 +275,8 @@ def gemv_config(bits: int, group: int, n: int, k: int, num_sms: int) -> tuple[in
     tuned = TUNED.get(("gemv", bits, group, n, k))
     if tuned is not None:
         return tuned  # type: ignore[return-value]
-    group = k if group in (-1, 0) else group
     block_kw = 32
-    while block_kw * (32 // bits) % group:
+    while 0 < group < k and block_kw * (32 // bits) % group:  # steps hold whole groups (per-channel: any)
         block_kw *= 2
     block_n = 128 if n >= 2048 else 64 if n >= 512 else 16
     tiles = triton.cdiv(n, block_n)
