@@ -15,7 +15,9 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from slicelm import LLM, SamplingParams  # noqa: E402
-from slicelm.layers.quantization import int_kernels  # noqa: E402
+from slicelm.layers.linear import Linear, process_weights_after_loading  # noqa: E402
+from slicelm.layers.quantization import Fp8Scheme, IntWeightScheme, QuantConfig, int_kernels  # noqa: E402
+from slicelm.layers.quantization.base import cast_model  # noqa: E402
 from slicelm.layers.quantization.fp8 import quantize_rows  # noqa: E402
 from slicelm.layers.quantization.fp8_kernels import quantize_activations, quantize_activations_ref  # noqa: E402
 from slicelm.layers.quantization.int_weights import dequantize, pack_rows  # noqa: E402
@@ -48,6 +50,80 @@ def test_int_linear_matches_dequantized(n, k, bits, group, zp):
         ref = x.double() @ w.double().T + bias.double()
         out = int_kernels.int_linear(x, w_q, scales, zeros, bits, k, bias.to(dtype))
         assert rel(out, ref) < 1e-2, (m, dtype, rel(out, ref))
+
+
+def _layer_pair(qc: QuantConfig, n_sizes: list[int], k: int, act_order: bool = False) -> tuple[Linear, Linear]:
+    """One quantized ``Linear`` with random checkpoint tensors, loaded twice: float32 on the CPU (the dequantizing
+    path) and bf16 on the GPU (its kernels), each through ``process_weights_after_loading``."""
+    def make() -> Linear:
+        return Linear(k, sum(n_sizes), bias=True, quant_config=qc, prefix="model.layers.0.self_attn.qkv_proj",
+                      output_sizes=n_sizes)
+
+    layer = make()
+    layer.method.init_dummy(layer, torch.Generator().manual_seed(0))
+    if act_order:  # GPTQ desc_act: every group's columns scattered over the input dim
+        g = torch.arange(k) // qc.scheme.group_size
+        layer.g_idx.copy_(g[torch.randperm(k, generator=torch.Generator().manual_seed(1))].to(torch.int32))
+    if layer.param_specs.get("weight") is not None and layer.weight.dtype == torch.float8_e4m3fn:
+        w = torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(3)) * 100
+        layer.weight.copy_(w.clamp(-448, 448).to(torch.float8_e4m3fn))  # e4m3's whole range, not N(0, 0.02)
+    for name in ("weight_scale", "weight_scale_inv"):  # per-shard / per-row / per-block scales that differ
+        if name in layer.param_specs:
+            p = getattr(layer, name)
+            p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(2)) * 2e-3 + 5e-4)
+    gpu = make()
+    gpu.load_state_dict(layer.state_dict())
+    gpu = cast_model(gpu, torch.bfloat16, DEV)
+    for model in (layer, gpu):
+        process_weights_after_loading(model)
+    return layer, gpu
+
+
+INT_LAYERS = {
+    "awq_g128": (QuantConfig("awq", IntWeightScheme(4, 128, False)), False),
+    "gptq_g128_act_order": (QuantConfig("gptq", IntWeightScheme(4, 128, False, act_order=True)), True),
+    "gptq_8bit_channel": (QuantConfig("gptq", IntWeightScheme(8, -1, True)), False),
+    "ct_w4a16_sym_g32": (QuantConfig("compressed-tensors", IntWeightScheme(4, 32, True)), False),
+}
+
+
+@pytest.mark.parametrize("fmt", list(INT_LAYERS))
+@pytest.mark.parametrize(("n_sizes", "k"), [([4096, 1024, 1024], 4096), ([4096], 14336)])  # qkv, down
+def test_int_checkpoint_layer_gemv_and_gemm_match_cpu_path(fmt, n_sizes, k):
+    """AWQ / GPTQ (act-order) / compressed-tensors layouts at 8B shapes: batch 1 (GEMV), 2-256 rows (fused GEMM)
+    and a prefill chunk (dequant + cuBLAS) against the CPU layer on the same checkpoint tensors."""
+    qc, act_order = INT_LAYERS[fmt]
+    cpu, gpu = _layer_pair(qc, n_sizes, k, act_order)
+    assert (gpu.w_perm is not None) == act_order
+    for m in (1, 5, 64, 300):
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        ref = cpu(x.float()).double()
+        assert rel(gpu(x.to(DEV)).cpu(), ref) < 1e-2, (fmt, m)
+
+
+FP8_LAYERS = {
+    "fp8_per_tensor": QuantConfig("fp8", Fp8Scheme("tensor")),
+    "ct_fp8_per_channel": QuantConfig("compressed-tensors", Fp8Scheme("channel")),
+    "ct_fp8_static_input": QuantConfig("compressed-tensors", Fp8Scheme("channel", activation="static")),
+    "fp8_block_128": QuantConfig("fp8", Fp8Scheme("block", (128, 128))),
+}
+
+
+@pytest.mark.parametrize("fmt", list(FP8_LAYERS))
+def test_fp8_layer_matches_cpu_path(fmt):
+    """W8A8 ``_scaled_mm`` (per-tensor scales of fused shards, per-channel, static input scale) and the block-scaled
+    Triton GEMM against the CPU's dequantized weight; W8A8 also quantizes activations (looser bound)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 tensor cores need sm >= 8.9")
+    qc = FP8_LAYERS[fmt]
+    cpu, gpu = _layer_pair(qc, [4096, 1024, 1024], 4096)
+    if qc.scheme.activation == "static":
+        for layer in (cpu, gpu):
+            layer.in_scale.fill_(0.02)  # |x| < ~9: inside e4m3's range at this scale
+    bound = 1e-2 if qc.scheme.weight_strategy == "block" else 6e-2
+    for m in (1, 16, 300):
+        x = torch.randn(m, 4096, dtype=torch.bfloat16)
+        assert rel(gpu(x.to(DEV)).cpu(), cpu(x.float()).double()) < bound, (fmt, m)
 
 
 def test_gemv_split_k_and_configs_and_cuda_graph():
@@ -133,8 +209,9 @@ def test_quantized_checkpoint_on_gpu_matches_cpu_path(fmt, tmp_path):
         assert got[:agree] == want[:agree], (got, want)
 
 
-@pytest.mark.parametrize("kv_scales", [(1.0, 1.0), (0.5, 2.0)])
-def test_triton_attention_reads_fp8_cache_like_torch(kv_scales):
+@pytest.mark.parametrize(("kv_scales", "window", "soft_cap"),
+                         [((1.0, 1.0), None, None), ((0.5, 2.0), None, None), ((0.5, 2.0), 64, 50.0)])
+def test_triton_attention_reads_fp8_cache_like_torch(kv_scales, window, soft_cap):
     from slicelm.layers.attention import TorchAttentionBackend
     from slicelm.layers.triton.backend import TritonAttentionBackend
 
@@ -150,7 +227,8 @@ def test_triton_attention_reads_fp8_cache_like_torch(kv_scales):
         q = torch.randn(t, kh * group, d, device=DEV, dtype=torch.bfloat16)
         k = torch.randn(t, kh, d, device=DEV, dtype=torch.bfloat16)
         v = torch.randn(t, kh, d, device=DEV, dtype=torch.bfloat16)
-        outs = {n: b.forward(q, k, v, caches[n], step.meta, d**-0.5, kv_scales=kv_scales)
+        outs = {n: b.forward(q, k, v, caches[n], step.meta, d**-0.5, sliding_window=window, soft_cap=soft_cap,
+                             kv_scales=kv_scales)
                 for n, b in backends.items()}
         assert torch.equal(caches["torch"].view(torch.uint8), caches["triton"].view(torch.uint8))
         assert rel(outs["triton"], outs["torch"]) < 1e-2
