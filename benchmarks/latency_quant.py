@@ -1,7 +1,7 @@
 """B-AWQ: batch-1 decode latency (TPOT) of a Llama-3.1-8B shape in AWQ 4-bit g128 against its byte floor, and
 the bf16 model's TPOT, in one run (workload B: 128-token prompt, 256 new tokens, random weights).
 
-    python benchmarks/latency_quant.py            # H200: ~2 min (two 8B engines built on the CPU, graphs captured)
+    python benchmarks/latency_quant.py            # H200: ~2 min (two 8B engines, one per process, graphs captured)
     python benchmarks/latency_quant.py --smoke    # CPU, tiny shape: checks the script, writes a cpu result
 
 Floor = bytes a decode step must read ÷ the device-to-device copy rate measured in the same run. For AWQ:
