@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import save_file
+from utils_parity import hf_greedy
 
 VOCAB = 512
 SHAPE = {"vocab_size": VOCAB, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
@@ -229,13 +230,5 @@ def reference_generate(hf: transformers.PreTrainedModel, deq: dict[str, torch.Te
     with torch.no_grad():
         for name, w in deq.items():
             ref.get_submodule(name).weight.copy_(w)
-    out = []
-    with torch.no_grad():
-        for prompt in prompts:
-            gen = ref.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                               do_sample=False, eos_token_id=None, pad_token_id=0, output_scores=True,
-                               return_dict_in_generate=True)
-            tokens = gen.sequences[0, len(prompt):].tolist()
-            lps = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(gen.scores, tokens)]
-            out.append((tokens, lps))
-    return out
+    tokens, logprobs = hf_greedy(ref, prompts, new_tokens)
+    return list(zip(tokens, logprobs, strict=True))
