@@ -1,5 +1,6 @@
 """The int4 / int8 Triton kernels (``layers/quantization/int_kernels.py``) on the CPU through Triton's interpreter,
-against the float32 dequantization; and the real kernels compiled for sm_90 (no GPU needed): no register
+against the float32 dequantization, and the Triton attention kernels reading an fp8 KV cache (scales, sliding
+window, soft-cap) against the torch backend; and the real int kernels compiled for sm_90 (no GPU needed): no register
 spills, and the batch-1 GEMV's inner loop within its instruction budget per weight (what lets it read 4-bit
 weights at full bandwidth). As in ``tests/layers/test_gemv.py``, the interpreted tests run in a child pytest
 with TRITON_INTERPRET=1 (``TRITON_INTERPRET=1 pytest <this file>`` runs them directly)."""
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from utils_triton import keep_tests_for_this_process
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if importlib.util.find_spec("triton") is None:
@@ -83,6 +85,28 @@ def test_fp8_block_linear_matches_dequantized(m):
     ref = x.float() @ dequantize_blocks(w, scale, (128, 128)).T + bias.float()
     out = fp8_block_linear(x, w, scale, (128, 128), bias)
     assert (out.float() - ref).abs().max() / ref.abs().max() < 2e-3
+
+
+@pytest.mark.parametrize(("window", "soft_cap"), [(None, None), (8, 30.0)])
+def test_triton_attention_reads_scaled_fp8_cache_like_torch(window, soft_cap):
+    """The cache is written by the torch backend (the interpreter's own fp8 rounding is not the GPU's), then
+    both backends read it: prefill/chunk rows (unified kernel) and decode rows (split-KV kernel)."""
+    from utils_paged import PagedBatch, make_kv_caches
+
+    from slicelm.layers.attention import TorchAttentionBackend
+    from slicelm.layers.triton.backend import TritonAttentionBackend
+
+    kh, group, d, bs = 2, 2, 32, 16
+    torch.manual_seed(0)
+    batch = PagedBatch([41, 24], bs, first_block=1, shuffle_seed=0, device=torch.device("cpu"))
+    cache = make_kv_caches(1, batch.num_blocks, bs, kh, d, torch.float8_e4m3fn, torch.device("cpu"))[0]
+    opts = {"sliding_window": window, "soft_cap": soft_cap, "kv_scales": (0.5, 2.0)}
+    for step in (batch.step([[0] * 30, [0] * 20]), batch.step([[0] * 10, [0] * 3]), batch.decode([0, 0])):
+        t = step.meta.num_tokens
+        q, k, v = torch.randn(t, kh * group, d), torch.randn(t, kh, d), torch.randn(t, kh, d)
+        ref = TorchAttentionBackend().forward(q, k, v, cache, step.meta, d**-0.5, **opts)
+        out = TritonAttentionBackend().forward(q, None, None, cache, step.meta, d**-0.5, **opts)
+        assert (out - ref).norm() / ref.norm() < 1e-4, step.meta.is_decode_only
 
 
 def test_interpreter_subprocess():
@@ -154,9 +178,7 @@ def test_gemm_compiles_for_sm90_without_spills(block_m):
     assert use.get("STACK", 0) == 0, use
 
 
-if INTERPRET:
-    for _name in ("test_interpreter_subprocess", "test_gemv_compiles_for_sm90_within_its_instruction_budget",
-                  "test_gemv_variants_compile_without_spills", "test_gemm_compiles_for_sm90_without_spills"):
-        del globals()[_name]
-else:  # the interpreted tests only run in the child
-    del test_int_linear_matches_dequantized, test_split_k_tickets_are_reset, test_fp8_block_linear_matches_dequantized
+keep_tests_for_this_process(globals(), ("test_interpreter_subprocess",
+                                         "test_gemv_compiles_for_sm90_within_its_instruction_budget",
+                                         "test_gemv_variants_compile_without_spills",
+                                         "test_gemm_compiles_for_sm90_without_spills"), INTERPRET)
