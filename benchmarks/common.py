@@ -30,14 +30,36 @@ LLAMA_3_1_8B = {
     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                      "original_max_position_embeddings": 8192},
 }
-SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "llama-3.1-8b": LLAMA_3_1_8B}
+MISTRAL_7B_V03 = {
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336,
+    "vocab_size": 32768, "tie_word_embeddings": False, "rope_theta": 1000000.0, "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 32768, "sliding_window": None, "torch_dtype": "float16",
+}
+QWEN2_5_7B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28,
+    "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
+    "tie_word_embeddings": False, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
+    "sliding_window": 131072, "use_sliding_window": False, "torch_dtype": "float16",
+}
+TINY_LLAMA = {  # CPU smoke runs of the benchmark scripts
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 10240,
+    "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "torch_dtype": "bfloat16",
+}
+SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "llama-3.1-8b": LLAMA_3_1_8B, "mistral-7b-v0.3": MISTRAL_7B_V03,
+          "qwen2.5-7b": QWEN2_5_7B, "tiny-llama": TINY_LLAMA}
+# quantization_config of what AutoAWQ writes for 4-bit g128 (the seed's solidrust / Qwen AWQ releases)
+AWQ_G128 = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
 
 
-def write_config_dir(shape: str, root: str | Path) -> str:
-    """A model directory holding only config.json (weights come from load_format='dummy')."""
-    path = Path(root) / shape
+def write_config_dir(shape: str, root: str | Path, quantization_config: dict | None = None) -> str:
+    """A model directory holding only config.json (weights come from load_format='dummy'); with
+    ``quantization_config`` the random weights are created in that checkpoint format."""
+    path = Path(root) / (shape if quantization_config is None else f"{shape}-{quantization_config['quant_method']}")
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(SHAPES[shape], indent=1))
+    config = {**SHAPES[shape], **({"quantization_config": quantization_config} if quantization_config else {})}
+    (path / "config.json").write_text(json.dumps(config, indent=1))
     return str(path)
 
 
@@ -125,3 +147,14 @@ def save_result(name: str, result: dict[str, Any]) -> Path:
         (Path(out_dir) / path.name).write_text(path.read_text())
     print(f"saved {path}")
     return path
+
+
+def run_child(script: str, argv: list[str], timeout: float = 900) -> dict[str, Any]:
+    """Run ``script argv --child-out FILE`` in a fresh process and return the JSON it wrote there: one engine per
+    process, so each engine measured in a run starts on an empty GPU whatever the previous one left behind."""
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        subprocess.run([sys.executable, script, *argv, "--child-out", f.name], check=True, timeout=timeout)
+        return json.loads(Path(f.name).read_text())

@@ -59,12 +59,42 @@ def profile_graph_replay(engine, name: str, env: dict, iters: int = 20) -> list[
             for e in rows[:30] if e.self_device_time_total > 0]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def decode_runs(engine, prompt_len: int, new_tokens: int, repeats: int) -> list[dict]:
+    """``repeats`` batch-1 generations (after one warm-up) of ``new_tokens`` from a random ``prompt_len`` prompt:
+    TTFT, mean / median gap between steps (TPOT) and end-to-end time of each."""
+    from slicelm.sampling_params import SamplingParams
+
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 10000, (prompt_len,), generator=gen).tolist()
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    runs = []
+    for r in range(repeats + 1):  # the first run warms up
+        engine.add_request(f"r{r}", {"prompt_token_ids": prompt}, params)
+        stamps = []
+        t0 = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+            stamps.append(time.perf_counter())
+        if r == 0:
+            continue
+        gaps = [b - a for a, b in itertools.pairwise(stamps)]
+        runs.append({"ttft_ms": (stamps[0] - t0) * 1e3, "tpot_ms_mean": statistics.fmean(gaps) * 1e3,
+                     "tpot_ms_median": statistics.median(gaps) * 1e3, "e2e_s": stamps[-1] - t0})
+    return runs
+
+
+def decode_parser(doc: str) -> argparse.ArgumentParser:
+    """Workload B's flags (shape, prompt length, new tokens, repeats)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    return ap
+
+
+def main() -> None:
+    ap = decode_parser(__doc__)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--name", default="latency")
     ap.add_argument("--profile", action="store_true", help="also save a kernel table of the batch-1 graph replay")
@@ -72,7 +102,6 @@ def main() -> None:
 
     from slicelm.config import EngineArgs
     from slicelm.engine.engine import LLMEngine
-    from slicelm.sampling_params import SamplingParams
 
     env = environment()
     bandwidth = measure_copy_bandwidth()
@@ -82,24 +111,7 @@ def main() -> None:
                                       enforce_eager=args.enforce_eager))
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.worker.model.parameters())
     floor_ms = weight_bytes / bandwidth * 1e3
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, 10000, (args.prompt_len,), generator=gen).tolist()
-    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-
-    runs = []
-    for r in range(args.repeats + 1):  # the first run warms up
-        engine.add_request(f"r{r}", {"prompt_token_ids": prompt}, params)
-        stamps = []
-        t0 = time.perf_counter()
-        while engine.has_unfinished_requests():
-            engine.step()
-            stamps.append(time.perf_counter())
-        if r == 0:
-            continue
-        ttft = stamps[0] - t0
-        gaps = [b - a for a, b in itertools.pairwise(stamps)]
-        runs.append({"ttft_ms": ttft * 1e3, "tpot_ms_mean": statistics.fmean(gaps) * 1e3,
-                     "tpot_ms_median": statistics.median(gaps) * 1e3, "e2e_s": stamps[-1] - t0})
+    runs = decode_runs(engine, args.prompt_len, args.new_tokens, args.repeats)
     tpot = statistics.median(r["tpot_ms_mean"] for r in runs)
     graph_ms = time_graph_replay(engine)
     result = {

@@ -171,6 +171,16 @@ def up(stack: dict, run_dir: Path) -> tuple[dict, dict]:
     return plan, state
 
 
+def stop_and_down(sampler: Sampler | None, run_dir: Path) -> dict:
+    """Stop sampling, take ``slicelm ps`` (after the load), stop the stack; returns the ps JSON."""
+    if sampler is not None:
+        sampler.stop.set()
+        sampler.join()
+    ps = json.loads(slicelm("ps", "--run-dir", str(run_dir), "--format", "json").stdout)
+    slicelm("down", "--run-dir", str(run_dir))
+    return ps
+
+
 def memory_run(args: argparse.Namespace) -> dict[str, Any]:
     paths = write_models(args.models_dir, args.tokenizer_dir)
     run_dir = args.run_dir / "gpu-rag"
@@ -180,10 +190,7 @@ def memory_run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         stats = asyncio.run(full_load(state["replicas"], args.duration, args.concurrency))
     finally:
-        sampler.stop.set()
-        sampler.join()
-        ps = json.loads(slicelm("ps", "--run-dir", str(run_dir), "--format", "json").stdout)
-        slicelm("down", "--run-dir", str(run_dir))
+        ps = stop_and_down(sampler, run_dir)
     rows = []
     for r in state["replicas"]:
         peak = sampler.peak.get(r["pid"], 0)  # the replica's server leads its process group

@@ -72,6 +72,9 @@ class EngineArgs:
     kv_cache_memory_bytes: str | int | None = None
     enforce_eager: bool = False
     load_format: Literal["auto", "dummy"] = "auto"
+    # vLLM's --quantization (None: what the checkpoint says) and --kv-cache-dtype (auto: the model's dtype)
+    quantization: str | None = None
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = "auto"
     # Overlap host scheduling of step N+1 with device work of step N (default: on for CUDA).
     async_scheduling: bool | None = None
     chat_template: str | None = None
@@ -122,6 +125,8 @@ class EngineArgs:
             raise ValueError(f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}")
         if self.attention_decode_splits is not None and self.attention_decode_splits < 1:
             raise ValueError(f"attention_decode_splits must be >= 1, got {self.attention_decode_splits}")
+        if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
+            raise ValueError(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3; got {self.kv_cache_dtype!r}")
         if self.task not in ("auto", "generate", "embed", "score"):
             raise ValueError(f"task must be one of auto, generate, embed, score; got {self.task!r}")
         self.gpu_memory_budget = parse_size(self.gpu_memory_budget)
@@ -162,6 +167,12 @@ class EngineArgs:
                        help="overlap scheduling of the next step with the current one (default: on for CUDA)")
         g.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
                        help="dummy: random weights from config.json alone (benchmarks)")
+        g.add_argument("--quantization", "-q", default=None,
+                       choices=["awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors", "fp8"],
+                       help="quantization method (default: the checkpoint's quantization_config); fp8 quantizes a "
+                            "16-bit checkpoint at load")
+        g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", "fp8", "fp8_e4m3"],
+                       help="fp8: an e4m3 KV cache (half the bytes per block; scales from the checkpoint or 1.0)")
         g.add_argument("--chat-template", default=None, help="path to a Jinja chat template, or the template")
         g.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "torch", "triton"])
         g.add_argument("--attention-flash-prefill", action=argparse.BooleanOptionalAction,

@@ -9,6 +9,7 @@ business: the worker never loads one.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import Iterator
@@ -21,6 +22,9 @@ from slicelm.engine.kv_cache import KVCacheManager, cdiv
 from slicelm.engine.pooling_runner import PoolingRunner
 from slicelm.engine.runner import ModelRunner, StepHandle, supports_mixed_graphs
 from slicelm.engine.scheduler import Scheduler, SchedulerOutput
+from slicelm.layers.linear import init_dummy_quantized, process_weights_after_loading
+from slicelm.layers.quantization import KV_CACHE_DTYPES, QuantConfig, QuantizationError, parse_quant_config
+from slicelm.layers.quantization.base import cast_model
 from slicelm.loader.hub import HubOptions
 from slicelm.loader.model_files import ModelSource, resolve_model
 from slicelm.models.registry import get_model_class, is_pooling_architecture
@@ -45,7 +49,10 @@ def pick_device(name: str) -> torch.device:
 def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
     """vLLM's ``--load-format dummy``: small random weights (norm scales 1), made on the device."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    quantized = init_dummy_quantized(model, gen)
     for name, p in model.named_parameters():
+        if name in quantized:
+            continue
         if "norm" in name.lower():
             p.fill_(1.0)
         elif name.endswith("bias"):
@@ -121,22 +128,31 @@ class Worker:
         if args.max_model_len is not None and args.max_model_len > max_pos:
             raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's maximum of {max_pos}")
         self.eos_token_ids = model_eos_token_ids(source)
+        quant_config = parse_quant_config(hf_config, args.quantization)
+        if quant_config is not None and pooling:
+            raise QuantizationError(f"{architecture}: quantized checkpoints are supported for generative models only")
         # built on the device in the target dtype: a 30B model never passes through host memory in float32
         with torch.device(self.device), _default_dtype(dtype):
-            model = self._build_model(source, model_cls, pooling)
-        self.model = model.to(dtype=dtype, device=self.device)
+            model = self._build_model(source, model_cls, pooling, quant_config)
+        self.model = cast_model(model, dtype, self.device)  # packed / fp8 tensors and scales keep their dtype
         if args.load_format == "dummy":
             init_dummy_weights(self.model, args.seed)
         else:
             self.model.load_weights(source.iter_weights())
+        process_weights_after_loading(self.model)
         self.model.eval()
+        self.kv_cache_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] or dtype
+        if quant_config is not None or args.kv_cache_dtype != "auto":
+            logger.info("quantization: %s; KV cache %s", quant_config.describe() if quant_config else "none",
+                        self.kv_cache_dtype)
         self.vocab_size = int(hf_config.get("vocab_size") or getattr(self.model, "vocab_size", 0))
         self.hidden_size = int(getattr(self.model, "hidden_size", 0) or hf_config.get("hidden_size") or 0)
         names = args.served_model_name or [args.model]
         self.model_config = ModelConfig(args.model, hf_config, architecture, task, dtype,
                                         args.max_model_len or max_pos, names)
 
-    def _build_model(self, source: ModelSource, model_cls: type, pooling: bool) -> torch.nn.Module:
+    def _build_model(self, source: ModelSource, model_cls: type, pooling: bool,
+                     quant_config: QuantConfig | None) -> torch.nn.Module:
         args = self.args
         if pooling:
             from slicelm.layers.pooler import PoolingConfig
@@ -148,6 +164,10 @@ class Worker:
 
         backend = get_attention_backend(self.device, args.attention_backend, args.attention_flash_prefill,
                                         args.attention_decode_splits)
+        if quant_config is not None:
+            if "quant_config" not in inspect.signature(model_cls).parameters:
+                raise QuantizationError(f"{model_cls.__name__} does not support quantized checkpoints")
+            return model_cls(source.config, attn_backend=backend, quant_config=quant_config)
         return model_cls(source.config, attn_backend=backend)
 
     def initialize_cache(self) -> None:
@@ -177,7 +197,7 @@ class Worker:
     def _initialize_kv_cache(self) -> None:
         args, model = self.args, self.model
         max_model_len = self.model_config.max_model_len
-        num_blocks, kv_caches = self._allocate_kv_cache(args, model, self.model_config.dtype, max_model_len)
+        num_blocks, kv_caches = self._allocate_kv_cache(args, model, self.kv_cache_dtype, max_model_len)
         max_tokens_in_cache = num_blocks * args.block_size
         if max_model_len > max_tokens_in_cache:
             if args.max_model_len is not None:

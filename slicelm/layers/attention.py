@@ -18,17 +18,29 @@ from slicelm.layers.attention_metadata import AttentionBackend, AttentionMetadat
 _MAX_SCORE_ELEMENTS = 1 << 27
 
 
+FP8_KV_MAX = 448.0  # float8_e4m3fn's largest finite value
+
+
+def to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """``x / scale`` in the cache's dtype (fp8 e4m3: saturating, as the Triton kernels convert)."""
+    if cache_dtype == torch.float8_e4m3fn:
+        return (x.float() / scale).clamp(-FP8_KV_MAX, FP8_KV_MAX).to(cache_dtype)
+    return x.to(cache_dtype)
+
+
 def store_kv(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> None:
-    """Write ``key``/``value`` [T, KH, D] into the flat slots of ``kv_cache``; negative slots are skipped."""
+    """Write ``key``/``value`` [T, KH, D] into the flat slots of ``kv_cache``; negative slots are skipped.
+    An fp8 cache holds ``key / kv_scales[0]`` and ``value / kv_scales[1]``."""
     num_kv_heads, head_dim = kv_cache.shape[-2], kv_cache.shape[-1]
     k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
     v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    k_flat[slots] = key[valid].to(kv_cache.dtype)
-    v_flat[slots] = value[valid].to(kv_cache.dtype)
+    k_flat[slots] = to_cache(key[valid], kv_cache.dtype, kv_scales[0])
+    v_flat[slots] = to_cache(value[valid], kv_cache.dtype, kv_scales[1])
 
 
 def gather_kv(
@@ -61,12 +73,13 @@ class TorchAttentionBackend:
         scale: float,
         sliding_window: int | None = None,
         soft_cap: float | None = None,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:
         _, num_heads, head_dim = query.shape
         num_kv_heads = key.shape[1]
         assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
         assert kv_cache.shape[-2:] == (num_kv_heads, head_dim), (kv_cache.shape, key.shape)
-        store_kv(key, value, kv_cache, meta.slot_mapping)
+        store_kv(key, value, kv_cache, meta.slot_mapping, kv_scales)
         group = num_heads // num_kv_heads
         out = torch.empty_like(query)
         for i in range(meta.num_seqs):
@@ -77,8 +90,8 @@ class TorchAttentionBackend:
             assert q_len <= seq_len, (i, q_len, seq_len)
             k, v = gather_kv(kv_cache, meta.block_tables[i], seq_len)
             # [KH, S, D] float32, shared by the `group` query heads of each KV head.
-            kf = k.float().transpose(0, 1)
-            vf = v.float().transpose(0, 1)
+            kf = k.float().transpose(0, 1) * kv_scales[0]
+            vf = v.float().transpose(0, 1) * kv_scales[1]
             kv_pos = torch.arange(seq_len, device=query.device)
             rows = max(1, _MAX_SCORE_ELEMENTS // (num_heads * seq_len))
             for r0 in range(0, q_len, rows):
@@ -156,6 +169,17 @@ class Attention(nn.Module):
         self.backend = backend
         self.sliding_window = sliding_window
         self.soft_cap = soft_cap
+        self.kv_scales = (1.0, 1.0)  # fp8 KV cache: K and V are stored divided by these (checkpoint's or 1.0)
+
+    def set_kv_scale(self, which: str, value: float) -> None:
+        """``which`` "k" or "v": the checkpoint's KV-cache scale (used only with an fp8 cache)."""
+        if not value > 0:
+            raise ValueError(f"KV-cache {which}_scale must be > 0, got {value}")
+        self.kv_scales = (value, self.kv_scales[1]) if which == "k" else (self.kv_scales[0], value)
+
+    @property
+    def unit_kv_scales(self) -> bool:
+        return self.kv_scales == (1.0, 1.0)
 
     @property
     def takes_stored_kv(self) -> bool:
@@ -183,6 +207,9 @@ class Attention(nn.Module):
         else:
             k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
             v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        # scaled fp8 caches only: backends without fp8 support never see the argument
+        scaled = {"kv_scales": self.kv_scales} if kv_cache.dtype == torch.float8_e4m3fn and not self.unit_kv_scales \
+            else {}
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale,
-                                   sliding_window=self.sliding_window, soft_cap=self.soft_cap)
+                                   sliding_window=self.sliding_window, soft_cap=self.soft_cap, **scaled)
         return out.reshape(num_tokens, self.num_heads * self.head_dim) if flat else out

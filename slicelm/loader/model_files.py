@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+QUANT_CONFIG_FILES = ("quant_config.json", "quantize_config.json")
 _POOLING_MODES = {  # sentence-transformers Pooling config key -> our pooling_mode
     "pooling_mode_cls_token": "cls",
     "pooling_mode_mean_tokens": "mean",
@@ -72,6 +73,11 @@ class ModelSource:
         config = _read_json(self.path / "config.json")
         if not isinstance(config, dict):
             raise InvalidModelDirError(f"{self.path / 'config.json'} must hold a JSON object")
+        if not config.get("quantization_config"):  # AutoAWQ / AutoGPTQ keep it in a file of its own
+            for name in QUANT_CONFIG_FILES:
+                if (self.path / name).is_file():
+                    config["quantization_config"] = _read_json(self.path / name)
+                    break
         return config
 
     @cached_property

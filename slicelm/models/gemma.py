@@ -21,6 +21,7 @@ from torch import nn
 from slicelm.layers.activation import GeluAndMul
 from slicelm.layers.attention_metadata import AttentionBackend, AttentionMetadata
 from slicelm.layers.norm import GemmaRMSNorm
+from slicelm.layers.quantization import QuantConfig
 from slicelm.layers.rotary import RotaryEmbedding, get_rope
 from slicelm.models.llama import LlamaArgs, LlamaAttention, LlamaForCausalLM, LlamaMLP, required
 from slicelm.models.loading import Target
@@ -126,9 +127,10 @@ class GemmaModel(nn.Module):
 class GemmaForCausalLM(LlamaForCausalLM):
     """``Gemma2ForCausalLM``, ``Gemma3ForCausalLM`` and ``Gemma3ForConditionalGeneration`` (text only)."""
 
-    def __init__(self, config: dict[str, Any], attn_backend: AttentionBackend | None = None) -> None:
+    def __init__(self, config: dict[str, Any], attn_backend: AttentionBackend | None = None,
+                 quant_config: QuantConfig | None = None) -> None:
         text = text_config(config)
-        super().__init__(text, attn_backend)
+        super().__init__(text, attn_backend, quant_config)
         self.final_soft_cap = text.get("final_logit_softcapping")
 
     @classmethod
@@ -147,8 +149,10 @@ class GemmaForCausalLM(LlamaForCausalLM):
             GemmaDecoderLayer(
                 args,
                 LlamaAttention(args, ropes[t], backend, args.sliding_windows[i], scale=scale, soft_cap=soft_cap,
-                               norm=GemmaRMSNorm),
-                LlamaMLP(args.hidden_size, args.intermediate_size, act_fn=GeluAndMul()),
+                               norm=GemmaRMSNorm, quant_config=self.quant_config,
+                               prefix=f"model.layers.{i}.self_attn"),
+                LlamaMLP(args.hidden_size, args.intermediate_size, act_fn=GeluAndMul(),
+                         quant_config=self.quant_config, prefix=f"model.layers.{i}.mlp"),
             )
             for i, t in enumerate(types)
         ]

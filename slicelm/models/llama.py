@@ -23,8 +23,17 @@ from slicelm.layers.attention_metadata import AttentionBackend, AttentionMetadat
 from slicelm.layers.fused import fused_ops_for
 from slicelm.layers.linear import Linear
 from slicelm.layers.norm import RMSNorm
+from slicelm.layers.quantization import QuantConfig
 from slicelm.layers.rotary import RotaryEmbedding, get_rope
-from slicelm.models.loading import STACKED, Target, expand_fused, load_all
+from slicelm.models.loading import (
+    STACKED,
+    Target,
+    checkpoint_parameters,
+    expand_fused,
+    kv_scale_target,
+    load_all,
+    quantized_linear_target,
+)
 
 _ARCH_TO_FAMILY = {
     "LlamaForCausalLM": "llama",
@@ -128,17 +137,22 @@ class LlamaArgs:
 
 class LlamaAttention(nn.Module):
     """Fused qkv projection, optional per-head q/k norm, rotary, paged attention, output projection.
-    ``scale`` / ``soft_cap`` / ``norm`` default to Llama's; Gemma passes its own."""
+    ``scale`` / ``soft_cap`` / ``norm`` default to Llama's; Gemma passes its own. ``prefix`` is the module's
+    name in the model (``model.layers.3.self_attn``): what a ``quant_config`` matches its linears by."""
 
     def __init__(self, args: LlamaArgs, rope: RotaryEmbedding, backend: AttentionBackend | None,
                  sliding_window: int | None, scale: float | None = None, soft_cap: float | None = None,
-                 norm: Callable[[int, float], nn.Module] = RMSNorm) -> None:
+                 norm: Callable[[int, float], nn.Module] = RMSNorm, quant_config: QuantConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
-        self.qkv_proj = Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
-        self.o_proj = Linear(self.q_size, args.hidden_size, bias=args.o_bias)
+        self.qkv_proj = Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias,
+                               quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
+                               output_sizes=[self.q_size, self.kv_size, self.kv_size])
+        self.o_proj = Linear(self.q_size, args.hidden_size, bias=args.o_bias, quant_config=quant_config,
+                             prefix=f"{prefix}.o_proj")
         self.rotary_emb = rope
         self.q_norm = norm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = norm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
@@ -152,7 +166,7 @@ class LlamaAttention(nn.Module):
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
         ops = fused_ops_for(qkv)
-        if ops is not None and self.fusable_norm and self.attn.takes_stored_kv \
+        if ops is not None and self.fusable_norm and self.attn.takes_stored_kv and self.attn.unit_kv_scales \
                 and self.rotary_emb.rotary_dim == self.head_dim \
                 and ops.qkv_prep_supported(self.head_dim, self.rotary_emb.rotary_dim):
             return self.o_proj(self._attend_fused(ops, positions, qkv, kv_cache, meta))
@@ -179,10 +193,12 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
-                 act_fn: nn.Module | None = None) -> None:
+                 act_fn: nn.Module | None = None, quant_config: QuantConfig | None = None, prefix: str = "") -> None:
         super().__init__()
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        inter = intermediate_size
+        self.gate_up_proj = Linear(hidden_size, 2 * inter, bias=bias, quant_config=quant_config,
+                                   prefix=f"{prefix}.gate_up_proj", output_sizes=[inter, inter])
+        self.down_proj = Linear(inter, hidden_size, bias=bias, quant_config=quant_config, prefix=f"{prefix}.down_proj")
         self.act_fn = act_fn or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,12 +255,15 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """The decoder LM. Subclasses change the parts through ``make_args`` / ``make_mlp`` / ``make_model``
-    and checkpoint names through ``locate_weight`` / ``expected_weights``."""
+    and checkpoint names through ``locate_weight`` / ``expected_weights``. With a ``quant_config`` the
+    linears of attention and MLP hold the checkpoint's quantized tensors (``layers/quantization``)."""
 
-    def __init__(self, config: dict[str, Any], attn_backend: AttentionBackend | None = None) -> None:
+    def __init__(self, config: dict[str, Any], attn_backend: AttentionBackend | None = None,
+                 quant_config: QuantConfig | None = None) -> None:
         super().__init__()
         args = self.make_args(config)
         self.args = args
+        self.quant_config = quant_config
         self.num_layers = args.num_layers
         self.num_heads = args.num_heads
         self.num_kv_heads = args.num_kv_heads
@@ -261,12 +280,15 @@ class LlamaForCausalLM(nn.Module):
         return LlamaArgs.from_config(config)
 
     def make_mlp(self, args: LlamaArgs, config: dict[str, Any], layer_idx: int) -> nn.Module:
-        return LlamaMLP(args.hidden_size, args.intermediate_size, args.mlp_bias)
+        return LlamaMLP(args.hidden_size, args.intermediate_size, args.mlp_bias, quant_config=self.quant_config,
+                        prefix=f"model.layers.{layer_idx}.mlp")
 
     def make_model(self, args: LlamaArgs, config: dict[str, Any], backend: AttentionBackend | None) -> nn.Module:
         rope = get_rope(args.head_dim, args.max_position_embeddings, config)  # one table for every layer
         layers = (
-            LlamaDecoderLayer(args, LlamaAttention(args, rope, backend, args.sliding_windows[i]),
+            LlamaDecoderLayer(args, LlamaAttention(args, rope, backend, args.sliding_windows[i],
+                                                   quant_config=self.quant_config,
+                                                   prefix=f"model.layers.{i}.self_attn"),
                               self.make_mlp(args, config, i))
             for i in range(args.num_layers)
         )
@@ -303,12 +325,16 @@ class LlamaForCausalLM(nn.Module):
 
     def expected_weights(self) -> set[str]:
         """Canonical checkpoint names this model needs (fused parameters expanded to their parts)."""
-        return {n for name, _ in self.named_parameters() for n in expand_fused(name)}
+        return {n for name in checkpoint_parameters(self) for n in expand_fused(name)}
 
     def locate_weight(self, name: str, params: dict[str, nn.Parameter]) -> Target | None:
-        """Where checkpoint tensor ``name`` goes (None: not a weight of this model, e.g. a tied copy)."""
+        """Where checkpoint tensor ``name`` goes (None: not a weight of this model, e.g. a tied copy).
+        Quantized linears and fp8 KV-cache scales place their tensors themselves (``Target.load``)."""
         if name == "lm_head.weight" and self.lm_head is None:
             return None  # tied: the checkpoint may still carry a copy of the embedding
+        target = kv_scale_target(self, name) or quantized_linear_target(self, name)
+        if target is not None:
+            return target
         parts = name.split(".")
         stacked = STACKED.get(parts[-2]) if len(parts) >= 2 else None
         if stacked is not None:

@@ -5,14 +5,23 @@ Names are compared in one *canonical* layout: Hugging Face's unfused Llama names
 (``experts.{e}.gate_proj`` ...). A checkpoint tensor covers one or more canonical names (Phi-3's
 fused ``qkv_proj`` covers three, a stacked expert tensor every expert's); what the model expects and
 no tensor covered is reported as missing, by name.
+
+A quantized linear (``layers/quantization``) places its checkpoint tensors itself (``qweight``, ``scales``,
+``weight_scale_inv`` ...: ``Linear.load_weight``, one output shard at a time), and the KV-cache scales of
+fp8 checkpoints (``self_attn.k_scale`` / ``v_scale``, or ``k_proj.output_scale`` / ``v_proj.output_scale``)
+go to the attention layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+from torch import nn
+
+from slicelm.layers.linear import Linear
 
 # HF sub-module name -> (fused parameter module, shard id)
 STACKED = {
@@ -25,14 +34,61 @@ STACKED = {
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # Checkpoint entries that are derived buffers, not parameters.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+_KV_SCALES = {"k_scale": "k", "v_scale": "v", "k_proj.output_scale": "k", "v_proj.output_scale": "v"}
 
 
 @dataclass
 class Target:
-    """Where one checkpoint tensor goes: a parameter or a view of it, and the canonical names it covers."""
+    """Where one checkpoint tensor goes: a parameter or a view of it (``tensor``), or a function that places
+    it (``load``), and the canonical names it covers."""
 
-    tensor: torch.Tensor
+    tensor: torch.Tensor | None
     covers: set[str]
+    load: Callable[[torch.Tensor], None] | None = None
+
+
+def checkpoint_parameters(model: nn.Module) -> Iterator[str]:
+    """Parameter names a checkpoint must provide (a quantized linear's optional tensors, e.g. GPTQ's
+    ``g_idx`` without act-order, left out)."""
+    optional = {f"{prefix}.{name}" for prefix, m in model.named_modules() if isinstance(m, Linear)
+                for name, spec in m.param_specs.items() if not spec.required}
+    return (name for name, _ in model.named_parameters() if name not in optional)
+
+
+def kv_scale_target(model: nn.Module, name: str) -> Target | None:
+    """An fp8 checkpoint's KV-cache scale -> its attention layer (None: ``name`` is not one)."""
+    suffix = next((s for s in _KV_SCALES if name.endswith(".self_attn." + s)), None)
+    if suffix is None:
+        return None
+    path = name[: -len(suffix) - 1] + ".attn"
+    try:
+        attn = model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"unexpected weight {name!r} (no attention module {path!r})") from None
+    which = _KV_SCALES[suffix]
+    return Target(None, {name}, lambda t: attn.set_kv_scale(which, float(t.float().reshape(-1).max())))
+
+
+def quantized_linear_target(model: nn.Module, name: str) -> Target | None:
+    """Checkpoint tensor ``name`` of a quantized linear, placed by its method (None: not one). A ``q_proj`` /
+    ``gate_proj`` ... tensor fills its shard of the fused layer; a fused checkpoint tensor (Phi-3's
+    ``qkv_proj``) fills every shard."""
+    parts = name.split(".")
+    if len(parts) < 3:
+        return None
+    stacked = STACKED.get(parts[-2])
+    path = ".".join([*parts[:-2], stacked[0]]) if stacked else ".".join(parts[:-1])
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
+    if not isinstance(module, Linear) or not module.method.quantized:
+        return None
+    if stacked is None:
+        shard = None if len(module.output_sizes) > 1 else 0
+        return Target(None, set(expand_fused(name)), partial(module.load_weight, parts[-1], shard=shard))
+    shard = FUSED[stacked[0]].index(parts[-2])
+    return Target(None, {name}, partial(module.load_weight, parts[-1], shard=shard))
 
 
 def expand_fused(name: str) -> Iterator[str]:
@@ -46,6 +102,10 @@ def expand_fused(name: str) -> Iterator[str]:
 
 
 def copy_into(target: Target, name: str, tensor: torch.Tensor) -> None:
+    if target.load is not None:
+        target.load(tensor)
+        return
+    assert target.tensor is not None, name
     if tuple(target.tensor.shape) != tuple(tensor.shape):
         raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.tensor.shape)}")
     target.tensor.copy_(tensor.to(dtype=target.tensor.dtype, device=target.tensor.device))

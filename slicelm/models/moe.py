@@ -8,6 +8,9 @@ Checkpoints hold one tensor per expert and projection (``mlp.experts.{e}.gate_pr
 ``block_sparse_moe.experts.{e}.w1/w3/w2``) or, as transformers 5 keeps them in memory, one stacked
 tensor per projection (``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]);
 both are copied into the stacked parameters at load.
+
+Quantized checkpoints: attention, dense MLPs and the router follow the checkpoint's ``quant_config``; the
+experts stay 16-bit, so a checkpoint (or ``--quantization fp8``) that quantizes them is refused at build.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from torch import nn
 from slicelm.layers.attention_metadata import AttentionBackend
 from slicelm.layers.linear import Linear
 from slicelm.layers.moe.layer import FusedMoE
+from slicelm.layers.quantization import QuantConfig, QuantizationError, get_linear_method
 from slicelm.models.llama import LlamaArgs, LlamaForCausalLM, LlamaMLP, required
-from slicelm.models.loading import Target, expand_fused
+from slicelm.models.loading import Target, checkpoint_parameters, expand_fused
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 _STACKED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)(\.weight)?$")
@@ -55,10 +59,22 @@ class MoEArgs:
                    int(required(config, "moe_intermediate_size")), bool(config.get("norm_topk_prob", False)), sparse)
 
 
+def check_experts_unquantized(quant_config: QuantConfig | None, experts: str) -> None:
+    """Quantized experts (packed or fp8 weights in the fused MoE kernels) are not implemented: refuse them."""
+    expert = f"{experts}.0.gate_proj"
+    if quant_config is not None and get_linear_method(quant_config, expert).quantized:
+        raise QuantizationError(
+            f"{quant_config.describe()} quantizes the MoE experts ({expert} ...); slicelm runs MoE experts in "
+            "16 bits only: serve a checkpoint that leaves them unquantized (modules_to_not_convert / ignore)")
+
+
 class SparseMoeBlock(nn.Module):
-    def __init__(self, hidden_size: int, moe: MoEArgs) -> None:
+    def __init__(self, hidden_size: int, moe: MoEArgs, quant_config: QuantConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
-        self.gate = Linear(hidden_size, moe.num_experts, bias=False)
+        check_experts_unquantized(quant_config, f"{prefix}.experts")
+        self.gate = Linear(hidden_size, moe.num_experts, bias=False, quant_config=quant_config,
+                           prefix=f"{prefix}.gate")
         self.experts = FusedMoE(moe.num_experts, moe.top_k, hidden_size, moe.intermediate_size, moe.renormalize)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -80,9 +96,10 @@ class SparseMoeForCausalLM(LlamaForCausalLM):
         return super().make_model(args, config, backend)
 
     def make_mlp(self, args: LlamaArgs, config: dict[str, Any], layer_idx: int) -> nn.Module:
+        prefix = f"model.layers.{layer_idx}.mlp"
         if layer_idx in self.moe.sparse_layers:
-            return SparseMoeBlock(args.hidden_size, self.moe)
-        return LlamaMLP(args.hidden_size, args.intermediate_size)
+            return SparseMoeBlock(args.hidden_size, self.moe, self.quant_config, prefix)
+        return LlamaMLP(args.hidden_size, args.intermediate_size, quant_config=self.quant_config, prefix=prefix)
 
     def canonical_name(self, name: str) -> str:
         if self.args.family == "mixtral":
@@ -102,7 +119,7 @@ class SparseMoeForCausalLM(LlamaForCausalLM):
 
     def expected_weights(self) -> set[str]:
         names = set()
-        for name, _ in self.named_parameters():
+        for name in checkpoint_parameters(self):
             experts, _, leaf = name.rpartition(".")
             if leaf == "w13_weight":
                 names |= self._expert_names(experts, ("gate", "up"))

@@ -16,6 +16,7 @@ from slicelm.slicing.inventory import Inventory
 from slicelm.slicing.placement import AssignedGPU, place
 from slicelm.stack.requests import replica_requests
 from slicelm.stack.spec import StackSpec
+from slicelm.stack.weights import WeightSummary, flag_value, weight_summary
 
 
 @dataclass
@@ -38,6 +39,7 @@ class StackPlan:
     unplaced: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)  # e.g. why replicas run on the CPU
     devices: list[dict[str, Any]] = field(default_factory=list)  # the inventory's GPUs: uuid, index, type, memory_mib
+    weights: dict[str, WeightSummary] = field(default_factory=dict)  # per model, where its files are local
 
     @property
     def feasible(self) -> bool:
@@ -47,7 +49,8 @@ class StackPlan:
         return next(p for p in self.placements if p.model == model and p.replica == replica)
 
     def to_json(self) -> dict[str, Any]:
-        return {"placements": [p.to_json() for p in self.placements], "unplaced": self.unplaced}
+        return {"placements": [p.to_json() for p in self.placements], "unplaced": self.unplaced,
+                "weights": {model: w.to_json() for model, w in self.weights.items()}}
 
 
 def make_plan(spec: StackSpec, inventory: Inventory) -> StackPlan:
@@ -69,4 +72,16 @@ def make_plan(spec: StackSpec, inventory: Inventory) -> StackPlan:
         unplaced = [{"model": u.model, "replica": u.replica, "reasons": list(u.reasons)} for u in plan.unplaced]
     order = [(m.name, r) for m in spec.models() for r in range(m.replicaCount)]
     devices = [{"uuid": g.uuid, "index": g.index, "type": g.type, "memory_mib": g.memory_mib} for g in inventory.gpus]
-    return StackPlan([placements[k] for k in order if k in placements], unplaced, notes, devices)
+    return StackPlan([placements[k] for k in order if k in placements], unplaced, notes, devices,
+                     model_weights(spec))
+
+
+def model_weights(spec: StackSpec) -> dict[str, WeightSummary]:
+    """Each model's weight bytes (quantized ones counted as stored), where its directory is local."""
+    out = {}
+    for m in spec.models():
+        extra = list(m.vllmConfig.extraArgs) if m.vllmConfig else []
+        summary = weight_summary(m.modelURL, flag_value(extra, "--quantization") or flag_value(extra, "-q"))
+        if summary is not None:
+            out[m.name] = summary
+    return out

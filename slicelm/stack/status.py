@@ -2,10 +2,11 @@
 
 ``ps --format json`` is a contract: ``{"router": {"url"} | null, "replicas": [{"model", "replica", "pid",
 "url", "state", "restarts", "gpus", "memory_mib", "cores"}]}`` (plus ``port``, ``memory_used_mib``,
-``uptime_s``, ``device``, ``policy``, ``served_names``); ``gpus`` lists ``{"uuid", "index"}`` (empty on the CPU),
-``memory_mib`` is the slice, ``memory_used_mib`` what NVML measures (GPU) or the resident memory of the replica's
-processes (CPU). A top-level ``gpus`` lists the machine's GPUs: ``{"uuid", "index", "type", "memory_mib" (total),
-"memory_used_mib" (NVML, every process)}``.
+``uptime_s``, ``device``, ``policy``, ``served_names``, and ``weights_bytes`` / ``quantization`` where the model
+directory is local); ``gpus`` lists ``{"uuid", "index"}`` (empty on the CPU), ``memory_mib`` is the slice,
+``memory_used_mib`` what NVML measures (GPU) or the resident memory of the replica's processes (CPU). A top-level
+``gpus`` lists the machine's GPUs: ``{"uuid", "index", "type", "memory_mib" (total), "memory_used_mib" (NVML,
+every process)}``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import psutil
 
 from slicelm.stack.procs import group_members, process_groups, signal_group
 from slicelm.stack.state import live_supervisor, pid_alive, read_state
+from slicelm.stack.weights import flag_value, weight_summary
 
 
 @dataclass
@@ -80,13 +82,19 @@ def _replica_row(r: dict[str, Any], supervisor_alive: bool, used: dict[int, int]
     alive = pid_alive(pid)
     state = r["state"] if supervisor_alive else ("orphaned" if alive else "stopped")
     started = r.get("started_at")
+    cmd = r.get("command") or []
+    weights = None
+    if "serve" in cmd and cmd.index("serve") + 1 < len(cmd):
+        weights = weight_summary(cmd[cmd.index("serve") + 1], flag_value(cmd, "--quantization"))
     return {"model": r["model"], "replica": r["replica"], "pid": pid if alive else None, "url": r["url"],
             "state": state, "restarts": r["restarts"], "gpus": r.get("gpus", []), "memory_mib": r.get("memory_mib"),
             "cores": r.get("cores"), "port": r.get("port"),
             "memory_used_mib": _memory_used(r, groups.get(pid, []), used) if alive else None,
             "uptime_s": round(time.time() - started, 1) if started and alive else None,
             "device": r.get("device", "cuda" if r.get("gpus") else "cpu"), "policy": r.get("policy"),
-            "served_names": r.get("served_names") or [r["model"]]}
+            "served_names": r.get("served_names") or [r["model"]],
+            "weights_bytes": weights.total_bytes if weights else None,
+            "quantization": weights.quantization if weights else None}
 
 
 def _gpu_row(g: dict[str, Any], use: NvmlUse) -> dict[str, Any]:
@@ -120,7 +128,8 @@ def table(st: dict[str, Any], title: str | None = None) -> Any:
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("model", "replica", "GPU", "memory slice / used", "cores", "state", "restarts", "uptime", "port"):
+    for col in ("model", "replica", "GPU", "memory slice / used", "weights", "cores", "state", "restarts", "uptime",
+                "port"):
         t.add_column(col)
     for r in st["replicas"]:
         gpu = ",".join(str(g["index"]) for g in r["gpus"]) or "cpu"
@@ -128,7 +137,10 @@ def table(st: dict[str, Any], title: str | None = None) -> Any:
         used = f"{r['memory_used_mib']} MiB" if r.get("memory_used_mib") else "-"
         cores = f"{r['cores']}%" if r.get("cores") else "-"
         color = {"ready": "green", "starting": "yellow", "restarting": "yellow"}.get(r["state"], "red")
-        t.add_row(r["model"], str(r["replica"]), gpu, f"{slice_} / {used}", cores, f"[{color}]{r['state']}[/]",
+        weights = f"{r['weights_bytes'] / (1 << 30):.2f} GiB {r.get('quantization') or ''}".strip() \
+            if r.get("weights_bytes") else "-"
+        t.add_row(r["model"], str(r["replica"]), gpu, f"{slice_} / {used}", weights, cores,
+                  f"[{color}]{r['state']}[/]",
                   str(r["restarts"]), _fmt_uptime(r.get("uptime_s")), str(r.get("port") or "-"))
     return t
 

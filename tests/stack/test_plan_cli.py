@@ -32,7 +32,9 @@ def plan(tmp: Path, stack: Path | dict, gpus: list[dict] | None, fmt: str = "jso
 
 
 def check_contract(out: dict) -> None:
-    assert set(out) == {"placements", "unplaced"}
+    assert set(out) == {"placements", "unplaced", "weights"}
+    for w in out["weights"].values():
+        assert set(w) == {"bytes", "quantized_bytes", "quantization", "estimated"}
     for p in out["placements"]:
         assert set(p) == {"model", "replica", "gpus", "score"}
         for g in p["gpus"]:

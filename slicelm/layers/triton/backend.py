@@ -72,13 +72,25 @@ class TritonAttentionBackend:
         scale: float,
         sliding_window: int | None = None,
         soft_cap: float | None = None,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:
+        """An fp8 cache holds K / kv_scales[0] and V / kv_scales[1]: the kernels read it as q's dtype, K's scale
+        folds into the softmax scale and V's multiplies the output (attention is linear in V)."""
+        out = self._forward(query, key, value, kv_cache, meta, scale * kv_scales[0], sliding_window, soft_cap,
+                            kv_scales)
+        return out if kv_scales[1] == 1.0 else out.mul_(kv_scales[1])
+
+    def _forward(self, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
+                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, sliding_window: int | None,
+                 soft_cap: float | None, kv_scales: tuple[float, float]) -> torch.Tensor:
         if query.dim() != 3 or (key is not None and key.dim() != 3):
             shapes = f"{tuple(query.shape)}, {None if key is None else tuple(key.shape)}"
             raise ValueError(f"query/key: expected 3-D [T, H, D], got {shapes}")
         if query.stride(-1) != 1:
             query = query.contiguous()
         if key is not None and value is not None:
+            if kv_scales != (1.0, 1.0):
+                key, value = key / kv_scales[0], value / kv_scales[1]
             store_kv_cache(key, value, kv_cache, meta.slot_mapping)
         elif not self.takes_stored_kv:
             raise ValueError("key/value: required with flash prefill (the kernel reads them, not the cache)")

@@ -94,7 +94,7 @@ def _decode_kernel(
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         kv_off = blk * stride_c_blk + (pos % BLOCK_SIZE) * stride_c_tok + kvh * stride_c_h
         k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None],
-                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+                    mask=n_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)  # fp8 cache: upcast
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if USE_SOFTCAP:
             s = _soft_cap(s, softcap)
@@ -105,7 +105,7 @@ def _decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -208,7 +208,7 @@ def _unified_kernel(
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         kv_off = blk * stride_c_blk + (pos % BLOCK_SIZE) * stride_c_tok + kvh * stride_c_h
         k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None],
-                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+                    mask=n_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)  # fp8 cache: upcast
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if USE_SOFTCAP:
             s = _soft_cap(s, softcap)
@@ -222,7 +222,7 @@ def _unified_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 

@@ -1,0 +1,209 @@
+"""Launch-parameter sweep of the int4 / int8 Triton kernels (``slicelm/layers/quantization/int_kernels.py``) on
+this GPU, at the projection shapes of the benchmark models; prints a table and the ``TUNED`` dict to paste into
+int_kernels.py, and saves benchmarks/results/quant_sweep_<device>.json.
+
+    python benchmarks/quant_sweep.py             # H200: ~90 s (≈40 kernel variants compile; graph-timed)
+    python benchmarks/quant_sweep.py --full      # a wider grid (~4 min)
+    python benchmarks/quant_sweep.py --smoke     # CPU, Triton interpreter, tiny shapes: checks the script
+
+GEMV (M = 1): time of one call from a CUDA graph of 20 calls, bytes read (packed weights + scales + zeros) per
+second, as a fraction of the device-to-device copy rate of the same run. GEMM (M = 16 .. 256): time against
+cuBLAS bf16 at the same M and against dequantize + cuBLAS (what runs past GEMM_MAX_M).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SHAPES = {  # (N, K) of qkv, o, gate_up, down
+    "llama-3.1-8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
+    "qwen2.5-7b": [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)],
+}
+
+
+def _graph_time_us(fn, iters: int = 20) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / iters)
+    return best
+
+
+def _time_us(fn, smoke: bool) -> float:
+    if smoke:
+        import time
+
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
+    return _graph_time_us(fn)
+
+
+def _weights(n: int, k: int, bits: int, group: int, device: str):
+    import torch
+
+    from slicelm.layers.quantization.int_weights import pack_rows
+
+    q = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device=device)
+    scales = (torch.rand(n, k // group, device=device) * 2e-3 + 5e-4).half()
+    zeros = torch.randint(0, 1 << bits, (n, k // group), dtype=torch.uint8, device=device)
+    return pack_rows(q, bits), scales, zeros
+
+
+def gemv_grid(full: bool, smoke: bool) -> list[tuple[int, int, int, int, int]]:
+    if smoke:
+        return [(16, 16, 1, 4, 1), (16, 16, 2, 4, 1)]
+    bns, bkws, splits = ((32, 64, 128), (16, 32, 64), (1, 2, 4, 8, 16)) if full else ((64, 128), (32, 64),
+                                                                                      (1, 2, 4, 8, 16))
+    warps, stages = ((4, 8), (2, 3, 4)) if full else ((4,), (2, 3))
+    return list(itertools.product(bns, bkws, splits, warps, stages))
+
+
+def gemm_grid(full: bool, smoke: bool) -> list[tuple[int, int, int, int]]:
+    if smoke:
+        return [(32, 64, 4, 1)]
+    if full:
+        return list(itertools.product((64, 128, 256), (64, 128), (4, 8), (2, 3, 4)))
+    return list(itertools.product((64, 128), (64, 128), (4, 8), (3,)))
+
+
+def sweep_gemv(shapes, bits, group, args, device, bandwidth) -> tuple[list[dict], dict]:
+    import torch
+
+    from slicelm.layers.quantization import int_kernels
+
+    rows, tuned = [], {}
+    for n, k in shapes:
+        w_q, scales, zeros = _weights(n, k, bits, group, device)
+        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        nbytes = w_q.numel() * 4 + scales.numel() * 2 + zeros.numel()
+        default = int_kernels.gemv_config(bits, group, n, k, int_kernels._num_sms(x.device))
+        best = None
+        for cfg in dict.fromkeys([default, *gemv_grid(args.full, args.smoke)]):
+            if (cfg[1] * (32 // bits)) % group:
+                continue
+            try:
+                us = _time_us(functools.partial(int_kernels.int_linear, x, w_q, scales, zeros, bits, k, None, cfg),
+                              args.smoke)
+            except Exception as e:  # a config that does not compile / fit (shared memory, registers)
+                print(f"  gemv {n}x{k} {cfg}: {type(e).__name__}", file=sys.stderr)
+                continue
+            row = {"kind": "gemv", "n": n, "k": k, "config": list(cfg), "us": us, "default": cfg == default,
+                   "gb_per_s": nbytes / us / 1e3,
+                   "fraction_of_copy_rate": nbytes / (us * 1e-6) / bandwidth if bandwidth else None}
+            rows.append(row)
+            if best is None or us < best["us"]:
+                best = row
+        if best is not None:
+            tuned[("gemv", bits, group, n, k)] = tuple(best["config"])
+            dflt = next(r for r in rows if r["n"] == n and r["k"] == k and r["default"])
+            print(f"gemv {n:>6}x{k:<6} best {best['config']} {best['us']:8.1f} us "
+                  f"{best['gb_per_s']:7.0f} GB/s ({100 * (best['fraction_of_copy_rate'] or 0):5.1f}% of copy); "
+                  f"default {dflt['config']} {dflt['us']:8.1f} us", flush=True)
+    return rows, tuned
+
+
+def _dequant_matmul(x, w_q, scales, zeros, bits: int, k: int):
+    """What ``int_linear`` runs past GEMM_MAX_M: W dequantized once, then cuBLAS."""
+    import torch
+
+    from slicelm.layers.quantization import int_kernels
+
+    return torch.nn.functional.linear(x, int_kernels.dequantize_weight(w_q, scales, zeros, bits, k, x.dtype))
+
+
+def sweep_gemm(shapes, bits, group, args, device) -> tuple[list[dict], dict]:
+    import torch
+
+    from slicelm.layers.quantization import int_kernels
+
+    rows, tuned = [], {}
+    ms = (16,) if args.smoke else (16, 64, 128, 256)
+    for (n, k), m in itertools.product(shapes, ms):
+        w_q, scales, zeros = _weights(n, k, bits, group, device)
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16 if not args.smoke else torch.float16)
+        w16 = int_kernels.dequantize_weight(w_q, scales, zeros, bits, k, x.dtype)
+        ref = {"cublas_16bit_us": _time_us(functools.partial(torch.nn.functional.linear, x, w16), args.smoke),
+               "dequant_cublas_us": _time_us(functools.partial(_dequant_matmul, x, w_q, scales, zeros, bits, k),
+                                             args.smoke)}
+        best = None
+        for bn, bk, nw, ns in gemm_grid(args.full, args.smoke):
+            if bk % min(group, bk) or (group > bk and group % bk):
+                continue
+            cfg = (int_kernels.gemm_config(bits, group, m, n, k)[0], bn, bk, nw, ns)
+            try:
+                us = _time_us(functools.partial(int_kernels.int_linear, x, w_q, scales, zeros, bits, k, None, cfg),
+                              args.smoke)
+            except Exception as e:
+                print(f"  gemm {m}x{n}x{k} {cfg}: {type(e).__name__}", file=sys.stderr)
+                continue
+            row = {"kind": "gemm", "m": m, "n": n, "k": k, "config": list(cfg), "us": us, **ref}
+            rows.append(row)
+            if best is None or us < best["us"]:
+                best = row
+        if best is not None:
+            tuned[(f"gemm{best['config'][0]}", bits, group, n, k)] = tuple(best["config"][1:])
+            print(f"gemm M={m:<4} {n:>6}x{k:<6} best {best['config']} {best['us']:8.1f} us; cuBLAS 16-bit "
+                  f"{ref['cublas_16bit_us']:8.1f} us, dequant+cuBLAS {ref['dequant_cublas_us']:8.1f} us", flush=True)
+    return rows, tuned
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="llama-3.1-8b", help=f"comma-separated: {', '.join(SHAPES)}")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--full", action="store_true", help="the wider grid")
+    ap.add_argument("--no-gemm", action="store_true", help="only the M=1 GEMV")
+    ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    args = ap.parse_args()
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from utils_triton import patch_interpreter
+
+        patch_interpreter()
+    from common import environment, measure_copy_bandwidth, save_result
+
+    env = environment()
+    device = "cpu" if args.smoke else "cuda"
+    bandwidth = None if args.smoke else measure_copy_bandwidth()
+    shapes = [(96, 512), (64, 256)] if args.smoke else [s for name in args.shapes.split(",") for s in SHAPES[name]]
+    gemv_rows, tuned = sweep_gemv(shapes, args.bits, args.group, args, device, bandwidth)
+    gemm_rows: list[dict] = []
+    if not args.no_gemm:
+        gemm_rows, gemm_tuned = sweep_gemm(shapes, args.bits, args.group, args, device)
+        tuned.update(gemm_tuned)
+    print("\n# paste into slicelm/layers/quantization/int_kernels.py:\nTUNED = {")
+    for key, cfg in tuned.items():
+        print(f"    {key!r}: {cfg!r},")
+    print("}")
+    save_result("quant_sweep", {**env, "workload": {"shapes": shapes, "bits": args.bits, "group": args.group,
+                                                    "grid": "full" if args.full else "quick"},
+                                "copy_bandwidth_bytes_per_s": bandwidth, "gemv": gemv_rows, "gemm": gemm_rows,
+                                "tuned": {repr(k): list(v) for k, v in tuned.items()}})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""Triton kernels for int4 / int8 weight-only linears (AWQ, GPTQ, compressed-tensors), on the internal layout
+of ``int_weights.py``: ``w_q [N, K / pack]`` int32 (values sequential along K), ``w_scales / w_zeros [N, groups]``.
+
+* ``M == 1`` (batch-1 decode) — ``_gemv_kernel``: bound by reading the packed weight. A program owns
+  ``BLOCK_N`` rows and streams ``BLOCK_KW`` words per row per step (coalesced 16-byte loads). Values become
+  float32 without integer->float conversion instructions (``(v | 0x4B000000)`` read as a float is
+  ``2**23 + v``), are multiplied by x in registers and summed per word, then per group:
+  ``acc += s * (sum_k q x - z * sum_k x)`` — the zero point and scale cost one operation per group, not per
+  weight. ``SPLIT_K > 1`` cuts K into slices whose partial sums go to a float32 workspace; the last slice of
+  an N tile to finish (an atomic ticket per tile, reset by that program) adds them up in slice order, so one
+  launch, deterministic, and CUDA-graph safe.
+* ``2 <= M <= GEMM_MAX_M`` — ``_gemm_kernel``: the weight tile is dequantized inside the K loop to x's dtype
+  and multiplied on tensor cores (``tl.dot``).
+* larger M (prefill chunks) — ``_dequant_kernel`` writes W once to a scratch in x's dtype and cuBLAS does the
+  matmul (what vLLM does past 256 tokens): the dequantization is then a small fraction of the matmul.
+
+Launch parameters come from ``gemv_config`` / ``gemm_config`` (or ``TUNED``, filled from
+``benchmarks/quant_sweep.py``'s output on the target GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+GEMM_MAX_M = 256
+ONE_BITS = 0x3F800000  # float32 bits of 1.0, passed at run time (see _field)
+_DTYPES = (torch.float16, torch.bfloat16)
+
+# (kind, bits, group, N, K) -> launch parameters; kind "gemv": (BLOCK_N, BLOCK_KW, SPLIT_K, warps, stages),
+# kind "gemm<BLOCK_M>": (BLOCK_N, BLOCK_K, warps, stages). Paste benchmarks/quant_sweep.py's table here.
+TUNED: dict[tuple[str, int, int, int, int], tuple[int, ...]] = {}
+
+
+@triton.jit
+def _field(v, P: tl.constexpr, BITS: tl.constexpr, ONE):
+    """The BITS-bit field of ``v`` at bit P (8 <= P <= 23 - BITS) as the float ``1 + q * 2**(P - 23)``, exactly:
+    the field becomes mantissa bits of 1.0 (``ONE`` holds 1.0's bits; a runtime value, so that and + or is one
+    LOP3 instruction)."""
+    return ((v & (((1 << BITS) - 1) << P)) | ONE).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _planes(w, BITS: tl.constexpr, ONE):
+    """uint32 words [R, C] -> float32 [R, C, 32 // BITS]: value j of each word as ``1 + q_j * 2**(P_j - 23)``
+    with ``P_j`` from ``_exponents``. Each value is used at bit 8, 12 or 16 (2 shifts per word for 8 values, no
+    integer->float conversions), high enough in the mantissa that ``f - 1`` keeps ~2**-15 relative precision."""
+    if BITS == 4:
+        lo = w << 12  # values 0, 1 at bits 12, 16
+        hi = w >> 12  # values 5, 6, 7 at bits 8, 12, 16
+        v0 = _field(lo, 12, 4, ONE)
+        v1 = _field(lo, 16, 4, ONE)
+        v2 = _field(w, 8, 4, ONE)
+        v3 = _field(w, 12, 4, ONE)
+        v4 = _field(w, 16, 4, ONE)
+        v5 = _field(hi, 8, 4, ONE)
+        v6 = _field(hi, 12, 4, ONE)
+        v7 = _field(hi, 16, 4, ONE)
+        # join's new axis is the minor one: this tree puts value j at position j
+        out = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+        out = tl.reshape(out, (w.shape[0], w.shape[1], 8))
+    else:
+        v0 = _field(w << 12, 12, 8, ONE)
+        v1 = _field(w << 4, 12, 8, ONE)
+        v2 = _field(w >> 4, 12, 8, ONE)
+        v3 = _field(w >> 12, 12, 8, ONE)
+        out = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), (w.shape[0], w.shape[1], 4))
+    return out
+
+
+@triton.jit
+def _exponents(offs_j, BITS: tl.constexpr):
+    """``23 - P_j`` for each value position j of ``_planes``: ``(f_j - 1) * 2**(23 - P_j) = q_j``."""
+    if BITS == 4:  # P = 12, 16, 8, 12, 16, 8, 12, 16
+        e = tl.where((offs_j == 2) | (offs_j == 5), 15, tl.where((offs_j == 1) | (offs_j == 4) | (offs_j == 7), 7, 11))
+    else:
+        e = offs_j * 0 + 11
+    return e
+
+
+@triton.jit
+def _scaled_x(x, e):
+    """float32 ``x * 2**e`` (``e`` [PACK] broadcast over x's last axis): bf16 -> f32 and the power of two in one
+    integer multiply-add on the bits (exact for any finite x of an activation's range)."""
+    if x.dtype == tl.bfloat16:
+        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) * 65536 + (e[None, :] << 23).to(tl.uint32)
+        xs = bits.to(tl.float32, bitcast=True)
+    else:
+        xs = x.to(tl.float32) * tl.exp2(e[None, :].to(tl.float32))
+    return xs
+
+
+@triton.jit(do_not_specialize=["N", "K", "ONE"])
+def _gemv_kernel(X, WQ, S, Z, B, OUT, WS, LOCK, N, K, stride_w, stride_s, ONE,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr):
+    PACK: tl.constexpr = 32 // BITS
+    BLOCK_K: tl.constexpr = BLOCK_KW * PACK
+    VEC: tl.constexpr = 4  # words per 16-byte load: partial sums are taken per 4-word chunk (in one thread)
+    CHUNKS: tl.constexpr = BLOCK_KW // VEC
+    ONE_GROUP: tl.constexpr = GROUP == 0  # per-channel scales (the host passes GROUP=0)
+    tl.static_assert(ONE_GROUP or BLOCK_K % GROUP == 0)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamp instead of masking the loads
+    offs_w = tl.arange(0, BLOCK_KW)
+    offs_j = tl.arange(0, PACK)
+    offs_c = tl.arange(0, CHUNKS)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    e = _exponents(offs_j, BITS)
+    acc = tl.zeros((BLOCK_N, CHUNKS), tl.float32)
+    w_ptrs = WQ + rows[:, None] * stride_w + (k_lo // PACK + offs_w)[None, :]
+    x_ptrs = X + k_lo + offs_w[:, None] * PACK + offs_j[None, :]
+    if ONE_GROUP:
+        s_off = rows[:, None] * stride_s + offs_c[None, :] * 0
+    else:
+        s_off = rows[:, None] * stride_s + (k_lo // GROUP + offs_c * (VEC * PACK) // GROUP)[None, :]
+    s_ptrs = S + s_off
+    z_ptrs = Z + s_off
+    s = tl.zeros((BLOCK_N, CHUNKS), tl.float32)
+    if HAS_ZP:
+        z = tl.zeros((BLOCK_N, CHUNKS), tl.float32)
+    else:
+        z = (1 << (BITS - 1)) * 1.0
+    if ONE_GROUP:  # loaded once (row offsets only: valid even for an empty split)
+        s = tl.load(s_ptrs).to(tl.float32)
+        if HAS_ZP:
+            z = tl.load(z_ptrs).to(tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)  # [BLOCK_KW, PACK]
+        else:
+            kw = k0 // PACK + offs_w
+            w = tl.load(w_ptrs, mask=(kw < K // PACK)[None, :], other=0)
+            x = tl.load(x_ptrs, mask=(kw < K // PACK)[:, None], other=0.0)
+        xs = _scaled_x(x, e)  # x_j * 2**(23 - P_j): f_j * xs_j = xs_j + q_j * x_j
+        part = tl.sum(_planes(w.to(tl.uint32, bitcast=True), BITS, ONE) * xs[None, :, :], axis=2)
+        part = tl.sum(tl.reshape(part, (BLOCK_N, CHUNKS, VEC)), axis=2)  # per 4-word chunk (one thread's)
+        sum_xs = tl.sum(tl.reshape(tl.sum(xs, axis=1), (CHUNKS, VEC)), axis=1)
+        sum_x = tl.sum(tl.reshape(tl.sum(x.to(tl.float32), axis=1), (CHUNKS, VEC)), axis=1)
+        if not ONE_GROUP:
+            if EVEN_K:
+                s = tl.load(s_ptrs).to(tl.float32)
+                if HAS_ZP:
+                    z = tl.load(z_ptrs).to(tl.float32)
+            else:
+                c_ok = (k0 + offs_c * (VEC * PACK) < K)[None, :]
+                s = tl.load(s_ptrs, mask=c_ok, other=0.0).to(tl.float32)
+                if HAS_ZP:
+                    z = tl.load(z_ptrs, mask=c_ok, other=0).to(tl.float32)
+            s_ptrs += BLOCK_K // GROUP
+            if HAS_ZP:
+                z_ptrs += BLOCK_K // GROUP
+        # sum_k (q - z) x = sum f * xs - sum xs - z * sum x
+        acc += (part - sum_xs[None, :] - z * sum_x[None, :]) * s
+        w_ptrs += BLOCK_KW
+        x_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1)
+    n_mask = offs_n < N
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(B + rows).to(tl.float32)
+        tl.store(OUT + offs_n, y.to(OUT.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(WS + pid_k * N + offs_n, y, mask=n_mask)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(LOCK + pid_n, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:  # the last slice of this tile: sum the slices in order
+            total = tl.zeros((BLOCK_N,), tl.float32)
+            for i in range(SPLIT_K):
+                total += tl.load(WS + i * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(B + rows).to(tl.float32)
+            tl.store(OUT + offs_n, total.to(OUT.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(LOCK + pid_n, 0)
+
+
+@triton.jit
+def _dequant_tile(WQ, S, Z, rows, k0, K, stride_w, stride_s, ONE, BITS: tl.constexpr, GROUP: tl.constexpr,
+                  HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[rows, k0:k0+BLOCK_K] as float32 [BLOCK_N, BLOCK_K] (zero outside K)."""
+    PACK: tl.constexpr = 32 // BITS
+    BLOCK_KW: tl.constexpr = BLOCK_K // PACK
+    SUB: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
+    NGI: tl.constexpr = BLOCK_K // SUB
+    kw = k0 // PACK + tl.arange(0, BLOCK_KW)
+    w = tl.load(WQ + rows[:, None] * stride_w + kw[None, :], mask=(kw < K // PACK)[None, :], other=0)
+    f = _planes(w.to(tl.uint32, bitcast=True), BITS, ONE)
+    q = (f - 1.0) * tl.exp2(_exponents(tl.arange(0, PACK), BITS).to(tl.float32))[None, None, :]
+    q = tl.reshape(q, (BLOCK_N, NGI, SUB))
+    offs_g = tl.arange(0, NGI)
+    grp = (k0 + offs_g * SUB) // GROUP
+    g_ok = (k0 + offs_g * SUB < K)[None, :]
+    s = tl.load(S + rows[:, None] * stride_s + grp[None, :], mask=g_ok, other=0.0).to(tl.float32)
+    if HAS_ZP:
+        z = tl.load(Z + rows[:, None] * stride_s + grp[None, :], mask=g_ok, other=0).to(tl.float32)
+        w_f = (q - z[:, :, None]) * s[:, :, None]
+    else:
+        w_f = (q - (1 << (BITS - 1)) * 1.0) * s[:, :, None]
+    return tl.reshape(w_f, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def gemm_tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's output rows / columns (and the weight rows read, clamped into N), K offsets, row mask."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, tl.minimum(offs_n, N - 1).to(tl.int64), tl.arange(0, BLOCK_K), offs_m < M
+
+
+@triton.jit
+def store_gemm_tile(OUT, acc, B, rows, offs_m, offs_n, m_mask, N, stride_om, HAS_BIAS: tl.constexpr):
+    """``acc (+ bias)`` into ``OUT`` in its dtype."""
+    if HAS_BIAS:
+        acc += tl.load(B + rows).to(tl.float32)[None, :]
+    tl.store(OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc.to(OUT.dtype.element_ty),
+             mask=m_mask[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def x_tile(X, offs_m, m_mask, offs_k, K, stride_xm):
+    """Rows ``offs_m`` (masked by ``m_mask``), columns ``offs_k`` (< K) of the activations (zeros outside)."""
+    return tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                   mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+
+
+@triton.jit(do_not_specialize=["M", "N", "K", "ONE"])
+def _gemm_kernel(X, WQ, S, Z, B, OUT, M, N, K, stride_xm, stride_om, stride_w, stride_s, ONE,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m, offs_n, rows, offs_k, m_mask = gemm_tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = x_tile(X, offs_m, m_mask, k0 + offs_k, K, stride_xm)
+        w = _dequant_tile(WQ, S, Z, rows, k0, K, stride_w, stride_s, ONE, BITS, GROUP, HAS_ZP, BLOCK_N, BLOCK_K)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    store_gemm_tile(OUT, acc, B, rows, offs_m, offs_n, m_mask, N, stride_om, HAS_BIAS)
+
+
+@triton.jit(do_not_specialize=["ONE"])
+def _dequant_kernel(WQ, S, Z, OUT, N, K, stride_w, stride_s, stride_o, ONE, BITS: tl.constexpr, GROUP: tl.constexpr,
+                    HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    w = _dequant_tile(WQ, S, Z, rows, k0, K, stride_w, stride_s, ONE, BITS, GROUP, HAS_ZP, BLOCK_N, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(OUT + rows[:, None] * stride_o + offs_k[None, :], w.to(OUT.dtype.element_ty),
+             mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 16  # CPU tensors only reach here under TRITON_INTERPRET=1
+
+
+def gemv_config(bits: int, group: int, n: int, k: int, num_sms: int) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_N, BLOCK_KW, SPLIT_K, num_warps, num_stages)`` for M = 1.
+
+    32 words per row per step (16-byte loads, 4 threads a row) and 128 rows: each thread holds 8 rows, so the
+    per-x work (bf16 -> f32, sums) is shared by 8 rows — the inner loop is ~3.1 instructions per 4-bit weight
+    on sm_90 (compiled and counted), under the issue rate that reading at full bandwidth needs. Split K until
+    there are >= 3 programs per SM (each split keeps >= 1 step): the o/down projections of a 7B model have
+    only 32 tiles of 128 rows.
+    """
+    tuned = TUNED.get(("gemv", bits, group, n, k))
+    if tuned is not None:
+        return tuned  # type: ignore[return-value]
+    block_kw = 32
+    while 0 < group < k and block_kw * (32 // bits) % group:  # steps hold whole groups (per-channel: any)
+        block_kw *= 2
+    block_n = 128 if n >= 2048 else 64 if n >= 512 else 16
+    tiles = triton.cdiv(n, block_n)
+    steps = triton.cdiv(k, block_kw * (32 // bits))
+    split = 1
+    while tiles * split < 3 * num_sms and steps // (split * 2) >= 1 and split < 16:
+        split *= 2
+    split = triton.cdiv(steps, triton.cdiv(steps, split))  # no empty split
+    return block_n, block_kw, split, 4, 3
+
+
+def gemm_config(bits: int, group: int, m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for 2 <= M <= GEMM_MAX_M."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    tuned = TUNED.get((f"gemm{block_m}", bits, group, n, k))
+    if tuned is not None:
+        return (block_m, *tuned)  # type: ignore[return-value]
+    group = k if group == -1 else group
+    block_k = 128 if group >= 128 else max(group, 64)
+    block_n = 64 if block_m <= 64 else 128
+    return block_m, block_n, block_k, 4, 3
+
+
+def supported(x: torch.Tensor) -> bool:
+    return x.dtype in _DTYPES and x.dim() == 2 and not (torch.is_grad_enabled() and x.requires_grad)
+
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 tickets for split-K (each finishing tile resets its own to 0); grown, never shrunk."""
+    t = _LOCKS.get(device)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _LOCKS[device] = t
+    return t
+
+
+def int_linear(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+               k: int, bias: torch.Tensor | None, config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``x [M, K] @ W.T + bias`` for the packed ``w_q [N, K/pack]``: GEMV, fused GEMM or dequant + cuBLAS."""
+    m, n = x.shape[0], w_q.shape[0]
+    group = k // scales.shape[1]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    zp = zeros if zeros is not None else scales
+    b = bias if bias is not None else scales
+    common = {"BITS": bits, "GROUP": group, "HAS_ZP": zeros is not None, "HAS_BIAS": bias is not None}
+    if m == 1:
+        bn, bkw, split, nw, ns = config or gemv_config(bits, group, n, k, _num_sms(x.device))
+        tiles = triton.cdiv(n, bn)
+        ws = torch.empty((split, n), dtype=torch.float32, device=x.device) if split > 1 else out
+        lock = _locks(x.device, tiles) if split > 1 else out
+        block_k = bkw * (32 // bits)
+        if group != k and block_k % group:
+            raise ValueError(f"gemv config {config}: BLOCK_KW * pack = {block_k} must be a multiple of group {group}")
+        even = k % (block_k * split) == 0
+        gemv_common = {**common, "GROUP": 0 if group == k else group}
+        _gemv_kernel[(tiles, split)](x, w_q, scales, zp, b, out, ws, lock, n, k, w_q.stride(0), scales.stride(0),
+                                     ONE_BITS, EVEN_K=even, BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=split, num_warps=nw,
+                                     num_stages=ns, **gemv_common)
+        return out
+    if m <= GEMM_MAX_M:
+        bm, bn, bk, nw, ns = config or gemm_config(bits, group, m, n, k)
+        _gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            x, w_q, scales, zp, b, out, m, n, k, x.stride(0), out.stride(0), w_q.stride(0), scales.stride(0), ONE_BITS,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, **common)
+        return out
+    w = dequantize_weight(w_q, scales, zeros, bits, k, x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+def dequantize_weight(w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, k: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in ``dtype`` (one kernel)."""
+    n = w_q.shape[0]
+    group = k // scales.shape[1]
+    block_k = max(min(group, 256), 32 // bits * 8)
+    out = torch.empty((n, k), dtype=dtype, device=w_q.device)
+    zp = zeros if zeros is not None else scales
+    _dequant_kernel[(triton.cdiv(n, 32), triton.cdiv(k, block_k))](
+        w_q, scales, zp, out, n, k, w_q.stride(0), scales.stride(0), out.stride(0), ONE_BITS, BITS=bits, GROUP=group,
+        HAS_ZP=zeros is not None, BLOCK_N=32, BLOCK_K=block_k, num_warps=4)
+    return out
