@@ -1,0 +1,82 @@
+"""Tensor parallelism end to end on the CPU: ``LLM(..., tensor_parallel_size=2)`` (this process is rank 0, one
+worker process is rank 1, gloo between them) gives the greedy tokens, logprobs and prompt logprobs of
+``tensor_parallel_size=1`` in float32, through chunked prefill, async scheduling (the next step's inputs
+come from the sampled ids the driver shares) and prefix-cache hits.
+
+Llama: two KV heads (one per rank), qkv and o biases, an odd vocabulary (padded rows on rank 1). Qwen3:
+one KV head (replicated on both ranks), tied embeddings, qk-norm.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from slicelm import LLM, SamplingParams
+
+COMMON = {"vocab_size": 501, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "bos_token_id": None,
+          "eos_token_id": None, "pad_token_id": None}
+FAMILIES = {
+    "llama": ("LlamaConfig", {"num_key_value_heads": 2, "attention_bias": True}),
+    "qwen3": ("Qwen3Config", {"num_key_value_heads": 1, "head_dim": 16, "tie_word_embeddings": True}),
+}
+_g = torch.Generator().manual_seed(5)
+_SHARED = torch.randint(0, 501, (33,), generator=_g).tolist()
+PROMPTS = [torch.randint(0, 501, (n,), generator=_g).tolist() for n in (4, 19, 37)] + [
+    _SHARED + torch.randint(0, 501, (n,), generator=_g).tolist() for n in (2, 9)]
+NEW_TOKENS = 12
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def checkpoint(request, tmp_path_factory) -> str:
+    cls_name, overrides = FAMILIES[request.param]
+    torch.manual_seed(0)
+    config = getattr(transformers, cls_name)(**COMMON, **overrides)
+    hf = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))._from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return str(path)
+
+
+def generate(path: str, **engine: object) -> list:
+    llm = LLM(path, skip_tokenizer_init=True, device="cpu", max_num_seqs=8, **engine)
+    try:
+        params = [SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2,
+                                 prompt_logprobs=2 if i == 2 else None) for i in range(len(PROMPTS))]
+        prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        again = llm.generate(prompts[3:], params[3:], use_tqdm=False)  # the shared prefix from the cache
+        assert llm.engine.scheduler.kv_cache.prefix_cache_hits >= 2 * 32
+        if engine.get("tensor_parallel_size", 1) > 1:
+            executor = llm.engine.core.executor
+            assert [w.proc.poll() for w in executor.workers] == [None]  # the worker process serves
+    finally:
+        llm.engine.shutdown()
+    if engine.get("tensor_parallel_size", 1) > 1:
+        assert all(w.proc.poll() is not None for w in executor.workers)  # and is gone after shutdown
+    return outs + again
+
+
+def logprob_table(entries: list) -> list[dict[int, float]]:
+    return [{t: lp.logprob for t, lp in e.items()} if e is not None else {} for e in entries]
+
+
+def test_tp2_gives_the_tokens_and_logprobs_of_tp1(checkpoint):
+    ref = generate(checkpoint)
+    got = generate(checkpoint, tensor_parallel_size=2, max_num_batched_tokens=16, async_scheduling=True)
+    for i, (r, g) in enumerate(zip(ref, got)):
+        assert g.outputs[0].token_ids == r.outputs[0].token_ids, f"output {i}"
+        pairs = [(logprob_table(r.outputs[0].logprobs), logprob_table(g.outputs[0].logprobs))]
+        if r.prompt_logprobs is not None:
+            pairs.append((logprob_table(r.prompt_logprobs), logprob_table(g.prompt_logprobs)))
+        for want, have in pairs:
+            for w, h in zip(want, have, strict=True):
+                assert w.keys() == h.keys(), f"output {i}: other top tokens"
+                assert max((abs(w[t] - h[t]) for t in w), default=0.0) < TOL, f"output {i}"
+    assert sum(o.prompt_logprobs is not None for o in got) == 1
