@@ -1,7 +1,8 @@
 """``slicelm serve --tensor-parallel-size 2`` on the CPU (API process, engine-core process = rank 0, one worker
-process = rank 1): it serves the official ``openai`` client, and a dead rank fails the server cleanly —
-kill -9 of the worker ends every open stream with an error event, ``/health`` answers 503 and the server
-exits 1 within seconds; kill -9 of the engine core takes the worker down with it (no orphan)."""
+process = rank 1, NVLink multicast off in its env): it serves the official ``openai`` client, and a dead rank
+fails the server cleanly — kill -9 of the worker ends every open stream with an error event, ``/health``
+answers 503 and the server exits 1 within seconds; kill -9 of the engine core takes the worker down with it
+(no orphan)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import openai
 import pytest
 from conftest import MODEL, start_server, stop_server
 from test_engine_process import tiny_model
+
+from slicelm.distributed.env import MULTICAST_OFF
 
 TP_FLAGS = ("--tensor-parallel-size", "2", "--load-format", "dummy", "--tokenizer", MODEL, "--max-model-len", "8192")
 
@@ -48,6 +51,8 @@ def test_kill_9_of_a_worker_fails_every_stream_and_the_server_exits_1(tmp_path: 
     server = start_server(tmp_path, *TP_FLAGS, model=model)
     try:
         pid = worker_pid(server.log())
+        environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+        assert MULTICAST_OFF.items() <= environ.items()  # NVLink multicast stays off in every rank
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
         done = client.completions.create(model=model, prompt="Hello", max_tokens=5, temperature=0)
         assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 5
