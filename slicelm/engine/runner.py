@@ -301,6 +301,7 @@ class ModelRunner:
             self.run_model(inputs)  # a prefill chunk that does not reach the end of its prompt
             return StepHandle([])
         handle = self.sample(self.run_model(inputs), requests)
+        assert handle.sampled is not None and handle.sampled.dtype == torch.int64  # what the followers receive
         self.tp.broadcast(handle.sampled)
         return handle
 
