@@ -114,6 +114,7 @@ class Worker:
         assert world_size == 1 or init_file is not None, "tensor parallelism needs the process group's rendezvous"
         self.args = args
         self.rank, self.world_size, self.init_file = rank, world_size, init_file
+        self._num_threads = torch.get_num_threads()  # restored at shutdown (CPU ranks share the cores)
         self.t0 = time.perf_counter()
         self.memory_plan = None
 
@@ -136,6 +137,7 @@ class Worker:
     def shutdown(self) -> None:
         if self.world_size > 1:
             destroy_tp_group()
+            torch.set_num_threads(self._num_threads)
 
     def load_model(self) -> None:
         """Resolves the checkpoint, infers the task, builds the model and loads (or randomizes) its weights."""

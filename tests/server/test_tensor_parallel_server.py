@@ -9,14 +9,12 @@ from __future__ import annotations
 import os
 import re
 import signal
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
-from conftest import MODEL, start_server, stop_server
+from conftest import MODEL, kill_during_streams, start_server, stop_server
 from test_engine_process import tiny_model
 
 from slicelm.distributed.env import MULTICAST_OFF
@@ -56,44 +54,12 @@ def test_kill_9_of_a_worker_fails_every_stream_and_the_server_exits_1(tmp_path: 
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
         done = client.completions.create(model=model, prompt="Hello", max_tokens=5, temperature=0)
         assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 5
-        results: dict[int, tuple[str, float]] = {}
-        started = threading.Barrier(3)
-
-        def stream(i: int) -> None:
-            body = {"model": model, "prompt": f"stream {i}", "max_tokens": 8000, "ignore_eos": True, "stream": True}
-            kind, first = "ended", True
-            try:
-                with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
-                    for line in r.iter_lines():
-                        if first:
-                            first = False
-                            started.wait(30)
-                        if line.startswith("data: ") and '"error"' in line:
-                            kind = "error-event: " + line
-            except httpx.HTTPError as e:
-                kind = f"connection: {type(e).__name__}"
-            results[i] = (kind, time.monotonic())
-
-        threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        started.wait(60)  # both streams are receiving tokens
-        killed = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        health = []
-        while server.proc.poll() is None and time.monotonic() - killed < 10:
-            try:
-                health.append(httpx.get(f"{server.url}/health", timeout=1).status_code)
-            except httpx.HTTPError:
-                break
-            time.sleep(0.05)
-        for t in threads:
-            t.join(15)
-        assert len(results) == 2, results
-        for kind, when in results.values():
-            assert kind.startswith("error-event") and "rank 1" in kind, results  # the stream says why it failed
-            assert when - killed < 10, results
-        assert 503 in health, health
+        out = kill_during_streams(server, model, pid, num_streams=2, health_window=10)
+        assert len(out.streams) == 2, out.streams
+        for kind, when in out.streams:
+            assert kind.startswith("error-event") and "rank 1" in kind, out.streams  # the stream says why it failed
+            assert when - out.killed < 10, out.streams
+        assert 503 in out.health, out.health
         assert server.proc.wait(15) == 1, server.log()
         assert "tensor-parallel worker rank 1" in server.log() and "SIGKILL" in server.log()
     finally:
