@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import time
+import zlib
 from collections.abc import Iterator
 
 import torch
@@ -54,9 +55,11 @@ def pick_device(name: str, rank: int = 0, world_size: int = 1) -> torch.device:
 
 @torch.no_grad()
 def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
-    """vLLM's ``--load-format dummy``: small random weights (norm scales 1), made on the device."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    quantized = init_dummy_quantized(model, gen)
+    """vLLM's ``--load-format dummy``: small random weights (norm scales 1), made on the device. Each parameter
+    draws from a stream seeded by its name, so tensor-parallel ranks hold the same replicated tensors (a MoE
+    router routes alike on every rank)."""
+    gen = torch.Generator(device=next(model.parameters()).device)
+    quantized = init_dummy_quantized(model, gen.manual_seed(seed))
     for name, p in model.named_parameters():
         if name in quantized:
             continue
@@ -65,7 +68,7 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
         elif name.endswith("bias"):
             p.zero_()
         else:
-            p.normal_(0.0, 0.02, generator=gen)
+            p.normal_(0.0, 0.02, generator=gen.manual_seed(seed + zlib.crc32(name.encode())))
 
 
 @contextlib.contextmanager

@@ -4,7 +4,10 @@ worker process is rank 1, gloo between them) gives the greedy tokens, logprobs a
 come from the sampled ids the driver shares) and prefix-cache hits.
 
 Llama: two KV heads (one per rank), qkv and o biases, an odd vocabulary (padded rows on rank 1). Qwen3:
-one KV head (replicated on both ranks), tied embeddings, qk-norm.
+one KV head (replicated on both ranks), tied embeddings, qk-norm. Qwen3-MoE: a dense layer, then a sparse one
+(4 experts, top-2, each rank half of every expert's intermediate features). Gemma 2: sliding-window and global
+layers, attention and final-logit soft-capping. (Each family's shards vs transformers, and Mixtral / Gemma 3 /
+Phi-3: tests/models/test_tp_models.py.)
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ COMMON = {"vocab_size": 501, "hidden_size": 64, "intermediate_size": 96, "num_hi
 FAMILIES = {
     "llama": ("LlamaConfig", {"num_key_value_heads": 2, "attention_bias": True}),
     "qwen3": ("Qwen3Config", {"num_key_value_heads": 1, "head_dim": 16, "tie_word_embeddings": True}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_key_value_heads": 2, "head_dim": 16, "moe_intermediate_size": 32,
+                                     "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True,
+                                     "mlp_only_layers": [0]}),
+    "gemma2": ("Gemma2Config", {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 8,
+                                "query_pre_attn_scalar": 16, "attn_logit_softcapping": 20.0,
+                                "final_logit_softcapping": 10.0}),
 }
 _g = torch.Generator().manual_seed(5)
 _SHARED = torch.randint(0, 501, (33,), generator=_g).tolist()

@@ -12,11 +12,13 @@ from safetensors.torch import load_file
 
 from slicelm.distributed import parallel_state
 from slicelm.distributed.parallel_state import TPGroup
+from slicelm.engine.worker import init_dummy_weights
 from slicelm.layers.parallel_linear import QKVParallelLinear, RowParallelLinear
 from slicelm.layers.vocab_parallel import VocabParallelEmbedding
 from slicelm.loader.lazy_tensor import LazyTensor
 from slicelm.loader.model_files import resolve_model
 from slicelm.models.llama import LlamaForCausalLM
+from slicelm.models.registry import get_model_class
 
 # checkpoint projection -> (fused column-parallel layer, output shard)
 COLUMN_SHARDS = {"self_attn.q_proj": ("self_attn.qkv_proj", 0), "self_attn.k_proj": ("self_attn.qkv_proj", 1),
@@ -45,7 +47,7 @@ def checkpoint(tmp_path_factory):
 def build_rank(path, rank: int, world: int, monkeypatch, reads: list[int] | None = None) -> LlamaForCausalLM:
     monkeypatch.setattr(parallel_state, "_GROUP", TPGroup(rank, world))
     source = resolve_model(str(path))
-    model = LlamaForCausalLM(source.config)
+    model = get_model_class(source.config["architectures"])(source.config)
     with monkeypatch.context() as m:
         if reads is not None:
             load = LazyTensor.load
@@ -90,6 +92,31 @@ def test_the_ranks_shards_put_together_are_the_checkpoint(checkpoint, name, monk
     # half of the checkpoint, never a whole sharded tensor
     assert sum(reads) == sum(t.numel() for t in ranks[0].parameters())
     assert sum(reads) < 0.6 * sum(t.numel() for t in full.values())
+
+
+def test_each_rank_reads_its_half_of_every_expert(tmp_path, monkeypatch):
+    """Mixtral (Hub layout, one tensor per expert): gate / up rows and down columns of each expert split along
+    the intermediate features, the router whole on both ranks; rank 0 reads only what it holds."""
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=3,
+                                        num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path)
+    full = load_file(str(tmp_path / "model.safetensors"))
+    reads: list[int] = []
+    ranks = [build_rank(tmp_path, r, 2, monkeypatch, reads if r == 0 else None) for r in range(2)]
+    moe = [m.model.layers[0].mlp for m in ranks]
+    pre = "model.layers.0.block_sparse_moe"
+    for e in range(3):
+        want = {w: full[f"{pre}.experts.{e}.{w}.weight"] for w in ("w1", "w3", "w2")}
+        assert torch.equal(torch.cat([b.experts.w13_weight[e, :24] for b in moe]), want["w1"])
+        assert torch.equal(torch.cat([b.experts.w13_weight[e, 24:] for b in moe]), want["w3"])
+        assert torch.equal(torch.cat([b.experts.w2_weight[e] for b in moe], dim=1), want["w2"])
+    assert all(torch.equal(b.gate.weight, full[f"{pre}.gate.weight"]) for b in moe)
+    assert sum(reads) == sum(t.numel() for t in ranks[0].parameters())
+    for m in ranks:  # --load-format dummy: the ranks' routers agree (they route every token alike)
+        init_dummy_weights(m, seed=3)
+    assert torch.equal(moe[0].gate.weight, moe[1].gate.weight) and moe[0].gate.weight.std() > 0.01
 
 
 def test_shapes_that_do_not_split_are_refused_naming_the_size():
