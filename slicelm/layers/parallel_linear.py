@@ -20,6 +20,8 @@ cut per shard first. With one rank every layer is the plain ``Linear``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,6 +59,18 @@ def copy_checked(target: torch.Tensor, tensor: torch.Tensor, what: str) -> None:
     target.copy_(tensor.to(dtype=target.dtype, device=target.device))
 
 
+@contextlib.contextmanager
+def per_rank(tp: TPGroup) -> Iterator[None]:
+    """A linear method refusing a rank's part (a group or packing it cannot split) says the split made it."""
+    try:
+        yield
+    except ValueError as e:
+        if tp.world_size == 1:
+            raise
+        raise type(e)(f"{e} (each of the {tp.world_size} tensor-parallel ranks holds 1/{tp.world_size} of the "
+                      "layer: use another --tensor-parallel-size)") from e
+
+
 @dataclass(frozen=True)
 class Part:
     """This rank's rows of one output shard (or its columns of the input): ``[start, start + length)``."""
@@ -85,8 +99,9 @@ class ColumnParallelLinear(Linear):
         self.full_output_sizes = list(output_sizes)
         self.parts = self.output_parts(output_sizes, prefix)
         local = [p.length for p in self.parts]
-        super().__init__(in_features, sum(local), bias=bias, quant_config=quant_config, prefix=prefix,
-                         output_sizes=local)
+        with per_rank(self.tp):
+            super().__init__(in_features, sum(local), bias=bias, quant_config=quant_config, prefix=prefix,
+                             output_sizes=local)
 
     def output_parts(self, output_sizes: list[int], prefix: str) -> list[Part]:
         tp = self.tp
@@ -160,7 +175,8 @@ class RowParallelLinear(Linear):
         local = divide(in_features, self.tp.world_size, f"{prefix} input size")
         self.part = Part(self.tp.rank * local, local)
         self.reduce_results = reduce_results
-        super().__init__(local, out_features, bias=bias, quant_config=quant_config, prefix=prefix)
+        with per_rank(self.tp):
+            super().__init__(local, out_features, bias=bias, quant_config=quant_config, prefix=prefix)
         if self.tp.world_size > 1 and getattr(getattr(self.method, "scheme", None), "act_order", False):
             raise ValueError(f"{prefix}: act-order (desc_act / actorder) checkpoints permute the input features, "
                              "which a row-parallel layer splits: serve them with --tensor-parallel-size 1")

@@ -14,6 +14,7 @@ from slicelm.distributed import parallel_state
 from slicelm.distributed.parallel_state import TPGroup
 from slicelm.engine.worker import init_dummy_weights
 from slicelm.layers.parallel_linear import QKVParallelLinear, RowParallelLinear
+from slicelm.layers.quantization.parsers import parse_quant_config
 from slicelm.layers.vocab_parallel import VocabParallelEmbedding
 from slicelm.loader.lazy_tensor import LazyTensor
 from slicelm.loader.model_files import resolve_model
@@ -130,6 +131,20 @@ def test_shapes_that_do_not_split_are_refused_naming_the_size():
     emb = VocabParallelEmbedding(101, 4, tp=TPGroup(1, 2))
     with pytest.raises(ValueError, match=r"shape \(100, 4\), expected \(101, 4\)"):
         emb.load_weight("weight", torch.zeros(100, 4))
-    layer = RowParallelLinear(32, 8, tp=tp)
-    with pytest.raises(ValueError, match=r"expected \(8, 32\)"):
+    layer = RowParallelLinear(32, 8, tp=tp, prefix="down_proj")
+    with pytest.raises(ValueError, match=r"down_proj.weight has shape \(8, 16\): 32 entries expected along dim 1"):
         layer.load_weight("weight", torch.zeros(8, 16))
+
+
+def test_quantized_splits_that_a_method_cannot_make_are_refused_naming_why():
+    tp = TPGroup(0, 2)
+    act_order = parse_quant_config({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 64,
+                                                            "desc_act": True}})
+    with pytest.raises(ValueError, match=r"act-order .* a row-parallel layer splits: serve them with "
+                                         r"--tensor-parallel-size 1"):
+        RowParallelLinear(256, 64, bias=False, quant_config=act_order, prefix="down_proj", tp=tp)
+    g128 = parse_quant_config({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}})
+    with pytest.raises(ValueError, match=r"in_features 64 is not a multiple of group_size 128 \(each of the 2 "
+                                         r"tensor-parallel ranks holds 1/2 of the layer"):
+        RowParallelLinear(128, 64, bias=False, quant_config=g128, prefix="down_proj", tp=tp)
+    RowParallelLinear(128, 64, bias=False, quant_config=g128, prefix="down_proj", tp=TPGroup(0, 1))  # one rank: whole
