@@ -1,9 +1,10 @@
 """Tensor parallelism on two GPUs (NCCL): TP=2 gives the CPU reference's greedy tokens in float32 with the
 all-reduces captured in the decode and mixed-step CUDA graphs; bf16 graphs agree with bf16 eager; a
 killed worker fails the engine instead of hanging in a collective (offline: ``WorkerDiedError``; server:
-error events, exit 1); every rank runs with NVLink multicast off.
+error events, exit 1); every rank runs with NVLink multicast off; Qwen3-MoE (fused-MoE kernels on split experts)
+and an AWQ checkpoint (W4A16 kernels on each rank's packed part) give their one-GPU tokens.
 
-    python -m pytest -m gpu tests/gpu/test_tp_gpu.py     # on a machine with 2 GPUs (~3 min)
+    python -m pytest -m gpu tests/gpu/test_tp_gpu.py     # on a machine with 2 GPUs (~4 min)
 """
 
 from __future__ import annotations
@@ -113,6 +114,49 @@ def test_tp2_bf16_graphs_agree_with_eager(qwen3_dir, prompts):
         _free()
     same = sum(x == y for x, y in zip(*results))
     assert same >= len(prompts) - 2, "CUDA-graph steps must compute what eager steps compute"
+
+
+
+def _tp1_and_tp2(path: str, prompts: list[list[int]], **kwargs: object) -> list[list[list[int]]]:
+    """Greedy tokens of the model on one GPU, then sharded over two (same dtype, CUDA graphs on)."""
+    out = []
+    for tp in (1, 2):
+        llm = LLM(path, **{**OPTS, "tensor_parallel_size": tp, **kwargs})
+        out.append(_greedy(llm, prompts, 16))
+        llm.engine.shutdown()
+        del llm
+        _free()
+    return out
+
+
+def test_tp2_moe_experts_split_give_tp1_tokens(tmp_path: Path, prompts):
+    """Qwen3-MoE (8 experts, top-2): the Triton fused-MoE kernels on each rank's half of every expert, one
+    all-reduce per sparse block inside the CUDA graphs; float32, so routing matches TP=1."""
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
+                                      num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                                      moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2,
+                                      norm_topk_prob=True, mlp_only_layers=[0], max_position_embeddings=2048)
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.06 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    tp1, tp2 = _tp1_and_tp2(str(tmp_path), prompts, dtype="float32")
+    assert sum(a == b for a, b in zip(tp1, tp2)) >= len(prompts) - 1
+
+
+def test_tp2_awq_shards_give_tp1_tokens(tmp_path: Path):
+    """AWQ 4-bit g64: each rank's packed part through the Triton W4A16 GEMV / GEMM (float16)."""
+    from utils_quant import VOCAB, base_model, write_awq
+
+    write_awq(base_model(), tmp_path, group=64)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (1, 5, 17, 40, 90)]
+    tp1, tp2 = _tp1_and_tp2(str(tmp_path), prompts, dtype="float16", max_model_len=256)
+    assert sum(a == b for a, b in zip(tp1, tp2)) >= len(prompts) - 1
 
 
 def _environ(pid: int) -> dict[str, str]:
