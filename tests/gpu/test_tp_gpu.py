@@ -9,7 +9,6 @@ and an AWQ checkpoint (W4A16 kernels on each rank's packed part) give their one-
 
 from __future__ import annotations
 
-import gc
 import os
 import re
 import signal
@@ -26,54 +25,33 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]
 
-from slicelm import LLM, SamplingParams  # noqa: E402
+from utils_parity import free_cuda, greedy_ids, prompts_with_shared_prefix, save_random_decoder  # noqa: E402
+
+from slicelm import LLM  # noqa: E402
 from slicelm.distributed.env import MULTICAST_OFF  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT_LENS = (5, 17, 40, 3, 130, 64, 1, 300)
 
 
-def _free() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
-def _greedy(llm: LLM, prompts: list[list[int]], n: int = 24) -> list[list[int]]:
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
-
-
 @pytest.fixture(scope="module")
 def qwen3_dir(tmp_path_factory) -> str:
     """8 query heads and 2 KV heads (one per rank), 4 layers: small enough for seconds, real enough to shard."""
-    import transformers
-
-    cfg = transformers.Qwen3Config(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                                   num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-                                   max_position_embeddings=2048, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.Qwen3ForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.06 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("qwen3")
-    model.save_pretrained(path)
-    return str(path)
+    return save_random_decoder("Qwen3Config", tmp_path_factory.mktemp("qwen3"), vocab_size=2048, hidden_size=512,
+                               intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                               num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+                               tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")
 def prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(3)
-    shared = torch.randint(0, 2048, (48,), generator=g).tolist()
-    ps = [torch.randint(0, 2048, (n,), generator=g).tolist() for n in PROMPT_LENS]
-    return ps + [shared + p[:7] for p in ps[:4]]
+    return prompts_with_shared_prefix(PROMPT_LENS, 2048)
 
 
 @pytest.fixture(scope="module")
 def reference(qwen3_dir, prompts) -> list[list[int]]:
     llm = LLM(qwen3_dir, device="cpu", skip_tokenizer_init=True, max_model_len=1024)
-    return _greedy(llm, prompts)
+    return greedy_ids(llm, prompts, 24)
 
 
 OPTS = {"skip_tokenizer_init": True, "max_model_len": 1024, "max_num_seqs": 16, "gpu_memory_budget": "6GiB",
@@ -85,8 +63,8 @@ OPTS = {"skip_tokenizer_init": True, "max_model_len": 1024, "max_num_seqs": 16, 
 def test_tp2_fp32_gives_the_cpu_reference(qwen3_dir, prompts, reference, kwargs):
     llm = LLM(qwen3_dir, dtype="float32", **OPTS, **kwargs)
     try:
-        got = _greedy(llm, prompts)
-        again = _greedy(llm, prompts)  # prefix-cache hits
+        got = greedy_ids(llm, prompts, 24)
+        again = greedy_ids(llm, prompts, 24)  # prefix-cache hits
         runner = llm.engine.worker.runner
         decode_sizes = runner.graphs.sizes if runner.graphs is not None else []
         mixed_replays = runner.mixed_graphs.num_replays if runner.mixed_graphs is not None else None
@@ -101,17 +79,17 @@ def test_tp2_fp32_gives_the_cpu_reference(qwen3_dir, prompts, reference, kwargs)
     else:  # the all-reduces ran inside captured graphs (decode and mixed steps)
         assert decode_sizes and mixed_replays is not None and mixed_replays > 0
     del llm
-    _free()
+    free_cuda()
 
 
 def test_tp2_bf16_graphs_agree_with_eager(qwen3_dir, prompts):
     results = []
     for eager in (False, True):
         llm = LLM(qwen3_dir, dtype="bfloat16", enforce_eager=eager, **OPTS)
-        results.append(_greedy(llm, prompts, 16))
+        results.append(greedy_ids(llm, prompts, 16))
         llm.engine.shutdown()
         del llm
-        _free()
+        free_cuda()
     same = sum(x == y for x, y in zip(*results))
     assert same >= len(prompts) - 2, "CUDA-graph steps must compute what eager steps compute"
 
@@ -122,28 +100,20 @@ def _tp1_and_tp2(path: str, prompts: list[list[int]], **kwargs: object) -> list[
     out = []
     for tp in (1, 2):
         llm = LLM(path, **{**OPTS, "tensor_parallel_size": tp, **kwargs})
-        out.append(_greedy(llm, prompts, 16))
+        out.append(greedy_ids(llm, prompts, 16))
         llm.engine.shutdown()
         del llm
-        _free()
+        free_cuda()
     return out
 
 
 def test_tp2_moe_experts_split_give_tp1_tokens(tmp_path: Path, prompts):
     """Qwen3-MoE (8 experts, top-2): the Triton fused-MoE kernels on each rank's half of every expert, one
     all-reduce per sparse block inside the CUDA graphs; float32, so routing matches TP=1."""
-    import transformers
-
-    cfg = transformers.Qwen3MoeConfig(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
-                                      num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-                                      moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2,
-                                      norm_topk_prob=True, mlp_only_layers=[0], max_position_embeddings=2048)
-    torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.06 * torch.randn_like(p))
-    model.save_pretrained(tmp_path)
+    save_random_decoder("Qwen3MoeConfig", tmp_path, vocab_size=2048, hidden_size=512, intermediate_size=1024,
+                        num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                        moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                        mlp_only_layers=[0], max_position_embeddings=2048)
     tp1, tp2 = _tp1_and_tp2(str(tmp_path), prompts, dtype="float32")
     assert sum(a == b for a, b in zip(tp1, tp2)) >= len(prompts) - 1
 
@@ -172,16 +142,16 @@ def test_killed_worker_fails_the_offline_engine_without_hanging(qwen3_dir, promp
         (worker,) = llm.engine.core.executor.workers
         assert MULTICAST_OFF.items() <= _environ(worker.proc.pid).items()
         assert MULTICAST_OFF.items() <= os.environ.items()  # the driver's own process too
-        _greedy(llm, prompts[:2], 4)
+        greedy_ids(llm, prompts[:2], 4)
         os.kill(worker.proc.pid, signal.SIGKILL)
         t0 = time.monotonic()
         with pytest.raises(WorkerDiedError, match="rank 1"):
-            _greedy(llm, prompts, 256)  # NCCL waits on the dead rank until the watchdog aborts the group
+            greedy_ids(llm, prompts, 256)  # NCCL waits on the dead rank until the watchdog aborts the group
         assert time.monotonic() - t0 < 60
     finally:
         llm.engine.shutdown()
     del llm
-    _free()
+    free_cuda()
 
 
 def test_killed_worker_ends_the_gpu_server(tmp_path: Path, qwen3_dir):
