@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -183,7 +184,9 @@ def main() -> None:
     cuda = torch.cuda.is_available() and not args.smoke
     if cuda and torch.cuda.device_count() < tp:
         sys.exit(f"needs {tp} GPUs, found {torch.cuda.device_count()}")
-    result: dict[str, Any] = {**env, "gpus": torch.cuda.device_count() if cuda else 0,
+    # a loaded CPU host slows the in-process TP=1 engine's 2 OpenMP threads far more than the 1-thread ranks
+    result: dict[str, Any] = {**env, "host_loadavg_1m": os.getloadavg()[0],
+                              "gpus": torch.cuda.device_count() if cuda else 0,
                               "workload": {"B": {"shape": args.b_shape, "model_config": SHAPES[args.b_shape],
                                                  "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens,
                                                  "batch_size": 1, "tensor_parallel_size": tp},
