@@ -47,8 +47,10 @@ TINY_LLAMA = {  # CPU smoke runs of the benchmark scripts
     "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 10240,
     "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "torch_dtype": "bfloat16",
 }
-SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "llama-3.1-8b": LLAMA_3_1_8B, "mistral-7b-v0.3": MISTRAL_7B_V03,
-          "qwen2.5-7b": QWEN2_5_7B, "tiny-llama": TINY_LLAMA}
+LLAMA_3_1_70B = {**LLAMA_3_1_8B, "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+                 "intermediate_size": 28672}
+SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "llama-3.1-8b": LLAMA_3_1_8B, "llama-3.1-70b": LLAMA_3_1_70B,
+          "mistral-7b-v0.3": MISTRAL_7B_V03, "qwen2.5-7b": QWEN2_5_7B, "tiny-llama": TINY_LLAMA}
 # quantization_config of what AutoAWQ writes for 4-bit g128 (the seed's solidrust / Qwen AWQ releases)
 AWQ_G128 = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
 

@@ -75,6 +75,30 @@ def run_peer(shape: str, num_requests: int, timeout: int) -> dict:
             return {"error": f"{type(e).__name__}: {e}"}
 
 
+def run_workload_a(llm, reqs: list[tuple[list[int], int]], temperature: float = 0.0) -> tuple[float, int]:
+    """A short warm-up, then every request at once, timed from the first in to the last token out;
+    (seconds, output tokens). Peak memory stats are reset after the warm-up."""
+    from slicelm import SamplingParams
+
+    cuda = torch.cuda.is_available()
+    warm = [({"prompt_token_ids": p[:64]}, SamplingParams(max_tokens=8, ignore_eos=True)) for p, _ in reqs[:8]]
+    llm.generate([w[0] for w in warm], [w[1] for w in warm], use_tqdm=False)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    prompts = [{"prompt_token_ids": p} for p, _ in reqs]
+    params = [SamplingParams(temperature=temperature, max_tokens=o, ignore_eos=True, seed=i)
+              for i, (_, o) in enumerate(reqs)]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert out_tokens == sum(o for _, o in reqs), "every request must generate exactly its output length"
+    return elapsed, out_tokens
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
@@ -90,7 +114,7 @@ def main() -> None:
     ap.add_argument("--name", default="throughput")
     args = ap.parse_args()
 
-    from slicelm import LLM, SamplingParams
+    from slicelm import LLM
 
     env = environment()
     reqs = workload_a(args.num_requests)
@@ -106,23 +130,10 @@ def main() -> None:
                   max_model_len=4096, enforce_eager=args.enforce_eager,
                   gpu_memory_utilization=args.gpu_memory_utilization, gpu_memory_budget=args.gpu_memory_budget)
     plan = llm.engine.worker.memory_plan
-    warm = [({"prompt_token_ids": p[:64]}, SamplingParams(max_tokens=8, ignore_eos=True)) for p, _ in reqs[:8]]
-    llm.generate([w[0] for w in warm], [w[1] for w in warm], use_tqdm=False)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-
-    prompts = [{"prompt_token_ids": p} for p, _ in reqs]
-    params = [SamplingParams(temperature=args.temperature, max_tokens=o, ignore_eos=True, seed=i)
-              for i, (_, o) in enumerate(reqs)]
     compiled_before = triton_cache_entries()
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
+    elapsed, out_tokens = run_workload_a(llm, reqs, args.temperature)
     compiled_in_run = sorted(triton_cache_entries() - compiled_before)  # should be empty: warm-up compiles
-    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     prompt_tokens = sum(len(p) for p, _ in reqs)
-    assert out_tokens == sum(o for _, o in reqs), "every request must generate exactly its output length"
     stats = llm.engine.get_stats()
 
     floor_tps = out_tokens / floor["floor_s"]

@@ -71,6 +71,8 @@ class EngineArgs:
     gpu_memory_budget: str | int | None = None
     kv_cache_memory_bytes: str | int | None = None
     enforce_eager: bool = False
+    # GPUs (or CPU processes) one model is sharded over, Megatron-style; one worker process per extra rank.
+    tensor_parallel_size: int = 1
     load_format: Literal["auto", "dummy"] = "auto"
     # vLLM's --quantization (None: what the checkpoint says) and --kv-cache-dtype (auto: the model's dtype)
     quantization: str | None = None
@@ -127,6 +129,8 @@ class EngineArgs:
             raise ValueError(f"attention_decode_splits must be >= 1, got {self.attention_decode_splits}")
         if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
             raise ValueError(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3; got {self.kv_cache_dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.task not in ("auto", "generate", "embed", "score"):
             raise ValueError(f"task must be one of auto, generate, embed, score; got {self.task!r}")
         self.gpu_memory_budget = parse_size(self.gpu_memory_budget)
@@ -163,6 +167,9 @@ class EngineArgs:
                        help="absolute GPU memory budget for this engine, e.g. 14GiB or 14000MiB")
         g.add_argument("--kv-cache-memory-bytes", default=None, help="KV cache size, e.g. 4GiB")
         g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+                       help="shard the model over this many GPUs of this host (one process each; gloo "
+                            "processes on the CPU)")
         g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="overlap scheduling of the next step with the current one (default: on for CUDA)")
         g.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],

@@ -13,18 +13,20 @@ ROOT = Path(__file__).resolve().parents[1] / "slicelm"
 BASE = "<base>"  # config.py, sampling_params.py, pooling_params.py
 FACADE = "<facade>"  # slicelm/__init__.py: names the public API lazily, imports nothing at import time
 
-# package -> slicelm packages it must never import (entrypoints → engine → models → layers; the loader only
-# produces configs, weights and tokenizers; slicing is plain Python; stack and router never touch the engine).
+# package -> slicelm packages it must never import (entrypoints → engine → models → layers → distributed; the
+# loader only produces configs, weights and tokenizers; slicing is plain Python; stack and router never touch
+# the engine).
 FORBIDDEN: dict[str, set[str]] = {
     "entrypoints": set(),
     "engine": {"entrypoints", "stack", "router"},
     "models": {"entrypoints", "engine", "stack", "router", "slicing"},
     "layers": {"entrypoints", "engine", "models", "loader", "stack", "router", "slicing"},
+    "distributed": {"entrypoints", "engine", "models", "layers", "loader", "stack", "router", "slicing"},
     "loader": {"entrypoints", "engine", "models", "layers", "stack", "router", "slicing"},
     "slicing": {"entrypoints", "engine", "models", "layers", "loader", "stack", "router"},
     "stack": {"engine", "models", "layers"},
     "router": {"engine", "models", "layers"},
-    BASE: {"entrypoints", "engine", "models", "layers", "loader", "stack", "router", "slicing"},
+    BASE: {"entrypoints", "engine", "models", "layers", "distributed", "loader", "stack", "router", "slicing"},
     FACADE: set(),
 }
 NO_TORCH = {"slicing", "stack", "router"}  # no torch import anywhere in them, nor through what they import

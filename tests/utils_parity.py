@@ -45,6 +45,19 @@ def build_hf(cls_name: str, config_kwargs: dict, seed: int = 0, std: float = 0.0
     return hf, config.to_dict()
 
 
+def save_random_decoder(cls_name: str, path, **config: object) -> str:
+    """A transformers decoder (``Qwen3Config`` ...) with random weights (norms around 1, the rest 0.06 std), saved
+    in ``path``: the GPU tests' models."""
+    cfg = getattr(transformers, cls_name)(**config)
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.06 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return str(path)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (torch.linalg.norm(out.double() - ref.double()) / torch.linalg.norm(ref.double())).item()
 

@@ -17,20 +17,22 @@ from collections.abc import Iterable
 
 from slicelm.config import EngineArgs
 from slicelm.engine.core_messages import EngineCoreInfo, EngineCoreOutput, EngineCoreRequest
+from slicelm.engine.executor import make_executor
 from slicelm.engine.request import Request, RequestStatus
 from slicelm.engine.runner import RunnerOutput, StepHandle
 from slicelm.engine.sampler import make_generator
 from slicelm.engine.stats import EngineStats
 from slicelm.engine.warmup import WarmupReport, warm_up
-from slicelm.engine.worker import Worker
 
 logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, exit_on_worker_failure: bool = False) -> None:
         self.args = args
-        self.worker = build_worker(args)
+        # one Worker here, or the driver of tensor-parallel worker processes
+        self.executor = make_executor(args, exit_on_worker_failure)
+        self.worker = self.executor.driver
         self.scheduler = self.worker.make_scheduler()
         self.model_config = self.worker.model_config
         self.cache_config = self.worker.cache_config
@@ -92,7 +94,7 @@ class EngineCore:
         sched = self.scheduler.schedule()
         handle = None
         if not sched.is_empty:
-            handle = self.worker.execute_model(sched, self._inflight)
+            handle = self.executor.execute_model(sched, self._inflight)
             self.scheduler.update_after_step(sched)
             self._stats.num_prompt_tokens += sum(
                 max(0, min(s.request.num_prompt_tokens, s.request.num_computed_tokens)
@@ -189,6 +191,14 @@ class EngineCore:
         req.metrics.finished_time = time.time()
         self.requests.pop(req.request_id, None)
 
+    def check_health(self) -> None:
+        """Raises when the engine cannot step any more (a tensor-parallel worker died)."""
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers, if any (idempotent)."""
+        self.executor.shutdown()
+
     # ------------------------------------------------------------------------------- stats
     def get_stats(self) -> EngineStats:
         s = self._stats
@@ -208,15 +218,6 @@ class EngineCore:
 def _pooling_defaults(model: object) -> tuple[str | None, bool | None]:
     pooling = getattr(model, "pooling", None)
     return getattr(pooling, "pooling_type", None), getattr(pooling, "normalize", None)
-
-
-def build_worker(args: EngineArgs) -> Worker:
-    """The worker's start-up steps, in order: device, model, KV cache (and runner)."""
-    worker = Worker(args)
-    worker.init_device()
-    worker.load_model()
-    worker.initialize_cache()
-    return worker
 
 
 def _logprob_entry(req: Request, result: RunnerOutput, row: int) -> tuple[list[int], list[float], int | None]:

@@ -241,3 +241,6 @@ class ThreadCoreClient(_SocketCoreClient):
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
         self._destroy()
+        stop = getattr(self.core, "shutdown", None)  # an EngineCore's tensor-parallel workers (fakes: none)
+        if stop is not None:
+            stop()

@@ -53,6 +53,7 @@ class CoreLoop:
         self.out_sock = self.out_socks[0]
         self.multi = len(self.out_socks) > 1
         self.parent_alive = parent_alive or (lambda: True)
+        self.check_health = getattr(core, "check_health", lambda: None)  # test fakes have none
         self.encoder = make_encoder()
         self.req_decoder = request_decoder()
         self.ids_decoder = ids_decoder()
@@ -72,6 +73,7 @@ class CoreLoop:
                     if not self.parent_alive():
                         logger.warning("the API process is gone: engine core exits")
                         return
+                    self.check_health()  # a dead tensor-parallel worker ends an idle core too
                     continue
                 if busy and time.monotonic() - last_check > 1.0:
                     last_check = time.monotonic()
@@ -159,7 +161,7 @@ def run_engine_core(args: Any, in_addrs: list[str], out_addrs: list[str], ready:
     try:
         from slicelm.engine.core import EngineCore
 
-        core = EngineCore(args)
+        core = EngineCore(args, exit_on_worker_failure=True)
     except BaseException as e:  # start-up errors go back to the API process, which reports and exits
         ready.send(("error", type(e).__name__, str(e), isinstance(e, ValueError), traceback.format_exc()))
         ready.close()
@@ -182,6 +184,7 @@ def run_engine_core(args: Any, in_addrs: list[str], out_addrs: list[str], ready:
         CoreLoop(core, in_sock, out_socks, parent_alive=lambda: os.getppid() == parent_pid).run()
     except Exception:
         code = 1
+    core.shutdown()
     in_sock.close(linger=0)
     for out_sock in out_socks:
         out_sock.close()

@@ -123,5 +123,9 @@ class LLMEngine:
     def get_stats(self) -> EngineStats:
         return self.core.get_stats()
 
+    def shutdown(self) -> None:
+        """Stops the core's tensor-parallel workers, if any (they also stop when the engine is dropped)."""
+        self.core.shutdown()
+
     def next_request_id(self) -> str:
         return str(next(self._counter))

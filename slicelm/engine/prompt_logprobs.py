@@ -21,9 +21,11 @@ ROWS_PER_CHUNK = 64  # bounds the [rows, vocab] float32 logits held at once (not
 
 @dataclass
 class PromptLogprobsJob:
-    """The rows of one step's hidden states that give one request's next prompt-token logprobs."""
+    """The rows of one step's hidden states that give one request's next prompt-token logprobs. Other
+    tensor-parallel ranks get the job without its request: they compute the same logits (their
+    collectives must match the driver's) and keep nothing."""
 
-    request: Request
+    request: Request | None
     rows: np.ndarray  # int64 indices into the step's flattened tokens
     targets: np.ndarray  # int64: the prompt token each row predicts
     k: int
@@ -54,7 +56,10 @@ def run_jobs(model: torch.nn.Module, hidden: torch.Tensor, jobs: list[PromptLogp
         for lo in range(0, len(job.rows), ROWS_PER_CHUNK):
             rows = torch.from_numpy(job.rows[lo : lo + ROWS_PER_CHUNK]).to(hidden.device)
             targets = torch.from_numpy(job.targets[lo : lo + ROWS_PER_CHUNK]).to(hidden.device)
-            logprobs = torch.log_softmax(model.compute_logits(hidden[rows]).float(), dim=-1)
+            logits = model.compute_logits(hidden[rows])
+            if job.request is None:
+                continue
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
             own = logprobs.gather(1, targets.unsqueeze(1))
             ranks = (logprobs > own).sum(dim=1) + 1
             ids, lps = targets.unsqueeze(1), own

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from slicelm.distributed.parallel_state import get_tp_group
 from slicelm.engine.cuda_graphs import (
     MIXED_MAX_TOKENS,
     CUDAGraphDecoder,
@@ -73,12 +74,40 @@ class StepHandle:
 
 
 @dataclass
+class HostBatch:
+    """A step's inputs as host arrays. The driver builds it from the scheduled requests; with tensor
+    parallelism it goes as it is to the other ranks, and every rank turns it into the same device tensors
+    (``ModelRunner.to_device``). A token still pending (sampled by the step in flight) is named by its
+    position and its row in that step's sampled tensor, which every rank holds on the device."""
+
+    input_ids: np.ndarray  # int64 [T] (pending positions hold a placeholder)
+    positions: np.ndarray  # int64 [T]
+    query_start_loc: np.ndarray  # int32 [S + 1]
+    seq_lens: np.ndarray  # int32 [S]
+    slot_mapping: np.ndarray  # int64 [T]
+    block_tables: np.ndarray  # int32 [S, max blocks]
+    logits_indices: np.ndarray  # int64: rows of the hidden states that sample
+    pending_pos: np.ndarray  # int64
+    pending_rows: np.ndarray  # int64
+    prompt_jobs: list[PromptLogprobsJob] = field(default_factory=list)
+
+    @property
+    def num_sampling(self) -> int:
+        return len(self.logits_indices)
+
+    def for_followers(self) -> HostBatch:
+        """The batch without request objects (what the other ranks need)."""
+        jobs = [PromptLogprobsJob(None, j.rows, j.targets, j.k) for j in self.prompt_jobs]
+        return HostBatch(**{**self.__dict__, "prompt_jobs": jobs})
+
+
+@dataclass
 class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn_meta: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the hidden states that sample
-    sampling: list[ScheduledRequest]
+    sampling: list[ScheduledRequest]  # the driver's; empty on the other ranks
     prompt_logprobs: list[PromptLogprobsJob] = field(default_factory=list)
 
 
@@ -100,6 +129,8 @@ class ModelRunner:
         self.pin = device.type == "cuda"
         self.graphs: CUDAGraphDecoder | None = None
         self.mixed_graphs: CUDAGraphMixed | None = None
+        self.tp = get_tp_group()
+        self._followed_sampled: torch.Tensor | None = None  # a follower's copy of the last step's samples
 
     def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int) -> None:
         """Decode graphs always; mixed-step graphs when every attention layer reads only device tensors."""
@@ -163,6 +194,12 @@ class ModelRunner:
     def prepare_inputs(self, scheduled: list[ScheduledRequest], prev: StepHandle | None = None) -> StepInputs:
         """Batch tensors for a step. A token still pending on the device (sampled by ``prev``, the
         step in flight) is taken from ``prev.sampled`` on the device: no wait for the host."""
+        inputs = self.to_device(self.build_batch(scheduled, prev), prev.sampled if prev is not None else None)
+        inputs.sampling = [s for s in scheduled if s.samples]
+        return inputs
+
+    def build_batch(self, scheduled: list[ScheduledRequest], prev: StepHandle | None = None) -> HostBatch:
+        """The step's host arrays (see ``HostBatch``)."""
         bs = self.block_size
         num_seqs = len(scheduled)
         q_lens = np.array([s.num_new_tokens for s in scheduled], dtype=np.int64)
@@ -191,35 +228,43 @@ class ModelRunner:
         for i, s in enumerate(scheduled):
             block_tables[i, : len(s.block_ids)] = s.block_ids
         slot_mapping = block_tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
-
-        sampling = [s for s in scheduled if s.samples]
         logits_indices = np.array(
             [query_start_loc[i + 1] - 1 for i, s in enumerate(scheduled) if s.samples], dtype=np.int64
         )
-        meta = AttentionMetadata(
-            num_seqs=num_seqs,
-            num_tokens=num_tokens,
-            query_start_loc=self._to_device(query_start_loc),
-            seq_lens=self._to_device(seq_lens.astype(np.int32)),
-            slot_mapping=self._to_device(slot_mapping),
-            block_tables=self._to_device(block_tables),
-            max_query_len=int(q_lens.max()),
-            max_seq_len=int(seq_lens.max()),
-            query_start_loc_cpu=query_start_loc.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
+        return HostBatch(
+            input_ids=input_ids, positions=positions, query_start_loc=query_start_loc,
+            seq_lens=seq_lens.astype(np.int32), slot_mapping=slot_mapping, block_tables=block_tables,
+            logits_indices=logits_indices, pending_pos=np.array(pending_pos, dtype=np.int64),
+            pending_rows=np.array(pending_rows, dtype=np.int64),
+            prompt_jobs=plan_jobs(scheduled, query_start_loc, self.vocab_size),
         )
-        input_ids_dev = self._to_device(input_ids)
-        if pending_pos:
-            assert prev is not None and prev.sampled is not None
-            rows = self._to_device(np.array(pending_rows, dtype=np.int64))
-            input_ids_dev[self._to_device(np.array(pending_pos, dtype=np.int64))] = prev.sampled[rows]
+
+    def to_device(self, batch: HostBatch, prev_sampled: torch.Tensor | None) -> StepInputs:
+        """Device tensors of ``batch``; pending tokens are gathered from ``prev_sampled`` on the device."""
+        meta = AttentionMetadata(
+            num_seqs=len(batch.seq_lens),
+            num_tokens=len(batch.input_ids),
+            query_start_loc=self._to_device(batch.query_start_loc),
+            seq_lens=self._to_device(batch.seq_lens),
+            slot_mapping=self._to_device(batch.slot_mapping),
+            block_tables=self._to_device(batch.block_tables),
+            max_query_len=int(np.diff(batch.query_start_loc).max()),
+            max_seq_len=int(batch.seq_lens.max()),
+            query_start_loc_cpu=batch.query_start_loc.tolist(),
+            seq_lens_cpu=batch.seq_lens.tolist(),
+        )
+        input_ids = self._to_device(batch.input_ids)
+        if len(batch.pending_pos):
+            assert prev_sampled is not None
+            rows = self._to_device(batch.pending_rows)
+            input_ids[self._to_device(batch.pending_pos)] = prev_sampled[rows]
         return StepInputs(
-            input_ids=input_ids_dev,
-            positions=self._to_device(positions),
+            input_ids=input_ids,
+            positions=self._to_device(batch.positions),
             attn_meta=meta,
-            logits_indices=self._to_device(logits_indices),
-            sampling=sampling,
-            prompt_logprobs=plan_jobs(scheduled, query_start_loc, self.vocab_size),
+            logits_indices=self._to_device(batch.logits_indices),
+            sampling=[],
+            prompt_logprobs=batch.prompt_jobs,
         )
 
     # ------------------------------------------------------------------------------ run
@@ -229,7 +274,7 @@ class ModelRunner:
             self.graphs is not None
             and not inputs.prompt_logprobs
             and meta.is_decode_only
-            and len(inputs.sampling) == meta.num_seqs
+            and inputs.logits_indices.shape[0] == meta.num_seqs
             and self.graphs.padded_size(meta.num_seqs) is not None
         ):
             return self.graphs.run(inputs.input_ids, inputs.positions, meta)
@@ -244,12 +289,32 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
         """Launches a step; on a GPU it returns before the step has run."""
-        inputs = self.prepare_inputs(sched.scheduled, prev)
-        if not inputs.sampling:
+        batch = self.build_batch(sched.scheduled, prev)
+        return self.execute_batch(batch, [s.request for s in sched.scheduled if s.samples], prev)
+
+    @torch.inference_mode()
+    def execute_batch(self, batch: HostBatch, requests: list[Request], prev: StepHandle | None) -> StepHandle:
+        """The driver's half of a step (after ``batch`` went to the other ranks): run, sample, share the
+        sampled ids with the other ranks (their next step may read them as inputs)."""
+        inputs = self.to_device(batch, prev.sampled if prev is not None else None)
+        if not requests:
             self.run_model(inputs)  # a prefill chunk that does not reach the end of its prompt
             return StepHandle([])
-        logits = self.run_model(inputs)
-        return self.sample(logits, [s.request for s in inputs.sampling])
+        handle = self.sample(self.run_model(inputs), requests)
+        assert handle.sampled is not None and handle.sampled.dtype == torch.int64  # what the followers receive
+        self.tp.broadcast(handle.sampled)
+        return handle
+
+    @torch.inference_mode()
+    def follow_batch(self, batch: HostBatch) -> None:
+        """Another rank's half of the driver's step: the same model run (same collectives), no sampling;
+        receives the sampled ids the driver shares."""
+        inputs = self.to_device(batch, self._followed_sampled)
+        self.run_model(inputs)
+        self._followed_sampled = None
+        if batch.num_sampling:
+            sampled = torch.empty(batch.num_sampling, dtype=torch.int64, device=self.device)
+            self._followed_sampled = self.tp.broadcast(sampled)
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> StepHandle:
         meta = SamplingMetadata.build(

@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import time
+import zlib
 from collections.abc import Iterator
 
 import torch
 
 from slicelm.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig, resolve_dtype
+from slicelm.distributed.parallel_state import destroy_tp_group, get_tp_group, init_tp_group
 from slicelm.engine.cuda_graphs import MIXED_MAX_TOKENS
 from slicelm.engine.kv_cache import KVCacheManager, cdiv
 from slicelm.engine.pooling_runner import PoolingRunner
@@ -32,24 +35,31 @@ from slicelm.models.registry import get_model_class, is_pooling_architecture
 logger = logging.getLogger(__name__)
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, rank: int = 0, world_size: int = 1) -> torch.device:
+    """The device of tensor-parallel rank ``rank``: ``cuda`` / ``cuda:i`` give rank r the r-th GPU from there."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r} was asked for but no CUDA GPU is available")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        base = device.index if device.index is not None else (torch.cuda.current_device() if world_size == 1 else 0)
+        if base + world_size > torch.cuda.device_count():
+            raise ValueError(f"--tensor-parallel-size {world_size} on device {name!r} needs GPUs {base}.."
+                             f"{base + world_size - 1}, but {torch.cuda.device_count()} are visible "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})")
+        device = torch.device("cuda", base + rank)
         torch.cuda.set_device(device)
     return device
 
 
 @torch.no_grad()
 def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
-    """vLLM's ``--load-format dummy``: small random weights (norm scales 1), made on the device."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    quantized = init_dummy_quantized(model, gen)
+    """vLLM's ``--load-format dummy``: small random weights (norm scales 1), made on the device. Each parameter
+    draws from a stream seeded by its name, so tensor-parallel ranks hold the same replicated tensors (a MoE
+    router routes alike on every rank)."""
+    gen = torch.Generator(device=next(model.parameters()).device)
+    quantized = init_dummy_quantized(model, gen.manual_seed(seed))
     for name, p in model.named_parameters():
         if name in quantized:
             continue
@@ -58,7 +68,7 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
         elif name.endswith("bias"):
             p.zero_()
         else:
-            p.normal_(0.0, 0.02, generator=gen)
+            p.normal_(0.0, 0.02, generator=gen.manual_seed(seed + zlib.crc32(name.encode())))
 
 
 @contextlib.contextmanager
@@ -101,15 +111,36 @@ def _max_positions(source: ModelSource, hf_config: dict, pooling: bool) -> int:
 
 
 class Worker:
-    def __init__(self, args: EngineArgs) -> None:
+    """One rank's device, model shard, KV cache and runner (``rank`` 0 of 1 without tensor parallelism)."""
+
+    def __init__(self, args: EngineArgs, rank: int = 0, world_size: int = 1, init_file: str | None = None) -> None:
+        assert world_size == 1 or init_file is not None, "tensor parallelism needs the process group's rendezvous"
         self.args = args
+        self.rank, self.world_size, self.init_file = rank, world_size, init_file
+        self._num_threads = torch.get_num_threads()  # restored at shutdown (CPU ranks share the cores)
         self.t0 = time.perf_counter()
         self.memory_plan = None
+
+    def build(self) -> None:
+        """The start-up steps, in order: device (and process group), model, KV cache (and runner)."""
+        self.init_device()
+        self.load_model()
+        self.initialize_cache()
 
     # ------------------------------------------------------------------------- build steps
     def init_device(self) -> None:
         torch.manual_seed(self.args.seed)
-        self.device = pick_device(self.args.device)
+        self.device = pick_device(self.args.device, self.rank, self.world_size)
+        if self.world_size > 1:
+            if self.device.type == "cpu":  # the ranks share the cores
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world_size))
+            assert self.init_file is not None
+            init_tp_group(self.world_size, self.rank, self.device, self.init_file)
+
+    def shutdown(self) -> None:
+        if self.world_size > 1:
+            destroy_tp_group()
+            torch.set_num_threads(self._num_threads)
 
     def load_model(self) -> None:
         """Resolves the checkpoint, infers the task, builds the model and loads (or randomizes) its weights."""
@@ -123,6 +154,9 @@ class Worker:
         pooling = is_pooling_architecture(architecture)
         if pooling != (task != "generate"):
             raise ValueError(f"task {task!r} does not fit architecture {architecture} of {args.model!r}")
+        if self.world_size > 1 and (pooling or not getattr(model_cls, "supports_tensor_parallel", False)):
+            raise ValueError(f"--tensor-parallel-size {self.world_size}: {architecture} is not sharded by slicelm "
+                             "(tensor parallelism serves the decoder LLMs); use --tensor-parallel-size 1")
         dtype = resolve_dtype(args.dtype, hf_config.get("torch_dtype") or hf_config.get("dtype"), self.device)
         max_pos = _max_positions(source, hf_config, pooling)
         if args.max_model_len is not None and args.max_model_len > max_pos:
@@ -138,7 +172,7 @@ class Worker:
         if args.load_format == "dummy":
             init_dummy_weights(self.model, args.seed)
         else:
-            self.model.load_weights(source.iter_weights())
+            self.model.load_weights(source.iter_weights(lazy=self.world_size > 1))  # ranks read their slices
         process_weights_after_loading(self.model)
         self.model.eval()
         self.kv_cache_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] or dtype
@@ -239,6 +273,7 @@ class Worker:
             # CPU: as much as the byte budget allows, but no more than every sequence at full length.
             needed = args.max_num_seqs * cdiv(max_model_len, bs) + 1
             num_blocks = min(needed, args.cpu_kv_cache_bytes // bytes_per_block)
+        num_blocks = get_tp_group().min_int(num_blocks)  # every rank holds the same blocks
         if num_blocks < 1:
             raise ValueError("not enough memory for a single KV cache block")
         kv_caches = [torch.zeros(shape(num_blocks), dtype=dtype, device=self.device) for _ in range(model.num_layers)]

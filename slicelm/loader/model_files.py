@@ -20,6 +20,7 @@ from slicelm.loader.bundled import BUNDLED_MODELS, ModelNotFoundError, bundled_m
 from slicelm.loader.errors import CorruptModelFileError as CorruptModelFileError
 from slicelm.loader.errors import InvalidModelDirError as InvalidModelDirError
 from slicelm.loader.errors import MissingWeightsError as MissingWeightsError
+from slicelm.loader.lazy_tensor import LazyTensor
 
 if TYPE_CHECKING:
     from slicelm.config import EngineArgs
@@ -124,8 +125,9 @@ class ModelSource:
         value = _read_json(path).get("max_seq_length")
         return int(value) if value is not None else None
 
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF parameter name, tensor) pairs, with a tqdm progress bar."""
+    def iter_weights(self, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
+        """(HF parameter name, tensor) pairs, with a tqdm progress bar. ``lazy``: safetensors tensors come as
+        ``LazyTensor`` (read where narrowed; valid until the next pair is asked for); GGUF tensors stay whole."""
         if self.gguf is not None:
             with tqdm(total=self.gguf.num_weights(), desc="Loading GGUF weights", unit="tensor") as bar:
                 for item in self.gguf.iter_weights():
@@ -140,7 +142,7 @@ class ModelSource:
                 try:
                     with safe_open(str(file), framework="pt") as f:
                         for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                            yield name, f.get_tensor(name)
+                            yield name, LazyTensor(f.get_slice(name)) if lazy else f.get_tensor(name)
                             bar.update(1)
                 except (OSError, RuntimeError, ValueError) as e:
                     if isinstance(e, CorruptModelFileError):

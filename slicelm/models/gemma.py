@@ -8,7 +8,7 @@ What differs from Llama: RMSNorm scales by ``1 + weight`` (``GemmaRMSNorm``), fo
 attention logits and final logits, Gemma 3's qk-norm and its two rope tables (local base 10k without
 scaling on sliding layers; the global base, possibly linearly scaled, on global ones).
 ``Gemma3ForConditionalGeneration`` checkpoints load their text part (``text_config``; vision tensors
-are skipped).
+are skipped). Tensor parallelism as in Llama (the soft-cap applies to the gathered logits).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from slicelm.layers.attention_metadata import AttentionBackend, AttentionMetadat
 from slicelm.layers.norm import GemmaRMSNorm
 from slicelm.layers.quantization import QuantConfig
 from slicelm.layers.rotary import RotaryEmbedding, get_rope
+from slicelm.layers.vocab_parallel import VocabParallelEmbedding
 from slicelm.models.llama import LlamaArgs, LlamaAttention, LlamaForCausalLM, LlamaMLP, required
 from slicelm.models.loading import Target
 
@@ -110,7 +111,7 @@ class GemmaDecoderLayer(nn.Module):
 class GemmaModel(nn.Module):
     def __init__(self, args: LlamaArgs, layers: list[GemmaDecoderLayer]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
         self.embed_scale = args.hidden_size**0.5

@@ -5,6 +5,11 @@ Differences between the families are flags derived from the HF config dict (``Ll
 q/k/v and gate/up projections are fused (``qkv_proj``, ``gate_up_proj``); ``load_weights`` maps the
 HF checkpoint names onto them (Phi-3 checkpoints hold them fused already). Layers may have a sliding
 window (Mistral, Phi-3, Qwen2/3 ``use_sliding_window``); one rotary table is shared by all layers.
+
+Tensor parallelism (``--tensor-parallel-size``): the projections are column/row-parallel, the embedding and
+LM head vocabulary-parallel (``layers/parallel_linear.py``, ``layers/vocab_parallel.py``); each rank holds its
+query / KV heads (``num_heads`` and ``num_kv_heads`` are this rank's) and loads only its part of each tensor
+(a fused checkpoint tensor, Phi-3's ``qkv_proj`` / ``gate_up_proj``, is cut per shard).
 """
 
 from __future__ import annotations
@@ -14,25 +19,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from slicelm.distributed.parallel_state import get_tp_group
 from slicelm.layers.activation import SiluAndMul
 from slicelm.layers.attention import Attention
 from slicelm.layers.attention_metadata import AttentionBackend, AttentionMetadata
 from slicelm.layers.fused import fused_ops_for
-from slicelm.layers.linear import Linear
 from slicelm.layers.norm import RMSNorm
+from slicelm.layers.parallel_linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from slicelm.layers.quantization import QuantConfig
 from slicelm.layers.rotary import RotaryEmbedding, get_rope
+from slicelm.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding, vocab_parallel_logits
 from slicelm.models.loading import (
     STACKED,
     Target,
+    TensorSource,
     checkpoint_parameters,
     expand_fused,
     kv_scale_target,
+    layer_target,
     load_all,
-    quantized_linear_target,
 )
 
 _ARCH_TO_FAMILY = {
@@ -145,20 +152,21 @@ class LlamaAttention(nn.Module):
                  norm: Callable[[int, float], nn.Module] = RMSNorm, quant_config: QuantConfig | None = None,
                  prefix: str = "") -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
-        self.q_size = args.num_heads * args.head_dim
-        self.kv_size = args.num_kv_heads * args.head_dim
-        self.qkv_proj = Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias,
-                               quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
-                               output_sizes=[self.q_size, self.kv_size, self.kv_size])
-        self.o_proj = Linear(self.q_size, args.hidden_size, bias=args.o_bias, quant_config=quant_config,
-                             prefix=f"{prefix}.o_proj")
+        self.qkv_proj = QKVParallelLinear(args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads,
+                                          bias=args.qkv_bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
+        # this rank's heads
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = args.head_dim
+        self.q_size = self.num_heads * args.head_dim
+        self.kv_size = self.num_kv_heads * args.head_dim
+        self.o_proj = RowParallelLinear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias,
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.rotary_emb = rope
         self.q_norm = norm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = norm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.fusable_norm = norm is RMSNorm  # the fused CUDA prep kernel computes RMSNorm's formula
-        self.attn = Attention(args.num_heads, args.head_dim, args.head_dim**-0.5 if scale is None else scale,
-                              args.num_kv_heads, backend, sliding_window=sliding_window, soft_cap=soft_cap)
+        self.attn = Attention(self.num_heads, args.head_dim, args.head_dim**-0.5 if scale is None else scale,
+                              self.num_kv_heads, backend, sliding_window=sliding_window, soft_cap=soft_cap)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
@@ -196,9 +204,10 @@ class LlamaMLP(nn.Module):
                  act_fn: nn.Module | None = None, quant_config: QuantConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         inter = intermediate_size
-        self.gate_up_proj = Linear(hidden_size, 2 * inter, bias=bias, quant_config=quant_config,
-                                   prefix=f"{prefix}.gate_up_proj", output_sizes=[inter, inter])
-        self.down_proj = Linear(inter, hidden_size, bias=bias, quant_config=quant_config, prefix=f"{prefix}.down_proj")
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, [inter, inter], bias=bias, quant_config=quant_config,
+                                                 prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(inter, hidden_size, bias=bias, quant_config=quant_config,
+                                           prefix=f"{prefix}.down_proj")
         self.act_fn = act_fn or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,7 +243,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, args: LlamaArgs, layers: Iterable[nn.Module]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -258,22 +267,26 @@ class LlamaForCausalLM(nn.Module):
     and checkpoint names through ``locate_weight`` / ``expected_weights``. With a ``quant_config`` the
     linears of attention and MLP hold the checkpoint's quantized tensors (``layers/quantization``)."""
 
+    supports_tensor_parallel = True
+
     def __init__(self, config: dict[str, Any], attn_backend: AttentionBackend | None = None,
                  quant_config: QuantConfig | None = None) -> None:
         super().__init__()
         args = self.make_args(config)
         self.args = args
         self.quant_config = quant_config
+        self.tp = get_tp_group()
         self.num_layers = args.num_layers
-        self.num_heads = args.num_heads
-        self.num_kv_heads = args.num_kv_heads
         self.head_dim = args.head_dim
         self.vocab_size = args.vocab_size
         self.hidden_size = args.hidden_size
         self.model = self.make_model(args, config, attn_backend)
-        self.lm_head = (
-            None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        )
+        attn = self.model.layers[0].self_attn
+        self.num_heads, self.num_kv_heads = attn.num_heads, attn.num_kv_heads  # this rank's
+        self.lm_head = None if args.tie_word_embeddings else ParallelLMHead(args.vocab_size, args.hidden_size)
+        for name, module in self.named_modules():  # parallel layers name themselves in errors
+            if hasattr(module, "prefix"):
+                module.prefix = name
 
     @classmethod
     def make_args(cls, config: dict[str, Any]) -> LlamaArgs:
@@ -295,7 +308,7 @@ class LlamaForCausalLM(nn.Module):
         return LlamaModel(args, layers)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        """Shape of one layer's paged KV cache."""
+        """Shape of one layer's paged KV cache (this rank's KV heads)."""
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
 
     def forward(
@@ -308,20 +321,11 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, attn_meta)
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits in the model's dtype (the sampler upcasts where it needs float32); written into
-        ``out`` when given (a CUDA graph's static buffer: no copy)."""
+        """Logits over the whole vocabulary in the model's dtype (the sampler upcasts where it needs
+        float32); written into ``out`` when given (a CUDA graph's static buffer). With tensor parallelism
+        every rank gets them (an all-gather of the vocabulary slices)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if out is not None:
-            return torch.mm(hidden, weight.t(), out=out)
-        return F.linear(hidden, weight)
-
-    def _shard_slice(self, fused: str, shard: str | int) -> tuple[int, int]:
-        if fused == "gate_up_proj":
-            size = self.args.intermediate_size
-            return int(shard) * size, size
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        return {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[str(shard)]
+        return vocab_parallel_logits(hidden, weight, self.vocab_size, self.tp, out)
 
     def expected_weights(self) -> set[str]:
         """Canonical checkpoint names this model needs (fused parameters expanded to their parts)."""
@@ -329,21 +333,17 @@ class LlamaForCausalLM(nn.Module):
 
     def locate_weight(self, name: str, params: dict[str, nn.Parameter]) -> Target | None:
         """Where checkpoint tensor ``name`` goes (None: not a weight of this model, e.g. a tied copy).
-        Quantized linears and fp8 KV-cache scales place their tensors themselves (``Target.load``)."""
+        Linears, embeddings and fp8 KV-cache scales place their tensors themselves (``Target.load``)."""
         if name == "lm_head.weight" and self.lm_head is None:
             return None  # tied: the checkpoint may still carry a copy of the embedding
-        target = kv_scale_target(self, name) or quantized_linear_target(self, name)
+        target = kv_scale_target(self, name) or layer_target(self, name)
         if target is not None:
             return target
         parts = name.split(".")
         stacked = STACKED.get(parts[-2]) if len(parts) >= 2 else None
         if stacked is not None:
-            fused, shard = stacked
-            param_name = ".".join([*parts[:-2], fused, parts[-1]])
-            if param_name not in params:
-                raise ValueError(f"unexpected weight {name!r} (no parameter {param_name!r})")
-            start, size = self._shard_slice(fused, shard)
-            return Target(params[param_name].data.narrow(0, start, size), {name})
+            fused = ".".join([*parts[:-2], stacked[0]])
+            raise ValueError(f"unexpected weight {name!r} (no layer {fused!r})")
         if name not in params:
             raise ValueError(f"unexpected weight {name!r} for {type(self).__name__}")
         return Target(params[name].data, set(expand_fused(name)))
@@ -353,8 +353,9 @@ class LlamaForCausalLM(nn.Module):
         return canonical
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named tensors into the (fused) parameters; returns the canonical names loaded."""
+    def load_weights(self, weights: Iterable[tuple[str, TensorSource]]) -> set[str]:
+        """Copies HF-named tensors (whole or lazy) into the (fused) parameters, a parallel layer taking only this
+        rank's part; returns the canonical names loaded."""
         params = dict(self.named_parameters())
         return load_all(weights, lambda name: self.locate_weight(name, params), self.expected_weights(),
                         self.checkpoint_name)

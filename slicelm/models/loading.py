@@ -10,6 +10,11 @@ A quantized linear (``layers/quantization``) places its checkpoint tensors itsel
 ``weight_scale_inv`` ...: ``Linear.load_weight``, one output shard at a time), and the KV-cache scales of
 fp8 checkpoints (``self_attn.k_scale`` / ``v_scale``, or ``k_proj.output_scale`` / ``v_proj.output_scale``)
 go to the attention layer.
+
+Tensors arrive whole or lazy (``TensorSource``: tensor-parallel ranks read only their slices). Every linear
+layer, quantized or not, and the vocabulary-parallel embedding and LM head place their tensors themselves
+(``layer_target``): a parallel layer cuts this rank's part before reading it. Anything else is replicated and
+copied whole.
 """
 
 from __future__ import annotations
@@ -22,12 +27,20 @@ import torch
 from torch import nn
 
 from slicelm.layers.linear import Linear
+from slicelm.layers.parallel_linear import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorSource,
+    copy_checked,
+    materialize,
+)
+from slicelm.layers.vocab_parallel import VocabParallelEmbedding
 
-# HF sub-module name -> (fused parameter module, shard id)
+# HF sub-module name -> (fused parameter module, output shard)
 STACKED = {
-    "q_proj": ("qkv_proj", "q"),
-    "k_proj": ("qkv_proj", "k"),
-    "v_proj": ("qkv_proj", "v"),
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
@@ -44,7 +57,7 @@ class Target:
 
     tensor: torch.Tensor | None
     covers: set[str]
-    load: Callable[[torch.Tensor], None] | None = None
+    load: Callable[[TensorSource], None] | None = None
 
 
 def checkpoint_parameters(model: nn.Module) -> Iterator[str]:
@@ -69,26 +82,32 @@ def kv_scale_target(model: nn.Module, name: str) -> Target | None:
     return Target(None, {name}, lambda t: attn.set_kv_scale(which, float(t.float().reshape(-1).max())))
 
 
-def quantized_linear_target(model: nn.Module, name: str) -> Target | None:
-    """Checkpoint tensor ``name`` of a quantized linear, placed by its method (None: not one). A ``q_proj`` /
-    ``gate_proj`` ... tensor fills its shard of the fused layer; a fused checkpoint tensor (Phi-3's
-    ``qkv_proj``) fills every shard."""
+def layer_target(model: nn.Module, name: str) -> Target | None:
+    """Checkpoint tensor ``name`` of a linear layer (quantized or not) or of a vocabulary-parallel embedding /
+    LM head, placed by the layer (None: not one). A ``q_proj`` / ``gate_proj`` ... tensor fills its shard of the
+    fused layer; a fused checkpoint tensor (Phi-3's ``qkv_proj``) fills every shard. Parallel layers take the
+    tensor lazy and read only this rank's part."""
     parts = name.split(".")
-    if len(parts) < 3:
+    if len(parts) < 2:
         return None
-    stacked = STACKED.get(parts[-2])
+    stacked = STACKED.get(parts[-2]) if len(parts) >= 3 else None
     path = ".".join([*parts[:-2], stacked[0]]) if stacked else ".".join(parts[:-1])
     try:
         module = model.get_submodule(path)
     except AttributeError:
         return None
-    if not isinstance(module, Linear) or not module.method.quantized:
+    leaf = parts[-1]
+    if isinstance(module, VocabParallelEmbedding):
+        return Target(None, {name}, partial(module.load_weight, leaf))
+    if not isinstance(module, Linear):
         return None
-    if stacked is None:
-        shard = None if len(module.output_sizes) > 1 else 0
-        return Target(None, set(expand_fused(name)), partial(module.load_weight, parts[-1], shard=shard))
-    shard = FUSED[stacked[0]].index(parts[-2])
-    return Target(None, {name}, partial(module.load_weight, parts[-1], shard=shard))
+    if stacked is not None:
+        shard, covers = stacked[1], {name}
+    else:
+        shard, covers = None if len(module.output_sizes) > 1 else 0, set(expand_fused(name))
+    if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+        return Target(None, covers, partial(module.load_weight, leaf, shard=shard))
+    return Target(None, covers, lambda t: module.load_weight(leaf, materialize(t), shard))
 
 
 def expand_fused(name: str) -> Iterator[str]:
@@ -101,14 +120,12 @@ def expand_fused(name: str) -> Iterator[str]:
         yield name
 
 
-def copy_into(target: Target, name: str, tensor: torch.Tensor) -> None:
+def copy_into(target: Target, name: str, tensor: TensorSource) -> None:
     if target.load is not None:
         target.load(tensor)
         return
     assert target.tensor is not None, name
-    if tuple(target.tensor.shape) != tuple(tensor.shape):
-        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.tensor.shape)}")
-    target.tensor.copy_(tensor.to(dtype=target.tensor.dtype, device=target.tensor.device))
+    copy_checked(target.tensor, materialize(tensor), repr(name))
 
 
 def check_complete(expected: set[str], loaded: set[str], display=lambda n: n) -> None:
@@ -117,7 +134,7 @@ def check_complete(expected: set[str], loaded: set[str], display=lambda n: n) ->
         raise ValueError(f"checkpoint is missing weights: {sorted(display(n) for n in missing)}")
 
 
-def load_all(weights: Iterable[tuple[str, torch.Tensor]], locate, expected: set[str], display=lambda n: n) -> set[str]:
+def load_all(weights: Iterable[tuple[str, TensorSource]], locate, expected: set[str], display=lambda n: n) -> set[str]:
     """Copy every (name, tensor) into ``locate(name)`` (None: skip it) and check nothing expected is missing."""
     loaded: set[str] = set()
     with torch.no_grad():

@@ -11,6 +11,9 @@ both are copied into the stacked parameters at load.
 
 Quantized checkpoints: attention, dense MLPs and the router follow the checkpoint's ``quant_config``; the
 experts stay 16-bit, so a checkpoint (or ``--quantization fp8``) that quantizes them is refused at build.
+
+Tensor parallelism: the router is replicated, the experts split along their intermediate features
+(``FusedMoE``: one all-reduce per sparse block), attention and dense MLPs as in Llama.
 """
 
 from __future__ import annotations
@@ -141,9 +144,8 @@ class SparseMoeForCausalLM(LlamaForCausalLM):
         if not isinstance(experts, FusedMoE):
             raise ValueError(f"unexpected weight {self.checkpoint_name(name)!r}: that layer has no experts")
         if m.re is _STACKED_EXPERTS:
-            gate_up = m[2] == "gate_up_proj"
-            param = experts.w13_weight if gate_up else experts.w2_weight
-            return Target(param.data, self._expert_names(m[1], ("gate", "up") if gate_up else ("down",)))
+            projs = ("gate", "up") if m[2] == "gate_up_proj" else ("down",)
+            return Target(None, self._expert_names(m[1], projs), lambda t: experts.load_stacked(m[2], t))
         if int(m[2]) >= self.moe.num_experts:
             raise ValueError(f"unexpected weight {name!r}: the model has {self.moe.num_experts} experts")
-        return Target(experts.expert_slice(int(m[2]), m[3]), {name})
+        return Target(None, {name}, lambda t: experts.load_expert(int(m[2]), m[3], t))

@@ -1,14 +1,16 @@
 """From a plan to processes to start: each replica's ``slicelm serve`` command, env and log; the router's.
 
-A GPU replica sees only its card (``CUDA_VISIBLE_DEVICES=<uuid>``), gets its slice as our env
-(``Slice.to_env()``: the engine's absolute memory budget and SM share) plus the MPS client env of
-slicelm's daemon on that card (thread percentage, pinned memory limit), and ``--gpu-memory-budget``.
-A CPU replica gets ``--device cpu``.
+A GPU replica sees only its cards (``CUDA_VISIBLE_DEVICES=<uuid>[,<uuid>…]``), gets its slice as our env
+(``Slice.to_env()``: the engine's absolute memory budget and SM share, per GPU as HAMi's) plus the MPS client
+env of slicelm's daemon on that card (thread percentage, pinned memory limit), and ``--gpu-memory-budget``.
+A replica on N GPUs runs ``--tensor-parallel-size N`` (one process per GPU) and no MPS client env: an MPS
+client reaches one daemon, which serves one card. A CPU replica gets ``--device cpu``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -22,6 +24,8 @@ from slicelm.stack.procs import free_port
 from slicelm.stack.requests import scheduler_policy
 from slicelm.stack.serve_args import model_env, serve_command, served_model_names
 from slicelm.stack.spec import ModelSpec, StackSpec
+
+logger = logging.getLogger("slicelm.stack")
 
 
 @dataclass
@@ -78,8 +82,12 @@ def _replica_launch(spec: StackSpec, model: ModelSpec, placement: ReplicaPlaceme
     if sl is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(g.uuid for g in placement.gpus)
         env.update(sl.to_env())
-        if mps_env is not None:
+        if mps_env is not None and len(placement.gpus) == 1:
             env.update(mps_env(sl))
+        elif mps_env is not None and sl.sm_percent is not None:
+            logger.warning("%s/%d: requestGPUCores %d%% is not enforced: MPS caps one GPU per client, and the "
+                           "replica spans %d GPUs (tensor parallel)", model.name, placement.replica, sl.sm_percent,
+                           len(placement.gpus))
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU replica must not touch a GPU
     g0 = placement.gpus[0] if placement.gpus else None

@@ -6,9 +6,10 @@ dtype → ``--dtype``, maxModelLen → ``--max-model-len``, maxNumSeqs → ``--m
 enablePrefixCaching → ``--[no-]enable-prefix-caching`` (off when vllmConfig is given without it, as
 the chart does), runner → ``--runner``, convert embed/classify → ``--task embed/score``,
 gpuMemoryUtilization → ``--gpu-memory-utilization`` on a whole card, or scales the slice's absolute
-budget (``--gpu-memory-budget``) as it scales HAMi's visible memory, tensorParallelSize must be 1,
-extraArgs are appended (checked against serve's flags). The served model name is ``modelURL`` (what
-``vllm serve <modelURL>`` serves) unless extraArgs give ``--served-model-name``.
+budget (``--gpu-memory-budget``) as it scales HAMi's visible memory, tensorParallelSize (or a
+``requestGPU`` above 1) → ``--tensor-parallel-size``, extraArgs are appended (checked against serve's
+flags). The served model name is ``modelURL`` (what ``vllm serve <modelURL>`` serves) unless extraArgs give
+``--served-model-name``.
 """
 
 from __future__ import annotations
@@ -36,17 +37,20 @@ SERVE_FLAGS = frozenset({
     "--pooling-type", "--port", "--quantization", "--return-tokens-as-token-ids", "--root-path", "--runner",
     "--scheduling-policy", "--seed", "--served-model-name", "--show-hidden-metrics-for-version",
     "--shutdown-timeout", "--skip-tokenizer-init", "--ssl-certfile", "--ssl-keyfile", "--task",
-    "--timeout-keep-alive", "--tokenizer", "--trust-request-chat-template", "--uds", "--uvicorn-log-level",
+    "--tensor-parallel-size", "--timeout-keep-alive", "--tokenizer", "--trust-request-chat-template", "--uds",
+    "--uvicorn-log-level",
 })
-# Set by `slicelm up` per replica; a stack file cannot override them.
-MANAGED_FLAGS = frozenset({"--host", "--port", "--uds", "--model", "--device", "--help"})
+# Set by `slicelm up` per replica; a stack file cannot override them (the tensor-parallel size comes from
+# requestGPU / vllmConfig.tensorParallelSize).
+MANAGED_FLAGS = frozenset({"--host", "--port", "--uds", "--model", "--device", "--help", "--tensor-parallel-size",
+                           "-tp"})
 
 
 def check_extra_args(args: list[str], path: str) -> list[str]:
     """Problems with ``vllmConfig.extraArgs`` (unknown or managed flags), each naming the item."""
     problems = []
     for i, arg in enumerate(args):
-        if not arg.startswith("--"):
+        if not arg.startswith("--") and arg.split("=", 1)[0] != "-tp":
             continue
         flag = arg.split("=", 1)[0]
         if flag in MANAGED_FLAGS:
@@ -103,6 +107,8 @@ def serve_command(model: ModelSpec, host: str, port: int, device: str, budget_mi
     extra = model.vllmConfig.extraArgs if model.vllmConfig else []
     if not any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in extra):
         cmd += ["--served-model-name", model.modelURL]
+    if model.tensor_parallel_size() > 1:
+        cmd += ["--tensor-parallel-size", str(model.tensor_parallel_size())]
     cmd += _vllm_config_flags(model, budget_mib if device != "cpu" else None)
     if model.chatTemplate:
         cmd += ["--chat-template", model.chatTemplate]

@@ -90,19 +90,14 @@ class VLLMConfig(_Strict):
     maxModelLen: Annotated[int, Field(ge=1)] | None = None
     maxNumSeqs: Annotated[int, Field(ge=1)] | None = None
     gpuMemoryUtilization: Fraction | None = None
-    tensorParallelSize: Annotated[int, Field(ge=1, description="must be 1: a model on one GPU")] | None = None
+    tensorParallelSize: Annotated[int, Field(ge=1, description=(
+        "GPUs the replica's model is sharded over (--tensor-parallel-size); equals requestGPU, "
+        "which implies it when unset"))] | None = None
     enablePrefixCaching: bool | None = None
     enableChunkedPrefill: bool | None = None
     runner: Literal["auto", "generate", "pooling"] | None = None
     convert: Literal["auto", "none", "embed", "classify"] | None = None
     extraArgs: list[Str] = []
-
-    @model_validator(mode="after")
-    def _one_gpu(self) -> VLLMConfig:
-        if self.tensorParallelSize not in (None, 1):
-            raise ValueError(f"@tensorParallelSize: {self.tensorParallelSize}: slicelm serves a model on one GPU "
-                             "(no tensor parallelism); use replicaCount for more copies")
-        return self
 
 
 class SecretKeyRef(_Strict):
@@ -151,7 +146,25 @@ class ModelSpec(_Strict):
                              "schedulable here; pick a GPU model with podAnnotations nvidia.com/use-gputype")
         for key, value in self.podAnnotations.items():
             _check_annotation(key, value)
+        self._check_tensor_parallel()
         return self
+
+    def _check_tensor_parallel(self) -> None:
+        """One replica shards its model over all its GPUs: tensorParallelSize and requestGPU agree."""
+        tp, gpus = self.vllmConfig.tensorParallelSize if self.vllmConfig else None, self.gpu("GPU")
+        if tp is None or (tp == 1 and not gpus):
+            return
+        if gpus is None:
+            raise ValueError(f"@vllmConfig.tensorParallelSize: {tp} needs requestGPU: {tp} (a replica shards its "
+                             "model over the GPUs it requests)")
+        if tp != gpus:
+            raise ValueError(f"@vllmConfig.tensorParallelSize: {tp} must equal requestGPU ({gpus}): a replica shards "
+                             "its model over all its GPUs; use replicaCount for more copies")
+
+    def tensor_parallel_size(self) -> int:
+        """``--tensor-parallel-size`` of a replica: its GPU count (``requestGPU``), or ``tensorParallelSize``."""
+        tp = self.vllmConfig.tensorParallelSize if self.vllmConfig else None
+        return tp or max(1, self.gpu("GPU") or 1)
 
     # What placement needs, with the limit twin standing in for a missing request.
     def gpu(self, key: str) -> int | None:

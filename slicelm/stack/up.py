@@ -32,10 +32,6 @@ class UpError(RuntimeError):
 
 
 def preflight(spec: StackSpec, plan: StackPlan, run_dir: Path) -> None:
-    for p in plan.placements:
-        if len(p.gpus) > 1:
-            raise UpError(f"{p.model}: requestGPU {len(p.gpus)}: slicelm serve runs a model on one GPU "
-                          "(tensorParallelSize 1); use replicaCount for more copies")
     pid = live_supervisor(run_dir)
     if pid:
         raise UpError(f"a stack is already running in {run_dir} (supervisor pid {pid}); "

@@ -11,7 +11,13 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from utils_parity import assert_engine_matches, free_cuda, greedy_ids, prompts_with_shared_prefix  # noqa: E402
+from utils_parity import (  # noqa: E402
+    assert_engine_matches,
+    free_cuda,
+    greedy_ids,
+    prompts_with_shared_prefix,
+    save_random_decoder,
+)
 
 from slicelm import LLM, SamplingParams  # noqa: E402
 
@@ -24,19 +30,10 @@ _greedy = greedy_ids
 
 @pytest.fixture(scope="module")
 def qwen3_dir(tmp_path_factory) -> str:
-    import transformers
-
-    cfg = transformers.Qwen3Config(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                                   num_attention_heads=8, num_key_value_heads=2, head_dim=128,
-                                   max_position_embeddings=2048, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = transformers.Qwen3ForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.06 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("qwen3")
-    model.save_pretrained(path)
-    return str(path)
+    return save_random_decoder("Qwen3Config", tmp_path_factory.mktemp("qwen3"), vocab_size=2048, hidden_size=512,
+                               intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                               num_key_value_heads=2, head_dim=128, max_position_embeddings=2048,
+                               tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")

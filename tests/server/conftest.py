@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,6 +69,54 @@ def stop_server(server: Server) -> None:
     if server.proc.poll() is None:
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait(30)
+
+
+@dataclass
+class KillOutcome:
+    streams: list[tuple[str, float]]  # per stream: "ended" | "error-event: <line>" | "connection: <error>", and when
+    health: list[int]  # /health answers after the kill, until the server exited or the window passed
+    killed: float  # time.monotonic() of the kill
+
+
+def kill_during_streams(server: Server, model: str, pid: int, num_streams: int = 4,
+                        health_window: float = 5.0) -> KillOutcome:
+    """Opens ``num_streams`` long streaming completions, SIGKILLs ``pid`` once every one receives tokens, polls
+    ``/health`` until the server exits (or ``health_window`` s), then waits for the streams to end."""
+    results: dict[int, tuple[str, float]] = {}
+    started = threading.Barrier(num_streams + 1)
+
+    def stream(i: int) -> None:
+        body = {"model": model, "prompt": f"stream {i}", "max_tokens": 8000, "ignore_eos": True, "stream": True}
+        kind, first = "ended", True
+        try:
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+                for line in r.iter_lines():
+                    if first:
+                        first = False
+                        started.wait(30)
+                    if line.startswith("data: ") and '"error"' in line:
+                        kind = f"error-event: {line}"
+        except httpx.HTTPError as e:
+            kind = f"connection: {type(e).__name__}"
+        results[i] = (kind, time.monotonic())
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(num_streams)]
+    for t in threads:
+        t.start()
+    started.wait(60)  # every stream is receiving tokens
+    time.sleep(0.3)
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    health = []
+    while server.proc.poll() is None and time.monotonic() - killed < health_window:
+        try:
+            health.append(httpx.get(f"{server.url}/health", timeout=1).status_code)
+        except httpx.HTTPError:
+            break
+        time.sleep(0.05)
+    for t in threads:
+        t.join(10)
+    return KillOutcome([results[i] for i in sorted(results)], health, killed)
 
 
 @pytest.fixture(scope="session")

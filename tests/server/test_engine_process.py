@@ -9,16 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import MODEL, ROOT, start_server, stop_server
+from conftest import MODEL, ROOT, kill_during_streams, start_server, stop_server
 
 from slicelm.config import EngineArgs
 from slicelm.engine.async_llm import AsyncLLM
@@ -107,49 +104,12 @@ def test_kill_9_of_the_core_fails_every_stream_and_the_server_exits_1(tmp_path: 
                           model=tiny_model(tmp_path / "tiny"))
     try:
         pid = int(re.search(r"engine core process started \(pid (\d+)\)", server.log()).group(1))  # type: ignore[union-attr]
-        results: dict[int, tuple[str, float]] = {}
-        started = threading.Barrier(5)
-
-        def client(i: int) -> None:
-            body = {"model": server_model(tmp_path), "prompt": f"stream {i}", "max_tokens": 8000,
-                    "ignore_eos": True, "stream": True}
-            kind = "ended"
-            try:
-                with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
-                    first = True
-                    for line in r.iter_lines():
-                        if first:
-                            first = False
-                            started.wait(30)
-                        if line.startswith("data: ") and '"error"' in line:
-                            kind = "error-event"
-            except httpx.HTTPError as e:
-                kind = f"connection: {type(e).__name__}"
-            results[i] = (kind, time.monotonic())
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        started.wait(60)  # every client is receiving tokens
-        time.sleep(0.3)
-        killed = time.monotonic()
-        import os
-
-        os.kill(pid, signal.SIGKILL)
-        health = []
-        while server.proc.poll() is None and time.monotonic() - killed < 5:
-            try:
-                health.append(httpx.get(f"{server.url}/health", timeout=1).status_code)
-            except httpx.HTTPError:
-                break
-            time.sleep(0.05)
-        for t in threads:
-            t.join(10)
-        assert len(results) == 4, results
-        for kind, when in results.values():
-            assert kind != "ended", results  # never a clean end: the stream says it failed
-            assert when - killed < 5, results
-        assert 503 in health, health
+        out = kill_during_streams(server, server_model(tmp_path), pid)
+        assert len(out.streams) == 4, out.streams
+        for kind, when in out.streams:
+            assert kind != "ended", out.streams  # never a clean end: the stream says it failed
+            assert when - out.killed < 5, out.streams
+        assert 503 in out.health, out.health
         assert server.proc.wait(15) == 1, server.log()
         assert "engine core died" in server.log()
     finally:

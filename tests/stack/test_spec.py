@@ -48,7 +48,7 @@ BAD = [  # (id, stack dict, the path the error must name, a word the message mus
     ("replicas-negative", stack(replicaCount=-1), f"{M0}.replicaCount", "greater than or equal"),
     ("maxmodellen-zero", with_vllm(maxModelLen=0), f"{M0}.vllmConfig.maxModelLen", "greater than"),
     ("dtype", with_vllm(dtype="float8"), f"{M0}.vllmConfig.dtype", "bfloat16"),
-    ("tensor-parallel", with_vllm(tensorParallelSize=2), f"{M0}.vllmConfig.tensorParallelSize", "one GPU"),
+    ("tensor-parallel", with_vllm(tensorParallelSize=2), f"{M0}.vllmConfig.tensorParallelSize", "needs requestGPU"),
     ("utilization", with_vllm(gpuMemoryUtilization=1.5), f"{M0}.vllmConfig.gpuMemoryUtilization", "(0, 1]"),
     ("extra-arg-unknown", with_vllm(extraArgs=["--trust-remote-code"]), f"{M0}.vllmConfig.extraArgs[0]",
      "not a slicelm serve flag"),

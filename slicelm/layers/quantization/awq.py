@@ -30,10 +30,11 @@ class AWQLinearMethod(IntWeightMethod):
         for size in layer.output_sizes:
             if size % 8:
                 raise ValueError(f"{layer.prefix}: AWQ needs output sizes that are multiples of 8, got {size}")
+        g, gdim = self.group_size(layer), self.group_dim(0)
         return {
-            "qweight": ParamSpec((k, n // 8), torch.int32, out_dim=1, out_block=8),
-            "qzeros": ParamSpec((groups, n // 8), torch.int32, out_dim=1, out_block=8),
-            "scales": ParamSpec((groups, n), torch.float16, out_dim=1),
+            "qweight": ParamSpec((k, n // 8), torch.int32, out_dim=1, out_block=8, in_dim=0),
+            "qzeros": ParamSpec((groups, n // 8), torch.int32, out_dim=1, out_block=8, in_dim=gdim, in_block=g),
+            "scales": ParamSpec((groups, n), torch.float16, out_dim=1, in_dim=gdim, in_block=g),
         }
 
     def unpack(self, layer: Linear) -> UnpackedInt:

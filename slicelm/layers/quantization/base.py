@@ -8,6 +8,8 @@ the layout its kernels read (``process_weights_after_loading``) and computes ``x
 ``ParamSpec`` says how a parameter is split across output shards: ``out_dim`` is the dimension that indexes
 output features, ``out_block`` how many outputs one index along it covers (8 for int4 packed along the
 output, 128 for 128-row block scales), ``per_shard`` for one scalar per shard (per-tensor scales).
+``in_dim`` / ``in_block`` say the same of the input features (None: the tensor does not depend on which input
+features a rank holds): a row-parallel layer (tensor parallelism) cuts each tensor there.
 Parameters a method creates keep their dtype when the model is cast (``keep_dtype``; see ``cast_model``).
 """
 
@@ -35,6 +37,8 @@ class ParamSpec:
     out_block: int = 1
     per_shard: bool = False
     required: bool = True
+    in_dim: int | None = 1  # None: not split by input (replicated over a row-parallel layer's ranks)
+    in_block: int = 1
 
 
 class LinearMethod(ABC):

@@ -23,15 +23,18 @@ if TYPE_CHECKING:
 class CompressedTensorsIntMethod(IntWeightMethod):
     def param_specs(self, layer: Linear) -> dict[str, ParamSpec]:
         k, n, groups, pack = layer.in_features, layer.out_features, self.num_groups(layer), self.pack
+        g, group_dim = self.group_size(layer), self.group_dim(1)
         specs = {
-            "weight_packed": ParamSpec((n, -(-k // pack)), torch.int32),
-            "weight_scale": ParamSpec((n, groups), torch.float16),
-            "weight_shape": ParamSpec((2,), torch.int64, per_shard=False, out_dim=None, required=False),
+            "weight_packed": ParamSpec((n, -(-k // pack)), torch.int32, in_block=pack),
+            "weight_scale": ParamSpec((n, groups), torch.float16, in_dim=group_dim, in_block=g),
+            "weight_shape": ParamSpec((2,), torch.int64, per_shard=False, out_dim=None, required=False,
+                                      in_dim=None),
         }
         if not self.scheme.symmetric:
-            specs["weight_zero_point"] = ParamSpec((-(-n // pack), groups), torch.int32, out_block=pack)
+            specs["weight_zero_point"] = ParamSpec((-(-n // pack), groups), torch.int32, out_block=pack,
+                                                   in_dim=group_dim, in_block=g)
         if self.scheme.act_order:
-            specs["weight_g_idx"] = ParamSpec((k,), torch.int32, out_dim=None, required=False)
+            specs["weight_g_idx"] = ParamSpec((k,), torch.int32, out_dim=None, required=False, in_dim=0)
         return specs
 
     def load_weight(self, layer: Linear, name: str, tensor: torch.Tensor, shard: int | None) -> None:

@@ -58,13 +58,13 @@ class Fp8LinearMethod(LinearMethod):
             assert s.block_size is not None
             bn, bk = s.block_size
             name = "weight_scale_inv" if self.names == "fp8" else "weight_scale"
-            specs[name] = ParamSpec((-(-n // bn), -(-k // bk)), torch.float32, out_block=bn)
+            specs[name] = ParamSpec((-(-n // bn), -(-k // bk)), torch.float32, out_block=bn, in_block=bk)
         elif s.weight_strategy == "channel":
-            specs["weight_scale"] = ParamSpec((n, 1), torch.float32)
+            specs["weight_scale"] = ParamSpec((n, 1), torch.float32, in_dim=None)
         else:
-            specs["weight_scale"] = ParamSpec((shards,), torch.float32, per_shard=True)
+            specs["weight_scale"] = ParamSpec((shards,), torch.float32, per_shard=True, in_dim=None)
         if s.activation == "static":
-            specs["input_scale"] = ParamSpec((shards,), torch.float32, per_shard=True)
+            specs["input_scale"] = ParamSpec((shards,), torch.float32, per_shard=True, in_dim=None)
         return specs
 
     def load_weight(self, layer: Linear, name: str, tensor: torch.Tensor, shard: int | None) -> None:

@@ -26,11 +26,13 @@ class GPTQLinearMethod(IntWeightMethod):
         k, n, groups, pack = layer.in_features, layer.out_features, self.num_groups(layer), self.pack
         if k % pack:
             raise ValueError(f"{layer.prefix}: GPTQ needs in_features divisible by {pack}, got {k}")
+        g, gdim = self.group_size(layer), self.group_dim(0)
         return {
-            "qweight": ParamSpec((k // pack, n), torch.int32, out_dim=1),
-            "qzeros": ParamSpec((groups, -(-n // pack)), torch.int32, out_dim=1, out_block=pack),
-            "scales": ParamSpec((groups, n), torch.float16, out_dim=1),
-            "g_idx": ParamSpec((k,), torch.int32, out_dim=None, required=False),
+            "qweight": ParamSpec((k // pack, n), torch.int32, out_dim=1, in_dim=0, in_block=pack),
+            "qzeros": ParamSpec((groups, -(-n // pack)), torch.int32, out_dim=1, out_block=pack, in_dim=gdim,
+                                in_block=g),
+            "scales": ParamSpec((groups, n), torch.float16, out_dim=1, in_dim=gdim, in_block=g),
+            "g_idx": ParamSpec((k,), torch.int32, out_dim=None, required=False, in_dim=0),
         }
 
     def init_dummy(self, layer: Linear, gen: torch.Generator) -> None:

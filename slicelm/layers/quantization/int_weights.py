@@ -83,6 +83,10 @@ class IntWeightMethod(LinearMethod):
                                     f"group_size {g}")
         return g
 
+    def group_dim(self, dim: int) -> int | None:
+        """The input dim of a per-group tensor (scales, zeros); None per channel: one group spans every input."""
+        return dim if self.scheme.group_size != -1 else None
+
     def num_groups(self, layer: Linear) -> int:
         return layer.in_features // self.group_size(layer)
 

@@ -107,6 +107,19 @@ requestGPU (or limitGPU); a memory / cores request alone implies one (HAMi's def
 {{ $n }}
 {{- end }}
 
+{{/*
+--tensor-parallel-size of one replica, as `slicelm up` derives it (slicelm/stack/spec.py
+ModelSpec.tensor_parallel_size): vllmConfig.tensorParallelSize (production-stack's key), else requestGPU
+(or limitGPU) when above 1; validate.yaml makes the two agree.
+*/}}
+{{- define "slicelm.tensorParallelSize" -}}
+{{- $m := . -}}
+{{- $tp := 0 -}}
+{{- if kindIs "map" $m.vllmConfig }}{{ $tp = int (default 0 $m.vllmConfig.tensorParallelSize) }}{{ end -}}
+{{- if eq $tp 0 }}{{ $tp = int (default 1 (hasKey $m "requestGPU" | ternary $m.requestGPU $m.limitGPU)) }}{{ end -}}
+{{ max $tp 1 }}
+{{- end }}
+
 {{- define "slicelm.device" -}}
 {{- $slicelm := .root.Values.slicelm | default dict -}}
 {{- if and (gt (int (include "slicelm.gpuCount" .model)) 0) (ne ($slicelm.device | default "auto") "cpu") -}}
@@ -209,6 +222,11 @@ tests/deploy/test_chart_render.py keeps the two equal. Usage: include "slicelm.s
 {{- if not $named }}
 - "--served-model-name"
 - {{ $m.modelURL | quote }}
+{{- end }}
+{{- $tp := include "slicelm.tensorParallelSize" $m | int }}
+{{- if gt $tp 1 }}
+- "--tensor-parallel-size"
+- {{ $tp | toString | quote }}
 {{- end }}
 {{- if $hasVc }}
 {{- if $vc.enablePrefixCaching }}
