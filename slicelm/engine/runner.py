@@ -7,6 +7,7 @@ token (plus logprobs if asked) per request that reached the end of its known tok
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,8 +24,12 @@ from slicelm.engine.prompt_logprobs import PromptLogprobsJob, plan_jobs, run_job
 from slicelm.engine.request import PLACEHOLDER, Request
 from slicelm.engine.sampler import Sampler, SamplingMetadata
 from slicelm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from slicelm.engine.structured_output.bitmask import apply_bitmask_
 from slicelm.layers.attention_metadata import AttentionMetadata
 from slicelm.sampling_params import SamplingParams
+
+# sampling requests -> their grammar mask (int32 [rows, ceil(V/32)] on the host) or None
+BitmaskFn = Callable[[list[Request]], torch.Tensor | None]
 
 
 def supports_mixed_graphs(model: torch.nn.Module) -> bool:
@@ -242,14 +247,21 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
     @torch.inference_mode()
-    def execute_model(self, sched: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
-        """Launches a step; on a GPU it returns before the step has run."""
+    def execute_model(self, sched: SchedulerOutput, prev: StepHandle | None = None,
+                      grammar_bitmask: BitmaskFn | None = None) -> StepHandle:
+        """Launches a step; on a GPU it returns before the step has run. ``grammar_bitmask`` (structured
+        outputs) is called once the forward pass is launched, with the sampling requests; the int32 host
+        mask it returns is applied to the logits before sampling, outside any CUDA graph."""
         inputs = self.prepare_inputs(sched.scheduled, prev)
         if not inputs.sampling:
             self.run_model(inputs)  # a prefill chunk that does not reach the end of its prompt
             return StepHandle([])
         logits = self.run_model(inputs)
-        return self.sample(logits, [s.request for s in inputs.sampling])
+        requests = [s.request for s in inputs.sampling]
+        mask = grammar_bitmask(requests) if grammar_bitmask is not None else None
+        if mask is not None:
+            apply_bitmask_(logits, mask.to(logits.device, non_blocking=True))
+        return self.sample(logits, requests)
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> StepHandle:
         meta = SamplingMetadata.build(
