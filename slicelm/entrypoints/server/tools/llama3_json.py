@@ -1,0 +1,41 @@
+"""``llama3_json`` (Llama 3.1 / 3.2 JSON tool calls): ``{"name": ..., "parameters": {...}}`` objects, one or
+more separated by ``;``, optionally after ``<|python_tag|>``; the output must start with the call."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from slicelm.entrypoints.server.tools.base import ToolParser
+
+_TAG = "<|python_tag|>"
+
+
+class Llama3JsonToolParser(ToolParser):
+    name = "llama3_json"
+    start_markers = (_TAG, "{")
+
+    def start_index(self, text: str) -> int | None:
+        stripped = text.lstrip()
+        return len(text) - len(stripped) if stripped.startswith(self.start_markers) else None
+
+    def held_back(self, text: str) -> int:
+        return len(text) if _TAG.startswith(text.lstrip()) and text.strip() else 0
+
+    def parse(self, text: str) -> tuple[str | None, list[tuple[str, Any]]] | None:
+        body = text.strip()
+        body = body[len(_TAG):] if body.startswith(_TAG) else body
+        decoder = json.JSONDecoder()
+        calls, pos = [], 0
+        while pos < len(body):
+            try:
+                obj, end = decoder.raw_decode(body, pos)
+            except json.JSONDecodeError:
+                return None
+            if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+                return None
+            calls.append((obj["name"], obj.get("parameters", obj.get("arguments", {}))))
+            pos = end
+            while pos < len(body) and body[pos] in " \n\t;":
+                pos += 1
+        return None, calls
