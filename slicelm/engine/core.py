@@ -291,7 +291,7 @@ def make_structured_manager(args: EngineArgs, worker: Worker) -> StructuredOutpu
         return load_tokenizer_from(args.tokenizer or args.model)
 
     return StructuredOutputManager(args.structured_outputs_config, load_tokenizer, worker.vocab_size,
-                                   set(worker.eos_token_ids), min(args.max_num_seqs, worker.scheduler_config.max_num_seqs),
+                                   set(worker.eos_token_ids), worker.scheduler_config.max_num_seqs,
                                    pin=worker.device.type == "cuda")
 
 
