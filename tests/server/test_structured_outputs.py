@@ -37,7 +37,7 @@ COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s = start_server(tmp_path_factory.mktemp("so"), "--max-num-seqs", "8", "--max-model-len", "1024",
                      "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                     "--structured-outputs-config", '{"disable_any_whitespace": true}')
+                     "--structured-outputs-config", '{"disable_any_whitespace": true}', timeout=600)
     yield s
     stop_server(s)
 
