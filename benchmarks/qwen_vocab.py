@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from slicelm.loader.tokenizer import _bytes_to_unicode
+
 QWEN3_ADDED = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
@@ -26,17 +28,6 @@ SPECIAL = {"<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>"
            "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"}
 SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def _byte_chars() -> dict[int, str]:
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    cs, n = list(bs), 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def load_ranks() -> list[bytes]:
@@ -69,7 +60,7 @@ def _last_merge(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
 def tokenizer_json() -> dict:
     tokens = load_ranks()
     ranks = {t: i for i, t in enumerate(tokens)}
-    chars = _byte_chars()
+    chars = _bytes_to_unicode()
     spell = lambda b: "".join(chars[x] for x in b)
     merges = [" ".join(map(spell, _last_merge(ranks, t))) for t in tokens if len(t) > 1]
     added = [{"id": len(tokens) + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
