@@ -48,7 +48,7 @@ def client(server: Server) -> openai.OpenAI:
 
 
 def chat(client: openai.OpenAI, **kw):
-    return client.chat.completions.create(model=MODEL, temperature=0, max_tokens=48, **kw)
+    return client.chat.completions.create(**{"model": MODEL, "temperature": 0, "max_tokens": 48, **kw})
 
 
 def test_json_schema_response_format_validates(client: openai.OpenAI) -> None:
