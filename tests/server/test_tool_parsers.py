@@ -1,5 +1,6 @@
 """Tool-call parsers on real model outputs (the formats Qwen2.5/Hermes, Llama 3.1/3.2, Mistral and pythonic
-models write), and streaming: content first, then fragments that reassemble to the non-streamed calls."""
+models write), and streaming: content first, then each call's fragments as soon as the text closes it, which
+reassemble to the non-streamed calls."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from slicelm.entrypoints.server.tools import TOOL_PARSERS, get_tool_parser
 from slicelm.entrypoints.server.tools.streaming import ToolCallStreamer
-from slicelm.entrypoints.server.tools.tool_choice import ToolMode
+from slicelm.entrypoints.server.tools.tool_choice import ToolMode, extract_tool_calls
 
 CASES = {
     "hermes": ('I will check both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
@@ -79,3 +80,61 @@ def test_streaming_plain_text_is_all_content() -> None:
     out = [d for chunk in ("Hello <", "tool", " friend") for d in streamer.feed(chunk)]
     more, called = streamer.finish()
     assert not called and "".join(d["content"] for d in out + more) == "Hello <tool friend"
+
+
+def _headers_at(mode: ToolMode, text: str) -> tuple[dict[int, int], list[dict]]:
+    """Feeds ``text`` one character at a time: where each call's header went out, and all deltas."""
+    streamer = ToolCallStreamer(mode)
+    sent_at: dict[int, int] = {}
+    deltas = []
+    for i, ch in enumerate(text):
+        for d in streamer.feed(ch):
+            deltas.append(d)
+            for tc in d.get("tool_calls", []):
+                if "id" in tc:
+                    sent_at[tc["index"]] = i
+    deltas += streamer.finish()[0]
+    return sent_at, deltas
+
+
+REQUIRED_TEXT = ('[{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}, '
+                 '{"name": "get_time", "parameters": {"zone": "CET"}}]')
+
+
+@pytest.mark.parametrize("name", [*sorted(CASES), "required"])
+def test_each_call_streams_as_soon_as_it_is_closed(name: str) -> None:
+    if name == "required":
+        mode, text = ToolMode("required", []), REQUIRED_TEXT
+    else:
+        mode, text = ToolMode("auto", [], parser=get_tool_parser(name)), CASES[name][0]
+    sent_at, deltas = _headers_at(mode, text)
+    # the first call went out before the second call's name was generated, the second one before the end
+    assert sent_at[0] < text.index("get_time") and sent_at[1] < len(text)
+    full = extract_tool_calls(mode, text).tool_calls
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        for tc in d.get("tool_calls", []):
+            c = calls.setdefault(tc["index"], ["", ""])
+            c[0] += tc["function"].get("name", "")
+            c[1] += tc["function"].get("arguments", "")
+    assert [tuple(c) for c in calls.values()] == [(c.name, c.arguments) for c in full]
+
+
+def test_a_malformed_later_call_keeps_the_calls_already_streamed() -> None:
+    text = '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call><tool_call>{"name": oops'
+    mode = ToolMode("auto", [], parser=get_tool_parser("hermes"))
+    assert extract_tool_calls(mode, text).tool_calls == []  # not streamed: the whole output is content (vLLM)
+    streamer = ToolCallStreamer(mode)
+    deltas = [d for i in range(0, len(text), 5) for d in streamer.feed(text[i:i + 5])]
+    more, called = streamer.finish()
+    assert called and more == [] and not any("content" in d for d in deltas)
+    assert [tc["function"].get("name") for d in deltas for tc in d["tool_calls"] if "id" in tc] == ["get_time"]
+
+
+def test_partial_outputs_hold_only_closed_calls() -> None:
+    assert get_tool_parser("pythonic").complete_calls('[f(a="x)", b=1), g(c=') == [("f", {"a": "x)", "b": 1})]
+    assert get_tool_parser("mistral").complete_calls('[TOOL_CALLS] [{"name": "f", "arguments": {}}, {"na') == \
+        [("f", {})]
+    assert get_tool_parser("llama3_json").complete_calls('{"name": "f", "parameters": {"a": 1}}; {"name": "g"') == \
+        [("f", {"a": 1})]
+    assert get_tool_parser("hermes").complete_calls('<tool_call>{"name": "f", "arguments": {}}\n</tool_') == []

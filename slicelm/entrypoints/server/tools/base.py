@@ -1,9 +1,10 @@
 """Tool calls in OpenAI's shape, and the parser interface every ``--tool-call-parser`` implements.
 
-A parser turns a model's whole output text into ``(content, tool calls)`` (``extract``) and says where
-tool-call markup may begin (``start_index``), so streams send plain content as it comes, hold back what
-may become a tool call, and send each call as ``delta.tool_calls`` fragments (``ToolCallStreamer``) that
-reassemble to exactly what the non-streamed response holds.
+A parser turns a model's whole output text into ``(content, tool calls)`` (``extract``), says where
+tool-call markup may begin (``start_index``) and which calls of a partial output are already closed
+(``complete_calls``), so streams send plain content as it comes, hold back what may become a tool call, and
+send each call as ``delta.tool_calls`` fragments as soon as it is complete (``ToolCallStreamer``); they
+reassemble to what the non-streamed response holds.
 """
 
 from __future__ import annotations
@@ -48,6 +49,29 @@ def arguments_json(value: Any) -> str:
     return json.dumps({} if value is None else value, ensure_ascii=False)
 
 
+_DECODER = json.JSONDecoder()
+
+
+def json_call_list(text: str, arguments_key: str) -> tuple[list[tuple[str, Any]], bool]:
+    """``[{"name": ..., arguments_key: {...}}, ...]`` (``text`` starts at ``[``): the items that decode as calls,
+    in order, and whether the list is closed, all calls, and all of ``text`` (a partial output stops early)."""
+    assert text.startswith("["), text[:20]
+    calls: list[tuple[str, Any]] = []
+    pos = 1
+    while True:
+        while pos < len(text) and text[pos] in " \n\t\r,":
+            pos += 1
+        if text.startswith("]", pos):
+            return calls, not text[pos + 1:].strip()
+        try:
+            item, pos = _DECODER.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return calls, False
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return calls, False
+        calls.append((item["name"], item.get(arguments_key, {})))
+
+
 class ToolParser:
     """Base: subclasses set ``start_markers`` and implement ``parse`` (text -> content, calls or None)."""
 
@@ -71,6 +95,11 @@ class ToolParser:
         return best
 
     def parse(self, text: str) -> tuple[str | None, list[tuple[str, Any]]] | None:
+        raise NotImplementedError
+
+    def complete_calls(self, text: str) -> list[tuple[str, Any]]:
+        """The calls already closed in a partial output whose tool-call markup starts ``text`` (streaming sends
+        each one as soon as it is complete); a call that does not parse ends the list."""
         raise NotImplementedError
 
     def extract(self, text: str) -> ExtractedToolCalls:

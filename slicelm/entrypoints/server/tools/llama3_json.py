@@ -11,6 +11,26 @@ from slicelm.entrypoints.server.tools.base import ToolParser
 _TAG = "<|python_tag|>"
 
 
+def _decode(text: str) -> tuple[list[tuple[str, Any]], bool]:
+    """The calls at the start of ``text`` that decode, and whether they are all of it."""
+    body = text.strip()
+    body = body[len(_TAG):] if body.startswith(_TAG) else body
+    decoder = json.JSONDecoder()
+    calls: list[tuple[str, Any]] = []
+    pos = 0
+    while pos < len(body):
+        try:
+            obj, pos = decoder.raw_decode(body, pos)
+        except json.JSONDecodeError:
+            return calls, False
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            return calls, False
+        calls.append((obj["name"], obj.get("parameters", obj.get("arguments", {}))))
+        while pos < len(body) and body[pos] in " \n\t;":
+            pos += 1
+    return calls, True
+
+
 class Llama3JsonToolParser(ToolParser):
     name = "llama3_json"
     start_markers = (_TAG, "{")
@@ -23,19 +43,8 @@ class Llama3JsonToolParser(ToolParser):
         return len(text) if _TAG.startswith(text.lstrip()) and text.strip() else 0
 
     def parse(self, text: str) -> tuple[str | None, list[tuple[str, Any]]] | None:
-        body = text.strip()
-        body = body[len(_TAG):] if body.startswith(_TAG) else body
-        decoder = json.JSONDecoder()
-        calls, pos = [], 0
-        while pos < len(body):
-            try:
-                obj, end = decoder.raw_decode(body, pos)
-            except json.JSONDecodeError:
-                return None
-            if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-                return None
-            calls.append((obj["name"], obj.get("parameters", obj.get("arguments", {}))))
-            pos = end
-            while pos < len(body) and body[pos] in " \n\t;":
-                pos += 1
-        return None, calls
+        calls, whole = _decode(text)
+        return (None, calls) if whole else None
+
+    def complete_calls(self, text: str) -> list[tuple[str, Any]]:
+        return _decode(text)[0]

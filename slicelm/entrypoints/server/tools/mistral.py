@@ -6,9 +6,35 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from slicelm.entrypoints.server.tools.base import ToolParser
+from slicelm.entrypoints.server.tools.base import ToolParser, json_call_list
 
 _TAG = "[TOOL_CALLS]"
+_DECODER = json.JSONDecoder()
+
+
+def _named_call(part: str) -> tuple[list[tuple[str, Any]], bool]:
+    """``name{arguments}``."""
+    brace = part.find("{")
+    if brace <= 0:
+        return [], False
+    try:
+        args, end = _DECODER.raw_decode(part, brace)
+    except json.JSONDecodeError:
+        return [], False
+    return [(part[:brace].strip(), args)], not part[end:].strip()
+
+
+def _decode(text: str) -> tuple[list[tuple[str, Any]], bool]:
+    """The calls after the first ``[TOOL_CALLS]`` that decode, and whether they are all of the text."""
+    calls: list[tuple[str, Any]] = []
+    for part in (p.strip() for p in text[text.index(_TAG):].split(_TAG)):
+        if not part:
+            continue
+        found, whole = json_call_list(part, "arguments") if part.startswith("[") else _named_call(part)
+        calls += found
+        if not whole:
+            return calls, False
+    return calls, True
 
 
 class MistralToolParser(ToolParser):
@@ -17,28 +43,8 @@ class MistralToolParser(ToolParser):
     id_kind = "mistral"
 
     def parse(self, text: str) -> tuple[str | None, list[tuple[str, Any]]] | None:
-        start = text.index(_TAG)
-        parts = [p.strip() for p in text[start:].split(_TAG) if p.strip()]
-        calls: list[tuple[str, Any]] = []
-        decoder = json.JSONDecoder()
-        for part in parts:
-            if part.startswith("["):
-                try:
-                    items = json.loads(part)
-                except json.JSONDecodeError:
-                    return None
-                if not isinstance(items, list) or not all(isinstance(c, dict) and "name" in c for c in items):
-                    return None
-                calls += [(c["name"], c.get("arguments", {})) for c in items]
-                continue
-            brace = part.find("{")
-            if brace <= 0:
-                return None
-            try:
-                args, end = decoder.raw_decode(part, brace)
-            except json.JSONDecodeError:
-                return None
-            if part[end:].strip():
-                return None
-            calls.append((part[:brace].strip(), args))
-        return text[:start], calls
+        calls, whole = _decode(text)
+        return (text[: text.index(_TAG)], calls) if whole else None
+
+    def complete_calls(self, text: str) -> list[tuple[str, Any]]:
+        return _decode(text)[0]

@@ -27,20 +27,39 @@ class PythonicToolParser(ToolParser):
         return len(text) if "<|python_start|>".startswith(text.lstrip()) and text.strip() else 0
 
     def parse(self, text: str) -> tuple[str | None, list[tuple[str, Any]]] | None:
-        body = text.strip().removeprefix("<|python_start|>").removesuffix("<|python_end|>").strip()
+        calls = _calls(_body(text))
+        return None if calls is None else (None, calls)
+
+    def complete_calls(self, text: str) -> list[tuple[str, Any]]:
+        """The longest prefix that ends a call (at a ``)``) and closes as a list holds the complete calls."""
+        body = _body(text)
+        end = len(body)
+        while (end := body.rfind(")", 0, end)) >= 0:
+            calls = _calls(body[: end + 1] + "]")
+            if calls is not None:
+                return calls
+        return []
+
+
+def _body(text: str) -> str:
+    return text.strip().removeprefix("<|python_start|>").removesuffix("<|python_end|>").strip()
+
+
+def _calls(body: str) -> list[tuple[str, Any]] | None:
+    """``[f(a=1), g()]`` as ``[(name, arguments)]``; None unless it is a list of calls with literal arguments."""
+    try:
+        tree = ast.parse(body, mode="eval").body
+    except SyntaxError:
+        return None
+    if not isinstance(tree, ast.List) or not all(isinstance(e, ast.Call) for e in tree.elts):
+        return None
+    calls = []
+    for call in tree.elts:
+        assert isinstance(call, ast.Call)
+        if not isinstance(call.func, ast.Name) or call.args:
+            return None
         try:
-            tree = ast.parse(body, mode="eval").body
-        except SyntaxError:
+            calls.append((call.func.id, {kw.arg: _literal(kw.value) for kw in call.keywords}))
+        except (ValueError, TypeError, SyntaxError):
             return None
-        if not isinstance(tree, ast.List) or not all(isinstance(e, ast.Call) for e in tree.elts):
-            return None
-        calls = []
-        for call in tree.elts:
-            assert isinstance(call, ast.Call)
-            if not isinstance(call.func, ast.Name) or call.args:
-                return None
-            try:
-                calls.append((call.func.id, {kw.arg: _literal(kw.value) for kw in call.keywords}))
-            except (ValueError, TypeError, SyntaxError):
-                return None
-        return None, calls
+    return calls

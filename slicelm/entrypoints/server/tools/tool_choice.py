@@ -16,7 +16,14 @@ from typing import Any
 from slicelm.engine.structured_output.guidance import to_llguidance
 from slicelm.engine.structured_output.spec import GrammarError, grammar_spec
 from slicelm.entrypoints.server.errors import bad_request
-from slicelm.entrypoints.server.tools.base import ExtractedToolCalls, ToolCall, ToolParser, arguments_json
+from slicelm.entrypoints.server.tools.base import (
+    ExtractedToolCalls,
+    ToolCall,
+    ToolParser,
+    arguments_json,
+    json_call_list,
+    make_tool_call_id,
+)
 from slicelm.sampling_params import StructuredOutputsParams
 
 _EMPTY_PARAMS = {"type": "object", "properties": {}}
@@ -91,9 +98,10 @@ def tool_structured_outputs(mode: ToolMode) -> StructuredOutputsParams | None:
         return StructuredOutputsParams(json=_function(mode, mode.name).get("parameters") or _EMPTY_PARAMS)
     if mode.kind != "required":
         return None
+    # Closed items (as xgrammar's strict mode makes them in vLLM): nothing but the call may be generated.
     options = [{"properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
                                "parameters": t["function"].get("parameters") or _EMPTY_PARAMS},
-                "required": ["name", "parameters"]} for t in mode.tools]
+                "required": ["name", "parameters"], "additionalProperties": False} for t in mode.tools]
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": options}}
     if not mode.parallel:
         schema["maxItems"] = 1
@@ -106,15 +114,32 @@ def extract_tool_calls(mode: ToolMode, text: str) -> ExtractedToolCalls:
         assert mode.name is not None
         return ExtractedToolCalls("", [ToolCall(mode.name, text)])
     if mode.kind == "required":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError:  # cut short by max_tokens: no complete call
+        calls, whole = _required_calls(text)
+        if not whole:  # cut short by max_tokens: no complete list of calls
             return ExtractedToolCalls(text, [])
-        return ExtractedToolCalls("", [ToolCall(c["name"], arguments_json(c.get("parameters"))) for c in items])
+        return ExtractedToolCalls("", calls)
     if mode.kind == "auto":
         assert mode.parser is not None
         return mode.parser.extract(text)
     return ExtractedToolCalls(text, [])
+
+
+def _required_calls(text: str) -> tuple[list[ToolCall], bool]:
+    """The calls of a ``required`` output (the JSON list its schema forces), and whether the list is whole."""
+    body = text.strip()
+    if not body.startswith("["):
+        return [], False
+    calls, whole = json_call_list(body, "parameters")
+    return [ToolCall(name, arguments_json(args)) for name, args in calls], whole
+
+
+def complete_tool_calls(mode: ToolMode, text: str) -> list[ToolCall]:
+    """The calls already closed in a partial output (``auto``: ``text`` starts at the tool-call markup)."""
+    if mode.kind == "required":
+        return _required_calls(text)[0]
+    assert mode.kind == "auto" and mode.parser is not None
+    return [ToolCall(name, arguments_json(args), make_tool_call_id(mode.parser.id_kind))
+            for name, args in mode.parser.complete_calls(text)]
 
 
 def finish_reason(mode: ToolMode, extracted: ExtractedToolCalls, reason: str | None) -> str | None:
