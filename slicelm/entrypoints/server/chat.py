@@ -136,7 +136,7 @@ async def create_chat_completion(raw: Request) -> Response:
     resp_id, engine_id = request_ids(req, raw, "chatcmpl")
     priority = check_priority(state, req.priority)
     mode = tool_mode(state, req)
-    constraint = request_structured_outputs(req)
+    constraint = request_structured_outputs(req, state.options.structured_outputs_backend)
     if mode.kind in ("named", "required") and constraint is not None:
         raise bad_request("tool_choice: a named or 'required' tool choice cannot be combined with structured "
                           "outputs or response_format", param="tool_choice")

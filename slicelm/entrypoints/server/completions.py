@@ -94,7 +94,7 @@ async def create_completion(raw: Request) -> Response:
     num_prompt_lp = resolve_prompt_logprobs(state, req)
     if num_prompt_lp is None and req.echo and num_lp is not None:
         num_prompt_lp = num_lp  # vLLM: echo + logprobs gives the echoed prompt tokens their logprobs
-    constraint = request_structured_outputs(req)
+    constraint = request_structured_outputs(req, state.options.structured_outputs_backend)
     params_list = []
     for _, ids in prompts:
         max_tokens = state.check_length(len(ids), req.max_tokens, param="prompt")

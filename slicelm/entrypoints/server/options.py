@@ -29,9 +29,12 @@ class ApiOptions:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     exclude_tools_when_tool_choice_none: bool = False
+    structured_outputs_backend: str = "auto"  # --structured-outputs-config's backend (guided_decoding_backend)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ApiOptions:
+        from slicelm.config import StructuredOutputsConfig
+
         return cls(
             enable_prompt_tokens_details=bool(getattr(args, "enable_prompt_tokens_details", False)),
             enable_force_include_usage=bool(getattr(args, "enable_force_include_usage", False)),
@@ -45,6 +48,8 @@ class ApiOptions:
             enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
             tool_call_parser=getattr(args, "tool_call_parser", None),
             exclude_tools_when_tool_choice_none=bool(getattr(args, "exclude_tools_when_tool_choice_none", False)),
+            structured_outputs_backend=StructuredOutputsConfig.parse(
+                getattr(args, "structured_outputs_config", None)).backend,
         )
 
 

@@ -126,6 +126,7 @@ class SamplingFields(LaxModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None  # legacy: must name the server's backend (structured.py)
 
     @field_validator("request_id")
     @classmethod

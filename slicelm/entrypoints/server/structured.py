@@ -3,7 +3,8 @@
 ``structured_outputs: {json | regex | choice | grammar | json_object | structural_tag, disable_any_whitespace,
 disable_additional_properties, whitespace_pattern}``; the older ``guided_json`` / ``guided_regex`` /
 ``guided_choice`` / ``guided_grammar`` (+ ``guided_whitespace_pattern``) as aliases; ``response_format``
-``{type: text | json_object | json_schema | structural_tag}``. The constraint is checked here, without the
+``{type: text | json_object | json_schema | structural_tag}``; the legacy ``guided_decoding_backend`` when it names
+the server's backend (otherwise a 400, as vLLM's V1 engine answers). The constraint is checked here, without the
 vocabulary (llguidance parses schemas, regexes and grammars on their own), so a bad one is a 400 naming the
 request field before anything reaches the engine core.
 """
@@ -47,8 +48,21 @@ def _from_response_format(req: SamplingFields) -> tuple[dict[str, Any], dict[str
     return {"structural_tag": json.dumps(tag)}, {"structural_tag": "response_format"}
 
 
-def request_structured_outputs(req: SamplingFields) -> StructuredOutputsParams | None:
-    """The request's constraint, validated (400 naming the field), or None."""
+def check_backend_field(req: SamplingFields, backend: str) -> None:
+    """vLLM's legacy ``guided_decoding_backend`` (options after ``:``): the V1 engine refuses a backend other than
+    the one the server was started with, since the backend is chosen per engine, not per request."""
+    asked = req.guided_decoding_backend
+    if asked is not None and asked.split(":", 1)[0] != backend:
+        raise bad_request(f"guided_decoding_backend: request-level structured output backend selection is not "
+                          f"supported; the request asks for {asked!r} but the server was started with {backend!r} "
+                          "(--structured-outputs-config); remove the field from the request",
+                          param="guided_decoding_backend")
+
+
+def request_structured_outputs(req: SamplingFields, backend: str) -> StructuredOutputsParams | None:
+    """The request's constraint, validated (400 naming the field), or None. ``backend``: the server's
+    (``--structured-outputs-config``), which ``guided_decoding_backend`` must name if it is given."""
+    check_backend_field(req, backend)
     sources = []
     if req.structured_outputs:
         sources.append(_from_structured_outputs(req.structured_outputs))
