@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import jsonschema
@@ -63,7 +64,7 @@ def test_regex_and_choice_and_guided_aliases(client: openai.OpenAI) -> None:
                                   extra_body={"structured_outputs": {"regex": r"[0-9]{3}-[0-9]{4}"}})
     assert len(r.choices) == 2 and all(re.fullmatch(r"[0-9]{3}-[0-9]{4}", c.text) for c in r.choices)
     r = chat(client, messages=[{"role": "user", "content": "Which city is the capital of Italy?"}],
-             extra_body={"guided_choice": ["Paris", "London", "Rome"]})
+             extra_body={"guided_choice": ["Paris", "London", "Rome"], "guided_decoding_backend": "auto"})
     assert r.choices[0].message.content in ("Paris", "London", "Rome")
     r = chat(client, messages=[{"role": "user", "content": "Give a person."}], extra_body={"guided_json": PERSON})
     jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
@@ -78,9 +79,13 @@ def test_named_tool_call_has_the_declared_arguments(client: openai.OpenAI) -> No
 
 
 def test_required_always_calls_a_tool(client: openai.OpenAI) -> None:
-    for content in ("What is the weather in Rome?", "Tell me a joke.", "What time is it?"):
-        r = chat(client, messages=[{"role": "user", "content": content}], tools=[WEATHER, TIME],
-                 tool_choice="required", parallel_tool_calls=False, max_tokens=64)
+    def ask(content: str):
+        return chat(client, messages=[{"role": "user", "content": content}], tools=[WEATHER, TIME],
+                    tool_choice="required", parallel_tool_calls=False, max_tokens=64)
+
+    with ThreadPoolExecutor(3) as pool:  # at once: one batch in the engine
+        answers = list(pool.map(ask, ("What is the weather in Rome?", "Tell me a joke.", "What time is it?")))
+    for r in answers:
         (call,) = r.choices[0].message.tool_calls
         tool = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
         jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
@@ -130,6 +135,7 @@ def test_tool_messages_render_through_the_template(client: openai.OpenAI) -> Non
       "tool_choice": "required"}, "tools[0].function.parameters"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name"),
+    ({"guided_choice": ["a", "b"], "guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
 ])
 def test_bad_constraints_are_400_naming_the_field_and_the_core_survives(server: Server, body, param) -> None:
     r = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
@@ -141,3 +147,27 @@ def test_bad_constraints_are_400_naming_the_field_and_the_core_survives(server: 
                     json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "guided_choice": ["yes", "no"]})
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] in ("yes", "no")
     assert server.proc.poll() is None
+
+
+def test_router_passes_structured_and_tool_requests_through(server: Server, client: openai.OpenAI,
+                                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`slicelm router` in front of the server: the same answers as the server gives directly (greedy), streamed
+    tool-call fragments and the backend's 400 body untouched."""
+    from router.router_helpers import start_router
+
+    router = start_router(tmp_path_factory.mktemp("router"), [server.url], [MODEL])
+    try:
+        routed = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        kw = dict(messages=ASK, extra_body={"structured_outputs": {"choice": ["sunny", "rainy"]}})
+        assert chat(routed, **kw).choices[0].message.content == chat(client, **kw).choices[0].message.content
+        named = dict(messages=ASK, tools=[WEATHER],
+                     tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        (direct,) = chat(client, **named).choices[0].message.tool_calls
+        args = "".join(tc.function.arguments or "" for chunk in chat(routed, **named, stream=True)
+                       for tc in chunk.choices[0].delta.tool_calls or [])
+        assert args == direct.function.arguments
+        bad = {"model": MODEL, "messages": ASK, "guided_regex": "[a-"}
+        via, to = (httpx.post(f"{u}/v1/chat/completions", json=bad, timeout=60) for u in (router.url, server.url))
+        assert via.status_code == to.status_code == 400 and via.json() == to.json()
+    finally:
+        router.stop()
