@@ -286,9 +286,10 @@ def make_structured_manager(args: EngineArgs, worker: Worker) -> StructuredOutpu
     def load_tokenizer():
         if args.skip_tokenizer_init:
             return None
+        from slicelm.loader.hub import HubOptions
         from slicelm.loader.tokenizer import load_tokenizer_from
 
-        return load_tokenizer_from(args.tokenizer or args.model)
+        return load_tokenizer_from(args.tokenizer or args.model, hub=HubOptions.for_tokenizer(args))
 
     return StructuredOutputManager(args.structured_outputs_config, load_tokenizer, worker.vocab_size,
                                    set(worker.eos_token_ids), worker.scheduler_config.max_num_seqs,

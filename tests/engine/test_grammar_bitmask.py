@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from utils_triton import keep_tests_for_this_process
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -79,19 +78,23 @@ def test_triton_kernel_matches_reference(rows: int, vocab: int, dtype: torch.dty
     assert torch.equal(logits, expected)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_interpreter_subprocess() -> None:
     """Parent session: run the interpreted kernel tests in a child with TRITON_INTERPRET=1."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    from utils_triton import run_interpreted
+
+    run_interpreted(__file__, timeout=300)
 
 
-if INTERPRET:  # the child runs only the kernel's tests
-    for _name in [n for n in globals() if n.startswith("test_") and n != "test_triton_kernel_matches_reference"]:
-        del globals()[_name]
-else:
-    del test_triton_kernel_matches_reference
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernel_compiles_for_sm90_without_spills() -> None:
+    from utils_triton import sm90_usage
+
+    usage = sm90_usage(bm._apply_bitmask_kernel, "fp32", {"BLOCK": bm._BLOCK}, {"mask_ptr": "*i32"})
+    assert usage.get("STACK", 0) == 0 and 0 < usage["REG"] <= 64, usage
+
+
+keep_tests_for_this_process(globals(), ("test_host_paths_match_reference",
+                                        "test_dispatch_handles_half_precision_and_strided_rows",
+                                        "test_interpreter_subprocess", "test_kernel_compiles_for_sm90_without_spills"),
+                            INTERPRET)

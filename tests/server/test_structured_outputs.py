@@ -149,23 +149,35 @@ def test_bad_constraints_are_400_naming_the_field_and_the_core_survives(server: 
     assert server.proc.poll() is None
 
 
+def streamed_calls(chunks) -> list[tuple[str, str]]:
+    """(name, arguments) per call of a streamed chat answer, from its ``delta.tool_calls`` fragments."""
+    calls: dict[int, list[str]] = {}
+    for chunk in chunks:
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            c = calls.setdefault(tc.index, ["", ""])
+            c[0] += tc.function.name or ""
+            c[1] += tc.function.arguments or ""
+    return [(name, args) for _, (name, args) in sorted(calls.items())]
+
+
 def test_router_passes_structured_and_tool_requests_through(server: Server, client: openai.OpenAI,
                                                             tmp_path_factory: pytest.TempPathFactory) -> None:
-    """`slicelm router` in front of the server: the same answers as the server gives directly (greedy), streamed
-    tool-call fragments and the backend's 400 body untouched."""
+    """`slicelm router` in front of the server: response_format, tools and tool_choice reach the replica unchanged
+    (greedy: the same answers as the server gives directly, streamed and not), and the backend's 400 body too."""
     from router.router_helpers import start_router
 
     router = start_router(tmp_path_factory.mktemp("router"), [server.url], [MODEL])
     try:
         routed = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=300)
-        kw = dict(messages=ASK, extra_body={"structured_outputs": {"choice": ["sunny", "rainy"]}})
-        assert chat(routed, **kw).choices[0].message.content == chat(client, **kw).choices[0].message.content
-        named = dict(messages=ASK, tools=[WEATHER],
-                     tool_choice={"type": "function", "function": {"name": "get_weather"}})
-        (direct,) = chat(client, **named).choices[0].message.tool_calls
-        args = "".join(tc.function.arguments or "" for chunk in chat(routed, **named, stream=True)
-                       for tc in chunk.choices[0].delta.tool_calls or [])
-        assert args == direct.function.arguments
+        fmt = dict(messages=[{"role": "user", "content": "Describe a person as JSON."}],
+                   response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+        assert chat(routed, **fmt).choices[0].message.content == chat(client, **fmt).choices[0].message.content
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            kw = dict(messages=ASK, tools=[WEATHER, TIME], tool_choice=choice, parallel_tool_calls=False)
+            direct = [(t.function.name, t.function.arguments) for t in chat(client, **kw).choices[0].message.tool_calls]
+            via = chat(routed, **kw).choices[0]
+            assert [(t.function.name, t.function.arguments) for t in via.message.tool_calls] == direct
+            assert streamed_calls(chat(routed, **kw, stream=True)) == direct, choice
         bad = {"model": MODEL, "messages": ASK, "guided_regex": "[a-"}
         via, to = (httpx.post(f"{u}/v1/chat/completions", json=bad, timeout=60) for u in (router.url, server.url))
         assert via.status_code == to.status_code == 400 and via.json() == to.json()
