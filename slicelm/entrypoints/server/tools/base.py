@@ -52,24 +52,33 @@ def arguments_json(value: Any) -> str:
 _DECODER = json.JSONDecoder()
 
 
+def decode_calls(text: str, pos: int, separators: str, end: str | None,
+                 arguments_keys: tuple[str, ...]) -> tuple[list[tuple[str, Any]], int | None]:
+    """JSON ``{"name": ..., <arguments key>: {...}}`` objects from ``pos`` on, separated by ``separators``: the
+    calls that decode, in order, and where the run stopped at ``end`` or at the end of ``text`` (None when
+    something else stopped it: a partial or malformed object, a non-call)."""
+    calls: list[tuple[str, Any]] = []
+    while True:
+        while pos < len(text) and text[pos] in separators:
+            pos += 1
+        if pos == len(text) or (end is not None and text.startswith(end, pos)):
+            return calls, pos
+        try:
+            item, pos = _DECODER.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return calls, None
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return calls, None
+        args = next((item[k] for k in arguments_keys if k in item), {})
+        calls.append((item["name"], args))
+
+
 def json_call_list(text: str, arguments_key: str) -> tuple[list[tuple[str, Any]], bool]:
     """``[{"name": ..., arguments_key: {...}}, ...]`` (``text`` starts at ``[``): the items that decode as calls,
     in order, and whether the list is closed, all calls, and all of ``text`` (a partial output stops early)."""
     assert text.startswith("["), text[:20]
-    calls: list[tuple[str, Any]] = []
-    pos = 1
-    while True:
-        while pos < len(text) and text[pos] in " \n\t\r,":
-            pos += 1
-        if text.startswith("]", pos):
-            return calls, not text[pos + 1:].strip()
-        try:
-            item, pos = _DECODER.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            return calls, False
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            return calls, False
-        calls.append((item["name"], item.get(arguments_key, {})))
+    calls, stop = decode_calls(text, 1, " \n\t\r,", "]", (arguments_key,))
+    return calls, stop is not None and text.startswith("]", stop) and not text[stop + 1:].strip()
 
 
 class ToolParser:

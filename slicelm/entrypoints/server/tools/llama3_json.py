@@ -3,10 +3,9 @@ more separated by ``;``, optionally after ``<|python_tag|>``; the output must st
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from slicelm.entrypoints.server.tools.base import ToolParser
+from slicelm.entrypoints.server.tools.base import ToolParser, decode_calls
 
 _TAG = "<|python_tag|>"
 
@@ -15,20 +14,8 @@ def _decode(text: str) -> tuple[list[tuple[str, Any]], bool]:
     """The calls at the start of ``text`` that decode, and whether they are all of it."""
     body = text.strip()
     body = body[len(_TAG):] if body.startswith(_TAG) else body
-    decoder = json.JSONDecoder()
-    calls: list[tuple[str, Any]] = []
-    pos = 0
-    while pos < len(body):
-        try:
-            obj, pos = decoder.raw_decode(body, pos)
-        except json.JSONDecodeError:
-            return calls, False
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            return calls, False
-        calls.append((obj["name"], obj.get("parameters", obj.get("arguments", {}))))
-        while pos < len(body) and body[pos] in " \n\t;":
-            pos += 1
-    return calls, True
+    calls, stop = decode_calls(body, 0, " \n\t;", None, ("parameters", "arguments"))
+    return calls, stop is not None
 
 
 class Llama3JsonToolParser(ToolParser):
