@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from slicelm.config import StructuredOutputsConfig
-from slicelm.engine.structured_output import bitmask as bm
+from slicelm.engine.structured_output.bitmask import allocate
 from slicelm.engine.structured_output.spec import GrammarError, GrammarSpec, grammar_spec
 from slicelm.sampling_params import StructuredOutputsParams
 
@@ -75,7 +75,7 @@ class StructuredOutputManager:
         self._pool: ThreadPoolExecutor | None = None
         self._backend_future: Future | None = None
         self._compiled: OrderedDict[GrammarSpec, Future] = OrderedDict()
-        self._mask = bm.allocate(max_rows, vocab_size, pin)
+        self._mask = allocate(max_rows, vocab_size, pin)
         self.num_live = 0  # sequences with structured outputs in the core (0: no per-step work at all)
 
     # ------------------------------------------------------------------------- compile
