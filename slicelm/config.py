@@ -49,6 +49,38 @@ def resolve_dtype(dtype: str | torch.dtype, config_dtype: str | None, device: to
 
 
 @dataclass
+class StructuredOutputsConfig:
+    """vLLM's ``--structured-outputs-config`` (JSON): the grammar backend and engine-wide JSON options."""
+
+    backend: Literal["auto", "guidance", "xgrammar"] = "auto"  # auto: guidance (llguidance)
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any] | StructuredOutputsConfig | None) -> StructuredOutputsConfig:
+        if value is None or isinstance(value, StructuredOutputsConfig):
+            return value or cls()
+        import json
+
+        try:
+            data = json.loads(value) if isinstance(value, str) else dict(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--structured-outputs-config: not valid JSON: {e}") from e
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"--structured-outputs-config: unknown key {unknown[0]!r} (known: {sorted(known)})")
+        if data.get("backend", "auto") not in ("auto", "guidance", "xgrammar"):
+            raise ValueError(f"--structured-outputs-config: backend must be auto, guidance or xgrammar; got "
+                             f"{data['backend']!r}")
+        return cls(**data)
+
+    @property
+    def backend_name(self) -> str:
+        return "guidance" if self.backend == "auto" else self.backend
+
+
+@dataclass
 class EngineArgs:
     """Everything that configures one engine. Field names follow vLLM's ``EngineArgs``."""
 
@@ -90,6 +122,7 @@ class EngineArgs:
     # CPU only: how much host memory the KV cache may take when no other size is given.
     cpu_kv_cache_bytes: int = 1 << 30
     disable_log_stats: bool = False
+    structured_outputs_config: StructuredOutputsConfig | str | dict[str, Any] | None = None
     # Models by Hub id (slicelm/loader/hub.py): vLLM's download flags.
     revision: str | None = None
     tokenizer_revision: str | None = None
@@ -105,6 +138,7 @@ class EngineArgs:
                              "weights with --revision")
         if isinstance(self.ignore_patterns, str):
             self.ignore_patterns = [self.ignore_patterns]
+        self.structured_outputs_config = StructuredOutputsConfig.parse(self.structured_outputs_config)
         if isinstance(self.served_model_name, str):
             self.served_model_name = [self.served_model_name]
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -190,6 +224,9 @@ class EngineArgs:
         g.add_argument("--pooling-type", default=None, choices=["MEAN", "CLS", "LAST"])
         g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
         g.add_argument("--disable-log-stats", action="store_true")
+        g.add_argument("--structured-outputs-config", default=None,
+                       help='structured outputs as JSON: {"backend": "auto|guidance|xgrammar", '
+                            '"disable_any_whitespace": false, "disable_additional_properties": false}')
         hub = parser.add_argument_group("models by Hub id")
         hub.add_argument("--revision", default=None, help="branch, tag or commit of the model's Hub repo")
         hub.add_argument("--tokenizer-revision", default=None,

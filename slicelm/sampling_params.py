@@ -30,6 +30,38 @@ class SamplingType(enum.IntEnum):
     RANDOM_SEED = 2
 
 
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's ``structured_outputs``: exactly one constraint (``json`` schema, ``regex``, ``choice``, a
+    ``grammar`` in Lark or GBNF, ``json_object``, or a ``structural_tag``), plus whitespace options. The
+    engine core compiles it (``slicelm.engine.structured_output``); here it is plain data."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise SamplingParamsError("structured_outputs", "give exactly one of json, regex, choice, grammar, "
+                                      f"json_object, structural_tag; got {given or 'none'}")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise SamplingParamsError("structured_outputs.choice", "must be a non-empty list of strings")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -62,6 +94,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     truncate_prompt_tokens: int | None = None
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     # eos ids of the model / generation config; filled by update_from_generation_config.
     _all_stop_token_ids: set[int] = field(default_factory=set, init=False, repr=False, compare=False)
 

@@ -10,6 +10,7 @@ in the engine-core process behind the server (``core_proc``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import time
@@ -22,9 +23,12 @@ from slicelm.engine.request import Request, RequestStatus
 from slicelm.engine.runner import RunnerOutput, StepHandle
 from slicelm.engine.sampler import make_generator
 from slicelm.engine.stats import EngineStats
+from slicelm.engine.structured_output import StructuredOutputManager
 from slicelm.engine.warmup import WarmupReport, warm_up
+from slicelm.engine.worker import Worker
 
 logger = logging.getLogger(__name__)
+GRAMMAR_WAIT_S = 0.02  # an idle core waits this long at most on compiling grammars before it looks again
 
 
 class EngineCore:
@@ -43,6 +47,8 @@ class EngineCore:
         self.async_scheduling = (
             args.async_scheduling if args.async_scheduling is not None else self.worker.device.type == "cuda"
         )
+        self.structured = None if self.model_config.is_pooling else make_structured_manager(args, self.worker)
+        self._waiting_for_grammar: list[Request] = []
         self.warmup: WarmupReport = warm_up(self)  # before anyone is told the core is ready
 
     def info(self) -> EngineCoreInfo:
@@ -68,6 +74,12 @@ class EngineCore:
             token_type_ids=req.token_type_ids,
             generator=generator,
         )
+        so_params = req.sampling_params.structured_outputs if req.sampling_params is not None else None
+        if so_params is not None:
+            assert self.structured is not None, "structured outputs on a pooling model"
+            request.structured = self.structured.add(so_params)  # GrammarError: refused, nothing queued
+            request.status = RequestStatus.WAITING_FOR_FSM
+            self._waiting_for_grammar.append(request)
         self.requests[req.request_id] = request
         self.scheduler.add_request(request)
 
@@ -77,6 +89,7 @@ class EngineCore:
             self.scheduler.finish_requests(reqs, RequestStatus.FINISHED_ABORTED)
             for r in reqs:
                 r.drop_placeholders()
+                self._release_grammar(r)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -91,10 +104,18 @@ class EngineCore:
         if self._inflight is not None and (not self.async_scheduling or self._needs_history()):
             self._read_back(self._inflight, outputs)
             self._inflight = None
+        if self._waiting_for_grammar:
+            self._activate_grammars(outputs)
         sched = self.scheduler.schedule()
         handle = None
         if not sched.is_empty:
-            handle = self.executor.execute_model(sched, self._inflight)
+            if self.structured is not None:
+                for r in sched.preempted:
+                    self.structured.sync(r)
+            bitmask_fn = None
+            if self.structured is not None and self.structured.num_live:
+                bitmask_fn = lambda requests: self._grammar_bitmask(requests, outputs)
+            handle = self.executor.execute_model(sched, self._inflight, bitmask_fn)
             self.scheduler.update_after_step(sched)
             self._stats.num_prompt_tokens += sum(
                 max(0, min(s.request.num_prompt_tokens, s.request.num_computed_tokens)
@@ -102,7 +123,10 @@ class EngineCore:
                 for s in sched.scheduled
             )
             for req in handle.requests:
-                req.append_placeholder()
+                if not req.is_finished:  # finished while the bitmask callback read the previous step back
+                    req.append_placeholder()
+        elif self._inflight is None and self._waiting_for_grammar:
+            self._wait_for_grammars()  # nothing else to run: sleep on the compiles instead of spinning
         prev, self._inflight = self._inflight, handle
         if prev is not None:
             self._read_back(prev, outputs)
@@ -110,6 +134,46 @@ class EngineCore:
             self._read_back(self._inflight, outputs)
             self._inflight = None
         return list(outputs.values())
+
+    # ------------------------------------------------------------------- structured outputs
+    def _activate_grammars(self, outputs: dict[str, EngineCoreOutput]) -> None:
+        """Sequences whose grammar has compiled may be scheduled; a failed compile fails the sequence."""
+        assert self.structured is not None
+        still = []
+        for req in self._waiting_for_grammar:
+            so = req.structured
+            if req.is_finished or so is None:
+                continue
+            if not so.ready:
+                still.append(req)
+                continue
+            error = self.structured.activate(so)
+            if error is None:
+                req.status = RequestStatus.WAITING
+            else:
+                self._finish(req, RequestStatus.FINISHED_ABORTED)
+                outputs[req.request_id] = EngineCoreOutput(req.request_id, finish_reason="error", error=error)
+        self._waiting_for_grammar = still
+
+    def _wait_for_grammars(self, timeout: float = GRAMMAR_WAIT_S) -> None:
+        futures = [r.structured.compiled for r in self._waiting_for_grammar if r.structured is not None]
+        concurrent.futures.wait(futures, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+
+    def _grammar_bitmask(self, requests: list[Request], outputs: dict[str, EngineCoreOutput]):
+        """Called by the runner after launching the forward pass: the previous step's tokens must advance
+        the matchers first, so it is read back now (the device is busy with this step's forward)."""
+        assert self.structured is not None
+        if not any(r.structured is not None for r in requests):
+            return None
+        if self._inflight is not None:
+            self._read_back(self._inflight, outputs)
+            self._inflight = None
+        return self.structured.bitmask(requests)
+
+    def _release_grammar(self, req: Request) -> None:
+        if req.structured is not None and self.structured is not None:
+            self.structured.release(req.structured)
+            req.structured = None
 
     def _needs_history(self) -> bool:
         """Penalties read every output token's value, of every sequence in the batch: a step that may schedule a
@@ -147,10 +211,13 @@ class EngineCore:
     def _read_back(self, handle: StepHandle, outputs: dict[str, EngineCoreOutput]) -> None:
         """Reads a launched step's samples, fills the requests' pending tokens, checks token stops."""
         result = handle.wait()
+        constrained: list[tuple[Request, int]] = []
         for row, (req, token) in enumerate(zip(result.requests, result.sampled_token_ids)):
             if req.is_finished:  # aborted, or stopped by an earlier token while this step ran
                 continue
             req.resolve_placeholder(token)
+            if req.structured is not None:  # its matcher takes the token (after the stop checks below)
+                constrained.append((req, token))
             self._stats.num_generation_tokens += 1
             out = outputs.get(req.request_id)
             if out is None:
@@ -169,6 +236,9 @@ class EngineCore:
                 self._finish(req, status)
                 out.finish_reason = status.finish_reason
                 out.stop_reason = req.stop_reason if isinstance(req.stop_reason, int) else None
+        if constrained:
+            assert self.structured is not None
+            self.structured.accept([r for r, _ in constrained], [t for _, t in constrained])
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         params = req.sampling_params
@@ -187,6 +257,7 @@ class EngineCore:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.drop_placeholders()
+        self._release_grammar(req)
         self.scheduler.finish_requests([req], status)
         req.metrics.finished_time = time.time()
         self.requests.pop(req.request_id, None)
@@ -218,6 +289,22 @@ class EngineCore:
 def _pooling_defaults(model: object) -> tuple[str | None, bool | None]:
     pooling = getattr(model, "pooling", None)
     return getattr(pooling, "pooling_type", None), getattr(pooling, "normalize", None)
+
+
+def make_structured_manager(args: EngineArgs, worker: Worker) -> StructuredOutputManager:
+    """Structured outputs of a generating model; the core loads the tokenizer on the first such request."""
+
+    def load_tokenizer():
+        if args.skip_tokenizer_init:
+            return None
+        from slicelm.loader.hub import HubOptions
+        from slicelm.loader.tokenizer import load_tokenizer_from
+
+        return load_tokenizer_from(args.tokenizer or args.model, hub=HubOptions.for_tokenizer(args))
+
+    return StructuredOutputManager(args.structured_outputs_config, load_tokenizer, worker.vocab_size,
+                                   set(worker.eos_token_ids), worker.scheduler_config.max_num_seqs,
+                                   pin=worker.device.type == "cuda")
 
 
 def _logprob_entry(req: Request, result: RunnerOutput, row: int) -> tuple[list[int], list[float], int | None]:

@@ -35,7 +35,7 @@ import zmq
 from slicelm.config import EngineArgs
 from slicelm.distributed.env import force_multicast_off
 from slicelm.distributed.parallel_state import abort_tp_group, destroy_tp_group
-from slicelm.engine.runner import StepHandle
+from slicelm.engine.runner import BitmaskFn, StepHandle
 from slicelm.engine.scheduler import SchedulerOutput
 from slicelm.engine.tp_worker import SHUTDOWN, STEP, WorkerSpec
 from slicelm.engine.worker import Worker
@@ -59,8 +59,9 @@ class UniprocExecutor:
         self.driver = Worker(args)
         self.driver.build()
 
-    def execute_model(self, sched: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
-        return self.driver.execute_model(sched, prev)
+    def execute_model(self, sched: SchedulerOutput, prev: StepHandle | None = None,
+                      grammar_bitmask: BitmaskFn | None = None) -> StepHandle:
+        return self.driver.execute_model(sched, prev, grammar_bitmask)
 
     def check_health(self) -> None:
         pass
@@ -170,13 +171,15 @@ class MultiprocExecutor:
                 raise self._startup_error(w) from cause
 
     # ------------------------------------------------------------------------------ steps
-    def execute_model(self, sched: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
+    def execute_model(self, sched: SchedulerOutput, prev: StepHandle | None = None,
+                      grammar_bitmask: BitmaskFn | None = None) -> StepHandle:
         self.check_health()
         runner = self.driver.runner
         batch = runner.build_batch(sched.scheduled, prev)
         self._send((STEP, batch.for_followers()))
         try:
-            return runner.execute_batch(batch, [s.request for s in sched.scheduled if s.samples], prev)
+            return runner.execute_batch(batch, [s.request for s in sched.scheduled if s.samples], prev,
+                                        grammar_bitmask)
         except Exception as e:  # a collective failed: a dead worker is the likely cause
             self._wait_for_failure(1.0)
             if self.failure is not None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from slicelm.engine.structured_output import StructuredOutputRequest
     from slicelm.pooling_params import PoolingParams
     from slicelm.sampling_params import SamplingParams
 
@@ -20,11 +21,12 @@ PLACEHOLDER = -1
 
 class RequestStatus(enum.IntEnum):
     WAITING = 0
-    RUNNING = 1
-    PREEMPTED = 2
-    FINISHED_STOPPED = 3
-    FINISHED_LENGTH = 4
-    FINISHED_ABORTED = 5
+    WAITING_FOR_FSM = 1  # its structured-output grammar is still compiling
+    RUNNING = 2
+    PREEMPTED = 3
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH = 5
+    FINISHED_ABORTED = 6
 
     @property
     def is_finished(self) -> bool:
@@ -32,7 +34,7 @@ class RequestStatus(enum.IntEnum):
 
     @property
     def finish_reason(self) -> str | None:
-        return {3: "stop", 4: "length", 5: "abort"}.get(int(self))
+        return {4: "stop", 5: "length", 6: "abort"}.get(int(self))
 
 
 class PromptTooLongError(ValueError):
@@ -69,6 +71,7 @@ class Request:
     prompt: str | None = None
     token_type_ids: list[int] | None = None  # cross-encoder pairs
     generator: torch.Generator | None = None
+    structured: StructuredOutputRequest | None = None  # its grammar and matcher (structured outputs)
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

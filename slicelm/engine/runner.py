@@ -7,6 +7,7 @@ token (plus logprobs if asked) per request that reached the end of its known tok
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,8 +25,12 @@ from slicelm.engine.prompt_logprobs import PromptLogprobsJob, plan_jobs, run_job
 from slicelm.engine.request import PLACEHOLDER, Request
 from slicelm.engine.sampler import Sampler, SamplingMetadata
 from slicelm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from slicelm.engine.structured_output.bitmask import apply_bitmask_
 from slicelm.layers.attention_metadata import AttentionMetadata
 from slicelm.sampling_params import SamplingParams
+
+# sampling requests -> their grammar mask (int32 [rows, ceil(V/32)] on the host) or None
+BitmaskFn = Callable[[list[Request]], torch.Tensor | None]
 
 
 def supports_mixed_graphs(model: torch.nn.Module) -> bool:
@@ -287,20 +292,28 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
     @torch.inference_mode()
-    def execute_model(self, sched: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
+    def execute_model(self, sched: SchedulerOutput, prev: StepHandle | None = None,
+                      grammar_bitmask: BitmaskFn | None = None) -> StepHandle:
         """Launches a step; on a GPU it returns before the step has run."""
         batch = self.build_batch(sched.scheduled, prev)
-        return self.execute_batch(batch, [s.request for s in sched.scheduled if s.samples], prev)
+        return self.execute_batch(batch, [s.request for s in sched.scheduled if s.samples], prev, grammar_bitmask)
 
     @torch.inference_mode()
-    def execute_batch(self, batch: HostBatch, requests: list[Request], prev: StepHandle | None) -> StepHandle:
+    def execute_batch(self, batch: HostBatch, requests: list[Request], prev: StepHandle | None,
+                      grammar_bitmask: BitmaskFn | None = None) -> StepHandle:
         """The driver's half of a step (after ``batch`` went to the other ranks): run, sample, share the
-        sampled ids with the other ranks (their next step may read them as inputs)."""
+        sampled ids with the other ranks (their next step may read them as inputs). ``grammar_bitmask``
+        (structured outputs) is called once the forward pass is launched, with the sampling requests; the
+        int32 host mask it returns is applied to the logits before sampling, outside any CUDA graph."""
         inputs = self.to_device(batch, prev.sampled if prev is not None else None)
         if not requests:
             self.run_model(inputs)  # a prefill chunk that does not reach the end of its prompt
             return StepHandle([])
-        handle = self.sample(self.run_model(inputs), requests)
+        logits = self.run_model(inputs)
+        mask = grammar_bitmask(requests) if grammar_bitmask is not None else None
+        if mask is not None:
+            apply_bitmask_(logits, mask.to(logits.device, non_blocking=True))
+        handle = self.sample(logits, requests)
         assert handle.sampled is not None and handle.sampled.dtype == torch.int64  # what the followers receive
         self.tp.broadcast(handle.sampled)
         return handle

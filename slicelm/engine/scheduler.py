@@ -65,10 +65,12 @@ class Scheduler:
     def _sort_key(self, r: Request) -> tuple[int, float]:
         return (r.priority, r.arrival_time)
 
-    def _next_waiting(self) -> Request:
+    def _next_waiting(self) -> Request | None:
+        """The next request to admit, passing over those whose grammar still compiles (WAITING_FOR_FSM)."""
+        ready = (r for r in self.waiting if r.status != RequestStatus.WAITING_FOR_FSM)
         if self.config.policy == "priority":
-            return min(self.waiting, key=self._sort_key)
-        return self.waiting[0]
+            return min(ready, key=self._sort_key, default=None)
+        return next(ready, None)
 
     def _pick_victim(self, candidates: list[Request]) -> Request:
         if self.config.policy == "priority":
@@ -104,6 +106,8 @@ class Scheduler:
         if not out.preempted:
             while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
                 request = self._next_waiting()
+                if request is None:
+                    break
                 if request.is_pooling:
                     if request.num_tokens > budget:
                         break  # pooling prompts are never chunked

@@ -23,7 +23,7 @@ from slicelm.distributed.parallel_state import destroy_tp_group, get_tp_group, i
 from slicelm.engine.cuda_graphs import MIXED_MAX_TOKENS
 from slicelm.engine.kv_cache import KVCacheManager, cdiv
 from slicelm.engine.pooling_runner import PoolingRunner
-from slicelm.engine.runner import ModelRunner, StepHandle, supports_mixed_graphs
+from slicelm.engine.runner import BitmaskFn, ModelRunner, StepHandle, supports_mixed_graphs
 from slicelm.engine.scheduler import Scheduler, SchedulerOutput
 from slicelm.layers.linear import init_dummy_quantized, process_weights_after_loading
 from slicelm.layers.quantization import KV_CACHE_DTYPES, QuantConfig, QuantizationError, parse_quant_config
@@ -321,9 +321,10 @@ class Worker:
         self.memory_plan = plan
         return plan.num_blocks
 
-    def execute_model(self, sched: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
+    def execute_model(self, sched: SchedulerOutput, prev: StepHandle | None = None,
+                      grammar_bitmask: BitmaskFn | None = None) -> StepHandle:
         assert isinstance(self.runner, ModelRunner)
-        return self.runner.execute_model(sched, prev)
+        return self.runner.execute_model(sched, prev, grammar_bitmask)
 
     def execute_pooling(self, sched: SchedulerOutput) -> list[torch.Tensor]:
         assert isinstance(self.runner, PoolingRunner)

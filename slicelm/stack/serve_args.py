@@ -8,8 +8,9 @@ the chart does), runner → ``--runner``, convert embed/classify → ``--task em
 gpuMemoryUtilization → ``--gpu-memory-utilization`` on a whole card, or scales the slice's absolute
 budget (``--gpu-memory-budget``) as it scales HAMi's visible memory, tensorParallelSize (or a
 ``requestGPU`` above 1) → ``--tensor-parallel-size``, extraArgs are appended (checked against serve's
-flags). The served model name is ``modelURL`` (what ``vllm serve <modelURL>`` serves) unless extraArgs give
-``--served-model-name``.
+flags); the modelSpec's enableTool / toolCallParser become ``--enable-auto-tool-choice`` /
+``--tool-call-parser``. The served model name is ``modelURL`` (what ``vllm serve <modelURL>`` serves) unless
+extraArgs give ``--served-model-name``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ SERVE_FLAGS = frozenset({
     "--disable-log-stats", "--disable-uvicorn-access-log", "--dtype", "--enable-chunked-prefill",
     "--enable-force-include-usage", "--enable-prefix-caching", "--enable-prompt-tokens-details",
     "--enable-request-id-headers", "--enable-tokenizer-info-endpoint", "--enforce-eager", "--engine-process",
+    "--enable-auto-tool-choice", "--exclude-tools-when-tool-choice-none", "--structured-outputs-config",
+    "--tool-call-parser", "--tool-parser-plugin",
     "--gpu-memory-budget", "--gpu-memory-utilization", "--help", "--host", "--kv-cache-dtype",
     "--kv-cache-memory-bytes", "--load-format", "--revision", "--tokenizer-revision", "--code-revision",
     "--download-dir", "--hf-token", "--ignore-patterns", "--max-logprobs", "--max-model-len",
@@ -112,6 +115,10 @@ def serve_command(model: ModelSpec, host: str, port: int, device: str, budget_mi
     cmd += _vllm_config_flags(model, budget_mib if device != "cpu" else None)
     if model.chatTemplate:
         cmd += ["--chat-template", model.chatTemplate]
+    if model.enableTool:  # production-stack's chart: enableTool / toolCallParser -> vLLM's tool flags
+        cmd += ["--enable-auto-tool-choice"]
+    if model.toolCallParser:
+        cmd += ["--tool-call-parser", model.toolCallParser]
     return cmd + list(extra)
 
 

@@ -291,8 +291,6 @@ def _semantic_warnings(spec: StackSpec) -> list[str]:
         vc = m.vllmConfig
         if vc is not None and vc.enableChunkedPrefill is False:
             out.append(f"{path}.vllmConfig.enableChunkedPrefill: ignored (slicelm always chunks long prefills)")
-        if m.enableTool is not None or m.toolCallParser is not None:
-            out.append(f"{path}.enableTool/toolCallParser: ignored (tools go through the chat template)")
         if not m.enabled:
             out.append(f"{path}: enabled is false, not started")
         if isinstance(m.hf_token, SecretKeyRef):

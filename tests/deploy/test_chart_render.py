@@ -149,6 +149,26 @@ def test_serve_args_match_slicelm_up(example: Path) -> None:
         assert container["args"] == expected[3:], m.name
 
 
+def test_tool_flags_as_slicelm_up(tmp_path: Path) -> None:
+    """production-stack's modelSpec enableTool / toolCallParser become vLLM's tool flags in both, and tool /
+    structured-output flags in extraArgs pass as they are."""
+    extra = ["--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}']
+    values = {"servingEngineSpec": {"modelSpec": [
+        {"name": "agent", "modelURL": "Qwen/Qwen2.5-1.5B-Instruct", "replicaCount": 1, "enableTool": True,
+         "toolCallParser": "hermes", "vllmConfig": {"extraArgs": extra}},
+        {"name": "plain", "modelURL": "m", "replicaCount": 1, "enableTool": False, "toolCallParser": "pythonic"}]}}
+    path = tmp_path / "tools.yaml"
+    path.write_text(yaml.safe_dump(values))
+    deps = deployments(render(path))
+    args = {}
+    for m in load_stack(path).models():
+        args[m.name] = deps[f"rel-{m.name}-deployment-vllm"]["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[m.name] == serve_command(m, "0.0.0.0", 8000, "cpu", None)[3:], m.name
+    joined = " ".join(args["agent"])
+    assert "--enable-auto-tool-choice --tool-call-parser hermes" in joined and args["agent"][-2:] == extra
+    assert "--enable-auto-tool-choice" not in args["plain"] and "--tool-call-parser pythonic" in " ".join(args["plain"])
+
+
 def test_probes_pvc_and_working_dir() -> None:
     docs = render(SEED)
     c = find(docs, "Deployment", "rel-bge-m3-embed-deployment-vllm")["spec"]["template"]["spec"]["containers"][0]

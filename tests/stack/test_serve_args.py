@@ -73,3 +73,17 @@ def test_plan_ps_down_do_not_import_torch(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert '"placements"' in r.stdout and "no stack in" in r.stdout
+
+
+def test_tool_and_structured_output_flags_pass_in_extra_args_and_model_spec() -> None:
+    from slicelm.stack.serve_args import check_extra_args
+
+    extra = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+             '--structured-outputs-config={"backend": "guidance"}', "--exclude-tools-when-tool-choice-none"]
+    assert check_extra_args(extra, "m") == []
+    cmd = serve_command(model(vllmConfig={"extraArgs": extra}), "h", 1, "cpu", None)
+    assert cmd[-len(extra):] == extra
+    chart_style = serve_command(model(enableTool=True, toolCallParser="llama3_json"), "h", 1, "cpu", None)
+    assert " --enable-auto-tool-choice --tool-call-parser llama3_json" in " ".join(chart_style)
+    assert check_extra_args(["--tool-call-parsr", "x"], "m") == ["m.vllmConfig.extraArgs[0]: --tool-call-parsr is not "
+                                                                 "a slicelm serve flag"]

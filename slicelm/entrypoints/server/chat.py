@@ -28,6 +28,17 @@ from slicelm.entrypoints.server.sampling import (
 )
 from slicelm.entrypoints.server.state import ClientDisconnected, ServerState, final_outputs, get_state
 from slicelm.entrypoints.server.streaming import SSE_HEADERS, DeltaTracker, sse, sse_done, sse_error
+from slicelm.entrypoints.server.structured import request_structured_outputs
+from slicelm.entrypoints.server.tools import get_tool_parser
+from slicelm.entrypoints.server.tools.streaming import ToolCallStreamer
+from slicelm.entrypoints.server.tools.tool_choice import (
+    ToolMode,
+    extract_tool_calls,
+    finish_reason,
+    resolve_tool_mode,
+    template_messages,
+    tool_structured_outputs,
+)
 from slicelm.loader.tokenizer import MissingChatTemplateError
 
 router = APIRouter()
@@ -87,14 +98,29 @@ def render_chat(state: ServerState, messages: list[dict[str, Any]], *, add_gener
     return tok.encode(text, add_special_tokens=add_special_tokens)
 
 
-async def chat_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[int]]:
+def tool_mode(state: ServerState, req: ChatCompletionRequest) -> ToolMode:
+    opts = state.options
+    parser = get_tool_parser(opts.tool_call_parser) if opts.tool_call_parser else None
+    return resolve_tool_mode(req.tools, req.tool_choice, req.parallel_tool_calls, parser, opts.enable_auto_tool_choice)
+
+
+def template_tools(state: ServerState, mode: ToolMode) -> list[dict[str, Any]] | None:
+    """The tools the chat template sees (vLLM: all of them, unless --exclude-tools-when-tool-choice-none)."""
+    if mode.kind == "none" and state.options.exclude_tools_when_tool_choice_none:
+        return None
+    return mode.tools or None
+
+
+async def chat_prompt_ids(state: ServerState, req: ChatCompletionRequest,
+                          tools: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], list[int]]:
     messages = convert_messages(req.messages)
     check_text_size(state, sum(len(m["content"] or "") for m in messages), "messages",
                     truncating=req.truncate_prompt_tokens is not None)
     template = request_template(state, req.chat_template, req.chat_template_kwargs)
-    ids = await off_loop(render_chat, state, messages, add_generation_prompt=bool(req.add_generation_prompt),
+    ids = await off_loop(render_chat, state, template_messages(messages),
+                         add_generation_prompt=bool(req.add_generation_prompt),
                          continue_final_message=bool(req.continue_final_message), template=template,
-                         kwargs=req.chat_template_kwargs, tools=req.tools if req.tool_choice == "none" else None,
+                         kwargs=req.chat_template_kwargs, tools=tools,
                          documents=req.documents, add_special_tokens=bool(req.add_special_tokens))
     if req.truncate_prompt_tokens is not None:
         ids = ids[-req.truncate_prompt_tokens:]
@@ -109,11 +135,17 @@ async def create_chat_completion(raw: Request) -> Response:
     state.require_task("generate", "Chat Completions")
     resp_id, engine_id = request_ids(req, raw, "chatcmpl")
     priority = check_priority(state, req.priority)
-    messages, prompt_ids = await chat_prompt_ids(state, req)
+    mode = tool_mode(state, req)
+    constraint = request_structured_outputs(req, state.options.structured_outputs_backend)
+    if mode.kind in ("named", "required") and constraint is not None:
+        raise bad_request("tool_choice: a named or 'required' tool choice cannot be combined with structured "
+                          "outputs or response_format", param="tool_choice")
+    messages, prompt_ids = await chat_prompt_ids(state, req, template_tools(state, mode))
     max_tokens = state.check_length(len(prompt_ids), req.effective_max_tokens, param="messages")
     top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
     params = build_sampling_params(state, req, max_tokens, logprobs=top_n if req.logprobs else None,
                                    prompt_logprobs=resolve_prompt_logprobs(state, req))
+    params.structured_outputs = tool_structured_outputs(mode) or constraint
     stream = await state.engine.add_request(engine_id, {"prompt_token_ids": prompt_ids}, params, priority=priority)
     observe_params(state, params)
     echo = ""
@@ -122,7 +154,7 @@ async def create_chat_completion(raw: Request) -> Response:
     created = int(time.time())
     headers = response_headers(state, resp_id)
     if req.stream:
-        return StreamingResponse(_stream(state, req, stream, resp_id, model, created, prompt_ids, echo),
+        return StreamingResponse(_stream(state, req, stream, resp_id, model, created, prompt_ids, echo, mode),
                                  media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
     try:
         (final,) = await final_outputs([stream], raw)
@@ -133,12 +165,15 @@ async def create_chat_completion(raw: Request) -> Response:
     as_ids = _as_ids(state, req)
     choices = []
     for o in final.outputs:
+        extracted = extract_tool_calls(mode, o.text)
         choice: dict[str, Any] = {
             "index": o.index,
-            "message": {"role": "assistant", "content": echo + o.text, "refusal": None, "tool_calls": [],
+            "message": {"role": "assistant",
+                        "content": echo + extracted.content if extracted.content is not None else None,
+                        "refusal": None, "tool_calls": [c.to_openai() for c in extracted.tool_calls],
                         "reasoning_content": None},
             "logprobs": chat_logprobs(state, o.token_ids, o.logprobs, top_n, as_ids) if req.logprobs else None,
-            "finish_reason": o.finish_reason or "abort",
+            "finish_reason": finish_reason(mode, extracted, o.finish_reason) or "abort",
             "stop_reason": o.stop_reason,
         }
         if req.return_token_ids:
@@ -156,13 +191,25 @@ async def create_chat_completion(raw: Request) -> Response:
     return JSONResponse(body, headers={**headers, **load_headers(state, raw)})
 
 
+def _tool_fragments(streamer: ToolCallStreamer, mode: ToolMode, text: str, reason: str | None
+                    ) -> tuple[list[dict[str, Any]], str | None]:
+    """A choice's delta objects for new text under a tool mode, and its finish reason (vLLM's)."""
+    frags = streamer.feed(text)
+    if reason is None:
+        return frags, None
+    more, called = streamer.finish()
+    if (mode.kind == "auto" and called) or (mode.kind == "required" and reason == "stop"):
+        reason = "tool_calls"
+    return frags + more, reason
+
+
 def _as_ids(state: ServerState, req: Any) -> bool:
     flag = req.return_tokens_as_token_ids
     return bool(state.options.return_tokens_as_token_ids if flag is None else flag)
 
 
 async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, resp_id: str, model: str,
-                  created: int, prompt_ids: list[int], echo: str) -> AsyncIterator[str]:
+                  created: int, prompt_ids: list[int], echo: str, mode: ToolMode) -> AsyncIterator[str]:
     """vLLM's chunk sequence: a role chunk per choice, then one choice per chunk, then the usage chunk."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage) or \
         state.options.enable_force_include_usage
@@ -172,6 +219,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, r
     top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
     as_ids = _as_ids(state, req)
     tracker = DeltaTracker(n)
+    tools = [ToolCallStreamer(mode) for _ in range(n)] if mode.parses else None
 
     def chunk(choice: dict[str, Any], completion_tokens: int | None = None, first: bool = False) -> str:
         body: dict[str, Any] = {"id": resp_id, "object": "chat.completion.chunk", "created": created,
@@ -193,8 +241,15 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, r
                 if d is None:
                     continue
                 text, new_ids, new_lps = d
-                choice: dict[str, Any] = {"index": o.index, "delta": {"content": text} if text else {},
-                                          "logprobs": None, "finish_reason": o.finish_reason,
+                reason, delta = o.finish_reason, {"content": text} if text else {}
+                if tools is not None:
+                    frags, reason = _tool_fragments(tools[o.index], mode, text, o.finish_reason)
+                    for frag in frags[:-1]:
+                        yield chunk({"index": o.index, "delta": frag, "logprobs": None, "finish_reason": None},
+                                    tracker.num_tokens)
+                    delta = frags[-1] if frags else {}
+                choice: dict[str, Any] = {"index": o.index, "delta": delta,
+                                          "logprobs": None, "finish_reason": reason,
                                           "stop_reason": o.stop_reason}
                 if req.logprobs:
                     choice["logprobs"] = chat_logprobs(state, new_ids, new_lps, top_n, as_ids)

@@ -35,6 +35,7 @@ from slicelm.entrypoints.server.state import (
     merge_streams,
 )
 from slicelm.entrypoints.server.streaming import SSE_HEADERS, DeltaTracker, sse, sse_done, sse_error
+from slicelm.entrypoints.server.structured import request_structured_outputs
 
 router = APIRouter()
 MAX_PROMPTS = 1024
@@ -93,11 +94,13 @@ async def create_completion(raw: Request) -> Response:
     num_prompt_lp = resolve_prompt_logprobs(state, req)
     if num_prompt_lp is None and req.echo and num_lp is not None:
         num_prompt_lp = num_lp  # vLLM: echo + logprobs gives the echoed prompt tokens their logprobs
+    constraint = request_structured_outputs(req, state.options.structured_outputs_backend)
     params_list = []
     for _, ids in prompts:
         max_tokens = state.check_length(len(ids), req.max_tokens, param="prompt")
         params_list.append(build_sampling_params(state, req, max_tokens, logprobs=num_lp,
                                                  prompt_logprobs=num_prompt_lp))
+        params_list[-1].structured_outputs = constraint
     streams: list[RequestStream] = []
     try:
         for i, ((_, ids), params) in enumerate(zip(prompts, params_list)):

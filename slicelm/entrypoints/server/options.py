@@ -26,9 +26,15 @@ class ApiOptions:
     scheduling_policy: str = "fcfs"
     max_prompt_chars: int | None = None  # None: derived from max_model_len (see ServerState users)
     pooler_config: PoolerConfig = field(default_factory=PoolerConfig)
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    exclude_tools_when_tool_choice_none: bool = False
+    structured_outputs_backend: str = "auto"  # --structured-outputs-config's backend (guided_decoding_backend)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ApiOptions:
+        from slicelm.config import StructuredOutputsConfig
+
         return cls(
             enable_prompt_tokens_details=bool(getattr(args, "enable_prompt_tokens_details", False)),
             enable_force_include_usage=bool(getattr(args, "enable_force_include_usage", False)),
@@ -39,6 +45,11 @@ class ApiOptions:
             max_logprobs=int(getattr(args, "max_logprobs", 20)),
             scheduling_policy=str(getattr(args, "scheduling_policy", "fcfs")),
             pooler_config=PoolerConfig.parse(getattr(args, "pooler_config", None)),
+            enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
+            tool_call_parser=getattr(args, "tool_call_parser", None),
+            exclude_tools_when_tool_choice_none=bool(getattr(args, "exclude_tools_when_tool_choice_none", False)),
+            structured_outputs_backend=StructuredOutputsConfig.parse(
+                getattr(args, "structured_outputs_config", None)).backend,
         )
 
 
@@ -67,6 +78,13 @@ def add_api_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--pooler-config", default=None,
                    help='pooling settings as JSON: {"enable_chunked_processing": true, "max_embed_len": N, '
                         '"pooling_type": "MEAN", "normalize": true}')
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="tool_choice 'auto': the --tool-call-parser reads tool calls out of the generated text")
+    g.add_argument("--tool-call-parser", default=None,
+                   help="hermes (Qwen2.5/Qwen3, Hermes), llama3_json, mistral or pythonic")
+    g.add_argument("--tool-parser-plugin", default=None, help="not supported: refused at start")
+    g.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                   help="with tool_choice 'none', do not pass the tools to the chat template")
     g.add_argument("--api-server-count", "-asc", type=int, default=1,
                    help="API server processes (HTTP, tokenization, detokenization) in front of one engine-core "
                         "process, sharing one listening socket")
@@ -90,5 +108,15 @@ def check_api_args(args: argparse.Namespace) -> None:
     for key in ("pooling_type", "normalize"):  # the engine's own flags; an explicit flag wins
         if getattr(pooler, key) is not None and getattr(args, key, None) is None:
             setattr(args, key, getattr(pooler, key))
+    if getattr(args, "tool_parser_plugin", None):
+        raise ValueError("--tool-parser-plugin: tool parser plugins are not supported; use a built-in "
+                         "--tool-call-parser (hermes, llama3_json, mistral, pythonic)")
+    parser = getattr(args, "tool_call_parser", None)
+    if getattr(args, "enable_auto_tool_choice", False) and parser is None:
+        raise ValueError("--enable-auto-tool-choice: --tool-call-parser must be set as well")
+    if parser is not None:
+        from slicelm.entrypoints.server.tools import get_tool_parser
+
+        get_tool_parser(parser)  # ValueError naming the flag and the available parsers
     if getattr(args, "uds", None) and getattr(args, "ssl_certfile", None):
         raise ValueError("--uds cannot be combined with --ssl-certfile")

@@ -2,8 +2,8 @@
 
 As vLLM: unknown fields are ignored with a logged warning (``test_extra_fields_allowed``), any message
 role is accepted, and pydantic's lax coercions apply (``"true"`` is a boolean, ``"5"`` an integer).
-Fields that would change the output's meaning and that slicelm does not implement (tools, structured
-outputs, beam search, multimodal inputs, prompt embeddings …) are refused with a 400 naming them.
+Fields that would change the output's meaning and that slicelm does not implement (beam search,
+multimodal inputs, prompt embeddings …) are refused with a 400 naming them.
 ``request_id`` must be 1-256 printable ASCII characters (it is echoed in headers and ids).
 """
 
@@ -23,10 +23,6 @@ REQUEST_ID = re.compile(r"[\x21-\x7e]{1,256}")
 # vLLM request fields slicelm cannot honour; present and not null/false/empty -> 400 naming the field
 UNSUPPORTED_FIELDS = {
     "use_beam_search": "beam search is not supported",
-    "guided_json": "structured outputs are not supported yet", "guided_regex": "structured outputs are not "
-    "supported yet", "guided_choice": "structured outputs are not supported yet",
-    "guided_grammar": "structured outputs are not supported yet",
-    "structured_outputs": "structured outputs are not supported yet",
     "prompt_embeds": "prompt embeddings are not supported", "allowed_token_ids": "allowed_token_ids is not "
     "supported yet", "bad_words": "bad_words is not supported yet", "logits_processors": "custom logits "
     "processors are not supported", "lora_request": "LoRA adapters are not supported",
@@ -123,6 +119,14 @@ class SamplingFields(LaxModel):
     return_tokens_as_token_ids: bool | None = None
     prompt_logprobs: int | None = None
     cache_salt: str | None = None
+    # structured outputs (vLLM's field, and the older guided_* aliases): see server/structured.py
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None  # legacy: must name the server's backend (structured.py)
 
     @field_validator("request_id")
     @classmethod
@@ -141,9 +145,10 @@ class SamplingFields(LaxModel):
                     raise ValueError(f"logit_bias: keys must be token ids, got {k!r}")
                 if not -100.0 <= v <= 100.0:
                     raise ValueError(f"logit_bias: values must be in [-100, 100], got {v} for token {k}")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(f"response_format: type {self.response_format.type!r} is not supported yet "
-                             "(only 'text')")
+        if self.response_format is not None and self.response_format.type not in (
+                "text", "json_object", "json_schema", "structural_tag"):
+            raise ValueError(f"response_format: type must be 'text', 'json_object', 'json_schema' or "
+                             f"'structural_tag', got {self.response_format.type!r}")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
         if self.prompt_logprobs is not None and self.prompt_logprobs < -1:
@@ -187,10 +192,6 @@ class ChatCompletionRequest(SamplingFields):
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message: cannot be combined with add_generation_prompt=true; "
                              "set add_generation_prompt to false")
-        if self.tools and self.tool_choice != "none":
-            raise ValueError("tools: tool calling is not supported yet (only tool_choice 'none')")
-        if self.tool_choice not in (None, "none", "auto") and not self.tools:
-            raise ValueError("tool_choice: tool calling is not supported yet")
         if self.functions:
             raise ValueError("functions: function calling is not supported yet")
         if self.modalities and any(m != "text" for m in self.modalities):

@@ -263,6 +263,13 @@ tests/deploy/test_chart_render.py keeps the two equal. Usage: include "slicelm.s
 - "--chat-template"
 - {{ $m.chatTemplateConfigMap | ternary (printf "/templates/%s" $m.chatTemplate) $m.chatTemplate | quote }}
 {{- end }}
+{{- if $m.enableTool }}
+- "--enable-auto-tool-choice"
+{{- end }}
+{{- if $m.toolCallParser }}
+- "--tool-call-parser"
+- {{ $m.toolCallParser | quote }}
+{{- end }}
 {{- range $extra }}
 - {{ toString . | quote }}
 {{- end }}
