@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -142,6 +143,8 @@ class AsyncLLM:
         self._dead: BaseException | None = None
         self._shut_down = False
         self.last_stats = EngineStats(timestamp=time.time())
+        self._num_resets = 0  # the core's WARMUP_DONE resets seen
+        self._reset_seen: asyncio.Event | None = None
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, max_waiting_requests: int | None = None,
@@ -279,6 +282,17 @@ class AsyncLLM:
             outs = [CompletionOutput(i, "", [], finish_reason="abort") for i in indices]
             state.stream.put(RequestOutput(request_id, None, [], outs, True))
 
+    async def end_warmup(self, timeout: float = 10.0) -> bool:
+        """After the server's warm-up requests: asks the core to drop their prefix-cache entries and counters
+        (it does so once idle) and waits for its stats message saying so; False if none came within ``timeout``."""
+        self._attach(asyncio.get_running_loop())
+        seen, self._reset_seen = self._num_resets, asyncio.Event()
+        self.client.end_warmup()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._reset_seen.wait(), timeout)
+        self._reset_seen = None
+        return self._num_resets > seen
+
     async def wait_idle(self, timeout: float) -> bool:
         """Waits until no stream is active; returns False on timeout."""
         deadline = time.monotonic() + timeout
@@ -357,6 +371,10 @@ class AsyncLLM:
             self._engine_running = msg.stats.num_running
         self._num_taken = msg.num_adds
         self._notify(it)
+        if msg.num_resets != self._num_resets:
+            self._num_resets = msg.num_resets
+            if self._reset_seen is not None:
+                self._reset_seen.set()
 
     def _route(self, out: Output, it: IterationStats) -> None:
         state = self._states.get(out.request_id)

@@ -22,7 +22,7 @@ from slicelm.engine.request import Request, RequestStatus
 from slicelm.engine.runner import RunnerOutput, StepHandle
 from slicelm.engine.sampler import make_generator
 from slicelm.engine.stats import EngineStats
-from slicelm.engine.warmup import WarmupReport, warm_up
+from slicelm.engine.warmup import WarmupReport, reset_core, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,10 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def reset_after_warmup(self) -> None:
+        """After the API server's warm-up requests: no prefix-cache entry or counter of theirs is left."""
+        reset_core(self)
 
     # -------------------------------------------------------------------------------- step
     def step(self) -> list[EngineCoreOutput]:

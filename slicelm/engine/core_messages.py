@@ -22,6 +22,7 @@ from slicelm.sampling_params import SamplingParams
 ADD = b"A"
 ABORT = b"X"
 SHUTDOWN = b"S"
+WARMUP_DONE = b"W"  # the API server's warm-up requests are over: once idle, empty the prefix cache, zero counters
 
 # One sampled token's logprobs: (token ids [chosen, top-1 .. top-k], their logprobs, rank of the chosen).
 LogprobEntry = tuple[list[int], list[float], int | None]
@@ -65,6 +66,7 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     num_adds: int = 0
     timestamp: float = 0.0
     dead_error: str | None = None  # the core is going down with this error
+    num_resets: int = 0  # how many ``WARMUP_DONE`` resets the core has done (the API side waits for its own)
 
 
 @dataclass

@@ -40,6 +40,7 @@ class FakeTokenizer:
     bos_token_id = 1
     eos_token_ids = frozenset({0})
     vocab_size = 259
+    chat_template = "<role>content, one line per message"  # what apply_chat_template renders
 
     def __init__(self) -> None:
         self.hf = _byte_tokenizer()  # what the detokenizer streams through
@@ -91,6 +92,7 @@ class FakeEngineCore:
         self.reqs: dict[str, _Seq] = {}
         self.aborted: list[str] = []
         self.num_generation_tokens = 0
+        self.resets = 0
 
     def info(self) -> EngineCoreInfo:
         return EngineCoreInfo(self.model_config, self.cache_config, self.scheduler_config,  # type: ignore[arg-type]
@@ -109,6 +111,11 @@ class FakeEngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.reqs)
+
+    def reset_after_warmup(self) -> None:
+        assert not self.reqs, "reset while sequences run"
+        self.resets += 1
+        self.num_generation_tokens = 0
 
     def step(self) -> list[EngineCoreOutput]:
         if self.fail_on_step:

@@ -35,5 +35,5 @@ def load_headers(state: ServerState, raw: Request) -> dict[str, str]:
 
 def observe_params(state: ServerState, params: Any) -> None:
     """``vllm:request_params_n`` / ``vllm:request_params_max_tokens`` for an accepted generation request."""
-    if state.metrics is not None:
+    if state.metrics is not None and not state.warming_up:
         state.metrics.observe_request_params(int(getattr(params, "n", 1) or 1), getattr(params, "max_tokens", None))
