@@ -22,7 +22,7 @@ from slicelm.engine.request import Request, RequestStatus
 from slicelm.engine.runner import RunnerOutput, StepHandle
 from slicelm.engine.sampler import make_generator
 from slicelm.engine.stats import EngineStats
-from slicelm.engine.warmup import WarmupReport, reset_core, warm_up
+from slicelm.engine.warmup import WarmupReport, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class EngineCore:
             arrival_time=req.arrival_time or time.time(),
             token_type_ids=req.token_type_ids,
             generator=generator,
+            warmup=req.warmup,
         )
         self.requests[req.request_id] = request
         self.scheduler.add_request(request)
@@ -82,8 +83,13 @@ class EngineCore:
         return bool(self.requests)
 
     def reset_after_warmup(self) -> None:
-        """After the API server's warm-up requests: no prefix-cache entry or counter of theirs is left."""
-        reset_core(self)
+        """After an API server's warm-up requests (which no counter counted): no prefix-cache entry of theirs is left,
+        so no user sees a hit they caused. Called when no sequence runs."""
+        if self._inflight is not None:
+            self._inflight.wait()
+            self._inflight = None
+        ok = self.scheduler.kv_cache.reset_prefix_cache()
+        assert ok, "prefix cache reset with KV blocks allocated"
 
     # -------------------------------------------------------------------------------- step
     def step(self) -> list[EngineCoreOutput]:
@@ -103,7 +109,7 @@ class EngineCore:
             self._stats.num_prompt_tokens += sum(
                 max(0, min(s.request.num_prompt_tokens, s.request.num_computed_tokens)
                     - (s.request.num_computed_tokens - s.num_new_tokens))
-                for s in sched.scheduled
+                for s in sched.scheduled if not s.request.warmup
             )
             for req in handle.requests:
                 req.append_placeholder()
@@ -128,11 +134,12 @@ class EngineCore:
             return []
         pooled = self.worker.execute_pooling(sched)
         self.scheduler.update_after_step(sched)
-        self._count_pooling_step(len(sched.scheduled))
+        self._count_pooling_step(sum(not s.request.warmup for s in sched.scheduled))
         outputs = []
         for s, data in zip(sched.scheduled, pooled):
             req = s.request
-            self._stats.num_prompt_tokens += s.num_new_tokens
+            if not req.warmup:
+                self._stats.num_prompt_tokens += s.num_new_tokens
             self._finish(req, RequestStatus.FINISHED_STOPPED)
             outputs.append(EngineCoreOutput(req.request_id, finish_reason="stop",
                                             pooled=data.float().contiguous().numpy().tobytes(),
@@ -141,6 +148,8 @@ class EngineCore:
 
     def _count_pooling_step(self, num_requests: int) -> None:
         """Cumulative pooling batch figures in ``EngineStats.extra`` (steps, multi-request steps, largest)."""
+        if num_requests == 0:  # only an API server's warm-up requests ran
+            return
         extra = self._stats.extra
         extra["pooling_steps"] = extra.get("pooling_steps", 0.0) + 1
         extra["pooling_requests"] = extra.get("pooling_requests", 0.0) + num_requests
@@ -155,7 +164,7 @@ class EngineCore:
             if req.is_finished:  # aborted, or stopped by an earlier token while this step ran
                 continue
             req.resolve_placeholder(token)
-            self._stats.num_generation_tokens += 1
+            self._stats.num_generation_tokens += not req.warmup
             out = outputs.get(req.request_id)
             if out is None:
                 out = outputs[req.request_id] = EngineCoreOutput(req.request_id, [])

@@ -83,7 +83,7 @@ class _SocketCoreClient:
                 self.in_sock.send_multipart([ABORT, self.encoder.encode(request_ids)], copy=False)
 
     def end_warmup(self) -> None:
-        """The API server's warm-up requests are over: the core resets its prefix cache and counters."""
+        """The API server's warm-up requests are over: the core empties its prefix cache (once idle)."""
         with self._send_lock:
             self.in_sock.send_multipart([WARMUP_DONE], copy=False)
 

@@ -2,9 +2,9 @@
 
 Loop: take every queued message (add / abort / shutdown / warm-up done) without blocking while requests run, block
 (with a timeout, to notice a dead parent) when idle; step; send the step's deltas with the stats
-snapshot and the count of adds taken. ``WARMUP_DONE`` (an API server's warm-up requests are over) resets the
-core as its own warm-up does — prefix cache emptied, counters zeroed — as soon as no sequence runs, and every
-client then gets a stats message counting the reset (``num_resets``). A failing step sends ``dead_error`` and
+snapshot and the count of adds taken. ``WARMUP_DONE`` (an API server's warm-up requests, which no counter
+counted, are over) empties the prefix cache as soon as no sequence runs, and every client then gets a stats message
+counting the reset (``num_resets``). A failing step sends ``dead_error`` and
 ends the loop (the process then exits 1), so the API side fails its requests at once instead of waiting.
 
 Several clients (``--api-server-count N``): one PULL socket connected to every client's PUSH endpoint

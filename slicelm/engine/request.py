@@ -69,6 +69,7 @@ class Request:
     prompt: str | None = None
     token_type_ids: list[int] | None = None  # cross-encoder pairs
     generator: torch.Generator | None = None
+    warmup: bool = False  # an API server's own warm-up request: in no counter
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

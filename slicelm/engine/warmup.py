@@ -60,7 +60,7 @@ def warm_up(core: EngineCore) -> WarmupReport:
         while core.has_unfinished_requests():
             core.step()
             steps += 1
-    reset_core(core)
+    _reset(core)
     _restore_rng(core, rng)
     if core.worker.device.type == "cuda":
         torch.cuda.synchronize(core.worker.device)
@@ -142,9 +142,8 @@ def _pool(rid: str, ids: list[int], params: PoolingParams, pair: bool) -> Engine
     return EngineCoreRequest(rid, ids, pooling_params=params, token_type_ids=types)
 
 
-def reset_core(core: EngineCore) -> None:
-    """Back to a fresh core: the last launched step read back, the prefix cache emptied, counters at zero (after
-    this warm-up, and after the API server's own warm-up requests: ``WARMUP_DONE``)."""
+def _reset(core: EngineCore) -> None:
+    """Back to a fresh core: the last launched step read back, the prefix cache emptied, counters at zero."""
     if core._inflight is not None:
         core._inflight.wait()
         core._inflight = None

@@ -115,7 +115,6 @@ class FakeEngineCore:
     def reset_after_warmup(self) -> None:
         assert not self.reqs, "reset while sequences run"
         self.resets += 1
-        self.num_generation_tokens = 0
 
     def step(self) -> list[EngineCoreOutput]:
         if self.fail_on_step:
@@ -129,7 +128,7 @@ class FakeEngineCore:
             assert params is not None
             token = _next_letter(s.last, s.index)
             s.last, s.num_out = token, s.num_out + 1
-            self.num_generation_tokens += 1
+            self.num_generation_tokens += not s.req.warmup  # as the real core: a server's warm-up counts nowhere
             out = EngineCoreOutput(rid, [token])
             if s.scheduled is None:
                 s.scheduled = out.first_scheduled_time = now

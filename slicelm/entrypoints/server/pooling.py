@@ -228,7 +228,7 @@ def ensure_pooling_metrics(raw: Request, state: ServerState) -> None:
         return
     listener = _PoolingMetrics(state)
     raw.app.state.pooling_metrics = listener
-    state.listen(listener)
+    state.engine.add_stat_listener(listener)
 
 
 # ---------------------------------------------------------------------------------------------- endpoints

@@ -12,9 +12,8 @@ from typing import Any
 from starlette.requests import Request
 
 from slicelm.engine.async_llm import RequestStream
-from slicelm.engine.protocol import EngineClient, StatListener
+from slicelm.engine.protocol import EngineClient
 from slicelm.engine.request import CompletionOutput, RequestOutput
-from slicelm.engine.stats import EngineStats, IterationStats
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.metrics import LoggingStatLogger, PrometheusStatLogger
 from slicelm.entrypoints.server.options import ApiOptions
@@ -40,7 +39,6 @@ class ServerState:
     metrics: PrometheusStatLogger | None = None
     stat_logger: LoggingStatLogger | None = None
     draining: bool = False
-    warming_up: bool = False  # the server's own warm-up requests run: no metric or stats line records them
     options: ApiOptions = field(default_factory=ApiOptions)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -58,20 +56,11 @@ class ServerState:
                 "enable_prefix_caching": getattr(cc, "enable_prefix_caching", "")}
         state.metrics = PrometheusStatLogger(names[0], state.max_model_len, info,
                                              record_engine=record_engine_metrics)
-        state.listen(state.metrics)
+        engine.add_stat_listener(state.metrics)
         if log_stats:
             state.stat_logger = LoggingStatLogger()
-            state.listen(state.stat_logger)
+            engine.add_stat_listener(state.stat_logger)
         return state
-
-    def listen(self, listener: StatListener) -> None:
-        """Adds an engine stat listener that hears nothing of the server's warm-up requests."""
-
-        def unless_warming_up(stats: EngineStats, it: IterationStats) -> None:
-            if not self.warming_up:
-                listener(stats, it)
-
-        self.engine.add_stat_listener(unless_warming_up)
 
     @property
     def tokenizer(self) -> Any:

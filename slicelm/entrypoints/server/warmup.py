@@ -12,10 +12,11 @@ requests pay them here: a chat completion (plain, streamed with usage, sampled w
 (plain and streamed) for a generation model; embeddings (one text and a batch, float and base64) for an embedding
 model; a rerank and a score for a cross-encoder (and for an embedding model, which scores by cosine).
 
-Nothing of them stays visible: ``ServerState.warming_up`` keeps them out of every ``vllm:*`` series and the stats
-log line, they bypass uvicorn (no access-log line), and afterwards the core drops their prefix-cache entries and
-counters (``EngineClient.end_warmup``). The warm-up is logged with its time; a request of it that fails is logged
-as a warning and the server still starts (a cold path is no reason to refuse service).
+Nothing of them stays visible: they run with ``async_llm.WARMING_UP`` set, so the core counts their sequences in no
+stats and no stat listener hears of them (every ``vllm:*`` series, the stats log line), they bypass uvicorn (no
+access-log line), and afterwards the core drops their prefix-cache entries (``EngineClient.end_warmup``). The
+warm-up is logged with its time; a request of it that fails is logged as a warning and the server still starts
+(a cold path is no reason to refuse service).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import httpx
 from starlette.types import ASGIApp
 
+from slicelm.engine.async_llm import WARMING_UP
 from slicelm.entrypoints.server.state import ServerState
 
 logger = logging.getLogger("slicelm.server")
@@ -88,7 +90,7 @@ async def warm_up_server(app: ASGIApp, state: ServerState) -> ServerWarmupReport
     headers = {"Authorization": f"Bearer {state.api_keys[0]}"} if state.api_keys else {}
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     failures: list[str] = []
-    state.warming_up = True
+    marked = WARMING_UP.set(True)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://warm-up", headers=headers,
                                      timeout=None) as client:
@@ -98,7 +100,7 @@ async def warm_up_server(app: ASGIApp, state: ServerState) -> ServerWarmupReport
                     failures.append(f"{call.path}: HTTP {r.status_code} {r.text[:300]}")
         core_reset = await state.engine.end_warmup()
     finally:
-        state.warming_up = False
+        WARMING_UP.reset(marked)
     report = ServerWarmupReport([c.path for c in calls], time.perf_counter() - t0, failures, core_reset)
     logger.info("API warm-up: %d requests (%s) in %.2f s", len(calls), ", ".join(sorted(set(report.calls))),
                 report.seconds)
