@@ -39,6 +39,7 @@ def warmup_line(server: Server) -> str:
     lines = [line for line in log.splitlines() if "API warm-up: " in line]
     assert len(lines) == 1, log[-3000:]
     assert "API warm-up request failed" not in log and "did not confirm" not in log, log[-3000:]
+    assert "HTTP Request: POST http://warm-up" not in log  # nothing that reads like a user's request
     # lifespan start-up (the warm-up) ends before uvicorn binds its socket: before /health can answer at all
     assert log.index(lines[0]) < log.index("Application startup complete"), log[-3000:]
     return lines[0]
@@ -57,33 +58,40 @@ def test_chat_server_warms_up_before_health_through_auth(chat: Server) -> None:
     assert "5 requests (/v1/chat/completions, /v1/completions)" in line
 
 
-def test_metrics_count_only_the_users_requests(chat: Server) -> None:
+def test_metrics_start_at_zero_and_no_warm_up_prefix_is_cached(chat: Server) -> None:
+    """The user's first request is the warm-up's own chat: nothing of it is cached, and the metrics hold that one
+    request alone; sent again, it hits the cache (so the cache works)."""
     before = metrics(chat)
     assert {name: before.get(name, 0.0) for name in COUNTED} == dict.fromkeys(COUNTED, 0.0)
     assert before["vllm:num_requests_running"] == 0 and before["vllm:kv_cache_usage_perc"] == 0
     client = openai.OpenAI(base_url=f"{chat.url}/v1", api_key=KEY)
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
-                                       max_tokens=3, temperature=0)
-    c = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=2, temperature=0, stream=True)
-    assert len(list(c)) >= 1
-    after = metrics(chat)
-    assert after["vllm:request_success_total"] == 2
-    assert after["vllm:e2e_request_latency_seconds_count"] == 2 and after["vllm:request_params_n_count"] == 2
-    assert after["vllm:generation_tokens_total"] == r.usage.completion_tokens + 2
-    assert after["vllm:prompt_tokens_total"] >= r.usage.prompt_tokens
-
-
-def test_no_prefix_cache_entry_of_the_warm_up_is_left(chat: Server) -> None:
-    """The user sends the warm-up's own chat: nothing of it is cached; sent again, it is (the cache works)."""
-    client = openai.OpenAI(base_url=f"{chat.url}/v1", api_key=KEY)
-    hits = metrics(chat)["vllm:prefix_cache_hits_total"]
     messages = [{"role": "user", "content": WARMUP_TEXT}]
     first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
     assert first.usage.prompt_tokens > 16  # at least one full block could have been cached
     assert not (first.usage.prompt_tokens_details and first.usage.prompt_tokens_details.cached_tokens)
-    assert metrics(chat)["vllm:prefix_cache_hits_total"] == hits
+    m = metrics(chat)
+    assert m["vllm:request_success_total"] == 1 and m["vllm:e2e_request_latency_seconds_count"] == 1
+    assert m["vllm:request_params_n_count"] == 1 and m["vllm:prefix_cache_hits_total"] == 0
+    assert m["vllm:prompt_tokens_total"] == first.usage.prompt_tokens
+    assert m["vllm:generation_tokens_total"] == first.usage.completion_tokens
     again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
     assert again.usage.prompt_tokens_details.cached_tokens >= 16
+
+
+def test_metrics_count_each_user_request_once(chat: Server) -> None:
+    before = metrics(chat)
+    client = openai.OpenAI(base_url=f"{chat.url}/v1", api_key=KEY)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
+                                       max_tokens=3, temperature=0)
+    chunks = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=2, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    assert len(list(chunks)) >= 1
+    after = metrics(chat)
+    for name in ("vllm:request_success_total", "vllm:e2e_request_latency_seconds_count",
+                 "vllm:request_params_n_count"):
+        assert after[name] - before[name] == 2, name
+    generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+    assert generated == r.usage.completion_tokens + 2
 
 
 @pytest.fixture(scope="module")

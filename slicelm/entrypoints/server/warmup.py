@@ -21,8 +21,10 @@ warm-up is logged with its time; a request of it that fails is logged as a warni
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +36,10 @@ from slicelm.entrypoints.server.state import ServerState
 
 logger = logging.getLogger("slicelm.server")
 WARMUP_TEXT = "Warm-up: what is the capital of France?"
-WARMUP_DOCS = ["Paris is the capital of France.", "Berlin is the capital of Germany."]
+# a rerank of eight documents, as a retrieval pipeline sends it (the pooling batch of a usual first request)
+WARMUP_DOCS = [f"{city} is the capital of {country}." for city, country in (
+    ("Paris", "France"), ("Berlin", "Germany"), ("Madrid", "Spain"), ("Rome", "Italy"), ("Vienna", "Austria"),
+    ("Lisbon", "Portugal"), ("Warsaw", "Poland"), ("Athens", "Greece"))]
 
 
 @dataclass
@@ -58,7 +63,7 @@ def warmup_calls(state: ServerState) -> list[WarmupCall]:
         return _generation_calls(state, model)
     if state.task == "embed":
         return [WarmupCall("/v1/embeddings", {"model": model, "input": WARMUP_TEXT}),
-                WarmupCall("/v1/embeddings", {"model": model, "input": WARMUP_DOCS, "encoding_format": "base64"}),
+                WarmupCall("/v1/embeddings", {"model": model, "input": WARMUP_DOCS[:4], "encoding_format": "base64"}),
                 WarmupCall("/v1/score", {"model": model, "text_1": WARMUP_TEXT, "text_2": WARMUP_DOCS})]
     if state.task == "score":
         return [WarmupCall("/v1/rerank", {"model": model, "query": WARMUP_TEXT, "documents": WARMUP_DOCS}),
@@ -92,8 +97,8 @@ async def warm_up_server(app: ASGIApp, state: ServerState) -> ServerWarmupReport
     failures: list[str] = []
     marked = WARMING_UP.set(True)
     try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://warm-up", headers=headers,
-                                     timeout=None) as client:
+        async with _quiet("httpx"), httpx.AsyncClient(transport=transport, base_url="http://warm-up",
+                                                      headers=headers, timeout=None) as client:
             for call in calls:
                 r = await client.post(call.path, json=call.body)
                 if r.status_code != 200:
@@ -109,3 +114,15 @@ async def warm_up_server(app: ASGIApp, state: ServerState) -> ServerWarmupReport
     if not core_reset:
         logger.warning("API warm-up: the engine core did not confirm dropping the warm-up's cache entries")
     return report
+
+
+@contextlib.asynccontextmanager
+async def _quiet(name: str) -> AsyncIterator[None]:
+    """Logger ``name`` at WARNING meanwhile (httpx's per-request INFO line would read like an access-log line)."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
