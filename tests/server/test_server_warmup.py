@@ -113,4 +113,5 @@ def test_embedding_server_warms_up_its_pooling_endpoints_only(embed: Server, tmp
     client = openai.OpenAI(base_url=f"{embed.url}/v1", api_key="unused")
     client.embeddings.create(model=MINILM, input=["one", "two"])
     after = metrics(embed)
-    assert after["vllm:request_success_total"] == 1 and after["slicelm:pooling_requests_total"] == 2
+    # each input is one engine request (as in vLLM): two, and only these two
+    assert after["vllm:request_success_total"] == 2 and after["slicelm:pooling_requests_total"] == 2

@@ -2,15 +2,16 @@
 through this server's ASGI app, in process (httpx's ``ASGITransport``), so that a user's first request meets a
 warm path end to end.
 
-The engine core warms its steps itself (``engine/warmup.py``). What a first request paid on top of them, measured
-in a ``slicelm serve`` process (cProfile of the first vs the second request): FastAPI building its request and
-response models' validators and serializers on first use, pydantic's first validation of each request model, the
-chat template's first render with a request's messages, the first encode / decode of the tokenizer and the
-detokenizer's first incremental decode, the endpoint's first lazy metric series (pooling), the SSE path of a
-streamed response, the first msgspec encode of each parameter type and the first ``logprobs`` formatting. These
-requests pay them here: a chat completion (plain, streamed with usage, sampled with logprobs), a completion
-(plain and streamed) for a generation model; embeddings (one text and a batch, float and base64) for an embedding
-model; a rerank and a score for a cross-encoder (and for an embedding model, which scores by cosine).
+The engine core warms its steps itself (``engine/warmup.py``). What a first request still paid in the API process,
+measured with cProfile on the first vs the second request of a ``slicelm serve`` process (no module was imported
+lazily, the chat template was compiled at load): the start of the core's output reader thread (on the first
+``add_request``: 8 ms for a chat, 100 ms for a rerank on a loaded CPU), the event loop's default executor and its
+first thread (the first ``asyncio.to_thread``: tokenization, 9-15 ms), FastAPI's per-endpoint set-up on its first
+call (``inspect.getsourcelines`` of the endpoint, dependency solving: 2-11 ms), the embeddings endpoint's metric
+series, created on first use. These requests pay them here, and the core's first steps of a lone request's shapes:
+a completion (plain and streamed) and a chat completion (plain, streamed with usage, sampled with logprobs) for a
+generation model; embeddings (one text; four, base64) and a score for an embedding model; a rerank of eight
+documents and a score for a cross-encoder.
 
 Nothing of them stays visible: they run with ``async_llm.WARMING_UP`` set, so the core counts their sequences in no
 stats and no stat listener hears of them (every ``vllm:*`` series, the stats log line), they bypass uvicorn (no
