@@ -216,6 +216,9 @@ class EchoEngineClient:
     async def wait_idle(self, timeout: float) -> bool:
         return self._active == 0
 
+    async def end_warmup(self, timeout: float = 10.0) -> bool:
+        return True  # no prefix cache to empty
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self.is_running = False
 
