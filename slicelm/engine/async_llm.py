@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Output = RequestOutput | PoolingOutput
+# Set by a server around its own warm-up requests (``entrypoints/server/warmup.py``): their sequences reach the core
+# marked ``warmup`` (it counts them in no stats) and their latencies reach no stat listener.
+WARMING_UP: ContextVar[bool] = ContextVar("slicelm_warming_up", default=False)
 
 
 def merge_deltas(items: list[RequestOutput]) -> RequestOutput:
@@ -111,6 +116,7 @@ class _ReqState:
     first_token_time: float | None = None
     first_scheduled_time: float | None = None
     reasons: set[str] = field(default_factory=set)
+    warmup: bool = False  # a server's own warm-up request: in no stats
 
 
 class AsyncLLM:
@@ -142,6 +148,8 @@ class AsyncLLM:
         self._dead: BaseException | None = None
         self._shut_down = False
         self.last_stats = EngineStats(timestamp=time.time())
+        self._num_resets = 0  # the core's WARMUP_DONE resets seen
+        self._reset_seen: asyncio.Event | None = None
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, max_waiting_requests: int | None = None,
@@ -219,9 +227,13 @@ class AsyncLLM:
                 f"the server is overloaded: {self.num_waiting_estimate} requests are waiting "
                 f"(max_waiting_requests={self.max_waiting_requests}); retry later")
         req = self.input_processor.process(request_id, prompt, params, arrival_time or time.time(), priority)
+        warmup = WARMING_UP.get()
+        for seq in req.sequences:
+            seq.warmup = warmup
         stream = RequestStream(request_id, len(req.sequences), loop)
         self.output_processor.add(req, stream=True)
-        self._states[request_id] = _ReqState(stream, req.arrival_time, len(req.sequences), len(req.prompt_token_ids))
+        self._states[request_id] = _ReqState(stream, req.arrival_time, len(req.sequences), len(req.prompt_token_ids),
+                                             warmup=warmup)
         self._num_active += 1
         self._num_sent += len(req.sequences)
         self.client.add_requests(req.sequences)
@@ -278,6 +290,17 @@ class AsyncLLM:
         if notify:
             outs = [CompletionOutput(i, "", [], finish_reason="abort") for i in indices]
             state.stream.put(RequestOutput(request_id, None, [], outs, True))
+
+    async def end_warmup(self, timeout: float = 10.0) -> bool:
+        """After the server's warm-up requests: asks the core to drop their prefix-cache entries (it does so once no
+        sequence runs) and waits for its message saying so; False if none came within ``timeout``."""
+        self._attach(asyncio.get_running_loop())
+        seen, self._reset_seen = self._num_resets, asyncio.Event()
+        self.client.end_warmup()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._reset_seen.wait(), timeout)
+        self._reset_seen = None
+        return self._num_resets > seen
 
     async def wait_idle(self, timeout: float) -> bool:
         """Waits until no stream is active; returns False on timeout."""
@@ -357,11 +380,17 @@ class AsyncLLM:
             self._engine_running = msg.stats.num_running
         self._num_taken = msg.num_adds
         self._notify(it)
+        if msg.num_resets != self._num_resets:
+            self._num_resets = msg.num_resets
+            if self._reset_seen is not None:
+                self._reset_seen.set()
 
     def _route(self, out: Output, it: IterationStats) -> None:
         state = self._states.get(out.request_id)
         if state is None:  # released meanwhile
             return
+        if state.warmup:
+            it = IterationStats(now=it.now)  # measured, but for no listener
         m = out.metrics
         if m is not None and m.first_scheduled_time is not None:
             state.first_scheduled_time = m.first_scheduled_time
@@ -386,6 +415,8 @@ class AsyncLLM:
         state.stream.put(out)
 
     def _finish_stats(self, state: _ReqState, reason: str, it: IterationStats) -> None:
+        if state.warmup:
+            return
         now = it.now
         f = FinishedRequestStats(reason, state.num_prompt_tokens, state.num_tokens,
                                  max(0.0, now - state.arrival_time))

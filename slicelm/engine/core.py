@@ -73,6 +73,7 @@ class EngineCore:
             arrival_time=req.arrival_time or time.time(),
             token_type_ids=req.token_type_ids,
             generator=generator,
+            warmup=req.warmup,
         )
         so_params = req.sampling_params.structured_outputs if req.sampling_params is not None else None
         if so_params is not None:
@@ -93,6 +94,15 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def reset_after_warmup(self) -> None:
+        """After an API server's warm-up requests (which no counter counted): no prefix-cache entry of theirs is left,
+        so no user sees a hit they caused. Called when no sequence runs."""
+        if self._inflight is not None:
+            self._inflight.wait()
+            self._inflight = None
+        ok = self.scheduler.kv_cache.reset_prefix_cache()
+        assert ok, "prefix cache reset with KV blocks allocated"
 
     # -------------------------------------------------------------------------------- step
     def step(self) -> list[EngineCoreOutput]:
@@ -120,7 +130,7 @@ class EngineCore:
             self._stats.num_prompt_tokens += sum(
                 max(0, min(s.request.num_prompt_tokens, s.request.num_computed_tokens)
                     - (s.request.num_computed_tokens - s.num_new_tokens))
-                for s in sched.scheduled
+                for s in sched.scheduled if not s.request.warmup
             )
             for req in handle.requests:
                 if not req.is_finished:  # finished while the bitmask callback read the previous step back
@@ -188,11 +198,12 @@ class EngineCore:
             return []
         pooled = self.worker.execute_pooling(sched)
         self.scheduler.update_after_step(sched)
-        self._count_pooling_step(len(sched.scheduled))
+        self._count_pooling_step(sum(not s.request.warmup for s in sched.scheduled))
         outputs = []
         for s, data in zip(sched.scheduled, pooled):
             req = s.request
-            self._stats.num_prompt_tokens += s.num_new_tokens
+            if not req.warmup:
+                self._stats.num_prompt_tokens += s.num_new_tokens
             self._finish(req, RequestStatus.FINISHED_STOPPED)
             outputs.append(EngineCoreOutput(req.request_id, finish_reason="stop",
                                             pooled=data.float().contiguous().numpy().tobytes(),
@@ -201,6 +212,8 @@ class EngineCore:
 
     def _count_pooling_step(self, num_requests: int) -> None:
         """Cumulative pooling batch figures in ``EngineStats.extra`` (steps, multi-request steps, largest)."""
+        if num_requests == 0:  # only an API server's warm-up requests ran
+            return
         extra = self._stats.extra
         extra["pooling_steps"] = extra.get("pooling_steps", 0.0) + 1
         extra["pooling_requests"] = extra.get("pooling_requests", 0.0) + num_requests
@@ -218,7 +231,7 @@ class EngineCore:
             req.resolve_placeholder(token)
             if req.structured is not None:  # its matcher takes the token (after the stop checks below)
                 constrained.append((req, token))
-            self._stats.num_generation_tokens += 1
+            self._stats.num_generation_tokens += not req.warmup
             out = outputs.get(req.request_id)
             if out is None:
                 out = outputs[req.request_id] = EngineCoreOutput(req.request_id, [])

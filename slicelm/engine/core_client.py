@@ -28,6 +28,7 @@ from slicelm.engine.core_messages import (
     ABORT,
     ADD,
     SHUTDOWN,
+    WARMUP_DONE,
     EngineCoreInfo,
     EngineCoreOutputs,
     EngineCoreRequest,
@@ -80,6 +81,11 @@ class _SocketCoreClient:
         if request_ids:
             with self._send_lock:
                 self.in_sock.send_multipart([ABORT, self.encoder.encode(request_ids)], copy=False)
+
+    def end_warmup(self) -> None:
+        """The API server's warm-up requests are over: the core empties its prefix cache (once idle)."""
+        with self._send_lock:
+            self.in_sock.send_multipart([WARMUP_DONE], copy=False)
 
     # ----------------------------------------------------------------- outputs out
     def start_reader(self, loop: asyncio.AbstractEventLoop, callback: OutputCallback) -> None:

@@ -22,6 +22,7 @@ from slicelm.sampling_params import SamplingParams
 ADD = b"A"
 ABORT = b"X"
 SHUTDOWN = b"S"
+WARMUP_DONE = b"W"  # an API server's warm-up requests are over: once idle, the core empties its prefix cache
 
 # One sampled token's logprobs: (token ids [chosen, top-1 .. top-k], their logprobs, rank of the chosen).
 LogprobEntry = tuple[list[int], list[float], int | None]
@@ -39,6 +40,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     priority: int = 0
     token_type_ids: list[int] | None = None
     seed: int | None = None  # this sequence's sampler seed (the request's seed + its index)
+    warmup: bool = False  # an API server's own warm-up request: the core counts it in no stats
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -65,6 +67,7 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     num_adds: int = 0
     timestamp: float = 0.0
     dead_error: str | None = None  # the core is going down with this error
+    num_resets: int = 0  # how many ``WARMUP_DONE`` prefix-cache resets the core has done (the API side waits)
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """The engine core's busy loop over zmq sockets, and the entry point of the engine-core process.
 
-Loop: take every queued message (add / abort / shutdown) without blocking while requests run, block
+Loop: take every queued message (add / abort / shutdown / warm-up done) without blocking while requests run, block
 (with a timeout, to notice a dead parent) when idle; step; send the step's deltas with the stats
-snapshot and the count of adds taken. A failing step sends ``dead_error`` and ends the loop (the
-process then exits 1), so the API side fails its requests at once instead of waiting.
+snapshot and the count of adds taken. ``WARMUP_DONE`` (an API server's warm-up requests, which no counter
+counted, are over) empties the prefix cache as soon as no sequence runs, and every client then gets a stats message
+counting the reset (``num_resets``). A failing step sends ``dead_error`` and
+ends the loop (the process then exits 1), so the API side fails its requests at once instead of waiting.
 
 Several clients (``--api-server-count N``): one PULL socket connected to every client's PUSH endpoint
 (fair-queued) and one PUSH socket per client. A client other than 0 tags its adds with its index (a
@@ -31,6 +33,7 @@ from slicelm.engine.core_messages import (
     ABORT,
     ADD,
     SHUTDOWN,
+    WARMUP_DONE,
     EngineCoreOutput,
     EngineCoreOutputs,
     ids_decoder,
@@ -63,6 +66,8 @@ class CoreLoop:
         self._sent_adds = [0] * len(self.out_socks)
         self._last_sent = [0.0] * len(self.out_socks)
         self.stopped = False
+        self.reset_pending = False
+        self.num_resets = 0
 
     def run(self) -> None:
         try:
@@ -82,13 +87,15 @@ class CoreLoop:
                 errors = self._drain_inputs()
                 if self.stopped:
                     return
+                reset = self._reset_if_idle()
                 outputs = self.core.step() if self.core.has_unfinished_requests() else []
                 if self.multi:
-                    self._send_each(errors, outputs)
+                    self._send_each(errors, outputs, force=reset)
                 else:
                     if errors:
                         outputs = [o for _, o in errors] + outputs
-                    self._send(EngineCoreOutputs(outputs, self.core.get_stats(), self.num_adds, time.time()))
+                    self._send(EngineCoreOutputs(outputs, self.core.get_stats(), self.num_adds, time.time(),
+                                                 num_resets=self.num_resets))
         except Exception as e:
             logger.exception("engine core failed")
             for i in range(len(self.out_socks)):
@@ -126,11 +133,23 @@ class CoreLoop:
                 if self.multi:
                     for rid in ids:
                         self.owners.pop(rid, None)
+            elif kind == WARMUP_DONE:
+                self.reset_pending = True
             elif kind == SHUTDOWN:
                 self.stopped = True
                 return errors
 
-    def _send_each(self, errors: list[tuple[int, EngineCoreOutput]], outputs: list[EngineCoreOutput]) -> None:
+    def _reset_if_idle(self) -> bool:
+        """A pending ``WARMUP_DONE`` reset, done once no sequence runs (a user's blocks are never dropped)."""
+        if not self.reset_pending or self.core.has_unfinished_requests():
+            return False
+        self.core.reset_after_warmup()
+        self.reset_pending = False
+        self.num_resets += 1
+        return True
+
+    def _send_each(self, errors: list[tuple[int, EngineCoreOutput]], outputs: list[EngineCoreOutput],
+                   force: bool = False) -> None:
         """Several clients: each gets its own sequences' outputs (and the stats, see the module docstring)."""
         per_client: list[list[EngineCoreOutput]] = [[] for _ in self.out_socks]
         for client, out in errors:
@@ -143,9 +162,9 @@ class CoreLoop:
         stats, now = self.core.get_stats(), time.time()
         for i, outs in enumerate(per_client):
             adds = self.client_adds[i]
-            if outs or i == 0 or adds != self._sent_adds[i] or now - self._last_sent[i] >= STATS_INTERVAL:
+            if force or outs or i == 0 or adds != self._sent_adds[i] or now - self._last_sent[i] >= STATS_INTERVAL:
                 self._sent_adds[i], self._last_sent[i] = adds, now
-                self._send(EngineCoreOutputs(outs, stats, adds, now), i)
+                self._send(EngineCoreOutputs(outs, stats, adds, now, num_resets=self.num_resets), i)
 
     def _send(self, msg: EngineCoreOutputs, client: int = 0) -> None:
         self.out_socks[client].send(self.encoder.encode(msg), copy=False)

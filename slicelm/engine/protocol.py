@@ -64,4 +64,9 @@ class EngineClient(Protocol):
 
     async def wait_idle(self, timeout: float) -> bool: ...
 
+    async def end_warmup(self, timeout: float = 10.0) -> bool:
+        """The server's warm-up requests (sent with ``async_llm.WARMING_UP`` set) are over: the engine forgets their
+        prefix-cache entries."""
+        ...
+
     def shutdown(self, timeout: float = 10.0) -> None: ...

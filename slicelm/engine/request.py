@@ -72,6 +72,7 @@ class Request:
     token_type_ids: list[int] | None = None  # cross-encoder pairs
     generator: torch.Generator | None = None
     structured: StructuredOutputRequest | None = None  # its grammar and matcher (structured outputs)
+    warmup: bool = False  # an API server's own warm-up request: in no counter
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

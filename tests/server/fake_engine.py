@@ -40,6 +40,7 @@ class FakeTokenizer:
     bos_token_id = 1
     eos_token_ids = frozenset({0})
     vocab_size = 259
+    chat_template = "<role>content, one line per message"  # what apply_chat_template renders
 
     def __init__(self) -> None:
         self.hf = _byte_tokenizer()  # what the detokenizer streams through
@@ -91,6 +92,7 @@ class FakeEngineCore:
         self.reqs: dict[str, _Seq] = {}
         self.aborted: list[str] = []
         self.num_generation_tokens = 0
+        self.resets = 0
 
     def info(self) -> EngineCoreInfo:
         return EngineCoreInfo(self.model_config, self.cache_config, self.scheduler_config,  # type: ignore[arg-type]
@@ -110,6 +112,10 @@ class FakeEngineCore:
     def has_unfinished_requests(self) -> bool:
         return bool(self.reqs)
 
+    def reset_after_warmup(self) -> None:
+        assert not self.reqs, "reset while sequences run"
+        self.resets += 1
+
     def step(self) -> list[EngineCoreOutput]:
         if self.fail_on_step:
             raise RuntimeError("fake engine failure")
@@ -122,7 +128,7 @@ class FakeEngineCore:
             assert params is not None
             token = _next_letter(s.last, s.index)
             s.last, s.num_out = token, s.num_out + 1
-            self.num_generation_tokens += 1
+            self.num_generation_tokens += not s.req.warmup  # as the real core: a server's warm-up counts nowhere
             out = EngineCoreOutput(rid, [token])
             if s.scheduled is None:
                 s.scheduled = out.first_scheduled_time = now
@@ -209,6 +215,9 @@ class EchoEngineClient:
 
     async def wait_idle(self, timeout: float) -> bool:
         return self._active == 0
+
+    async def end_warmup(self, timeout: float = 10.0) -> bool:
+        return True  # no prefix cache to empty
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self.is_running = False

@@ -177,7 +177,7 @@ def api_server_main(args: argparse.Namespace, index: int, sock: socket.socket, i
         raise
     engine = AsyncLLM(client, info, tokenizer, max_waiting_requests=args.max_waiting_requests)
     state = make_state(engine, args, primary=index == 0)
-    app = build_app(state, max_body_bytes=args.max_request_body_bytes)
+    app = build_app(state, max_body_bytes=args.max_request_body_bytes, warm_up=True)
     server = DrainingServer(make_uvicorn_config(app, args), state, parent_pid=parent_pid)
     tune_gc()
     try:

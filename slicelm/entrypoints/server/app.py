@@ -36,15 +36,21 @@ from slicelm.entrypoints.server.errors import install_error_handlers
 from slicelm.entrypoints.server.gateway import GatewayMiddleware
 from slicelm.entrypoints.server.options import ApiOptions, add_api_args, check_api_args
 from slicelm.entrypoints.server.state import ServerState
+from slicelm.entrypoints.server.warmup import warm_up_server
 
 logger = logging.getLogger("slicelm.server")
 DEFAULT_MAX_BODY_BYTES = 32 << 20
 
 
 def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              shutdown_engine: bool = True) -> FastAPI:
+              shutdown_engine: bool = True, warm_up: bool = False) -> FastAPI:
+    """``warm_up``: at start-up (before uvicorn listens, so before ``/health`` answers) the app serves its own
+    warm-up requests (``server/warmup.py``)."""
+
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if warm_up:
+            await warm_up_server(app, state)
         yield
         if shutdown_engine:
             await asyncio.to_thread(state.engine.shutdown)
@@ -158,8 +164,8 @@ def run_server(args: argparse.Namespace) -> int:
     engine: EngineClient = AsyncLLM.from_engine_args(engine_args, max_waiting_requests=args.max_waiting_requests,
                                                      multiprocess=args.engine_process)
     state = make_state(engine, args)
-    server = DrainingServer(make_uvicorn_config(build_app(state, max_body_bytes=args.max_request_body_bytes), args),
-                            state)
+    app = build_app(state, max_body_bytes=args.max_request_body_bytes, warm_up=True)
+    server = DrainingServer(make_uvicorn_config(app, args), state)
     print_banner(state, args)
     tune_gc()
     try:

@@ -13,6 +13,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from slicelm.engine.async_llm import WARMING_UP
 from slicelm.entrypoints.server.state import ServerState
 
 
@@ -35,5 +36,5 @@ def load_headers(state: ServerState, raw: Request) -> dict[str, str]:
 
 def observe_params(state: ServerState, params: Any) -> None:
     """``vllm:request_params_n`` / ``vllm:request_params_max_tokens`` for an accepted generation request."""
-    if state.metrics is not None:
+    if state.metrics is not None and not WARMING_UP.get():
         state.metrics.observe_request_params(int(getattr(params, "n", 1) or 1), getattr(params, "max_tokens", None))
