@@ -62,6 +62,35 @@ DEFAULT_NON_TORCH_BYTES = 768 << 20
 NON_TORCH_GROWTH_BYTES = 256 << 20
 
 
+# vLLM's defaults for --max-num-batched-tokens (API server): 8192 on a GPU of >= 70 GiB, 2048 below. Here the
+# rule reads the engine's budget (a 10.8 GB slice of any GPU gets the small-GPU default); CPU engines take 2048.
+LARGE_BUDGET_BYTES = 70 * GiB
+# vLLM's largest CUDA-graph batch (max_cudagraph_capture_size = min(2 * max_num_seqs, 512)): mixed steps are
+# captured up to this many tokens only on budgets under LARGE_BUDGET_BYTES, whose graph pool must stay small.
+SMALL_BUDGET_MAX_GRAPH_TOKENS = 512
+# what the caching allocator rounds up and splits around the profiled tensors of a graph pool
+GRAPH_POOL_SLACK_BYTES = 64 << 20
+
+
+def default_batched_tokens(budget_bytes: int | None, max_num_seqs: int) -> int:
+    """``--max-num-batched-tokens`` when not given: vLLM's rule on the budget (None: CPU), >= max_num_seqs."""
+    large = budget_bytes is not None and budget_bytes >= LARGE_BUDGET_BYTES
+    return max(8192 if large else 2048, max_num_seqs)
+
+
+def mixed_graph_tokens(budget_bytes: int, max_num_batched_tokens: int, mixed_max_tokens: int) -> int:
+    """The largest mixed step to capture in a CUDA graph: bounded by what the budget affords."""
+    top = min(max_num_batched_tokens, mixed_max_tokens)
+    return top if budget_bytes >= LARGE_BUDGET_BYTES else min(top, SMALL_BUDGET_MAX_GRAPH_TOKENS)
+
+
+def graph_pool_reserve(graph_step_peak_bytes: int) -> int:
+    """The graphs share one pool, captured largest first, so it holds about the largest captured step's
+    tensors. Each capture's warm-up runs eagerly beside the pool, on the activation reserve (idle while
+    graphs are captured; it covers the largest step, and no graph is larger): it is not reserved twice."""
+    return graph_step_peak_bytes + GRAPH_POOL_SLACK_BYTES
+
+
 @dataclass
 class MemoryPlan:
     budget_bytes: int

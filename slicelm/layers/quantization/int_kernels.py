@@ -11,8 +11,9 @@ of ``int_weights.py``: ``w_q [N, K / pack]`` int32 (values sequential along K), 
   launch, deterministic, and CUDA-graph safe.
 * ``2 <= M <= GEMM_MAX_M`` — ``_gemm_kernel``: the weight tile is dequantized inside the K loop to x's dtype
   and multiplied on tensor cores (``tl.dot``).
-* larger M (prefill chunks) — ``_dequant_kernel`` writes W once to a scratch in x's dtype and cuBLAS does the
-  matmul (what vLLM does past 256 tokens): the dequantization is then a small fraction of the matmul.
+* larger M (prefill chunks) — ``_dequant_kernel`` writes W, ``DEQUANT_SCRATCH_BYTES`` of rows at a time, to one
+  shared scratch in x's dtype and cuBLAS multiplies each slab into its columns of the output (what vLLM does past
+  256 tokens, without a full-weight temporary): the dequantization is then a small fraction of the matmul.
 
 Launch parameters come from ``gemv_config`` / ``gemm_config`` (or ``TUNED``, filled from
 ``benchmarks/quant_sweep.py``'s output on the target GPU).
@@ -349,19 +350,57 @@ def int_linear(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: 
             x, w_q, scales, zp, b, out, m, n, k, x.stride(0), out.stride(0), w_q.stride(0), scales.stride(0), ONE_BITS,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, **common)
         return out
-    w = dequantize_weight(w_q, scales, zeros, bits, k, x.dtype)
-    return torch.nn.functional.linear(x, w, bias)
+    return _dequant_matmul(x, w_q, scales, zeros, bits, k, bias, out)
+
+
+def _dequant_matmul(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                    k: int, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """``out = x @ W.T + bias`` for large M, ``DEQUANT_ROWS`` weight rows at a time dequantized into one scratch per
+    device and dtype (allocated once, on the first large step: the memory profile's) — no full-size weight
+    temporary, so no transient allocation in the step beyond ``out`` itself."""
+    n = w_q.shape[0]
+    rows = min(n, max(32, DEQUANT_SCRATCH_BYTES // (k * x.element_size()) // 32 * 32))
+    scratch = _scratch(x.device, x.dtype, rows * k)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w = scratch[: (n1 - n0) * k].view(n1 - n0, k)
+        _dequantize_into(w, w_q[n0:n1], scales[n0:n1], zeros[n0:n1] if zeros is not None else None, bits, k)
+        if bias is None:
+            torch.mm(x, w.t(), out=out[:, n0:n1])
+        else:
+            torch.addmm(bias[n0:n1], x, w.t(), out=out[:, n0:n1])
+    return out
+
+
+# the dequantized weight rows of one large-M matmul step live here (bf16: 8192 rows of K = 4096 per step)
+DEQUANT_SCRATCH_BYTES = 64 << 20
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """One flat buffer per (device, dtype), grown (never shrunk) to ``numel``."""
+    t = _SCRATCH.get((device, dtype))
+    if t is None or t.numel() < numel:
+        _SCRATCH.pop((device, dtype), None)
+        t = torch.empty(max(numel, DEQUANT_SCRATCH_BYTES // dtype.itemsize), dtype=dtype, device=device)
+        _SCRATCH[(device, dtype)] = t
+    return t
+
+
+def _dequantize_into(out: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     bits: int, k: int) -> None:
+    n = w_q.shape[0]
+    group = k // scales.shape[1]
+    block_k = max(min(group, 256), 32 // bits * 8)
+    zp = zeros if zeros is not None else scales
+    _dequant_kernel[(triton.cdiv(n, 32), triton.cdiv(k, block_k))](
+        w_q, scales, zp, out, n, k, w_q.stride(0), scales.stride(0), out.stride(0), ONE_BITS, BITS=bits, GROUP=group,
+        HAS_ZP=zeros is not None, BLOCK_N=32, BLOCK_K=block_k, num_warps=4)
 
 
 def dequantize_weight(w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, k: int,
                       dtype: torch.dtype) -> torch.Tensor:
     """W [N, K] in ``dtype`` (one kernel)."""
-    n = w_q.shape[0]
-    group = k // scales.shape[1]
-    block_k = max(min(group, 256), 32 // bits * 8)
-    out = torch.empty((n, k), dtype=dtype, device=w_q.device)
-    zp = zeros if zeros is not None else scales
-    _dequant_kernel[(triton.cdiv(n, 32), triton.cdiv(k, block_k))](
-        w_q, scales, zp, out, n, k, w_q.stride(0), scales.stride(0), out.stride(0), ONE_BITS, BITS=bits, GROUP=group,
-        HAS_ZP=zeros is not None, BLOCK_N=32, BLOCK_K=block_k, num_warps=4)
+    out = torch.empty((w_q.shape[0], k), dtype=dtype, device=w_q.device)
+    _dequantize_into(out, w_q, scales, zeros, bits, k)
     return out
