@@ -84,11 +84,14 @@ def mixed_graph_tokens(budget_bytes: int, max_num_batched_tokens: int, mixed_max
     return top if budget_bytes >= LARGE_BUDGET_BYTES else min(top, SMALL_BUDGET_MAX_GRAPH_TOKENS)
 
 
-def graph_pool_reserve(graph_step_peak_bytes: int) -> int:
-    """The graphs share one pool, captured largest first, so it holds about the largest captured step's
-    tensors. Each capture's warm-up runs eagerly beside the pool, on the activation reserve (idle while
-    graphs are captured; it covers the largest step, and no graph is larger): it is not reserved twice."""
-    return graph_step_peak_bytes + GRAPH_POOL_SLACK_BYTES
+def graph_pool_reserve(graph_step_peak_bytes: int, mixed: bool) -> int:
+    """The graphs share one pool, captured largest first, so it holds at least the largest captured step's
+    tensors (each capture's warm-up runs beside it on the activation reserve, idle while graphs are captured).
+    With mixed graphs the pool holds a ladder of step shapes (13 token counts up to 8192, then the decode
+    batches) whose tensors do not nest exactly: it is reserved at twice the largest step — a margin, not a
+    measurement (on an H200 an 8B model's pool reached 2.02 GiB for 8192-token mixed graphs). It is small where
+    it matters: budgets under LARGE_BUDGET_BYTES capture mixed steps of at most 512 tokens."""
+    return graph_step_peak_bytes * (2 if mixed else 1) + GRAPH_POOL_SLACK_BYTES
 
 
 @dataclass

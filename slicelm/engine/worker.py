@@ -316,11 +316,12 @@ class Worker:
         if not args.enforce_eager:
             # the largest graph's tensors (decode batch, or the largest mixed step captured): the model and
             # LM head, not the sampler (it runs outside)
-            graph_tokens = args.max_num_seqs
-            if supports_mixed_graphs(model):
+            graph_tokens, mixed = args.max_num_seqs, supports_mixed_graphs(model)
+            if mixed:
                 graph_tokens = max(graph_tokens, self._mixed_graph_tokens(batched))
             graph_pool = memory.graph_pool_reserve(self._profile_peak(
-                functools.partial(runner.profile_run, graph_tokens, min(args.max_num_seqs, 512), sample=False)))
+                functools.partial(runner.profile_run, graph_tokens, min(args.max_num_seqs, 512), sample=False)),
+                mixed)
         del runner, dummy
         torch.cuda.empty_cache()
         plan = memory.plan_memory(self.device, args.gpu_memory_budget, args.gpu_memory_utilization,

@@ -1,6 +1,6 @@
 """The GPU memory plan's arithmetic (``engine/memory.py``) on the CPU: the CUDA queries it makes are replaced by
 fixed numbers, so what is checked is how the budget is split — vLLM's budget-dependent defaults, the CUDA-graph
-reserve (one largest step, not two), and the seed-002 slice (a 7B AWQ model in 10800 MiB) leaving KV cache room."""
+reserve, and the seed-002 slice (a 7B AWQ model in 10800 MiB) leaving KV cache room."""
 
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ def test_mixed_graphs_are_bounded_on_small_budgets():
     assert memory.mixed_graph_tokens(120 * GiB, 2048, MIXED_MAX_TOKENS) == 2048
 
 
-def test_graph_pool_is_reserved_once():
-    assert memory.graph_pool_reserve(GiB) == GiB + memory.GRAPH_POOL_SLACK_BYTES
+def test_graph_pool_reserve():
+    assert memory.graph_pool_reserve(GiB, mixed=False) == GiB + memory.GRAPH_POOL_SLACK_BYTES
+    assert memory.graph_pool_reserve(GiB, mixed=True) == 2 * GiB + memory.GRAPH_POOL_SLACK_BYTES
 
 
 def test_plan_splits_the_budget(fake_gpu):
@@ -69,7 +70,7 @@ def test_seed_002_slice_keeps_kv_room(fake_gpu):
     graph_tokens = memory.mixed_graph_tokens(10800 * MiB, batched, MIXED_MAX_TOKENS)
     old_activation = 1.66 * GiB
     activation = int(old_activation * batched / 8192)
-    graphs = memory.graph_pool_reserve(int(old_activation * graph_tokens / 8192))
+    graphs = memory.graph_pool_reserve(int(old_activation * graph_tokens / 8192), mixed=True)
     plan = memory.plan_memory(DEV, 10800 * MiB, 0.9, 28 * 2 * 16 * 4 * 128 * 2, activation, graphs)
     kv_tokens = plan.num_blocks * 16
     assert plan.kv_bytes > 3 * GiB and kv_tokens >= 64 * 512, plan.describe()  # 64 sequences of 512 tokens fit

@@ -15,13 +15,17 @@ of ``int_weights.py``: ``w_q [N, K / pack]`` int32 (values sequential along K), 
   shared scratch in x's dtype and cuBLAS multiplies each slab into its columns of the output (what vLLM does past
   256 tokens, without a full-weight temporary): the dequantization is then a small fraction of the matmul.
 
-Launch parameters come from ``gemv_config`` / ``gemm_config`` (or ``TUNED``, filled from
-``benchmarks/quant_sweep.py``'s output on the target GPU).
+Launch parameters come from ``gemv_config`` / ``gemm_config``, or ``TUNED``: filled, on the first call on a GPU,
+from ``configs/<device name>.json`` when ``benchmarks/quant_sweep.py`` wrote one for that GPU (as vLLM ships
+fused-MoE configs per device), and by hand.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import re
+from pathlib import Path
 
 import torch
 import triton
@@ -34,6 +38,31 @@ _DTYPES = (torch.float16, torch.bfloat16)
 # (kind, bits, group, N, K) -> launch parameters; kind "gemv": (BLOCK_N, BLOCK_KW, SPLIT_K, warps, stages),
 # kind "gemm<BLOCK_M>": (BLOCK_N, BLOCK_K, warps, stages). Paste benchmarks/quant_sweep.py's table here.
 TUNED: dict[tuple[str, int, int, int, int], tuple[int, ...]] = {}
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def config_file(device_name: str) -> Path:
+    """Where ``benchmarks/quant_sweep.py`` saves the tuned launch parameters of one GPU model."""
+    return CONFIG_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
+
+
+def config_key(key: tuple[str, int, int, int, int]) -> str:
+    return ",".join(map(str, key))
+
+
+@functools.cache
+def load_device_configs(device_name: str) -> int:
+    """Adds the saved configs of ``device_name`` to ``TUNED`` (entries set by hand win); returns how many."""
+    path = config_file(device_name)
+    if not path.is_file():
+        return 0
+    table = json.loads(path.read_text())
+    for text, cfg in table.items():
+        kind, *dims = text.split(",")
+        key = (kind, *map(int, dims))
+        assert len(key) == 5 and all(isinstance(v, int) for v in cfg), (path, text, cfg)
+        TUNED.setdefault(key, tuple(cfg))  # type: ignore[arg-type]
+    return len(table)
 
 
 @triton.jit
@@ -260,6 +289,7 @@ def _dequant_kernel(WQ, S, Z, OUT, N, K, stride_w, stride_s, stride_o, ONE, BITS
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
+        load_device_configs(torch.cuda.get_device_name(device))
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 16  # CPU tensors only reach here under TRITON_INTERPRET=1
 
@@ -322,6 +352,7 @@ def int_linear(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: 
     """``x [M, K] @ W.T + bias`` for the packed ``w_q [N, K/pack]``: GEMV, fused GEMM or dequant + cuBLAS."""
     m, n = x.shape[0], w_q.shape[0]
     group = k // scales.shape[1]
+    num_sms = _num_sms(x.device)  # (on a GPU: its saved configs are in TUNED from here on)
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -331,7 +362,7 @@ def int_linear(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: 
     b = bias if bias is not None else scales
     common = {"BITS": bits, "GROUP": group, "HAS_ZP": zeros is not None, "HAS_BIAS": bias is not None}
     if m == 1:
-        bn, bkw, split, nw, ns = config or gemv_config(bits, group, n, k, _num_sms(x.device))
+        bn, bkw, split, nw, ns = config or gemv_config(bits, group, n, k, num_sms)
         tiles = triton.cdiv(n, bn)
         ws = torch.empty((split, n), dtype=torch.float32, device=x.device) if split > 1 else out
         lock = _locks(x.device, tiles) if split > 1 else out
@@ -350,11 +381,11 @@ def int_linear(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: 
             x, w_q, scales, zp, b, out, m, n, k, x.stride(0), out.stride(0), w_q.stride(0), scales.stride(0), ONE_BITS,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, **common)
         return out
-    return _dequant_matmul(x, w_q, scales, zeros, bits, k, bias, out)
+    return dequant_matmul(x, w_q, scales, zeros, bits, k, bias, out)
 
 
-def _dequant_matmul(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-                    k: int, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+def dequant_matmul(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                   k: int, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """``out = x @ W.T + bias`` for large M, ``DEQUANT_ROWS`` weight rows at a time dequantized into one scratch per
     device and dtype (allocated once, on the first large step: the memory profile's) — no full-size weight
     temporary, so no transient allocation in the step beyond ``out`` itself."""
