@@ -173,13 +173,13 @@ def sweep_gemm(shapes, bits, group, args, device) -> tuple[list[dict], dict]:
 
 
 def save_device_configs(tuned: dict, device_name: str) -> None:
-    """Merges the best configs into ``int_kernels.config_file(<this GPU>)``, which the kernels load on their
+    """Merges the best configs into ``int_configs.config_file(<this GPU>)``, which the kernels load on their
     first call on a GPU of that name (commit the file to keep it)."""
-    from slicelm.layers.quantization import int_kernels
+    from slicelm.layers.quantization import int_configs
 
-    path = int_kernels.config_file(device_name)
+    path = int_configs.config_file(device_name)
     table = json.loads(path.read_text()) if path.is_file() else {}
-    table.update({int_kernels.config_key(key): list(cfg) for key, cfg in tuned.items()})
+    table.update({int_configs.config_key(key): list(cfg) for key, cfg in tuned.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
     print(f"saved {len(tuned)} tuned configs to {path}")

@@ -84,6 +84,14 @@ def mixed_graph_tokens(budget_bytes: int, max_num_batched_tokens: int, mixed_max
     return top if budget_bytes >= LARGE_BUDGET_BYTES else min(top, SMALL_BUDGET_MAX_GRAPH_TOKENS)
 
 
+def fragmentation_allowance(num_tokens: int, widest_output: int, itemsize: int) -> int:
+    """One block of a step's largest tensor (``[num_tokens, widest linear output]``). The profiling step starts
+    from an empty cache; later steps of other sizes split the cached blocks, and under the budget's cap the
+    allocator cannot add a segment when the free bytes are scattered (an 8B AWQ engine at 16384 tokens failed
+    to place its 896 MiB gate/up output with 840 MiB free in pieces): the plan keeps one such block free."""
+    return num_tokens * widest_output * itemsize
+
+
 def graph_pool_reserve(graph_step_peak_bytes: int, mixed: bool) -> int:
     """The graphs share one pool, captured largest first, so it holds at least the largest captured step's
     tensors (each capture's warm-up runs beside it on the activation reserve, idle while graphs are captured).

@@ -26,7 +26,7 @@ from slicelm.engine.kv_cache import KVCacheManager, cdiv
 from slicelm.engine.pooling_runner import PoolingRunner
 from slicelm.engine.runner import ModelRunner, StepHandle, supports_mixed_graphs
 from slicelm.engine.scheduler import Scheduler, SchedulerOutput
-from slicelm.layers.linear import init_dummy_quantized, process_weights_after_loading
+from slicelm.layers.linear import Linear, init_dummy_quantized, process_weights_after_loading
 from slicelm.layers.quantization import KV_CACHE_DTYPES, QuantConfig, QuantizationError, parse_quant_config
 from slicelm.layers.quantization.base import cast_model
 from slicelm.loader.hub import HubOptions
@@ -312,16 +312,9 @@ class Worker:
         # the largest step, as a real one runs it (same token count, hence the same kernels: large-M linears
         # allocate their shared dequantization scratch here, once, and it stays — counted with the weights)
         activation = self._profile_peak(functools.partial(runner.profile_run, batched, min(args.max_num_seqs, batched)))
-        graph_pool = 0
-        if not args.enforce_eager:
-            # the largest graph's tensors (decode batch, or the largest mixed step captured): the model and
-            # LM head, not the sampler (it runs outside)
-            graph_tokens, mixed = args.max_num_seqs, supports_mixed_graphs(model)
-            if mixed:
-                graph_tokens = max(graph_tokens, self._mixed_graph_tokens(batched))
-            graph_pool = memory.graph_pool_reserve(self._profile_peak(
-                functools.partial(runner.profile_run, graph_tokens, min(args.max_num_seqs, 512), sample=False)),
-                mixed)
+        widest = max((m.out_features for m in model.modules() if isinstance(m, Linear)), default=0)
+        activation += memory.fragmentation_allowance(batched, widest, self.model_config.dtype.itemsize)
+        graph_pool = 0 if args.enforce_eager else self._graph_pool_bytes(runner, batched)
         del runner, dummy
         torch.cuda.empty_cache()
         plan = memory.plan_memory(self.device, args.gpu_memory_budget, args.gpu_memory_utilization,
@@ -336,6 +329,18 @@ class Worker:
         memory.cap_allocator(self.device, plan.budget_bytes, plan.non_torch_bytes)
         self.memory_plan = plan
         return plan.num_blocks
+
+    def _graph_pool_bytes(self, runner: ModelRunner, batched: int) -> int:
+        """The reserve for the largest graph's tensors (decode batch, or the largest mixed step captured): the
+        model and LM head, not the sampler (it runs outside)."""
+        from slicelm.engine import memory
+
+        max_num_seqs = self.args.max_num_seqs
+        graph_tokens, mixed = max_num_seqs, supports_mixed_graphs(self.model)
+        if mixed:
+            graph_tokens = max(graph_tokens, self._mixed_graph_tokens(batched))
+        step = functools.partial(runner.profile_run, graph_tokens, min(max_num_seqs, 512), sample=False)
+        return memory.graph_pool_reserve(self._profile_peak(step), mixed)
 
     def _profile_peak(self, step: Callable[[], None]) -> int:
         """Bytes that ``step`` holds at its peak beyond what stays allocated after it (persistent buffers

@@ -42,6 +42,11 @@ def test_mixed_graphs_are_bounded_on_small_budgets():
     assert memory.mixed_graph_tokens(120 * GiB, 2048, MIXED_MAX_TOKENS) == 2048
 
 
+def test_fragmentation_allowance_is_the_largest_step_tensor():
+    # Llama-3.1-8B at --max-num-batched-tokens 16384: the gate/up output the AWQ engine could not place
+    assert memory.fragmentation_allowance(16384, 2 * 14336, 2) == 896 * MiB
+
+
 def test_graph_pool_reserve():
     assert memory.graph_pool_reserve(GiB, mixed=False) == GiB + memory.GRAPH_POOL_SLACK_BYTES
     assert memory.graph_pool_reserve(GiB, mixed=True) == 2 * GiB + memory.GRAPH_POOL_SLACK_BYTES
@@ -69,7 +74,7 @@ def test_seed_002_slice_keeps_kv_room(fake_gpu):
     batched = memory.default_batched_tokens(10800 * MiB, 64)
     graph_tokens = memory.mixed_graph_tokens(10800 * MiB, batched, MIXED_MAX_TOKENS)
     old_activation = 1.66 * GiB
-    activation = int(old_activation * batched / 8192)
+    activation = int(old_activation * batched / 8192) + memory.fragmentation_allowance(batched, 2 * 18944, 2)
     graphs = memory.graph_pool_reserve(int(old_activation * graph_tokens / 8192), mixed=True)
     plan = memory.plan_memory(DEV, 10800 * MiB, 0.9, 28 * 2 * 16 * 4 * 128 * 2, activation, graphs)
     kv_tokens = plan.num_blocks * 16

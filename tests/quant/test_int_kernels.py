@@ -85,20 +85,22 @@ def test_large_m_dequantizes_in_bounded_slabs(monkeypatch, bias):
 def test_saved_device_configs_fill_tuned(monkeypatch, tmp_path):
     """``quant_sweep.py``'s saved table for a GPU model is what gemv_config / gemm_config return on it; entries
     set by hand in TUNED win, and another GPU model's file is not read."""
-    monkeypatch.setattr(int_kernels, "CONFIG_DIR", tmp_path)
-    monkeypatch.setattr(int_kernels, "TUNED", {("gemv", 4, 128, 4096, 4096): (64, 32, 4, 4, 3)})
-    int_kernels.load_device_configs.cache_clear()
-    path = int_kernels.config_file("NVIDIA H200")
+    from slicelm.layers.quantization import int_configs
+
+    monkeypatch.setattr(int_configs, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(int_configs, "TUNED", {("gemv", 4, 128, 4096, 4096): (64, 32, 4, 4, 3)})
+    int_configs.load_device_configs.cache_clear()
+    path = int_configs.config_file("NVIDIA H200")
     assert path == tmp_path / "NVIDIA_H200.json"
     path.write_text('{"gemv,4,128,6144,4096": [64, 64, 4, 4, 2], "gemv,4,128,4096,4096": [128, 32, 16, 4, 3], '
                     '"gemm64,4,128,6144,4096": [128, 64, 8, 3]}')
-    assert int_kernels.load_device_configs("NVIDIA H100 80GB HBM3") == 0
+    assert int_configs.load_device_configs("NVIDIA H100 80GB HBM3") == 0
     assert int_kernels.gemv_config(4, 128, 6144, 4096, 132) != (64, 64, 4, 4, 2)
-    assert int_kernels.load_device_configs("NVIDIA H200") == 3
+    assert int_configs.load_device_configs("NVIDIA H200") == 3
     assert int_kernels.gemv_config(4, 128, 6144, 4096, 132) == (64, 64, 4, 4, 2)
     assert int_kernels.gemv_config(4, 128, 4096, 4096, 132) == (64, 32, 4, 4, 3)
     assert int_kernels.gemm_config(4, 128, 50, 6144, 4096) == (64, 128, 64, 8, 3)
-    int_kernels.load_device_configs.cache_clear()
+    int_configs.load_device_configs.cache_clear()
 
 
 def test_split_k_tickets_are_reset():
