@@ -1,6 +1,7 @@
 """Launch-parameter sweep of the int4 / int8 Triton kernels (``slicelm/layers/quantization/int_kernels.py``) on
-this GPU, at the projection shapes of the benchmark models; prints a table and the ``TUNED`` dict to paste into
-int_kernels.py, and saves benchmarks/results/quant_sweep_<device>.json.
+this GPU, at the projection shapes of the benchmark models; prints a table, saves the best configs to
+slicelm/layers/quantization/configs/<GPU name>.json (loaded by the kernels on that GPU model from then on: commit
+it) and the whole sweep to benchmarks/results/quant_sweep_<device>.json.
 
     python benchmarks/quant_sweep.py             # H200: ~90 s (≈40 kernel variants compile; graph-timed)
     python benchmarks/quant_sweep.py --full      # a wider grid (~4 min)
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import json
 import os
 import sys
 from pathlib import Path
@@ -125,12 +127,13 @@ def sweep_gemv(shapes, bits, group, args, device, bandwidth) -> tuple[list[dict]
 
 
 def _dequant_matmul(x, w_q, scales, zeros, bits: int, k: int):
-    """What ``int_linear`` runs past GEMM_MAX_M: W dequantized once, then cuBLAS."""
+    """What ``int_linear`` runs past GEMM_MAX_M: W dequantized in slabs into the shared scratch, cuBLAS per slab."""
     import torch
 
     from slicelm.layers.quantization import int_kernels
 
-    return torch.nn.functional.linear(x, int_kernels.dequantize_weight(w_q, scales, zeros, bits, k, x.dtype))
+    out = torch.empty((x.shape[0], w_q.shape[0]), dtype=x.dtype, device=x.device)
+    return int_kernels.dequant_matmul(x, w_q, scales, zeros, bits, k, None, out)
 
 
 def sweep_gemm(shapes, bits, group, args, device) -> tuple[list[dict], dict]:
@@ -169,6 +172,19 @@ def sweep_gemm(shapes, bits, group, args, device) -> tuple[list[dict], dict]:
     return rows, tuned
 
 
+def save_device_configs(tuned: dict, device_name: str) -> None:
+    """Merges the best configs into ``int_configs.config_file(<this GPU>)``, which the kernels load on their
+    first call on a GPU of that name (commit the file to keep it)."""
+    from slicelm.layers.quantization import int_configs
+
+    path = int_configs.config_file(device_name)
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    table.update({int_configs.config_key(key): list(cfg) for key, cfg in tuned.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
+    print(f"saved {len(tuned)} tuned configs to {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama-3.1-8b", help=f"comma-separated: {', '.join(SHAPES)}")
@@ -195,10 +211,8 @@ def main() -> None:
     if not args.no_gemm:
         gemm_rows, gemm_tuned = sweep_gemm(shapes, args.bits, args.group, args, device)
         tuned.update(gemm_tuned)
-    print("\n# paste into slicelm/layers/quantization/int_kernels.py:\nTUNED = {")
-    for key, cfg in tuned.items():
-        print(f"    {key!r}: {cfg!r},")
-    print("}")
+    if not args.smoke:
+        save_device_configs(tuned, env["device"])
     save_result("quant_sweep", {**env, "workload": {"shapes": shapes, "bits": args.bits, "group": args.group,
                                                     "grid": "full" if args.full else "quick"},
                                 "copy_bandwidth_bytes_per_s": bandwidth, "gemv": gemv_rows, "gemm": gemm_rows,

@@ -28,9 +28,12 @@ MODELS = {"mistral-7b-awq": "mistral-7b-v0.3", "qwen2.5-7b-awq": "qwen2.5-7b"}
 def stack(paths: dict[str, str], run_dir: Path, smoke: bool) -> dict[str, Any]:
     specs = []
     for name, path in paths.items():
+        # vLLM's defaults on a GPU under 70 GiB (the A10G of the seed article): 2048 batched tokens per step, CUDA
+        # graphs up to 512 tokens; slicelm applies the same to a 10800 MiB slice, passed here to say so
         spec: dict[str, Any] = {"name": name, "modelURL": path, "replicaCount": 1,
                                 "vllmConfig": {"maxModelLen": 4096, "maxNumSeqs": 64,
-                                               "extraArgs": ["--load-format", "dummy", "--skip-tokenizer-init",
+                                               "extraArgs": ["--max-num-batched-tokens", "2048",
+                                                             "--load-format", "dummy", "--skip-tokenizer-init",
                                                              "--served-model-name", name]}}
         if not smoke:
             spec.update({"requestGPU": 1, "requestGPUMem": 10800,
@@ -115,7 +118,8 @@ def main() -> None:
     gpus = {g["uuid"] for r in rows for g in r["gpu"]}
     result = {**env,
               "workload": f"seed-002 pair: {', '.join(f'{n} ({s} shape)' for n, s in MODELS.items())}, AWQ 4-bit "
-                          f"g128 random weights, requestGPUMem 10800 each, binpack; {args.duration:.0f} s of load "
+                          f"g128 random weights, requestGPUMem 10800 each, binpack, --max-model-len 4096 "
+                          f"--max-num-seqs 64 --max-num-batched-tokens 2048; {args.duration:.0f} s of load "
                           f"through the router ({args.concurrency} concurrent completions per model, prompts "
                           f"100-1024 tokens, 100-512 new), NVML every {args.sample_ms:.0f} ms",
               "plan": plan, "replicas": rows, "ps_after_load": ps, "one_gpu": len(gpus) == 1,

@@ -62,6 +62,46 @@ DEFAULT_NON_TORCH_BYTES = 768 << 20
 NON_TORCH_GROWTH_BYTES = 256 << 20
 
 
+# vLLM's defaults for --max-num-batched-tokens (API server): 8192 on a GPU of >= 70 GiB, 2048 below. Here the
+# rule reads the engine's budget (a 10.8 GB slice of any GPU gets the small-GPU default); CPU engines take 2048.
+LARGE_BUDGET_BYTES = 70 * GiB
+# vLLM's largest CUDA-graph batch (max_cudagraph_capture_size = min(2 * max_num_seqs, 512)): mixed steps are
+# captured up to this many tokens only on budgets under LARGE_BUDGET_BYTES, whose graph pool must stay small.
+SMALL_BUDGET_MAX_GRAPH_TOKENS = 512
+# what the caching allocator rounds up and splits around the profiled tensors of a graph pool
+GRAPH_POOL_SLACK_BYTES = 64 << 20
+
+
+def default_batched_tokens(budget_bytes: int | None, max_num_seqs: int) -> int:
+    """``--max-num-batched-tokens`` when not given: vLLM's rule on the budget (None: CPU), >= max_num_seqs."""
+    large = budget_bytes is not None and budget_bytes >= LARGE_BUDGET_BYTES
+    return max(8192 if large else 2048, max_num_seqs)
+
+
+def mixed_graph_tokens(budget_bytes: int, max_num_batched_tokens: int, mixed_max_tokens: int) -> int:
+    """The largest mixed step to capture in a CUDA graph: bounded by what the budget affords."""
+    top = min(max_num_batched_tokens, mixed_max_tokens)
+    return top if budget_bytes >= LARGE_BUDGET_BYTES else min(top, SMALL_BUDGET_MAX_GRAPH_TOKENS)
+
+
+def fragmentation_allowance(num_tokens: int, widest_output: int, itemsize: int) -> int:
+    """One block of a step's largest tensor (``[num_tokens, widest linear output]``). The profiling step starts
+    from an empty cache; later steps of other sizes split the cached blocks, and under the budget's cap the
+    allocator cannot add a segment when the free bytes are scattered (an 8B AWQ engine at 16384 tokens failed
+    to place its 896 MiB gate/up output with 840 MiB free in pieces): the plan keeps one such block free."""
+    return num_tokens * widest_output * itemsize
+
+
+def graph_pool_reserve(graph_step_peak_bytes: int, mixed: bool) -> int:
+    """The graphs share one pool, captured largest first, so it holds at least the largest captured step's
+    tensors (each capture's warm-up runs beside it on the activation reserve, idle while graphs are captured).
+    With mixed graphs the pool holds a ladder of step shapes (13 token counts up to 8192, then the decode
+    batches) whose tensors do not nest exactly: it is reserved at twice the largest step — a margin, not a
+    measurement (on an H200 an 8B model's pool reached 2.02 GiB for 8192-token mixed graphs). It is small where
+    it matters: budgets under LARGE_BUDGET_BYTES capture mixed steps of at most 512 tokens."""
+    return graph_step_peak_bytes * (2 if mixed else 1) + GRAPH_POOL_SLACK_BYTES
+
+
 @dataclass
 class MemoryPlan:
     budget_bytes: int

@@ -137,17 +137,19 @@ class ModelRunner:
         self.tp = get_tp_group()
         self._followed_sampled: torch.Tensor | None = None  # a follower's copy of the last step's samples
 
-    def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int) -> None:
-        """Decode graphs always; mixed-step graphs when every attention layer reads only device tensors."""
+    def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int,
+                           mixed_max_tokens: int = MIXED_MAX_TOKENS) -> None:
+        """Decode graphs always; mixed-step graphs (up to ``mixed_max_tokens``, what the memory plan reserved
+        for) when every attention layer reads only device tensors."""
         self.graphs = CUDAGraphDecoder(
             self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size, self.device
         )
         pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
         if supports_mixed_graphs(self.model):
+            top = min(max_num_batched_tokens, mixed_max_tokens, MIXED_MAX_TOKENS)
             self.mixed_graphs = CUDAGraphMixed(self.model, self.kv_caches, max_num_seqs, max_model_len,
-                                               self.block_size, self.graphs.logits,
-                                               min(max_num_batched_tokens, MIXED_MAX_TOKENS))
-            self.mixed_graphs.capture(mixed_capture_sizes(max_num_batched_tokens), pool, stream)
+                                               self.block_size, self.graphs.logits, top)
+            self.mixed_graphs.capture(mixed_capture_sizes(top), pool, stream)
         self.graphs.capture(capture_sizes(max_num_seqs), pool, stream)
 
     @torch.inference_mode()

@@ -9,12 +9,13 @@ business: the worker never loads one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -25,7 +26,7 @@ from slicelm.engine.kv_cache import KVCacheManager, cdiv
 from slicelm.engine.pooling_runner import PoolingRunner
 from slicelm.engine.runner import BitmaskFn, ModelRunner, StepHandle, supports_mixed_graphs
 from slicelm.engine.scheduler import Scheduler, SchedulerOutput
-from slicelm.layers.linear import init_dummy_quantized, process_weights_after_loading
+from slicelm.layers.linear import Linear, init_dummy_quantized, process_weights_after_loading
 from slicelm.layers.quantization import KV_CACHE_DTYPES, QuantConfig, QuantizationError, parse_quant_config
 from slicelm.layers.quantization.base import cast_model
 from slicelm.loader.hub import HubOptions
@@ -243,14 +244,35 @@ class Worker:
             logger.warning("max_model_len lowered from %d to %d to fit the KV cache",
                            max_model_len, max_tokens_in_cache)
             max_model_len = self.model_config.max_model_len = max_tokens_in_cache
-        default_batched = 8192 if self.device.type == "cuda" else 2048
-        batched = args.max_num_batched_tokens or max(default_batched, args.max_num_seqs)
+        batched = self._batched_tokens()
         self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
         self.kv_cache = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.runner = ModelRunner(model, kv_caches, args.block_size, self.device, self.vocab_size)
         if self.device.type == "cuda" and not args.enforce_eager:
-            self.runner.enable_cuda_graphs(min(args.max_num_seqs, 512), max_model_len, batched)
+            self.runner.enable_cuda_graphs(min(args.max_num_seqs, 512), max_model_len, batched,
+                                           self._mixed_graph_tokens(batched))
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, batched, max_model_len, args.scheduling_policy)
+
+    def _budget_bytes(self) -> int | None:
+        """The engine's GPU memory budget (None on CPU)."""
+        if self.device.type != "cuda":
+            return None
+        from slicelm.engine import memory
+
+        return memory.resolve_budget(self.device, self.args.gpu_memory_budget, self.args.gpu_memory_utilization)[0]
+
+    def _batched_tokens(self) -> int:
+        from slicelm.engine import memory
+
+        args = self.args
+        return args.max_num_batched_tokens or memory.default_batched_tokens(self._budget_bytes(), args.max_num_seqs)
+
+    def _mixed_graph_tokens(self, batched: int) -> int:
+        from slicelm.engine import memory
+
+        budget = self._budget_bytes()
+        assert budget is not None
+        return memory.mixed_graph_tokens(budget, batched, MIXED_MAX_TOKENS)
 
     def make_scheduler(self) -> Scheduler:
         return Scheduler(self.scheduler_config, self.kv_cache)
@@ -283,29 +305,16 @@ class Worker:
         """Profiles the largest step on a one-block cache, then gives the rest of the budget to KV."""
         from slicelm.engine import memory
 
-        batched = args.max_num_batched_tokens or 8192
+        batched = self._batched_tokens()
         torch.cuda.set_per_process_memory_fraction(1.0, self.device)  # a previous engine's cap must not apply
         dummy = [torch.zeros(shape(1), dtype=dtype, device=self.device) for _ in range(model.num_layers)]
         runner = ModelRunner(model, dummy, args.block_size, self.device, self.vocab_size)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        runner.profile_run(batched, min(args.max_num_seqs, batched))
-        activation = torch.cuda.max_memory_allocated(self.device) - base
-        graph_pool = 0
-        if not args.enforce_eager:
-            torch.cuda.reset_peak_memory_stats(self.device)
-            # the largest graph's tensors (decode batch, or the largest mixed step when the model
-            # supports those): the model and LM head, not the sampler (it runs outside)
-            graph_tokens, mixed = args.max_num_seqs, supports_mixed_graphs(model)
-            if mixed:
-                graph_tokens = max(graph_tokens, min(batched, MIXED_MAX_TOKENS))
-            runner.profile_run(graph_tokens, min(args.max_num_seqs, 512), sample=False)
-            graph_pool = torch.cuda.max_memory_allocated(self.device) - base
-            # mixed graphs: each capture's warm-up (outside the pool, on the capture stream) runs while
-            # the pool already holds the larger graphs' memory, so reserve a second forward for it
-            graph_pool = graph_pool * (2 if mixed else 1) + (64 << 20)
+        # the largest step, as a real one runs it (same token count, hence the same kernels: large-M linears
+        # allocate their shared dequantization scratch here, once, and it stays — counted with the weights)
+        activation = self._profile_peak(functools.partial(runner.profile_run, batched, min(args.max_num_seqs, batched)))
+        widest = max((m.out_features for m in model.modules() if isinstance(m, Linear)), default=0)
+        activation += memory.fragmentation_allowance(batched, widest, self.model_config.dtype.itemsize)
+        graph_pool = 0 if args.enforce_eager else self._graph_pool_bytes(runner, batched)
         del runner, dummy
         torch.cuda.empty_cache()
         plan = memory.plan_memory(self.device, args.gpu_memory_budget, args.gpu_memory_utilization,
@@ -320,6 +329,32 @@ class Worker:
         memory.cap_allocator(self.device, plan.budget_bytes, plan.non_torch_bytes)
         self.memory_plan = plan
         return plan.num_blocks
+
+    def _graph_pool_bytes(self, runner: ModelRunner, batched: int) -> int:
+        """The reserve for the largest graph's tensors (decode batch, or the largest mixed step captured): the
+        model and LM head, not the sampler (it runs outside)."""
+        from slicelm.engine import memory
+
+        max_num_seqs = self.args.max_num_seqs
+        graph_tokens, mixed = max_num_seqs, supports_mixed_graphs(self.model)
+        if mixed:
+            graph_tokens = max(graph_tokens, self._mixed_graph_tokens(batched))
+        step = functools.partial(runner.profile_run, graph_tokens, min(max_num_seqs, 512), sample=False)
+        return memory.graph_pool_reserve(self._profile_peak(step), mixed)
+
+    def _profile_peak(self, step: Callable[[], None]) -> int:
+        """Bytes that ``step`` holds at its peak beyond what stays allocated after it (persistent buffers
+        it creates are in ``memory_allocated`` at planning time already). The allocator's peak *reserved*
+        growth when larger: the plan caps the allocator, so its rounding and splitting count too."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        allocated, reserved = torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        step()
+        persistent = torch.cuda.memory_allocated(self.device) - allocated
+        peak = torch.cuda.max_memory_allocated(self.device) - allocated - persistent
+        peak_reserved = torch.cuda.max_memory_reserved(self.device) - reserved - persistent
+        return max(peak, peak_reserved)
 
     def execute_model(self, sched: SchedulerOutput, prev: StepHandle | None = None,
                       grammar_bitmask: BitmaskFn | None = None) -> StepHandle:

@@ -196,7 +196,12 @@ def test_quantized_checkpoint_on_gpu_matches_cpu_path(fmt, tmp_path):
     prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 17, 40)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     cpu = LLM(str(tmp_path), skip_tokenizer_init=True, device="cpu", dtype="float32")
-    ref = [o.outputs[0].token_ids for o in cpu.generate(prompts, params, use_tqdm=False)]
+    ref_outs = cpu.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2),
+                            use_tqdm=False)
+    ref = [o.outputs[0].token_ids for o in ref_outs]
+    # greedy tokens are comparable up to the first near-tie of the float32 reference: these random models have
+    # some (gptq_act_order's 40-token prompt: top-2 logprobs 0.0017 apart at its first token), which fp16 flips
+    clear = [_clear_prefix(o.outputs[0].logprobs) for o in ref_outs]
     del cpu
     outs = {}
     for eager in (True, False):
@@ -209,8 +214,19 @@ def test_quantized_checkpoint_on_gpu_matches_cpu_path(fmt, tmp_path):
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert outs[True] == outs[False]
     agree = 2 if fmt == "ct_fp8" else 4  # W8A8 quantizes activations too (the CPU path is weight-only)
-    for got, want in zip(outs[False], ref):
-        assert got[:agree] == want[:agree], (got, want)
+    assert sum(min(agree, c) for c in clear) >= agree, clear  # the comparison is never empty
+    for got, want, c in zip(outs[False], ref, clear):
+        n = min(agree, c)
+        assert got[:n] == want[:n], (got, want, clear)
+
+
+def _clear_prefix(logprobs, margin: float = 0.05) -> int:
+    """How many leading positions have their greedy token ahead of the runner-up by ``margin`` (log space)."""
+    for i, lp in enumerate(logprobs):
+        top = sorted((v.logprob for v in lp.values()), reverse=True)
+        if len(top) > 1 and top[0] - top[1] < margin:
+            return i
+    return len(logprobs)
 
 
 @pytest.mark.parametrize(("kv_scales", "window", "soft_cap"),
@@ -221,7 +237,8 @@ def test_triton_attention_reads_fp8_cache_like_torch(kv_scales, window, soft_cap
 
     kh, group, d, bs = 8, 4, 128, 16
     torch.manual_seed(0)
-    batch = PagedBatch([300, 70, 513], bs, first_block=1, shuffle_seed=0, device=DEV)
+    # the second sequence: its whole 70-token prompt in step 1, nothing in step 2, one decode token in step 3
+    batch = PagedBatch([300, 71, 513], bs, first_block=1, shuffle_seed=0, device=DEV)
     caches = {name: make_kv_caches(1, batch.num_blocks, bs, kh, d, torch.float8_e4m3fn, DEV)[0]
               for name in ("torch", "triton")}
     backends = {"torch": TorchAttentionBackend(), "triton": TritonAttentionBackend()}

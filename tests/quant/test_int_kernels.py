@@ -63,6 +63,46 @@ def test_int_linear_matches_dequantized(case):
     assert err < (2e-3 if dtype == torch.float16 else 8e-3), err
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_large_m_dequantizes_in_bounded_slabs(monkeypatch, bias):
+    """M > GEMM_MAX_M: the weight is dequantized a slab of rows at a time into the shared scratch (here 3 slabs
+    of 32 rows and a short one, N = 104) and each slab's matmul lands in its own output columns."""
+    k, n, m = 256, 104, 300
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scales = (torch.rand(n, k // 64, generator=g) * 0.01 + 0.001).half()
+    zeros = torch.randint(0, 16, (n, k // 64), dtype=torch.uint8, generator=g)
+    x = torch.randn(m, k, generator=g).half()
+    b = torch.randn(n, generator=g).half() if bias else None
+    monkeypatch.setattr(int_kernels, "DEQUANT_SCRATCH_BYTES", 32 * k * 2)
+    monkeypatch.setattr(int_kernels, "_SCRATCH", {})
+    out = int_kernels.int_linear(x, pack_rows(q, 4), scales, zeros, 4, k, b)
+    ref = x.float() @ dequantize(pack_rows(q, 4), scales, zeros, 4, k).T + (b.float() if bias else 0.0)
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 2e-3
+    assert [t.numel() for t in int_kernels._SCRATCH.values()] == [32 * k]  # one bounded scratch, reused
+
+
+def test_saved_device_configs_fill_tuned(monkeypatch, tmp_path):
+    """``quant_sweep.py``'s saved table for a GPU model is what gemv_config / gemm_config return on it; entries
+    set by hand in TUNED win, and another GPU model's file is not read."""
+    from slicelm.layers.quantization import int_configs
+
+    monkeypatch.setattr(int_configs, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(int_configs, "TUNED", {("gemv", 4, 128, 4096, 4096): (64, 32, 4, 4, 3)})
+    int_configs.load_device_configs.cache_clear()
+    path = int_configs.config_file("NVIDIA H200")
+    assert path == tmp_path / "NVIDIA_H200.json"
+    path.write_text('{"gemv,4,128,6144,4096": [64, 64, 4, 4, 2], "gemv,4,128,4096,4096": [128, 32, 16, 4, 3], '
+                    '"gemm64,4,128,6144,4096": [128, 64, 8, 3]}')
+    assert int_configs.load_device_configs("NVIDIA H100 80GB HBM3") == 0
+    assert int_kernels.gemv_config(4, 128, 6144, 4096, 132) != (64, 64, 4, 4, 2)
+    assert int_configs.load_device_configs("NVIDIA H200") == 3
+    assert int_kernels.gemv_config(4, 128, 6144, 4096, 132) == (64, 64, 4, 4, 2)
+    assert int_kernels.gemv_config(4, 128, 4096, 4096, 132) == (64, 32, 4, 4, 3)
+    assert int_kernels.gemm_config(4, 128, 50, 6144, 4096) == (64, 128, 64, 8, 3)
+    int_configs.load_device_configs.cache_clear()
+
+
 def test_split_k_tickets_are_reset():
     """The split-K tickets go back to 0, so the next launch (or a CUDA-graph replay) starts clean."""
     w_q, scales, zeros = _weights(4, 64, True, 512)

@@ -11,11 +11,11 @@ of ``int_weights.py``: ``w_q [N, K / pack]`` int32 (values sequential along K), 
   launch, deterministic, and CUDA-graph safe.
 * ``2 <= M <= GEMM_MAX_M`` — ``_gemm_kernel``: the weight tile is dequantized inside the K loop to x's dtype
   and multiplied on tensor cores (``tl.dot``).
-* larger M (prefill chunks) — ``_dequant_kernel`` writes W once to a scratch in x's dtype and cuBLAS does the
-  matmul (what vLLM does past 256 tokens): the dequantization is then a small fraction of the matmul.
+* larger M (prefill chunks) — ``_dequant_kernel`` writes W, ``DEQUANT_SCRATCH_BYTES`` of rows at a time, to one
+  shared scratch in x's dtype and cuBLAS multiplies each slab into its columns of the output (what vLLM does past
+  256 tokens, without a full-weight temporary): the dequantization is then a small fraction of the matmul.
 
-Launch parameters come from ``gemv_config`` / ``gemm_config`` (or ``TUNED``, filled from
-``benchmarks/quant_sweep.py``'s output on the target GPU).
+Launch parameters: ``int_configs.py`` (defaults, and tuned tables per GPU model).
 """
 
 from __future__ import annotations
@@ -26,14 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
+from slicelm.layers.quantization.int_configs import gemm_config, gemv_config, load_device_configs
+
 GEMM_MAX_M = 256
 ONE_BITS = 0x3F800000  # float32 bits of 1.0, passed at run time (see _field)
 _DTYPES = (torch.float16, torch.bfloat16)
-
-# (kind, bits, group, N, K) -> launch parameters; kind "gemv": (BLOCK_N, BLOCK_KW, SPLIT_K, warps, stages),
-# kind "gemm<BLOCK_M>": (BLOCK_N, BLOCK_K, warps, stages). Paste benchmarks/quant_sweep.py's table here.
-TUNED: dict[tuple[str, int, int, int, int], tuple[int, ...]] = {}
-
 
 @triton.jit
 def _field(v, P: tl.constexpr, BITS: tl.constexpr, ONE):
@@ -259,45 +256,9 @@ def _dequant_kernel(WQ, S, Z, OUT, N, K, stride_w, stride_s, stride_o, ONE, BITS
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
+        load_device_configs(torch.cuda.get_device_name(device))
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 16  # CPU tensors only reach here under TRITON_INTERPRET=1
-
-
-def gemv_config(bits: int, group: int, n: int, k: int, num_sms: int) -> tuple[int, int, int, int, int]:
-    """``(BLOCK_N, BLOCK_KW, SPLIT_K, num_warps, num_stages)`` for M = 1.
-
-    32 words per row per step (16-byte loads, 4 threads a row) and 128 rows: each thread holds 8 rows, so the
-    per-x work (bf16 -> f32, sums) is shared by 8 rows — the inner loop is ~3.1 instructions per 4-bit weight
-    on sm_90 (compiled and counted), under the issue rate that reading at full bandwidth needs. Split K until
-    there are >= 3 programs per SM (each split keeps >= 1 step): the o/down projections of a 7B model have
-    only 32 tiles of 128 rows.
-    """
-    tuned = TUNED.get(("gemv", bits, group, n, k))
-    if tuned is not None:
-        return tuned  # type: ignore[return-value]
-    block_kw = 32
-    while 0 < group < k and block_kw * (32 // bits) % group:  # steps hold whole groups (per-channel: any)
-        block_kw *= 2
-    block_n = 128 if n >= 2048 else 64 if n >= 512 else 16
-    tiles = triton.cdiv(n, block_n)
-    steps = triton.cdiv(k, block_kw * (32 // bits))
-    split = 1
-    while tiles * split < 3 * num_sms and steps // (split * 2) >= 1 and split < 16:
-        split *= 2
-    split = triton.cdiv(steps, triton.cdiv(steps, split))  # no empty split
-    return block_n, block_kw, split, 4, 3
-
-
-def gemm_config(bits: int, group: int, m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for 2 <= M <= GEMM_MAX_M."""
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    tuned = TUNED.get((f"gemm{block_m}", bits, group, n, k))
-    if tuned is not None:
-        return (block_m, *tuned)  # type: ignore[return-value]
-    group = k if group == -1 else group
-    block_k = 128 if group >= 128 else max(group, 64)
-    block_n = 64 if block_m <= 64 else 128
-    return block_m, block_n, block_k, 4, 3
 
 
 def supported(x: torch.Tensor) -> bool:
@@ -321,6 +282,7 @@ def int_linear(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: 
     """``x [M, K] @ W.T + bias`` for the packed ``w_q [N, K/pack]``: GEMV, fused GEMM or dequant + cuBLAS."""
     m, n = x.shape[0], w_q.shape[0]
     group = k // scales.shape[1]
+    num_sms = _num_sms(x.device)  # (on a GPU: its saved configs are in TUNED from here on)
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -330,7 +292,7 @@ def int_linear(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: 
     b = bias if bias is not None else scales
     common = {"BITS": bits, "GROUP": group, "HAS_ZP": zeros is not None, "HAS_BIAS": bias is not None}
     if m == 1:
-        bn, bkw, split, nw, ns = config or gemv_config(bits, group, n, k, _num_sms(x.device))
+        bn, bkw, split, nw, ns = config or gemv_config(bits, group, n, k, num_sms)
         tiles = triton.cdiv(n, bn)
         ws = torch.empty((split, n), dtype=torch.float32, device=x.device) if split > 1 else out
         lock = _locks(x.device, tiles) if split > 1 else out
@@ -349,19 +311,57 @@ def int_linear(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: 
             x, w_q, scales, zp, b, out, m, n, k, x.stride(0), out.stride(0), w_q.stride(0), scales.stride(0), ONE_BITS,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, **common)
         return out
-    w = dequantize_weight(w_q, scales, zeros, bits, k, x.dtype)
-    return torch.nn.functional.linear(x, w, bias)
+    return dequant_matmul(x, w_q, scales, zeros, bits, k, bias, out)
+
+
+def dequant_matmul(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                   k: int, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """``out = x @ W.T + bias`` for large M, ``DEQUANT_ROWS`` weight rows at a time dequantized into one scratch per
+    device and dtype (allocated once, on the first large step: the memory profile's) — no full-size weight
+    temporary, so no transient allocation in the step beyond ``out`` itself."""
+    n = w_q.shape[0]
+    rows = min(n, max(32, DEQUANT_SCRATCH_BYTES // (k * x.element_size()) // 32 * 32))
+    scratch = _scratch(x.device, x.dtype, rows * k)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w = scratch[: (n1 - n0) * k].view(n1 - n0, k)
+        _dequantize_into(w, w_q[n0:n1], scales[n0:n1], zeros[n0:n1] if zeros is not None else None, bits, k)
+        if bias is None:
+            torch.mm(x, w.t(), out=out[:, n0:n1])
+        else:
+            torch.addmm(bias[n0:n1], x, w.t(), out=out[:, n0:n1])
+    return out
+
+
+# the dequantized weight rows of one large-M matmul step live here (bf16: 8192 rows of K = 4096 per step)
+DEQUANT_SCRATCH_BYTES = 64 << 20
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """One flat buffer per (device, dtype), grown (never shrunk) to ``numel``."""
+    t = _SCRATCH.get((device, dtype))
+    if t is None or t.numel() < numel:
+        _SCRATCH.pop((device, dtype), None)
+        t = torch.empty(max(numel, DEQUANT_SCRATCH_BYTES // dtype.itemsize), dtype=dtype, device=device)
+        _SCRATCH[(device, dtype)] = t
+    return t
+
+
+def _dequantize_into(out: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     bits: int, k: int) -> None:
+    n = w_q.shape[0]
+    group = k // scales.shape[1]
+    block_k = max(min(group, 256), 32 // bits * 8)
+    zp = zeros if zeros is not None else scales
+    _dequant_kernel[(triton.cdiv(n, 32), triton.cdiv(k, block_k))](
+        w_q, scales, zp, out, n, k, w_q.stride(0), scales.stride(0), out.stride(0), ONE_BITS, BITS=bits, GROUP=group,
+        HAS_ZP=zeros is not None, BLOCK_N=32, BLOCK_K=block_k, num_warps=4)
 
 
 def dequantize_weight(w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, k: int,
                       dtype: torch.dtype) -> torch.Tensor:
     """W [N, K] in ``dtype`` (one kernel)."""
-    n = w_q.shape[0]
-    group = k // scales.shape[1]
-    block_k = max(min(group, 256), 32 // bits * 8)
-    out = torch.empty((n, k), dtype=dtype, device=w_q.device)
-    zp = zeros if zeros is not None else scales
-    _dequant_kernel[(triton.cdiv(n, 32), triton.cdiv(k, block_k))](
-        w_q, scales, zp, out, n, k, w_q.stride(0), scales.stride(0), out.stride(0), ONE_BITS, BITS=bits, GROUP=group,
-        HAS_ZP=zeros is not None, BLOCK_N=32, BLOCK_K=block_k, num_warps=4)
+    out = torch.empty((w_q.shape[0], k), dtype=dtype, device=w_q.device)
+    _dequantize_into(out, w_q, scales, zeros, bits, k)
     return out
