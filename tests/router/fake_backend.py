@@ -3,7 +3,10 @@ a process that dies mid-stream, and a ``vllm:*`` ``/metrics`` page. A request wh
 is cancelled and counted per path (``fake_cancelled_total{path=…}``), as a real server aborts it.
 
     python tests/router/fake_backend.py --port 9001 --model fake [--delay 0.1] [--chunks 5] [--chunk-interval 0.01]
-        [--die-after-chunks 3]
+        [--die-after-chunks 3] [--hold-until-running N]
+
+``--hold-until-running N`` keeps every stream after its first chunk until N requests run at once (at most 120 s):
+a barrier proving that N streams were open together.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from slicelm.router.limits import raise_open_files_limit
 def build(args: argparse.Namespace) -> web.Application:
     state = {"running": 0, "served": 0, "peak": 0}
     cancelled: dict[str, int] = {}
+    all_running = asyncio.Event()
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="")
@@ -45,6 +49,8 @@ def build(args: argparse.Namespace) -> web.Application:
         state["running"] += 1
         state["served"] += 1
         state["peak"] = max(state["peak"], state["running"])
+        if args.hold_until_running and state["running"] >= args.hold_until_running:
+            all_running.set()
         seq = state["served"]
         rid = request.headers.get("X-Request-Id", "")
         try:
@@ -66,6 +72,8 @@ def build(args: argparse.Namespace) -> web.Application:
                          "model": body.get("model"), "port": args.port,
                          "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}
                 await out.write(b"data: " + json.dumps(delta).encode() + b"\n\n")
+                if i == 0 and args.hold_until_running:
+                    await asyncio.wait_for(all_running.wait(), 120)
                 if args.chunk_interval:
                     await asyncio.sleep(args.chunk_interval)
             await out.write(b"data: [DONE]\n\n")
@@ -94,6 +102,7 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=5)
     p.add_argument("--chunk-interval", type=float, default=0.0)
     p.add_argument("--die-after-chunks", type=int, default=None)
+    p.add_argument("--hold-until-running", type=int, default=0)
     args = p.parse_args()
     raise_open_files_limit()
     try:
