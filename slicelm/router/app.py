@@ -181,7 +181,7 @@ def serve(cfg: RouterConfig) -> int:
     ``handler_cancellation``): a queued request leaves the queue, a forwarded one closes its replica connection, so
     the replica aborts it too."""
     setup_logging(cfg.log_level)
-    nofile = raise_open_files_limit()
+    raise_open_files_limit()  # thousands of streams: a client and a replica socket each
     router = Router(cfg)
     app = router.build_app()
     try:
@@ -191,7 +191,6 @@ def serve(cfg: RouterConfig) -> int:
     except ImportError:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    logger.debug("open-files limit: %d", nofile)
     web.run_app(app, host=cfg.host, port=cfg.port, access_log=None, print=None, backlog=4096,
                 shutdown_timeout=5.0, handler_cancellation=True, loop=loop)
     return 0
