@@ -60,7 +60,7 @@ def running(url: str) -> float:
 
 async def one_request(client: httpx.AsyncClient, url: str, rid: str, stream: bool) -> Outcome:
     body = {"model": MODEL, "messages": [{"role": "user", "content": f"Tell me a story ({rid})."}],
-            "max_tokens": 32, "ignore_eos": True, "stream": stream}
+            "max_tokens": 8, "ignore_eos": True, "stream": stream}
     start, ok, error = time.time(), False, None
     try:
         async with asyncio.timeout(LOAD_TIMEOUT_S):
