@@ -19,7 +19,7 @@ import psutil
 from slicelm.stack.state import read_state
 
 HEALTH_INTERVAL_S = 2.0  # the router's default --health-check-interval (the stack file sets none)
-LOAD_TIMEOUT_S = 120.0  # a request still open after this long hangs (each takes a few seconds)
+LOAD_TIMEOUT_S = 300.0  # a request still open after this long hangs (each takes ~1 s on 2 idle cores)
 WORKERS = 4
 RESTART_TIMEOUT_S = 600.0  # noticing the death takes ~1 s; the rest is loading the model again
 MODEL = "smollm2-135m-instruct"
