@@ -1,7 +1,8 @@
 """A real stack on the CPU from one file: SmolLM2 (chat, 2 replicas) + MiniLM (embeddings) + a random BERT
 cross-encoder.
 
-`slicelm up --detach`, requests to each model (through the router's one URL), `ps --format json`,
+`slicelm up --detach`, requests to each model (through the router's one URL), `ps --format json`, a client that
+times out on a long non-streamed completion through the router -> the replica aborts it at once,
 kill -9 of one replica -> restarted within 10 s while the others keep answering; kill -9 of one replica's engine
 core under load -> only the requests in flight on it fail, each with an error, the router stops sending to it within
 one health interval and takes it back once the supervisor restarted it; `down` -> no process left.
@@ -20,7 +21,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from stack_load import HEALTH_INTERVAL_S, LOAD_TIMEOUT_S, router_events, run_load_and_kill_core
+from stack_load import HEALTH_INTERVAL_S, LOAD_TIMEOUT_S, router_events, run_load_and_kill_core, running
 from utils_models import minilm_dir, write_random_cross_encoder
 from utils_stack import processes_mentioning, ps, slicelm
 
@@ -46,7 +47,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     write_random_cross_encoder(rerank_dir, "bert")
     path = write_stack(tmp, [
         {"name": "chat", "modelURL": "smollm2-135m-instruct", "replicaCount": 2,
-         "vllmConfig": {"maxModelLen": 1024, "maxNumSeqs": 4}},
+         "vllmConfig": {"maxModelLen": 2048, "maxNumSeqs": 4}},
         {"name": "embed", "modelURL": "all-minilm-l6-v2", "vllmConfig": {"extraArgs": ["--task", "embed"]}},
         {"name": "rerank", "modelURL": str(rerank_dir), "vllmConfig": {"maxModelLen": 128,
                                                                         "extraArgs": ["--task", "score"]}},
@@ -102,6 +103,31 @@ def test_each_model_answers(stack) -> None:
     assert "Paris" in chat(url_of(st, "chat"))
     assert len(embed(url_of(st, "embed"))) == 384
     assert len(rerank(url_of(st, "rerank"), stack["rerank"])) == 2
+
+
+def aborted(url: str) -> float:
+    """The replica's ``vllm:request_success_total{finished_reason="abort"}``."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:request_success_total{") and 'finished_reason="abort"' in line)
+
+
+def test_client_timeout_through_the_router_aborts_the_replica_request(stack) -> None:
+    """Issue 22's report: a 1500-token non-streamed completion through the router with a 2-s client timeout kept
+    the replica generating for minutes (~13 tokens/s here). Now the replica aborts it as soon as the client leaves."""
+    st = ps(stack["run_dir"])
+    replicas = [r["url"] for r in st["replicas"] if r["model"] == "chat"]
+    before = sum(aborted(u) for u in replicas)
+    client = openai.OpenAI(base_url=f"{st['router']['url']}/v1", api_key="x", timeout=2.0, max_retries=0)
+    with pytest.raises(openai.APITimeoutError):
+        client.completions.create(model="smollm2-135m-instruct", prompt="Count: 1, 2,", max_tokens=1500,
+                                  extra_body={"ignore_eos": True})
+    left = time.time()
+    while sum(running(u) for u in replicas) > 0 or sum(aborted(u) for u in replicas) == before:
+        assert time.time() - left < 15, ("the replica still generates for a client that left (or never got it)",
+                                         [running(u) for u in replicas], [aborted(u) for u in replicas], before)
+        time.sleep(0.2)
+    assert sum(aborted(u) for u in replicas) == before + 1
 
 
 def test_killed_replica_restarts_while_the_others_answer(stack) -> None:
