@@ -280,6 +280,8 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         sat = Tally()
         t0 = time.perf_counter()
         await closed_loop(session, stack.router_url, concurrency, args.saturation_s, sat)
+        if sat.done == 0:
+            raise SystemExit(f"saturation: no request completed ({sat.error_kinds or 'no errors'}); nothing to soak at")
         sat_rate = sat.done / (time.perf_counter() - t0)
         rate = args.load * sat_rate
         print(f"saturation {sat_rate:.2f} req/s ({concurrency} in flight); soaking at {rate:.2f} req/s "
@@ -325,6 +327,8 @@ def main() -> int:
                            "max_tokens": "uniform 16..48", "streamed": "every other request", "load": args.load,
                            "arrivals": "Poisson", "interval_s": args.interval},
               "kv_blocks_total": blocks, "idle_before": idle_before, **measured}
+    loads = [s["load_avg_1m"] for s in result["samples"]]
+    result["load_avg_1m"] = {"min": min(loads), "median": statistics.median(loads), "max": max(loads)}
     result["judgement"] = judge(result["samples"], blocks, result["idle_after"], result["soak"]["errors"],
                                 restarted)
     if args.out:
