@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -123,8 +126,6 @@ def test_sends_to_a_killed_core_return_at_once(tmp_path: Path) -> None:
     """The core's input is a zmq PUSH socket; once the core is gone it has no peer and a blocking send waits forever
     (on the server's event loop, where a client leaving aborts its request: the server hung and never exited). An
     abort to a dead core is dropped; an add raises ``EngineDeadError``."""
-    import os
-
     args = EngineArgs(model=tiny_model(tmp_path / "tiny"), load_format="dummy", tokenizer=MODEL, device="cpu",
                       max_model_len=256)
     client = MPCoreClient(args)
