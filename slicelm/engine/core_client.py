@@ -5,6 +5,8 @@ Both talk to ``CoreLoop`` through a zmq PUSH socket (adds / aborts, msgpack) and
 ``EngineCoreOutputs`` per step). A reader thread receives, counts and decodes the outputs and hands
 each message to the owner's event loop with one ``call_soon_threadsafe``; it also watches the core and
 reports its death (process exit, thread end, or a ``dead_error`` message) within about a second.
+Sending never blocks for good: a PUSH socket whose core is gone has no peer and would wait forever (on the
+event loop: the server could not even exit), so a send that cannot go out checks that the core still lives.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from multiprocessing.connection import wait as wait_connections
@@ -40,6 +43,7 @@ from slicelm.engine.protocol import EngineDeadError
 
 logger = logging.getLogger(__name__)
 READ_POLL_MS = 500
+SEND_RETRY_S = 0.01  # a send the core cannot take yet is retried this often while the core lives
 
 OutputCallback = Callable[[EngineCoreOutputs | EngineDeadError], None]
 
@@ -75,12 +79,24 @@ class _SocketCoreClient:
     def add_requests(self, reqs: list[EngineCoreRequest]) -> None:
         with self._send_lock:
             for req in reqs:
-                self.in_sock.send_multipart([ADD, self.encoder.encode(req)], copy=False)
+                self._send([ADD, self.encoder.encode(req)])
 
     def abort_requests(self, request_ids: list[str]) -> None:
         if request_ids:
-            with self._send_lock:
-                self.in_sock.send_multipart([ABORT, self.encoder.encode(request_ids)], copy=False)
+            with self._send_lock, contextlib.suppress(EngineDeadError):  # a dead core runs nothing to abort
+                self._send([ABORT, self.encoder.encode(request_ids)])
+
+    def _send(self, frames: list[Any]) -> None:
+        """Sends one message (hold ``_send_lock``); raises ``EngineDeadError`` once the core is gone."""
+        while True:
+            try:
+                self.in_sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                reason = self.death_reason()
+                if reason is not None:
+                    raise EngineDeadError(reason) from None
+                time.sleep(SEND_RETRY_S)
 
     def end_warmup(self) -> None:
         """The API server's warm-up requests are over: the core empties its prefix cache (once idle)."""

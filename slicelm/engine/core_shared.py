@@ -89,7 +89,7 @@ class SharedCoreClient(_SocketCoreClient):
     def add_requests(self, reqs: list[EngineCoreRequest]) -> None:
         with self._send_lock:
             for req in reqs:
-                self.in_sock.send_multipart([ADD, self.encoder.encode(req), *self._tag], copy=False)
+                self._send([ADD, self.encoder.encode(req), *self._tag])
 
     def wait_ready(self, timeout: float | None = None) -> None:  # the parent waited for it
         return None

@@ -19,6 +19,7 @@ from slicelm.router.config import RouterConfig
 from slicelm.router.dashboard.routes import register_dashboard
 from slicelm.router.discovery import ServiceDiscovery
 from slicelm.router.errors import error_response
+from slicelm.router.limits import raise_open_files_limit
 from slicelm.router.logic import RoutingRequest, make_logic
 from slicelm.router.metrics import RouterMetrics
 from slicelm.router.proxy import Proxy
@@ -176,8 +177,11 @@ def setup_logging(level: str) -> None:
 
 
 def serve(cfg: RouterConfig) -> int:
-    """Run the router until SIGINT/SIGTERM."""
+    """Run the router until SIGINT/SIGTERM. A handler whose client disconnects is cancelled (aiohttp's
+    ``handler_cancellation``): a queued request leaves the queue, a forwarded one closes its replica connection, so
+    the replica aborts it too."""
     setup_logging(cfg.log_level)
+    raise_open_files_limit()  # thousands of streams: a client and a replica socket each
     router = Router(cfg)
     app = router.build_app()
     try:
@@ -188,5 +192,5 @@ def serve(cfg: RouterConfig) -> int:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     web.run_app(app, host=cfg.host, port=cfg.port, access_log=None, print=None, backlog=4096,
-                shutdown_timeout=5.0, loop=loop)
+                shutdown_timeout=5.0, handler_cancellation=True, loop=loop)
     return 0

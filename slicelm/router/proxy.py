@@ -140,6 +140,11 @@ class Proxy:
                         raise _Retry("backend_status", f"{b.url} answered {resp.status}", kept)
                     streaming = resp.headers.get("Content-Type", "").startswith("text/event-stream")
                     data = await (resp.content.readany() if streaming else resp.read())
+            except aiohttp.ConnectionTimeoutError:  # a TimeoutError too: caught first
+                self.pool.report_timeout(b)
+                self._error(b, model, "connect_timeout")
+                raise _Retry("connect_timeout", f"{b.url}: no connection in {self.pool.config.connect_timeout:g} s"
+                             ) from None
             except TimeoutError:
                 self.pool.report_timeout(b)
                 self._error(b, model, "first_byte_timeout")

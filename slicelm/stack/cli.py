@@ -114,6 +114,8 @@ def _ps(args: argparse.Namespace, out: Console) -> int:
     out.print(table(st, title=f"slicelm stack ({st['phase']}, {run_dir})"))
     if st["router"]:
         out.print(f"router: {st['router']['url']}", highlight=False)
+    elif st.get("router_state"):
+        out.print(f"router: {st['router_state']} (its URL is shown once it accepts connections)", highlight=False)
     return 0
 
 

@@ -2,11 +2,12 @@
 
 ``ps --format json`` is a contract: ``{"router": {"url"} | null, "replicas": [{"model", "replica", "pid",
 "url", "state", "restarts", "gpus", "memory_mib", "cores"}]}`` (plus ``port``, ``memory_used_mib``,
-``uptime_s``, ``device``, ``policy``, ``served_names``, and ``weights_bytes`` / ``quantization`` where the model
-directory is local); ``gpus`` lists ``{"uuid", "index"}`` (empty on the CPU), ``memory_mib`` is the slice,
-``memory_used_mib`` what NVML measures (GPU) or the resident memory of the replica's processes (CPU). A top-level
-``gpus`` lists the machine's GPUs: ``{"uuid", "index", "type", "memory_mib" (total), "memory_used_mib" (NVML,
-every process)}``.
+``uptime_s``, ``device``, ``policy``, ``served_names``, ``phase``, ``router_state``, and ``weights_bytes`` /
+``quantization`` where the model directory is local); ``gpus`` lists ``{"uuid", "index"}`` (empty on the CPU),
+``memory_mib`` is the slice, ``memory_used_mib`` what NVML measures (GPU) or the resident memory of the replica's
+processes (CPU). A top-level ``gpus`` lists the machine's GPUs: ``{"uuid", "index", "type", "memory_mib" (total),
+"memory_used_mib" (NVML, every process)}``. ``router`` is null until the router answers ``/health`` (so its URL
+accepts connections): while the replicas load, while it starts, and while it restarts; ``router_state`` says which.
 """
 
 from __future__ import annotations
@@ -109,9 +110,11 @@ def status(run_dir: Path) -> dict[str, Any] | None:
         return None
     sup = live_supervisor(run_dir)
     use = nvml_use() if state.get("gpus") or any(r.get("gpus") for r in state["replicas"]) else NvmlUse()
-    router = state.get("router")
+    router = state.get("router") if sup else None
+    ready = router is not None and router.get("state") == "ready"
     groups = process_groups()
-    return {"router": {"url": router["url"]} if router and sup else None,
+    return {"router": {"url": router["url"]} if ready else None,
+            "router_state": router.get("state") if router else None,
             "replicas": [_replica_row(r, sup is not None, use.by_pid, groups) for r in state["replicas"]],
             "gpus": [_gpu_row(g, use) for g in state.get("gpus") or []],
             "phase": state.get("phase") if sup else "stopped", "supervisor_pid": sup}

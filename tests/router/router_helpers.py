@@ -4,13 +4,16 @@ subprocess on a free port (conftest.py holds the fixtures)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -19,8 +22,6 @@ FAKE = Path(__file__).resolve().parent / "fake_backend.py"
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -88,6 +89,24 @@ def start_router(tmp: Path, backends: list[str], models: list[str], *flags: str)
 
 def engines(router: Proc) -> dict[str, dict]:
     return {e["url"]: e for e in httpx.get(router.url + "/engines", timeout=5).json()}
+
+
+def send_and_hold(url: str, path: str, body: dict) -> socket.socket:
+    """POSTs ``body`` and returns the open connection without reading the answer: closing it is the client
+    leaving (what a client timeout does)."""
+    parts = urlsplit(url)
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def scrape(url: str, prefix: str) -> dict[str, float]:
+    """``/metrics`` samples whose line starts with ``prefix``, keyed by the sample with its labels."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(prefix)}
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]

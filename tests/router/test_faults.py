@@ -1,5 +1,5 @@
 """Faults staged with fake backends in subprocesses: a replica killed under load, one stalled with SIGSTOP, a
-backend dying mid-stream, 500 concurrent streams, and the queue at 5x its capacity."""
+backend dying mid-stream, 2,000 concurrent streams, and the queue at 5x its capacity."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import signal
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 import pytest
-from router_helpers import Proc, engines, restart, start_fake, start_router, wait_for
+from router_helpers import Proc, engines, restart, scrape, start_fake, start_router, wait_for
+
+from slicelm.router.limits import raise_open_files_limit
 
 pytestmark = pytest.mark.slow
 
@@ -99,34 +102,70 @@ def test_backend_dying_mid_stream_ends_it_with_an_error_event(tmp_path: Path, pr
     assert r2.status_code == 503 and r2.json()["error"]["code"] == "no_live_replica"
 
 
-def test_500_concurrent_streams_are_not_capped(tmp_path: Path, procs: list[Proc]) -> None:
-    a = start_fake(tmp_path, "--chunks", "3", "--chunk-interval", "1.0")
-    b = start_fake(tmp_path, "--chunks", "3", "--chunk-interval", "1.0")
-    router = start_router(tmp_path, [a.url, b.url], ["fake", "fake"])
-    procs += [a, b, router]
+def _open_files(pid: int) -> tuple[int, int]:
+    """(open file descriptors, soft RLIMIT_NOFILE) of process ``pid``."""
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    soft = next(line.split()[3] for line in limits.splitlines() if line.startswith("Max open files"))
+    return len(os.listdir(f"/proc/{pid}/fd")), int(soft)
 
-    async def stream(c: httpx.AsyncClient, i: int) -> bool:
-        async with c.stream("POST", router.url + "/v1/chat/completions",
-                            json={"model": "fake", "stream": True, "messages": []}) as r:
-            lines = [x async for x in r.aiter_lines() if x.startswith("data: ")]
-        return r.status_code == 200 and lines[-1] == "data: [DONE]" and len(lines) == 4
 
-    async def run() -> list[bool]:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        async with httpx.AsyncClient(timeout=60, limits=limits) as c:
-            return await asyncio.gather(*(stream(c, i) for i in range(500)))
+def _rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
 
-    t = time.perf_counter()
-    ok = asyncio.run(run())
-    wall = time.perf_counter() - t
-    assert all(ok)
 
-    def peak(p: Proc) -> float:
-        text = httpx.get(p.url + "/metrics").text
-        return float(next(x.split()[-1] for x in text.splitlines() if x.startswith("fake_peak_running")))
+def test_router_holds_2000_concurrent_streams(tmp_path: Path, procs: list[Proc]) -> None:
+    """2,000 SSE streams open through the router at once (production-stack #448 crashed past 1k): each fake backend
+    holds its streams after their first chunk until it has 1,000 open, so every stream is open together; the router
+    keeps answering /health meanwhile and every stream ends with all its chunks."""
+    n, per = 2000, 1000
+    fakes = [start_fake(tmp_path, "--chunks", "3", "--chunk-interval", "3", "--hold-until-running", str(per))
+             for _ in range(2)]
+    router = start_router(tmp_path, [f.url for f in fakes], ["fake", "fake"], "--routing-logic", "roundrobin",
+                          "--max-inflight-per-replica", str(per))
+    procs += [*fakes, router]
+    raise_open_files_limit()  # this client holds 2,000 sockets too
+    first_events = 0
+    all_open = asyncio.Event()
 
-    assert peak(a) + peak(b) >= 450, (peak(a), peak(b))  # (nearly) all 500 streams were open at once
-    assert wall < 25
+    async def stream(s: aiohttp.ClientSession, i: int) -> list[bytes]:
+        nonlocal first_events
+        await asyncio.sleep(i * 0.004)  # opened over 8 s (a burst in one tick measures a starved loop instead)
+        async with s.post(router.url + "/v1/chat/completions", json={"model": "fake", "stream": True}) as r:
+            assert r.status == 200, await r.text()
+            events = []
+            async for line in r.content:
+                if line.startswith(b"data: "):
+                    events.append(line.strip())
+                    if len(events) == 1:
+                        first_events += 1
+                        if first_events == n:
+                            all_open.set()
+            return events
+
+    async def observe() -> tuple[int, float, float]:
+        await asyncio.wait_for(all_open.wait(), 180)
+        fds, _ = _open_files(router.proc.pid)
+        t = time.perf_counter()
+        async with httpx.AsyncClient() as c:
+            assert (await c.get(router.url + "/health", timeout=5)).status_code == 200
+        return fds, time.perf_counter() - t, _rss_mib(router.proc.pid)
+
+    async def run() -> tuple[list[list[bytes]], tuple[int, float, float]]:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as s:
+            seen = asyncio.create_task(observe())
+            results = await asyncio.gather(*(stream(s, i) for i in range(n)))
+            return results, await seen
+
+    results, (fds, health_s, rss) = asyncio.run(run())
+    assert all(len(e) == 4 and e[-1] == b"data: [DONE]" and b'"error"' not in b"".join(e) for e in results)
+    peaks = [scrape(f.url, "fake_peak_running")["fake_peak_running"] for f in fakes]
+    assert peaks == [per, per]
+    assert fds >= 2 * n, fds  # a client socket and a backend socket per stream, all open together
+    assert _open_files(router.proc.pid)[1] > 2 * n + 100  # the router raised its soft open-files limit
+    assert health_s < 2.0 and rss < 1024, (health_s, rss)
+    assert "Traceback" not in router.log() and "Error" not in router.log()
 
 
 def test_queue_at_five_times_capacity_waits_or_429s(tmp_path: Path, procs: list[Proc]) -> None:

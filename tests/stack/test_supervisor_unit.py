@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -13,14 +14,16 @@ import pytest
 from slicelm.stack.launch import Launch
 from slicelm.stack.procs import free_port
 from slicelm.stack.state import pid_alive, read_state
+from slicelm.stack.status import status
 from slicelm.stack.supervisor import StartupError, Supervisor
 
 pytestmark = pytest.mark.slow
 
 SERVER = """
 import http.server, sys, threading, os, time
-port, die_after = int(sys.argv[1]), float(sys.argv[2])
+port, die_after, start_delay = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 print("fake replica starting", flush=True)
+time.sleep(start_delay)  # loading: nothing listens yet
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200 if self.path == "/health" else 404); self.end_headers()
@@ -32,12 +35,12 @@ srv.serve_forever()
 """
 
 
-def launch(tmp: Path, name: str, die_after: float = -1, crash: bool = False) -> Launch:
+def launch(tmp: Path, name: str, die_after: float = -1, crash: bool = False, start_delay: float = 0.0) -> Launch:
     port = free_port("127.0.0.1")
     script = tmp / "fake.py"
     script.write_text(SERVER)
     cmd = [sys.executable, "-c", "import sys; print('boom: no such model'); sys.exit(7)"] if crash else \
-        [sys.executable, str(script), str(port), str(die_after)]
+        [sys.executable, str(script), str(port), str(die_after), str(start_delay)]
     return Launch(name=f"{name}/0", cmd=cmd, env={}, log=tmp / f"{name}.log", url=f"http://127.0.0.1:{port}",
                   model=name, replica=0)
 
@@ -108,3 +111,43 @@ def test_crash_while_starting_names_the_replica_and_quotes_its_log(tmp_path: Pat
     assert msg.startswith("broken/0 exited with code 7 while starting; last lines of")
     assert "boom: no such model" in msg
     assert not pid_alive(sup.replicas[0].proc.pid)
+
+
+def test_ps_shows_the_router_only_once_it_accepts_connections(tmp_path: Path) -> None:
+    replica = launch(tmp_path, "a", start_delay=1.0)
+    router = launch(tmp_path, "router", start_delay=1.0)
+    sup = Supervisor(tmp_path, "stack.yaml", [replica], router, startup_timeout=20, restart_limit=3, warnings=[])
+    seen: list[tuple[str | None, bool]] = []
+
+    def check(_: Supervisor) -> None:  # what `slicelm ps` says at each supervision round, and whether it is true
+        st = status(tmp_path)
+        url = st["router"]["url"] if st["router"] else None
+        seen.append((st["router_state"], url is not None and accepts_connections(url)))
+        assert url is None or seen[-1][1], f"ps shows {url} (router {st['router_state']}) but it refuses connections"
+
+    try:
+        sup.start_all(sup.replicas)
+        sup.wait_healthy(sup.replicas, on_change=check)
+        sup.start_all([sup.router])
+        sup.wait_healthy([sup.router], on_change=check)
+        check(sup)
+        os.kill(sup.router.proc.pid, signal.SIGKILL)  # a restarting router is hidden again
+        run_until(sup, lambda: sup.router.state == "restarting", 10)
+        check(sup)
+        run_until(sup, lambda: sup.router.state == "ready", 20)
+        check(sup)
+    finally:
+        sup.shutdown()
+    states = [s for s, _ in seen]
+    assert {"pending", "starting", "ready", "restarting"} <= set(states), states
+    assert [shown for s, shown in seen if s != "ready"] == [False] * (len(seen) - states.count("ready"))
+    assert all(shown for s, shown in seen if s == "ready")
+
+
+def accepts_connections(url: str) -> bool:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+        return True
+    except OSError:
+        return False
