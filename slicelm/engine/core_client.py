@@ -28,9 +28,11 @@ from slicelm.engine.core_messages import (
     ABORT,
     ADD,
     SHUTDOWN,
+    UTILITY,
     EngineCoreInfo,
     EngineCoreOutputs,
     EngineCoreRequest,
+    UtilityCall,
     make_encoder,
     outputs_decoder,
 )
@@ -69,6 +71,7 @@ class _SocketCoreClient:
         self._reader: threading.Thread | None = None
         self._target: tuple[asyncio.AbstractEventLoop, OutputCallback] | None = None
         self._closing = False
+        self._tag: list[bytes] = []  # a shared core's client index (SharedCoreClient)
 
     # ----------------------------------------------------------------- requests in
     def add_requests(self, reqs: list[EngineCoreRequest]) -> None:
@@ -80,6 +83,12 @@ class _SocketCoreClient:
         if request_ids:
             with self._send_lock:
                 self.in_sock.send_multipart([ABORT, self.encoder.encode(request_ids)], copy=False)
+
+    def call_utility(self, call_id: int, method: str, args: list[Any]) -> None:
+        """Asks the core to run ``method`` (sleep, wake_up, is_sleeping); the reply comes in ``utility``."""
+        with self._send_lock:
+            self.in_sock.send_multipart([UTILITY, self.encoder.encode(UtilityCall(call_id, method, args)),
+                                         *self._tag], copy=False)
 
     # ----------------------------------------------------------------- outputs out
     def start_reader(self, loop: asyncio.AbstractEventLoop, callback: OutputCallback) -> None:

@@ -22,6 +22,7 @@ from slicelm.sampling_params import SamplingParams
 ADD = b"A"
 ABORT = b"X"
 SHUTDOWN = b"S"
+UTILITY = b"U"  # a call answered in ``EngineCoreOutputs.utility`` (sleep, wake_up, is_sleeping)
 
 # One sampled token's logprobs: (token ids [chosen, top-1 .. top-k], their logprobs, rank of the chosen).
 LogprobEntry = tuple[list[int], list[float], int | None]
@@ -57,6 +58,18 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     prompt_logprobs: list[LogprobEntry] | None = None
 
 
+class UtilityCall(msgspec.Struct, array_like=True):
+    call_id: int
+    method: str
+    args: list[Any] = []
+
+
+class UtilityReply(msgspec.Struct, array_like=True, omit_defaults=True):
+    call_id: int
+    result: Any = None
+    error: str | None = None  # "ValueError: ..." when the call failed
+
+
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     """One message from the core: a step's outputs, its stats, how many adds it has taken so far."""
 
@@ -65,6 +78,7 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     num_adds: int = 0
     timestamp: float = 0.0
     dead_error: str | None = None  # the core is going down with this error
+    utility: list[UtilityReply] = []
 
 
 @dataclass
@@ -103,3 +117,7 @@ def outputs_decoder() -> msgspec.msgpack.Decoder[EngineCoreOutputs]:
 
 def ids_decoder() -> msgspec.msgpack.Decoder[list[str]]:
     return msgspec.msgpack.Decoder(list[str])
+
+
+def utility_decoder() -> msgspec.msgpack.Decoder[UtilityCall]:
+    return msgspec.msgpack.Decoder(UtilityCall)
