@@ -43,6 +43,7 @@ class ElasticStats:
     reclaims: int = 0  # broker reclaims served
     preempted: int = 0  # requests preempted to give memory back
     denied: int = 0  # growth the broker refused
+    peak_chunks: int = 0  # most chunks mapped at once
 
 
 class ElasticKV:
@@ -175,6 +176,7 @@ class ElasticKV:
                 self._give_back((len(free) - i) * self.memory.chunk_bytes)
                 return
             self.pool.add_blocks(self.memory.block_ids(c))
+        self.stats.peak_chunks = max(self.stats.peak_chunks, len(self.memory.mapped))
 
     def _give_back(self, nbytes: int) -> None:
         if self.link is not None and nbytes > 0:

@@ -109,7 +109,7 @@ class _CudaArray:
 
     def __init__(self, ptr: int, nbytes: int) -> None:
         self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
-                                         "version": 3, "strides": None, "stream": None}
+                                         "version": 3, "strides": None}
 
 
 def _driver() -> Any:
@@ -152,7 +152,7 @@ class CudaVirtualRange(VirtualRange):
         self.granularity = int(_call(drv.cuMemGetAllocationGranularity(
             self._prop, drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM)))
         self.size = -(size // -self.granularity) * self.granularity
-        self.base = int(_call(drv.cuMemAddressReserve(self.size, self.granularity, 0, 0)))
+        self.base = int(_call(drv.cuMemAddressReserve(self.size, self.granularity, drv.CUdeviceptr(0), 0)))
         self._handles: dict[int, Any] = {}
 
     def _bytes(self, offset: int, nbytes: int) -> torch.Tensor:

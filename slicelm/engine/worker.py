@@ -292,8 +292,6 @@ class Worker:
         self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
         if not self.uses_vmm:
             self.kv_cache = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
-        if args.enable_sleep_mode:
-            self.weights = WeightStore(model, self.device)
         if self.memory_plan is not None:
             self._cap_allocator()
         self.runner = ModelRunner(model, kv_caches, args.block_size, self.device, self.vocab_size)
@@ -336,6 +334,8 @@ class Worker:
         """KV tensors over a virtual range (``PagedKVMemory``) and the controller that maps its chunks; the
         guarantee is ``num_blocks`` rounded down to whole chunks (returned with the tensors)."""
         args, model = self.args, self.model
+        if args.enable_sleep_mode:  # before any KV is mapped: packing briefly holds a piece beside the weights
+            self.weights = WeightStore(model, self.device)
         layout = KVLayout(model.num_layers, args.block_size, model.num_kv_heads, model.head_dim, dtype)
         plan = self.memory_plan
         resident = plan.budget_bytes - plan.kv_bytes if plan is not None else 0
@@ -418,10 +418,15 @@ class Worker:
         if self.weights is not None:
             nbytes = self.weights.mapped_bytes
             self.weights.offload(keep_params=level == 1)
-            if self.elastic is not None:
+            if self._weights_in_books:
                 self.elastic.release_resident(nbytes)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    @property
+    def _weights_in_books(self) -> bool:
+        """The broker counts the weights in a GPU engine's share (its budget); a CPU engine's share is its KV."""
+        return self.elastic is not None and self.memory_plan is not None
 
     def discard_offloaded_weights(self) -> None:
         """A level-2 sleep after a level-1 one: the host copy of the parameters is no longer kept."""
@@ -431,7 +436,7 @@ class Worker:
     def wake_weights(self, reload: bool) -> None:
         if self.weights is None:
             return
-        if self.elastic is not None and not self.elastic.acquire_resident(self.weights.range.size):
+        if self._weights_in_books and not self.elastic.acquire_resident(self.weights.range.size):
             raise RuntimeError("the memory broker did not give the weights' memory back in time; retry the wake-up")
         self.weights.restore()
         if reload:

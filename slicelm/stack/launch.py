@@ -96,6 +96,8 @@ def _replica_launch(spec: StackSpec, model: ModelSpec, placement: ReplicaPlaceme
     flags, sharing_env = replica_options(spec, placement, name, run_dir)
     cmd += flags
     env.update(sharing_env)
+    if "--elastic-kv" in flags:  # it may borrow beyond its slice: the broker bounds it, not MPS's memory limit
+        env.pop("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", None)
     return Launch(
         name=name, cmd=cmd, env=env,
         log=run_dir / "logs" / f"{model.name}-{placement.replica}.log", url=f"http://{host}:{port}",

@@ -42,7 +42,9 @@ def test_replicas_and_router_get_the_flags_and_the_broker(tmp_path: Path) -> Non
                  requestGPU=1, requestGPUMem="8000", replicaCount=2)
     plan = StackPlan([ReplicaPlacement("m", 0, [AssignedGPU(UUID, 0, 8000, 0)], 1.0),
                       ReplicaPlacement("m", 1, [], None)], [], gpu_free_mib={UUID: 40000})
-    gpu, cpu = replica_launches(spec, plan, tmp_path)
+    gpu, cpu = replica_launches(spec, plan, tmp_path,
+                                mps_env=lambda sl: {"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=8000M", "MPS": "1"})
+    assert gpu.env["MPS"] == "1" and "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in gpu.env  # the broker bounds it
     assert gpu.cmd[gpu.cmd.index("--elastic-kv-watermark") + 1] == "0.2" and "--enable-sleep-mode" in gpu.cmd
     assert {k: gpu.env[k] for k in (BROKER_ENV, REPLICA_ENV, GPU_ENV)} == {
         BROKER_ENV: broker_address(tmp_path), REPLICA_ENV: "m/0", GPU_ENV: UUID}

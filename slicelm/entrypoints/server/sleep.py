@@ -13,7 +13,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from slicelm.entrypoints.server.errors import bad_request
+from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.state import get_state
 
 router = APIRouter()
@@ -31,6 +31,8 @@ async def _call(raw: Request, method: str, *args: object) -> object:
         return await _engine(raw).call_utility(method, *args)
     except ValueError as e:
         raise bad_request(str(e)) from None
+    except RuntimeError as e:  # e.g. the memory broker did not give the memory back in time: retry later
+        raise APIError(503, str(e), code="sleep_mode_unavailable") from None
 
 
 @router.post("/sleep")
