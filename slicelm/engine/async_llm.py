@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from slicelm.engine.core_messages import EngineCoreInfo, EngineCoreOutputs
+from slicelm.engine.core_messages import EngineCoreInfo, EngineCoreOutputs, utility_error
 from slicelm.engine.input_processor import InputProcessor
 from slicelm.engine.output_processor import EngineCoreRequestError, OutputProcessor
 from slicelm.engine.protocol import EngineDeadError as EngineDeadError
@@ -312,8 +312,7 @@ class AsyncLLM:
             if r.error is None:
                 future.set_result(r.result)
             else:
-                kind, _, text = r.error.partition(": ")
-                future.set_exception(ValueError(text) if kind == "ValueError" else RuntimeError(r.error))
+                future.set_exception(utility_error(r.error))
 
     async def wait_idle(self, timeout: float) -> bool:
         """Waits until no stream is active; returns False on timeout."""

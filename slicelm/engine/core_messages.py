@@ -70,6 +70,12 @@ class UtilityReply(msgspec.Struct, array_like=True, omit_defaults=True):
     error: str | None = None  # "ValueError: ..." when the call failed
 
 
+def utility_error(error: str) -> Exception:
+    """The exception a failed utility call raises on the caller's side (the core's ValueError stays one)."""
+    kind, _, text = error.partition(": ")
+    return ValueError(text) if kind == "ValueError" else RuntimeError(error)
+
+
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     """One message from the core: a step's outputs, its stats, how many adds it has taken so far."""
 

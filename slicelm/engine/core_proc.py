@@ -62,6 +62,7 @@ class CoreLoop:
         self.ids_decoder = ids_decoder()
         self.utility_decoder = utility_decoder()
         self.calls: dict[int, tuple[int, int]] = {}  # the core's call id -> (client, the client's call id)
+        self._failed_calls: list[UtilityReply] = []
         self._next_call = 0
         self.poller = zmq.Poller()
         self.poller.register(in_sock, zmq.POLLIN)
@@ -129,17 +130,19 @@ class CoreLoop:
         self._next_call += 1
         self.calls[self._next_call] = (client, call.call_id)
         try:
-            self.core.utility(self._next_call, call.method, call.args)
+            handler = getattr(self.core, "utility", None)
+            if handler is None:
+                raise ValueError(f"this engine core does not support {call.method!r}")
+            handler(self._next_call, call.method, call.args)
         except Exception as e:
-            self.core.add_reply(UtilityReply(self._next_call, error=f"{type(e).__name__}: {e}"))
+            self._failed_calls.append(UtilityReply(self._next_call, error=f"{type(e).__name__}: {e}"))
 
     def _take_replies(self, outputs: list[EngineCoreOutput]) -> list[tuple[int, UtilityReply]]:
         """Finished utility calls (as (client, reply) with the client's call id) and the outputs they made
         (requests a sleep aborted), appended to ``outputs``."""
         take = getattr(self.core, "take_replies", None)
-        if take is None:
-            return []
-        replies, extra = take()
+        replies, extra = take() if take is not None else ([], [])
+        replies, self._failed_calls = self._failed_calls + replies, []
         outputs.extend(extra)
         out = []
         for r in replies:

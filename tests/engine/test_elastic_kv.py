@@ -209,3 +209,22 @@ def test_kv_memory_is_given_back_past_the_watermark_only(tiny_dir: str) -> None:
     free = core.scheduler.kv_cache.pool.num_free_blocks
     assert core.elastic.high_water == 4 * CHUNK_BLOCKS
     assert CHUNK_BLOCKS < free <= core.elastic.high_water  # up to half the share stays mapped while idle
+
+
+def test_offline_sleep_levels_drop_and_restore_the_weights(tiny_dir: str) -> None:
+    from slicelm import LLM
+
+    llm = LLM(tiny_dir, load_format="dummy", skip_tokenizer_init=True, device="cpu", max_model_len=256,
+              kv_cache_memory_bytes=4 * CHUNK_BLOCKS * BLOCK_BYTES, enable_sleep_mode=True)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in _prompts(3, 30, seed=5)]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    weights = llm.engine.core.worker.weights
+    for level in (1, 2):
+        llm.sleep(level)
+        assert float(weights._bytes().abs().sum()) == 0.0  # pages given back: they read as zeros
+        assert not llm.engine.core.elastic.memory.mapped
+        assert llm.wake_up() > 0
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    with pytest.raises(ValueError, match="level"):
+        llm.sleep(3)

@@ -20,7 +20,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 import gpu.test_engine_gpu as base  # noqa: E402
 
 from slicelm import LLM  # noqa: E402
-from slicelm.engine.core_messages import UtilityReply  # noqa: E402
 from slicelm.engine.memory import process_gpu_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,14 +92,6 @@ def test_elastic_kv_grows_shrinks_and_computes_what_a_static_cache_does(qwen3_di
     _free()
 
 
-def _call(llm: LLM, method: str, *args: object) -> UtilityReply:
-    core = llm.engine.core
-    core.utility(1, method, list(args))
-    (reply,), _ = core.take_replies()
-    assert reply.error is None, reply.error
-    return reply
-
-
 def test_sleep_level1_and_level2_free_memory_and_wake_with_the_same_outputs(qwen3_dir, prompts) -> None:
     llm = LLM(qwen3_dir, device="cuda", dtype="bfloat16", skip_tokenizer_init=True, max_model_len=1024,
               gpu_memory_budget="6GiB", max_num_seqs=16, enable_sleep_mode=True)
@@ -108,12 +99,12 @@ def test_sleep_level1_and_level2_free_memory_and_wake_with_the_same_outputs(qwen
     awake = _used()
     weights = llm.engine.core.worker.weights.nbytes
     for level in (1, 2):
-        _call(llm, "sleep", level, "abort")
+        llm.sleep(level)
         asleep = _used()
         if awake is not None:
             assert awake - asleep >= weights  # weights and KV cache went back to the driver
         t0 = time.perf_counter()
-        seconds = _call(llm, "wake_up", None).result
+        seconds = llm.wake_up()
         assert 0 < seconds <= time.perf_counter() - t0
         assert _greedy(llm, prompts, 16) == want, f"level {level}"
     del llm

@@ -49,7 +49,7 @@ METRIC_NAMES = (
     "vllm:request_inference_time_seconds", "vllm:request_prefill_time_seconds",
     "vllm:request_decode_time_seconds", "vllm:request_prompt_tokens", "vllm:request_generation_tokens",
     "vllm:cache_config_info", "vllm:iteration_tokens_total", "vllm:num_requests_waiting_by_reason",
-    "vllm:request_params_n", "vllm:request_params_max_tokens",
+    "vllm:request_params_n", "vllm:request_params_max_tokens", "vllm:engine_sleep_state",
 )
 
 
