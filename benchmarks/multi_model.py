@@ -53,7 +53,7 @@ from multi_model_trace import (
     meets_slo,
     popularity,
 )
-from serving import free_port, one_request
+from serving import Record, free_port, one_request
 
 from slicelm.slicing.broker_client import BROKER_ENV, GPU_ENV, REPLICA_ENV, BrokerControl
 from slicelm.stack.broker import BrokerState
@@ -133,7 +133,10 @@ def mps_env(run_dir: Path, enabled: bool) -> tuple[Any, dict[str, str], str]:
 # ------------------------------------------------------------------------------------------- requests
 async def _one(session: aiohttp.ClientSession, url: str, a: Arrival, t0: float, base: Baseline) -> dict[str, Any]:
     await asyncio.sleep(max(0.0, t0 + a.t - time.perf_counter()))
-    rec = await one_request(session, url, a.model, a.prompt, a.max_tokens)
+    try:
+        rec = await one_request(session, url, a.model, a.prompt, a.max_tokens)
+    except TimeoutError:  # cut (the session's per-request limit): its disconnect aborts it in the engine
+        rec = Record(status=-1)
     ttft = rec.first - rec.start if rec.first is not None else None
     tpot = (rec.end - rec.first) / (rec.output_tokens - 1) if rec.first is not None and rec.output_tokens > 1 \
         else None
@@ -143,7 +146,7 @@ async def _one(session: aiohttp.ClientSession, url: str, a: Arrival, t0: float, 
 
 async def run_window(router: str, trace: list[Arrival], baselines: dict[str, Baseline], window: float,
                      drain: float) -> list[dict[str, Any]]:
-    """Sends the trace on time; requests still running ``drain`` s after the window are cut (SLO missed)."""
+    """Sends the trace on time; a request not done ``window + drain`` s after it was sent is cut (SLO missed)."""
     url = router + "/v1/completions"
     timeout = aiohttp.ClientTimeout(total=window + drain)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:

@@ -137,10 +137,11 @@ class EngineCore:
         link = self.elastic.link if self.elastic is not None else None
         return [link.socket] if link is not None else []
 
-    def service(self) -> None:
-        """Elastic KV housekeeping: broker messages, growth ahead of need, giving chunks back."""
+    def service(self, idle: bool = False) -> None:
+        """Elastic KV housekeeping: broker messages, growth ahead of need, giving chunks back (``idle``: the
+        engine has just run out of work, the watermark is checked at once)."""
         if self.elastic is not None:
-            self.elastic.service(self.scheduler.running, self.scheduler.preempt_requests)
+            self.elastic.service(self.scheduler.running, self.scheduler.preempt_requests, idle)
 
     # -------------------------------------------------------------------------------- step
     def step(self) -> list[EngineCoreOutput]:

@@ -78,8 +78,13 @@ class CoreLoop:
     def run(self) -> None:
         try:
             last_check = time.monotonic()
+            was_busy = False
             while not self.stopped:
                 busy = self._runnable()
+                if was_busy and not busy and hasattr(self.core, "service"):
+                    self.core.service(idle=True)  # gone idle: elastic KV gives free chunks back now
+                    self._send_stats()
+                was_busy = busy
                 if not busy and not self._wait_idle():
                     if not self.parent_alive():
                         logger.warning("the API process is gone: engine core exits")
@@ -109,6 +114,13 @@ class CoreLoop:
                     self._send(EngineCoreOutputs(num_adds=self.client_adds[i], timestamp=time.time(),
                                                  dead_error=f"{type(e).__name__}: {e}"), i)
             raise
+
+    def _send_stats(self) -> None:
+        """A message with the stats snapshot alone (what changed while idle reaches the metrics)."""
+        if self.multi:
+            self._send_each([], [], [])
+        else:
+            self._send(EngineCoreOutputs([], self.core.get_stats(), self.num_adds, time.time()))
 
     def _runnable(self) -> bool:
         runnable = getattr(self.core, "is_runnable", None)

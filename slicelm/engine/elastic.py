@@ -36,6 +36,7 @@ from slicelm.slicing.broker_protocol import Grant, Limits, Reclaim
 logger = logging.getLogger(__name__)
 GROW_WAIT_S = 0.002  # how long a short pool waits for the broker's answer before the step goes on
 DENIED_BACKOFF_S = 0.05  # after a denial, do not ask again for this long
+SHRINK_CHECK_S = 0.1  # the watermark is checked at most this often (a scan of the mapped chunks)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class ElasticKV:
         self.pending: dict[int, int] = {}  # broker seq -> chunks asked for, answer not in yet
         self.pending_resident: dict[int, int] = {}  # broker seq -> bytes a wake-up stopped waiting for
         self.denied_until = 0.0
+        self.next_shrink_check = 0.0
         self.asleep = False
         self.stats = ElasticStats()
         self.on_unmap: Callable[[], None] | None = None  # clears the CUDA graphs' block tables
@@ -184,12 +186,15 @@ class ElasticKV:
             self.link.release(nbytes)
 
     # ------------------------------------------------------------------------------- service
-    def service(self, running: list[Request], preempt: Callable[[Iterable[Request]], None]) -> None:
+    def service(self, running: list[Request], preempt: Callable[[Iterable[Request]], None],
+                idle: bool = False) -> None:
         """Broker messages, prefetch, watermark and reclaim shrinking (see the module docstring)."""
         if self.link is not None:
             self._handle_messages()
         if self.asleep:
             return
+        if idle:
+            self.next_shrink_check = 0.0
         excess = 0 if self.target_chunks is None else len(self.memory.mapped) - self.target_chunks
         if excess > 0:
             self._shrink(excess, running, preempt)
@@ -230,7 +235,8 @@ class ElasticKV:
         if free < cb // 2 and self.link is not None and not self.pending and self._room() > 0 \
                 and time.monotonic() >= self.denied_until:
             self._acquire_and_map(1, wait_s=0.0)  # ahead of need: the answer is mapped at the next service
-        elif free > self.high_water:
+        elif free > self.high_water and time.monotonic() >= self.next_shrink_check:
+            self.next_shrink_check = time.monotonic() + SHRINK_CHECK_S
             surplus = (free - self.high_water // 2) // cb
             if surplus > 0:
                 self._shrink(surplus, [], lambda _: None)

@@ -128,6 +128,7 @@ class Worker:
         self.weights: WeightStore | None = None  # sleep mode: weights that can be offloaded
         self.link: BrokerLink | None = None
         self.prepaid = 0  # bytes the memory broker granted before loading (the whole slice)
+        self._prepaid_seq, self._late_prepaid = 0, 0  # that request, when its grant had not come in time
         self.green_context = None
 
     def build(self) -> None:
@@ -171,13 +172,15 @@ class Worker:
         assert self.link is not None
         try:
             self.link.register(guarantee)
-            _, granted = self.link.acquire(guarantee, self.link.reclaim_timeout + 2.0)
+            self._prepaid_seq, granted = self.link.acquire(guarantee, self.link.reclaim_timeout + 2.0)
         except BrokerUnavailable as e:
             logger.warning("%s: running without the memory broker", e)
             self.link.close()
             self.link = None
             return
         self.prepaid = guarantee if granted else 0
+        if granted is None:  # a late grant of it is given back (ElasticKV.pending_resident)
+            self._late_prepaid = guarantee
 
     def load_model(self) -> None:
         """Resolves the checkpoint, infers the task, builds the model and loads (or randomizes) its weights."""
@@ -356,6 +359,8 @@ class Worker:
                                        num_present=0)
         self.elastic = ElasticKV(kv_memory, self.kv_cache, guarantee, resident, self.link, args.elastic_kv,
                                  args.elastic_kv_watermark)
+        if self._late_prepaid:
+            self.elastic.pending_resident[self._prepaid_seq] = self._late_prepaid
         self.elastic.start(self.prepaid)
         return guarantee, kv_memory.kv_caches
 

@@ -118,7 +118,7 @@ def test_elastic_engine_grows_on_demand_and_gives_free_chunks_back(tiny_dir: str
         peak = max(peak, len(el.elastic.memory.mapped))
     assert outs[0] == outs[1] and all(len(t) == 40 for t in outs[1].values())
     assert peak == 4  # grew to its guarantee of 64 blocks
-    el.service()
+    el.service(idle=True)
     assert len(el.elastic.memory.mapped) == 1  # idle: back to chunk 0 (watermark 0)
     assert el.get_stats().extra["kv_mapped_bytes"] == CHUNK_BLOCKS * BLOCK_BYTES
 
@@ -205,7 +205,7 @@ def test_kv_memory_is_given_back_past_the_watermark_only(tiny_dir: str) -> None:
     core = _core(tiny_dir, 8 * CHUNK_BLOCKS, elastic_kv=True, elastic_kv_watermark=0.5)
     _add(core, _prompts(12, 100, seed=4), max_tokens=20)
     _run([core])
-    core.service()
+    core.service(idle=True)
     free = core.scheduler.kv_cache.pool.num_free_blocks
     assert core.elastic.high_water == 4 * CHUNK_BLOCKS
     assert CHUNK_BLOCKS < free <= core.elastic.high_water  # up to half the share stays mapped while idle

@@ -82,7 +82,7 @@ def test_elastic_kv_grows_shrinks_and_computes_what_a_static_cache_does(qwen3_di
     assert len(el.memory.mapped) == 1
     before = _outside_torch()
     got = _greedy(llm, long, 48)
-    llm.engine.core.service()  # idle: back to chunk 0
+    llm.engine.core.service(idle=True)  # idle: back to chunk 0
     assert got == want and el.stats.peak_chunks > 4 and len(el.memory.mapped) == 1
     after = _outside_torch()
     if before is not None:
