@@ -71,16 +71,6 @@ def enter_green_context(spec: str, device: torch.device) -> Any:
     return handle
 
 
-def exit_green_context(handle: Any) -> None:
-    """Pops the green context ``enter_green_context`` pushed on this thread."""
-    if hasattr(handle, "pop_context"):
-        handle.pop_context()
-        return
-    from slicelm.engine.vmm import _call, _driver
-
-    _call(_driver().cuCtxPopCurrent())
-
-
 def _driver_green_context(index: int, sms: SMRange) -> Any:
     from slicelm.engine.vmm import _call, _driver
 

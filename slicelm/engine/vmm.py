@@ -17,6 +17,7 @@ and CUDA graphs captured with its addresses stay valid) and maps physical memory
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 from typing import Any
 
@@ -105,9 +106,11 @@ class HostVirtualRange(VirtualRange):
 
 
 class _CudaArray:
-    """Just enough of ``__cuda_array_interface__`` for ``torch.as_tensor`` to view raw device bytes."""
+    """Just enough of ``__cuda_array_interface__`` for ``torch.as_tensor`` to view raw device bytes. It keeps
+    its range alive: a tensor viewing the range holds it, so pages are never unmapped under a live view."""
 
-    def __init__(self, ptr: int, nbytes: int) -> None:
+    def __init__(self, ptr: int, nbytes: int, owner: VirtualRange) -> None:
+        self.owner = owner
         self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
                                          "version": 3, "strides": None}
 
@@ -156,7 +159,7 @@ class CudaVirtualRange(VirtualRange):
         self._handles: dict[int, Any] = {}
 
     def _bytes(self, offset: int, nbytes: int) -> torch.Tensor:
-        return torch.as_tensor(_CudaArray(self.base + offset, nbytes), device=self.device)
+        return torch.as_tensor(_CudaArray(self.base + offset, nbytes, self), device=self.device)
 
     def _map(self, offset: int, size: int) -> None:
         drv = _driver()
@@ -188,6 +191,10 @@ class CudaVirtualRange(VirtualRange):
         drv = _driver()
         _call(drv.cuMemAddressFree(drv.CUdeviceptr(self.base), self.size))
         self.base = None
+
+    def __del__(self) -> None:  # the last view is gone (an engine was dropped): pages back to the driver
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 def reserve(size: int, device: torch.device, host_granularity: int = mmap.PAGESIZE) -> VirtualRange:
