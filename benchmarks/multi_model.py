@@ -11,7 +11,9 @@ with one memory broker (``slicelm.stack.broker_server``) whose policy is switche
 1. ``static``: ceiling = guarantee (``SetPolicy(0)``): every engine keeps to its slice, as HAMi's slices;
 2. ``elastic``: engines borrow whatever is free and give it back when an owner needs it;
 3. ``elastic_sleep``: as 2, through a router that puts a model to sleep after ``--idle-sleep-after`` s
-   without requests (level 1) and wakes it for the next one (that request waits).
+   without requests (level 1) and wakes it for the next one (that request waits); a sleeping model's
+   memory is lent like any other. Each window starts with one tiny request per model through that router
+   (the pause between two windows is not part of the trace; models idle inside a window do sleep).
 
 Per model, its TTFT (two prompt lengths) and TPOT alone on the idle GPU set its SLO (5×). Each policy's
 maximum total rate at which 99% of a window's requests meet their SLO is found by doubling then bisecting
@@ -199,6 +201,12 @@ def measure_wake(url: str, repeats: int) -> dict[str, Any]:
     return {"level": 1, "server_s": server, "client_s": client, "median_s": sorted(client)[len(client) // 2]}
 
 
+async def touch_all(router: str, models: list[str]) -> None:
+    """One one-token request per model through ``router``: wakes sleeping models and restarts their idle clocks."""
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(one_request(session, router + "/v1/completions", m, [1] * 16, 1) for m in models))
+
+
 def prewarm_sleep(urls: dict[str, str], exclude: str) -> None:
     """One level-1 sleep and wake of every engine, all at once: the pinned host buffer that keeps a sleeping
     engine's weights is allocated at its first sleep and kept, so that cost is not paid inside a window."""
@@ -218,10 +226,13 @@ class Bench:
         self.args, self.models, self.urls, self.baselines = args, models, urls, baselines
         self.lengths, self.control = lengths, control
         self.vocab = min(int(c["vocab_size"]) for c in models.values())
+        self.touch = False  # one tiny request per model before each window (the sleep policy's router)
 
     def probe(self, router: str, rate: float) -> dict[str, Any]:
         a = self.args
         trace = make_trace(list(self.models), rate, a.window, self.lengths, self.vocab, a.seed)
+        if self.touch:  # the gap between two windows is no part of the trace: every model starts awake
+            asyncio.run(touch_all(router, list(self.models)))
         results = asyncio.run(run_window(router, trace, self.baselines, a.window, a.drain))
         wait_idle(self.urls)
         attained = sum(r["slo"] for r in results) / max(1, len(results))
@@ -340,6 +351,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             prewarm_sleep(urls, exclude=biggest)  # each engine's host copy of its weights is allocated once
             sleepy, sleepy_url = start_router(urls, logs, "sleep", "--idle-sleep-after", str(args.idle_sleep_after))
             procs.append(sleepy)
+            bench.touch = True
             best_z, probes = bench.search(sleepy_url, best_e or args.start_rate)
             policies["elastic_sleep"] = {"max_rate": best_z, "probes": probes,
                                          "router_log_wakes": (logs / "router-sleep.log").read_text().count("Woke up")}

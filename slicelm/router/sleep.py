@@ -38,6 +38,7 @@ class SleepManager:
         self.poll_interval = poll_interval
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.last_request: dict[str, float] = {}  # model -> when a request for it last arrived or ended
+        self.started = time.monotonic()  # idle time counts from the router's start
         self._waking: dict[str, asyncio.Task[float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._task: asyncio.Task[None] | None = None
@@ -45,6 +46,7 @@ class SleepManager:
         self.wake_seconds: list[float] = []  # router-measured wake-up times (wake_up call), newest last
 
     async def start(self) -> None:
+        self.started = time.monotonic()
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAKE_TIMEOUT_S))
         self._task = asyncio.create_task(self._loop())
 
@@ -131,7 +133,7 @@ class SleepManager:
         assert self.idle_after is not None
         return [b for b in self.pool.backends.values()
                 if b.healthy and not b.sleeping and b.in_flight == 0 and b.url not in self._waking
-                and all(now - self.last_request.get(m, 0.0) >= self.idle_after for m in b.models)]
+                and all(now - self.last_request.get(m, self.started) >= self.idle_after for m in b.models)]
 
     async def _sleep_if_idle(self, b: Backend) -> None:
         assert self._session is not None
