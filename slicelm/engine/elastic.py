@@ -106,6 +106,13 @@ class ElasticKV:
         if not self.memory.mapped:
             raise VMMError("could not map the first KV chunk")
 
+    def settle(self) -> None:
+        """Back to what ``start`` mapped, figures cleared (after the warm-up: its growth goes back)."""
+        keep = 1 if self.elastic else self.guarantee_chunks
+        extra = sorted(self.memory.mapped, reverse=True)[:max(0, len(self.memory.mapped) - keep)]
+        self._unmap([c for c in extra if c != 0 and self._chunk_free(c)])
+        self.stats = ElasticStats(peak_chunks=len(self.memory.mapped))
+
     def release_resident(self, nbytes: int) -> None:
         """Sleep gave ``nbytes`` of non-KV memory (weights) back."""
         self.resident -= nbytes

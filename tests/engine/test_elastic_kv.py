@@ -16,6 +16,7 @@ from slicelm.engine.core import EngineCore
 from slicelm.engine.core_messages import EngineCoreRequest
 from slicelm.engine.kv_memory import KVLayout, PagedKVMemory, chunk_blocks_for
 from slicelm.engine.vmm import HostVirtualRange
+from slicelm.engine.warmup import warm_up
 from slicelm.sampling_params import SamplingParams
 from slicelm.slicing.broker_client import BROKER_ENV, REPLICA_ENV
 from slicelm.stack.broker import BrokerState
@@ -209,6 +210,8 @@ def test_kv_memory_is_given_back_past_the_watermark_only(tiny_dir: str) -> None:
     free = core.scheduler.kv_cache.pool.num_free_blocks
     assert core.elastic.high_water == 4 * CHUNK_BLOCKS
     assert CHUNK_BLOCKS < free <= core.elastic.high_water  # up to half the share stays mapped while idle
+    warm_up(core)  # what the engine does before it is ready: its growth goes back, the core is as new
+    assert len(core.elastic.memory.mapped) == 1 and core.elastic.stats.peak_chunks == 1
 
 
 def test_offline_sleep_levels_drop_and_restore_the_weights(tiny_dir: str) -> None:
