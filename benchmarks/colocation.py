@@ -3,8 +3,8 @@
     python benchmarks/colocation.py                       # both parts, ~5 minutes on an H200
     python benchmarks/colocation.py --parts table         # co-location table only
     python benchmarks/colocation.py --parts isolation     # 30 / 70 MPS caps only
-    python benchmarks/colocation.py --kv elastic --green --skip-time-sliced --parts table \\
-        --seconds 5 --warmup 2 --time-budget 170          # issue 24's re-run: under 3 minutes
+    python benchmarks/colocation.py --kv elastic --green --skip-time-sliced --isolation-kinds green \\
+        --seconds 5 --warmup 2 --time-budget 165          # issue 24's re-run: under 3 minutes
     python benchmarks/colocation.py --smoke --kv elastic --green   # CPU dry run of the same orchestration
 
 Each engine is its own process (one engine per process, as `slicelm up` runs them), Qwen3-0.6B shape with
@@ -307,6 +307,7 @@ def _args() -> argparse.Namespace:
                     help="elastic: every engine with elastic KV under a memory broker in this process")
     ap.add_argument("--green", action="store_true", help="add green-context SM partitions (see above)")
     ap.add_argument("--smoke", action="store_true", help="CPU: a tiny model, no MPS, no green contexts, short phases")
+    ap.add_argument("--name", default=None, help="result file name (default: colocation[_<kv>[_green]])")
     args = ap.parse_args()
     if args.smoke:
         args.seconds, args.warmup = min(args.seconds, 2.0), min(args.warmup, 1.0)
@@ -358,8 +359,8 @@ def main() -> None:
 
         budget = int(torch.cuda.get_device_properties(0).total_memory * args.memory_fraction)
     run_root = Path(tempfile.mkdtemp(prefix="slicelm-coloc-"))
-    name = "colocation" if args.kv == "static" and not args.green else \
-        f"colocation_{args.kv}{'_green' if args.green else ''}"
+    name = args.name or ("colocation" if args.kv == "static" and not args.green else
+                         f"colocation_{args.kv}{'_green' if args.green else ''}")
     run = Run(args, name + ("_smoke" if args.smoke else ""), {**environment(), "workload": {
         "name": "co-location of two LLM engines on one GPU",
         "model": "tiny Qwen3 shape, CPU (smoke)" if args.smoke else "Qwen3-0.6B shape, random bf16 weights",
