@@ -5,8 +5,8 @@ modes): ``abort`` ends them (finish reason ``abort``), ``wait`` lets the running
 is admitted meanwhile; the reply comes when they are done), ``keep`` preempts them (they recompute after
 the wake-up). Then the scheduler is paused (requests that arrive while asleep are queued, not lost, and
 run after the wake-up, as in vLLM) and, from level 1, the worker drops its memory: level 1 keeps the
-weights in pinned host memory, level 2 discards them (the wake-up reloads them from the checkpoint);
-both drop the KV cache. Level 0 only pauses scheduling.
+weights in pinned host memory, level 2 discards them (the wake-up reloads them from the checkpoint; not
+for quantized models, whose loaded weights are repacked); both drop the KV cache. Level 0 only pauses scheduling.
 
 ``wake_up(tags)``: ``weights``, ``kv_cache``, ``scheduling`` (all when none are given); scheduling resumes
 once weights and KV cache are both back.
@@ -47,6 +47,10 @@ class SleepMode:
             raise ValueError(f"level: sleep level must be 0, 1 or 2, got {level}")
         if mode not in MODES:
             raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
+        quant = self.core.worker.quant_config
+        if level == 2 and quant is not None:
+            raise ValueError(f"level: a quantized model ({quant.describe()}) sleeps at level 1 at most: level 2 "
+                             "reloads the checkpoint, and its weights were repacked for the kernels after loading")
         if self.pending is not None:
             raise ValueError("a sleep is already in progress")
         core = self.core

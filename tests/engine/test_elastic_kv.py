@@ -231,3 +231,24 @@ def test_offline_sleep_levels_drop_and_restore_the_weights(tiny_dir: str) -> Non
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
     with pytest.raises(ValueError, match="level"):
         llm.sleep(3)
+
+
+def test_a_quantized_model_sleeps_at_level_1_only(tmp_path) -> None:
+    """Level 2 would reload an AWQ checkpoint into weights already repacked for the kernels: refused, with the
+    engine left as it was; level 1 keeps the repacked weights and wakes with the same outputs."""
+    from utils_quant import base_model, write_awq
+
+    from slicelm import LLM
+
+    write_awq(base_model(), tmp_path)
+    llm = LLM(str(tmp_path), skip_tokenizer_init=True, device="cpu", max_model_len=256,
+              kv_cache_memory_bytes=4 << 20, enable_sleep_mode=True)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in _prompts(2, 20, seed=6)]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    with pytest.raises(ValueError, match="level 1 at most"):
+        llm.sleep(2)
+    assert not llm.engine.core.sleep_mode.is_sleeping
+    llm.sleep(1)
+    assert llm.wake_up() > 0
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
