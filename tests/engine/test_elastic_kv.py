@@ -252,3 +252,10 @@ def test_a_quantized_model_sleeps_at_level_1_only(tmp_path) -> None:
     llm.sleep(1)
     assert llm.wake_up() > 0
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+
+
+def test_one_gpu_features_are_refused_with_tensor_parallelism() -> None:
+    with pytest.raises(ValueError, match="--enable-sleep-mode, --elastic-kv: not supported with --tensor-parallel"):
+        EngineArgs(model="m", tensor_parallel_size=2, enable_sleep_mode=True, elastic_kv=True)
+    with pytest.raises(ValueError, match="--green-context-sms"):
+        EngineArgs(model="m", tensor_parallel_size=2, green_context_sms="64")
