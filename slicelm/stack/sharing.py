@@ -8,7 +8,8 @@
 - ``slicelm.idleSleep``: every replica runs with ``--enable-sleep-mode``; the router gets
   ``--idle-sleep-after`` / ``--idle-sleep-level`` (it sleeps idle replicas and wakes them on a request).
 
-The Helm chart does not render these (a broker needs every engine of a GPU on one machine).
+Replicas on several GPUs (tensor parallel) get neither. The Helm chart does not render these (a broker needs every
+engine of a GPU on one machine).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def replica_options(spec: StackSpec, placement: ReplicaPlacement, name: str,
     """Extra ``slicelm serve`` flags and env of one replica."""
     flags: list[str] = []
     env: dict[str, str] = {}
+    if len(placement.gpus) > 1:  # tensor parallel: elastic KV and sleep are one-GPU features
+        return flags, env
     el = spec.slicelm.elastic
     if el is not None and el.enabled and placement.gpus:
         flags += ["--elastic-kv", "--elastic-kv-watermark", str(el.freeWatermark)]

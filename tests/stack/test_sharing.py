@@ -19,6 +19,7 @@ from slicelm.stack.state import read_state
 from slicelm.stack.status import status
 
 UUID = "GPU-11111111-2222-3333-4444-555555555555"
+UUID2 = "GPU-22222222-2222-3333-4444-555555555555"
 
 
 def stack(slicelm: dict, router: bool = True, **model) -> object:
@@ -49,6 +50,12 @@ def test_replicas_and_router_get_the_flags_and_the_broker(tmp_path: Path) -> Non
     assert {k: gpu.env[k] for k in (BROKER_ENV, REPLICA_ENV, GPU_ENV)} == {
         BROKER_ENV: broker_address(tmp_path), REPLICA_ENV: "m/0", GPU_ENV: UUID}
     assert "--elastic-kv" not in cpu.cmd and "--enable-sleep-mode" in cpu.cmd and BROKER_ENV not in cpu.env
+    two = StackPlan([ReplicaPlacement("m", 0, [AssignedGPU(UUID, 0, 8000, 0), AssignedGPU(UUID2, 1, 8000, 0)],
+                                      1.0)], [], gpu_free_mib={UUID: 40000, UUID2: 40000})
+    tp = replica_launches(stack({"elastic": {}, "idleSleep": {"after": 5}}, requestGPU=2, requestGPUMem="8000"),
+                          two, tmp_path)[0]
+    assert "--tensor-parallel-size" in tp.cmd and "--elastic-kv" not in tp.cmd  # one-GPU features only
+    assert "--enable-sleep-mode" not in tp.cmd and BROKER_ENV not in tp.env
     router = router_launch(spec, tmp_path)
     assert router is not None
     assert router.cmd[router.cmd.index("--idle-sleep-after") + 1:][:3] == ["12.5", "--idle-sleep-level", "2"]
