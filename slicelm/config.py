@@ -130,6 +130,15 @@ class EngineArgs:
     download_dir: str | None = None
     hf_token: str | bool | None = None  # a token, or True: the one `hf auth login` stored; None: env HF_TOKEN
     ignore_patterns: list[str] | tuple[str, ...] = ("original/**/*",)
+    # vLLM's sleep mode (POST /sleep, /wake_up): weights and KV cache in memory that can be given back.
+    enable_sleep_mode: bool = False
+    # Elastic KV: KV memory mapped in chunks as the block pool grows, given back past the free watermark;
+    # with a memory broker (SLICELM_KV_BROKER) it may also borrow beyond its slice.
+    elastic_kv: bool = False
+    elastic_kv_watermark: float = 0.1
+    elastic_kv_max_bytes: str | int | None = None
+    # Green-context SM partition of the engine: "N" SMs or "N@FIRST" (disjoint ranges across engines).
+    green_context_sms: str | None = None
 
     def __post_init__(self) -> None:
         if self.code_revision is not None:
@@ -165,10 +174,19 @@ class EngineArgs:
             raise ValueError(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3; got {self.kv_cache_dtype!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        single_gpu = [flag for flag, on in (("--enable-sleep-mode", self.enable_sleep_mode),
+                                            ("--elastic-kv", self.elastic_kv),
+                                            ("--green-context-sms", self.green_context_sms is not None)) if on]
+        if self.tensor_parallel_size > 1 and single_gpu:
+            raise ValueError(f"{', '.join(single_gpu)}: not supported with --tensor-parallel-size "
+                             f"{self.tensor_parallel_size} (one engine on one GPU only)")
         if self.task not in ("auto", "generate", "embed", "score"):
             raise ValueError(f"task must be one of auto, generate, embed, score; got {self.task!r}")
+        if not 0 <= self.elastic_kv_watermark <= 1:
+            raise ValueError(f"elastic_kv_watermark must be in [0, 1], got {self.elastic_kv_watermark}")
         self.gpu_memory_budget = parse_size(self.gpu_memory_budget)
         self.kv_cache_memory_bytes = parse_size(self.kv_cache_memory_bytes)
+        self.elastic_kv_max_bytes = parse_size(self.elastic_kv_max_bytes)
 
     # ----------------------------------------------------------------------------------- CLI
     @staticmethod
@@ -238,6 +256,17 @@ class EngineArgs:
                          help="Hub token for gated / private repos (no value: the stored login; default: env HF_TOKEN)")
         hub.add_argument("--ignore-patterns", nargs="+", default=list(d.ignore_patterns),
                          help="repo files never downloaded (glob patterns)")
+        g.add_argument("--enable-sleep-mode", action="store_true",
+                       help="allow POST /sleep and /wake_up (weights and KV cache in memory that can be given back)")
+        g.add_argument("--elastic-kv", action="store_true",
+                       help="map KV memory in chunks as needed and give free chunks back; with slicelm up's memory "
+                            "broker, borrow free GPU memory beyond the slice")
+        g.add_argument("--elastic-kv-watermark", type=float, default=d.elastic_kv_watermark,
+                       help="fraction of the guaranteed KV blocks kept mapped while free before chunks are given back")
+        g.add_argument("--elastic-kv-max-bytes", default=None,
+                       help="largest KV cache an elastic engine may grow to (default: the GPU's memory)")
+        g.add_argument("--green-context-sms", default=None,
+                       help="run the engine in a CUDA green context of N SMs ('N', 'N%%' or 'N@FIRST_SM')")
         return parser
 
     @classmethod

@@ -22,7 +22,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from slicelm.engine.core_messages import EngineCoreInfo, EngineCoreOutputs
+from slicelm.engine.core_messages import EngineCoreInfo, EngineCoreOutputs, utility_error
 from slicelm.engine.input_processor import InputProcessor
 from slicelm.engine.output_processor import EngineCoreRequestError, OutputProcessor
 from slicelm.engine.protocol import EngineDeadError as EngineDeadError
@@ -150,6 +150,8 @@ class AsyncLLM:
         self.last_stats = EngineStats(timestamp=time.time())
         self._num_resets = 0  # the core's WARMUP_DONE resets seen
         self._reset_seen: asyncio.Event | None = None
+        self._calls: dict[int, asyncio.Future[Any]] = {}  # utility calls waiting for the core's reply
+        self._next_call = 0
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, max_waiting_requests: int | None = None,
@@ -302,6 +304,39 @@ class AsyncLLM:
         self._reset_seen = None
         return self._num_resets > seen
 
+    # ------------------------------------------------------------------ sleep mode (utility calls)
+    async def call_utility(self, method: str, *args: Any) -> Any:
+        """Runs ``method`` in the core and returns its result; the core's ValueError stays a ValueError."""
+        loop = asyncio.get_running_loop()
+        self._attach(loop)
+        if self.errored or self._shut_down:
+            raise EngineDeadError(f"the engine is not running: {self.dead_error or 'it was shut down'}")
+        self._next_call += 1
+        future: asyncio.Future[Any] = loop.create_future()
+        self._calls[self._next_call] = future
+        self.client.call_utility(self._next_call, method, list(args))
+        return await future
+
+    async def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        await self.call_utility("sleep", level, mode)
+
+    async def wake_up(self, tags: list[str] | None = None) -> float:
+        """Returns the seconds the core took to wake up."""
+        return float(await self.call_utility("wake_up", tags) or 0.0)
+
+    async def is_sleeping(self) -> bool:
+        return bool(await self.call_utility("is_sleeping"))
+
+    def _on_utility(self, replies: list[Any]) -> None:
+        for r in replies:
+            future = self._calls.pop(r.call_id, None)
+            if future is None or future.done():
+                continue
+            if r.error is None:
+                future.set_result(r.result)
+            else:
+                future.set_exception(utility_error(r.error))
+
     async def wait_idle(self, timeout: float) -> bool:
         """Waits until no stream is active; returns False on timeout."""
         deadline = time.monotonic() + timeout
@@ -379,6 +414,8 @@ class AsyncLLM:
             self._engine_waiting = msg.stats.num_waiting
             self._engine_running = msg.stats.num_running
         self._num_taken = msg.num_adds
+        if msg.utility:
+            self._on_utility(msg.utility)
         self._notify(it)
         if msg.num_resets != self._num_resets:
             self._num_resets = msg.num_resets
@@ -448,4 +485,8 @@ class AsyncLLM:
         for state in self._states.values():
             state.stream.put(err)
         self._states.clear()
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(err)
+        self._calls.clear()
         self.output_processor.abort(list(self.output_processor.parents))

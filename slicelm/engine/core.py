@@ -17,11 +17,12 @@ import time
 from collections.abc import Iterable
 
 from slicelm.config import EngineArgs
-from slicelm.engine.core_messages import EngineCoreInfo, EngineCoreOutput, EngineCoreRequest
+from slicelm.engine.core_messages import EngineCoreInfo, EngineCoreOutput, EngineCoreRequest, UtilityReply
 from slicelm.engine.executor import make_executor
 from slicelm.engine.request import Request, RequestStatus
 from slicelm.engine.runner import RunnerOutput, StepHandle
 from slicelm.engine.sampler import make_generator
+from slicelm.engine.sleep_mode import SleepMode
 from slicelm.engine.stats import EngineStats
 from slicelm.engine.structured_output import StructuredOutputManager
 from slicelm.engine.warmup import WarmupReport, warm_up
@@ -49,6 +50,10 @@ class EngineCore:
         )
         self.structured = None if self.model_config.is_pooling else make_structured_manager(args, self.worker)
         self._waiting_for_grammar: list[Request] = []
+        self.elastic = self.worker.elastic  # KV in chunks mapped on demand (elastic KV / sleep mode), or None
+        self.sleep_mode = SleepMode(self)
+        self._replies: list[UtilityReply] = []
+        self._extra_outputs: list[EngineCoreOutput] = []  # made outside a step (requests a sleep aborted)
         self.warmup: WarmupReport = warm_up(self)  # before anyone is told the core is ready
 
     def info(self) -> EngineCoreInfo:
@@ -104,18 +109,78 @@ class EngineCore:
         ok = self.scheduler.kv_cache.reset_prefix_cache()
         assert ok, "prefix cache reset with KV blocks allocated"
 
+    def is_runnable(self) -> bool:
+        """Whether a step can make progress (requests queued while asleep wait without spinning the loop)."""
+        sched = self.scheduler
+        return self._inflight is not None or bool(sched.running) or (bool(sched.waiting) and sched.paused is None)
+
+    def abort_all_from_core(self, why: str) -> None:
+        """Ends every request here with finish reason ``abort`` (a pooling request with an error)."""
+        outs = [EngineCoreOutput(rid, finish_reason="abort") if not r.is_pooling else
+                EngineCoreOutput(rid, finish_reason="error", error=why) for rid, r in self.requests.items()]
+        self.abort_requests(list(self.requests))
+        self._extra_outputs += outs
+
+    def read_back_inflight(self) -> None:
+        """Waits for the launched step and keeps its outputs for the next message."""
+        if self._inflight is not None:
+            outputs: dict[str, EngineCoreOutput] = {}
+            self._read_back(self._inflight, outputs)
+            self._inflight = None
+            self._extra_outputs += outputs.values()
+
+    # ------------------------------------------------------------------------ utility calls
+    def utility(self, call_id: int, method: str, args: list) -> None:
+        """``sleep(level, mode)``, ``wake_up(tags)``, ``is_sleeping()``; the reply goes to ``take_replies``."""
+        if method == "is_sleeping":
+            self.add_reply(UtilityReply(call_id, self.sleep_mode.is_sleeping))
+            return
+        if method not in ("sleep", "wake_up"):
+            raise ValueError(f"unknown engine call {method!r}")
+        if not self.args.enable_sleep_mode:
+            raise ValueError("sleep mode is off: start the server with --enable-sleep-mode")
+        if method == "sleep":
+            self.sleep_mode.sleep(call_id, int(args[0]), str(args[1]))
+        else:
+            self.add_reply(UtilityReply(call_id, self.sleep_mode.wake_up(args[0] if args else None)))
+
+    def add_reply(self, reply: UtilityReply) -> None:
+        self._replies.append(reply)
+
+    def has_replies(self) -> bool:
+        return bool(self._replies or self._extra_outputs)
+
+    def take_replies(self) -> tuple[list[UtilityReply], list[EngineCoreOutput]]:
+        replies, outputs = self._replies, self._extra_outputs
+        self._replies, self._extra_outputs = [], []
+        return replies, outputs
+
+    def wakeup_sockets(self) -> list:
+        """Sockets whose messages need ``service`` even when idle (the memory broker's)."""
+        link = self.elastic.link if self.elastic is not None else None
+        return [link.socket] if link is not None else []
+
+    def service(self, idle: bool = False) -> None:
+        """Elastic KV housekeeping: broker messages, growth ahead of need, giving chunks back (``idle``: the
+        engine has just run out of work, the watermark is checked at once)."""
+        if self.elastic is not None:
+            self.elastic.service(self.scheduler.running, self.scheduler.preempt_requests, idle)
+
     # -------------------------------------------------------------------------------- step
     def step(self) -> list[EngineCoreOutput]:
         """One iteration; returns what each sequence produced (deltas) in the step(s) read back now."""
         self._stats.num_steps += 1
         if self.model_config.is_pooling:
-            return self._pooling_step()
+            pooled = self._pooling_step()
+            self.sleep_mode.try_finish()
+            return pooled
         outputs: dict[str, EngineCoreOutput] = {}
         if self._inflight is not None and (not self.async_scheduling or self._needs_history()):
             self._read_back(self._inflight, outputs)
             self._inflight = None
         if self._waiting_for_grammar:
             self._activate_grammars(outputs)
+        self.service()
         sched = self.scheduler.schedule()
         handle = None
         if not sched.is_empty:
@@ -143,6 +208,7 @@ class EngineCore:
         if not self.async_scheduling and self._inflight is not None:
             self._read_back(self._inflight, outputs)
             self._inflight = None
+        self.sleep_mode.try_finish()
         return list(outputs.values())
 
     # ------------------------------------------------------------------- structured outputs
@@ -293,6 +359,10 @@ class EngineCore:
         s.num_preemptions = self.scheduler.num_preemptions
         s.prefix_cache_queries = kv.prefix_cache_queries
         s.prefix_cache_hits = kv.prefix_cache_hits
+        if self.elastic is not None:
+            s.extra.update(self.elastic.figures())
+        s.extra["sleep_level"] = self.sleep_mode.state()
+        s.extra["is_sleeping"] = float(self.sleep_mode.is_sleeping)
         s.timestamp = time.time()
         snapshot = EngineStats(**{k: getattr(s, k) for k in s.__dataclass_fields__})
         snapshot.extra = dict(s.extra)

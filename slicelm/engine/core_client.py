@@ -31,10 +31,12 @@ from slicelm.engine.core_messages import (
     ABORT,
     ADD,
     SHUTDOWN,
+    UTILITY,
     WARMUP_DONE,
     EngineCoreInfo,
     EngineCoreOutputs,
     EngineCoreRequest,
+    UtilityCall,
     make_encoder,
     outputs_decoder,
 )
@@ -74,6 +76,7 @@ class _SocketCoreClient:
         self._reader: threading.Thread | None = None
         self._target: tuple[asyncio.AbstractEventLoop, OutputCallback] | None = None
         self._closing = False
+        self._tag: list[bytes] = []  # a shared core's client index (SharedCoreClient)
 
     # ----------------------------------------------------------------- requests in
     def add_requests(self, reqs: list[EngineCoreRequest]) -> None:
@@ -102,6 +105,12 @@ class _SocketCoreClient:
         """The API server's warm-up requests are over: the core empties its prefix cache (once idle)."""
         with self._send_lock:
             self.in_sock.send_multipart([WARMUP_DONE], copy=False)
+
+    def call_utility(self, call_id: int, method: str, args: list[Any]) -> None:
+        """Asks the core to run ``method`` (sleep, wake_up, is_sleeping); the reply comes in ``utility``."""
+        with self._send_lock:
+            self.in_sock.send_multipart([UTILITY, self.encoder.encode(UtilityCall(call_id, method, args)),
+                                         *self._tag], copy=False)
 
     # ----------------------------------------------------------------- outputs out
     def start_reader(self, loop: asyncio.AbstractEventLoop, callback: OutputCallback) -> None:

@@ -23,6 +23,7 @@ ADD = b"A"
 ABORT = b"X"
 SHUTDOWN = b"S"
 WARMUP_DONE = b"W"  # an API server's warm-up requests are over: once idle, the core empties its prefix cache
+UTILITY = b"U"  # a call answered in ``EngineCoreOutputs.utility`` (sleep, wake_up, is_sleeping)
 
 # One sampled token's logprobs: (token ids [chosen, top-1 .. top-k], their logprobs, rank of the chosen).
 LogprobEntry = tuple[list[int], list[float], int | None]
@@ -59,6 +60,24 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     prompt_logprobs: list[LogprobEntry] | None = None
 
 
+class UtilityCall(msgspec.Struct, array_like=True):
+    call_id: int
+    method: str
+    args: list[Any] = []
+
+
+class UtilityReply(msgspec.Struct, array_like=True, omit_defaults=True):
+    call_id: int
+    result: Any = None
+    error: str | None = None  # "ValueError: ..." when the call failed
+
+
+def utility_error(error: str) -> Exception:
+    """The exception a failed utility call raises on the caller's side (the core's ValueError stays one)."""
+    kind, _, text = error.partition(": ")
+    return ValueError(text) if kind == "ValueError" else RuntimeError(error)
+
+
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     """One message from the core: a step's outputs, its stats, how many adds it has taken so far."""
 
@@ -68,6 +87,7 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     timestamp: float = 0.0
     dead_error: str | None = None  # the core is going down with this error
     num_resets: int = 0  # how many ``WARMUP_DONE`` prefix-cache resets the core has done (the API side waits)
+    utility: list[UtilityReply] = []
 
 
 @dataclass
@@ -106,3 +126,7 @@ def outputs_decoder() -> msgspec.msgpack.Decoder[EngineCoreOutputs]:
 
 def ids_decoder() -> msgspec.msgpack.Decoder[list[str]]:
     return msgspec.msgpack.Decoder(list[str])
+
+
+def utility_decoder() -> msgspec.msgpack.Decoder[UtilityCall]:
+    return msgspec.msgpack.Decoder(UtilityCall)

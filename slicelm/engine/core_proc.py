@@ -33,12 +33,15 @@ from slicelm.engine.core_messages import (
     ABORT,
     ADD,
     SHUTDOWN,
+    UTILITY,
     WARMUP_DONE,
     EngineCoreOutput,
     EngineCoreOutputs,
+    UtilityReply,
     ids_decoder,
     make_encoder,
     request_decoder,
+    utility_decoder,
 )
 from slicelm.engine.gc_tuning import tune_gc
 
@@ -60,6 +63,14 @@ class CoreLoop:
         self.encoder = make_encoder()
         self.req_decoder = request_decoder()
         self.ids_decoder = ids_decoder()
+        self.utility_decoder = utility_decoder()
+        self.calls: dict[int, tuple[int, int]] = {}  # the core's call id -> (client, the client's call id)
+        self._failed_calls: list[UtilityReply] = []
+        self._next_call = 0
+        self.poller = zmq.Poller()
+        self.poller.register(in_sock, zmq.POLLIN)
+        for sock in getattr(core, "wakeup_sockets", list)():  # e.g. the memory broker's messages
+            self.poller.register(sock, zmq.POLLIN)
         self.num_adds = 0  # one client: its adds; several: the sum (client_adds per client)
         self.client_adds = [0] * len(self.out_socks)
         self.owners: dict[str, int] = {}  # several clients: sequence id -> client index
@@ -72,9 +83,14 @@ class CoreLoop:
     def run(self) -> None:
         try:
             last_check = time.monotonic()
+            was_busy = False
             while not self.stopped:
-                busy = self.core.has_unfinished_requests()
-                if not busy and not self.in_sock.poll(IDLE_POLL_MS):
+                busy = self._runnable()
+                if was_busy and not busy and hasattr(self.core, "service"):
+                    self.core.service(idle=True)  # gone idle: elastic KV gives free chunks back now
+                    self._send_stats()
+                was_busy = busy
+                if not busy and not self._wait_idle():
                     if not self.parent_alive():
                         logger.warning("the API process is gone: engine core exits")
                         return
@@ -88,14 +104,15 @@ class CoreLoop:
                 if self.stopped:
                     return
                 reset = self._reset_if_idle()
-                outputs = self.core.step() if self.core.has_unfinished_requests() else []
+                outputs = self.core.step() if self._runnable() else []
+                replies = self._take_replies(outputs)
                 if self.multi:
-                    self._send_each(errors, outputs, force=reset)
+                    self._send_each(errors, outputs, replies, force=reset)
                 else:
                     if errors:
                         outputs = [o for _, o in errors] + outputs
                     self._send(EngineCoreOutputs(outputs, self.core.get_stats(), self.num_adds, time.time(),
-                                                 num_resets=self.num_resets))
+                                                 num_resets=self.num_resets, utility=[r for _, r in replies]))
         except Exception as e:
             logger.exception("engine core failed")
             for i in range(len(self.out_socks)):
@@ -103,6 +120,53 @@ class CoreLoop:
                     self._send(EngineCoreOutputs(num_adds=self.client_adds[i], timestamp=time.time(),
                                                  dead_error=f"{type(e).__name__}: {e}"), i)
             raise
+
+    def _send_stats(self) -> None:
+        """A message with the stats snapshot alone (what changed while idle reaches the metrics)."""
+        if self.multi:
+            self._send_each([], [], [])
+        else:
+            self._send(EngineCoreOutputs([], self.core.get_stats(), self.num_adds, time.time()))
+
+    def _runnable(self) -> bool:
+        runnable = getattr(self.core, "is_runnable", None)
+        return runnable() if runnable is not None else self.core.has_unfinished_requests()
+
+    def _wait_idle(self) -> bool:
+        """Blocks until a message for us (True) or the idle poll interval passes (False); a message on one of
+        the core's own sockets (the memory broker) is handed to ``core.service`` here."""
+        ready = dict(self.poller.poll(IDLE_POLL_MS))
+        if self.in_sock in ready:
+            return True
+        if ready and hasattr(self.core, "service"):
+            self.core.service()
+            return bool(getattr(self.core, "has_replies", lambda: False)())
+        return False
+
+    def _utility(self, client: int, frame: Any) -> None:
+        call = self.utility_decoder.decode(frame)
+        self._next_call += 1
+        self.calls[self._next_call] = (client, call.call_id)
+        try:
+            handler = getattr(self.core, "utility", None)
+            if handler is None:
+                raise ValueError(f"this engine core does not support {call.method!r}")
+            handler(self._next_call, call.method, call.args)
+        except Exception as e:
+            self._failed_calls.append(UtilityReply(self._next_call, error=f"{type(e).__name__}: {e}"))
+
+    def _take_replies(self, outputs: list[EngineCoreOutput]) -> list[tuple[int, UtilityReply]]:
+        """Finished utility calls (as (client, reply) with the client's call id) and the outputs they made
+        (requests a sleep aborted), appended to ``outputs``."""
+        take = getattr(self.core, "take_replies", None)
+        replies, extra = take() if take is not None else ([], [])
+        replies, self._failed_calls = self._failed_calls + replies, []
+        outputs.extend(extra)
+        out = []
+        for r in replies:
+            client, call_id = self.calls.pop(r.call_id)
+            out.append((client, UtilityReply(call_id, r.result, r.error)))
+        return out
 
     def _drain_inputs(self) -> list[tuple[int, EngineCoreOutput]]:
         """Applies every queued message; a sequence the core refuses comes back as an error output
@@ -135,6 +199,8 @@ class CoreLoop:
                         self.owners.pop(rid, None)
             elif kind == WARMUP_DONE:
                 self.reset_pending = True
+            elif kind == UTILITY:
+                self._utility(int.from_bytes(frames[2].bytes, "little") if len(frames) > 2 else 0, frames[1].buffer)
             elif kind == SHUTDOWN:
                 self.stopped = True
                 return errors
@@ -149,9 +215,12 @@ class CoreLoop:
         return True
 
     def _send_each(self, errors: list[tuple[int, EngineCoreOutput]], outputs: list[EngineCoreOutput],
-                   force: bool = False) -> None:
+                   replies: list[tuple[int, UtilityReply]], force: bool = False) -> None:
         """Several clients: each gets its own sequences' outputs (and the stats, see the module docstring)."""
         per_client: list[list[EngineCoreOutput]] = [[] for _ in self.out_socks]
+        per_client_replies: list[list[UtilityReply]] = [[] for _ in self.out_socks]
+        for client, reply in replies:
+            per_client_replies[client].append(reply)
         for client, out in errors:
             per_client[client].append(out)
         owners = self.owners
@@ -161,10 +230,11 @@ class CoreLoop:
                 per_client[client].append(out)
         stats, now = self.core.get_stats(), time.time()
         for i, outs in enumerate(per_client):
-            adds = self.client_adds[i]
-            if force or outs or i == 0 or adds != self._sent_adds[i] or now - self._last_sent[i] >= STATS_INTERVAL:
+            adds, reps = self.client_adds[i], per_client_replies[i]
+            if (force or outs or reps or i == 0 or adds != self._sent_adds[i]
+                    or now - self._last_sent[i] >= STATS_INTERVAL):
                 self._sent_adds[i], self._last_sent[i] = adds, now
-                self._send(EngineCoreOutputs(outs, stats, adds, now, num_resets=self.num_resets), i)
+                self._send(EngineCoreOutputs(outs, stats, adds, now, num_resets=self.num_resets, utility=reps), i)
 
     def _send(self, msg: EngineCoreOutputs, client: int = 0) -> None:
         self.out_socks[client].send(self.encoder.encode(msg), copy=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,14 +45,19 @@ class KVCacheBlock:
 
 
 class BlockPool:
-    """All blocks, the free queue (LRU order: evict from the front) and the hash -> block map."""
+    """All blocks, the free queue (LRU order: evict from the front) and the hash -> block map.
 
-    def __init__(self, num_blocks: int, enable_caching: bool) -> None:
+    With elastic KV only some block ids are backed by memory at a time: ``num_present`` of ``len(blocks)``
+    start present; ``add_blocks`` / ``remove_free_blocks`` change which (``num_blocks`` counts the present)."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool, num_present: int | None = None) -> None:
         assert num_blocks > 0
-        self.num_blocks = num_blocks
+        present = num_blocks if num_present is None else num_present
+        self.num_blocks = present
         self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
-        self.free_queue: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.free_queue: OrderedDict[int, KVCacheBlock] = OrderedDict(
+            (b.block_id, b) for b in self.blocks[:present])
         self.cached: dict[BlockHash, KVCacheBlock] = {}
 
     @property
@@ -60,7 +65,23 @@ class BlockPool:
         return len(self.free_queue)
 
     def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks if self.num_blocks else 0.0
+
+    def add_blocks(self, block_ids: Iterable[int]) -> None:
+        """Makes absent blocks present and free, at the front of the free queue (they hold nothing cached)."""
+        for block_id in sorted(block_ids, reverse=True):
+            block = self.blocks[block_id]
+            assert block.ref_cnt == 0 and block_id not in self.free_queue, f"block {block_id} is present"
+            self.free_queue[block_id] = block
+            self.free_queue.move_to_end(block_id, last=False)
+            self.num_blocks += 1
+
+    def remove_free_blocks(self, block_ids: Iterable[int]) -> None:
+        """Makes free blocks absent (their prefix-cache entries are dropped)."""
+        for block_id in block_ids:
+            block = self.free_queue.pop(block_id)
+            self._evict(block)
+            self.num_blocks -= 1
 
     def get_cached_block(self, block_hash: BlockHash) -> KVCacheBlock | None:
         return self.cached.get(block_hash)
@@ -108,10 +129,14 @@ class BlockPool:
 class KVCacheManager:
     """Allocates blocks to requests and finds their cached prefixes."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
+                 num_present: int | None = None) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.pool = BlockPool(num_blocks, enable_caching)
+        self.pool = BlockPool(num_blocks, enable_caching, num_present)
+        # Elastic KV: called with a number of missing blocks when the pool runs short; makes up to that many
+        # more blocks present and returns how many it added.
+        self.grow: Callable[[int], int] | None = None
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.req_to_block_ids: dict[str, list[int]] = {}  # kept in step with req_to_blocks (no per-step copies)
         self.num_cached_blocks: dict[str, int] = {}
@@ -186,7 +211,10 @@ class KVCacheManager:
         num_new_blocks = num_required - len(req_blocks) - len(new_computed_blocks)
         # Hits sitting in the free queue stop being allocatable once we take them.
         num_evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
-        if num_new_blocks > self.pool.num_free_blocks - num_evictable_hits:
+        short = num_new_blocks - (self.pool.num_free_blocks - num_evictable_hits)
+        if short > 0 and self.grow is not None:
+            short -= self.grow(short)
+        if short > 0:
             if not req_blocks:
                 del self.req_to_blocks[request.request_id]
             return False

@@ -152,6 +152,13 @@ class ModelRunner:
             self.mixed_graphs.capture(mixed_capture_sizes(top), pool, stream)
         self.graphs.capture(capture_sizes(max_num_seqs), pool, stream)
 
+    def clear_graph_block_tables(self) -> None:
+        """Elastic KV gave chunks back: stale block ids in the graphs' static tables (read by padded rows)
+        now point to block 0, which stays mapped."""
+        for graphs in (self.graphs, self.mixed_graphs):
+            if graphs is not None:
+                graphs.batch.block_tables.zero_()
+
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int, sample: bool = True) -> None:
         """One step of the largest shape (writing nowhere in the cache), sampling included if asked."""

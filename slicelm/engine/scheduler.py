@@ -49,6 +49,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # Sleep mode (vLLM's pause states): "new" admits nothing from the queue, "all" runs nothing at all.
+        self.paused: str | None = None
 
     # ------------------------------------------------------------------------------- queue
     def add_request(self, request: Request) -> None:
@@ -81,6 +83,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
         out = SchedulerOutput()
+        if self.paused == "all":
+            return out
         budget = cfg.max_num_batched_tokens
 
         i = 0
@@ -103,7 +107,7 @@ class Scheduler:
             self._preempt(victim)
             out.preempted.append(victim)
 
-        if not out.preempted:
+        if not out.preempted and self.paused is None:
             while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
                 request = self._next_waiting()
                 if request is None:
@@ -133,6 +137,12 @@ class Scheduler:
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         samples = not request.is_pooling and request.num_computed_tokens + num_new == request.num_tokens
         return ScheduledRequest(request, num_new, self.kv_cache.block_ids(request.request_id), samples)
+
+    def preempt_requests(self, requests: Iterable[Request]) -> None:
+        """Preempts running requests by recompute (elastic KV giving memory back, sleep keeping requests)."""
+        for request in list(requests):
+            self.running.remove(request)
+            self._preempt(request)
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)

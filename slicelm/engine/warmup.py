@@ -14,9 +14,10 @@ CPU, the sampler's variants — is paid here instead, by sequences of the shapes
   without normalization / activation, then one prompt of the longest length served (capped at 512 tokens on the CPU),
   then a single short one — the usual first request.
 
-Afterwards the core is as new: no sequence, every KV block free, the prefix cache empty, counters at zero, and the
-RNG states restored. ``warm_up`` returns what it ran and how long it took (logged). The API side's tokenizer is
-warmed as it loads (``warm_tokenizer``: the chat template's compile, the first encode / decode).
+Afterwards the core is as new: no sequence, every KV block free (elastic KV: only the chunks it started with
+mapped), the prefix cache empty, counters at zero, and the RNG states restored. ``warm_up`` returns what it ran
+and how long it took (logged). The API side's tokenizer is warmed as it loads (``warm_tokenizer``: the chat
+template's compile, the first encode / decode).
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ def _reset(core: EngineCore) -> None:
     ok = kv.reset_prefix_cache()
     assert ok, "warm-up left KV blocks allocated"
     kv.prefix_cache_queries = kv.prefix_cache_hits = 0
+    if core.elastic is not None:  # elastic KV: the chunks the warm-up mapped go back
+        core.elastic.settle()
     core.scheduler.num_preemptions = 0
     core._stats = EngineStats()
 

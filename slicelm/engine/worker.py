@@ -22,16 +22,20 @@ import torch
 from slicelm.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig, resolve_dtype
 from slicelm.distributed.parallel_state import destroy_tp_group, get_tp_group, init_tp_group
 from slicelm.engine.cuda_graphs import MIXED_MAX_TOKENS
+from slicelm.engine.elastic import ElasticKV
 from slicelm.engine.kv_cache import KVCacheManager, cdiv
+from slicelm.engine.kv_memory import KVLayout, PagedKVMemory
 from slicelm.engine.pooling_runner import PoolingRunner
 from slicelm.engine.runner import BitmaskFn, ModelRunner, StepHandle, supports_mixed_graphs
 from slicelm.engine.scheduler import Scheduler, SchedulerOutput
+from slicelm.engine.weight_store import WeightStore
 from slicelm.layers.linear import Linear, init_dummy_quantized, process_weights_after_loading
 from slicelm.layers.quantization import KV_CACHE_DTYPES, QuantConfig, QuantizationError, parse_quant_config
 from slicelm.layers.quantization.base import cast_model
 from slicelm.loader.hub import HubOptions
 from slicelm.loader.model_files import ModelSource, resolve_model
 from slicelm.models.registry import get_model_class, is_pooling_architecture
+from slicelm.slicing.broker_client import BrokerLink, BrokerUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +125,12 @@ class Worker:
         self._num_threads = torch.get_num_threads()  # restored at shutdown (CPU ranks share the cores)
         self.t0 = time.perf_counter()
         self.memory_plan = None
+        self.elastic: ElasticKV | None = None  # KV memory in chunks (elastic KV or sleep mode)
+        self.weights: WeightStore | None = None  # sleep mode: weights that can be offloaded
+        self.link: BrokerLink | None = None
+        self.prepaid = 0  # bytes the memory broker granted before loading (the whole slice)
+        self._prepaid_seq, self._late_prepaid = 0, 0  # that request, when its grant had not come in time
+        self.green_context = None
 
     def build(self) -> None:
         """The start-up steps, in order: device (and process group), model, KV cache (and runner)."""
@@ -137,11 +147,41 @@ class Worker:
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world_size))
             assert self.init_file is not None
             init_tp_group(self.world_size, self.rank, self.device, self.init_file)
+        if self.args.green_context_sms:
+            from slicelm.engine.green_context import enter_green_context
+
+            self.green_context = enter_green_context(self.args.green_context_sms, self.device)
+        if self.uses_vmm:
+            self.link = BrokerLink.from_env(str(self.device))
+            if self.link is not None and self.device.type == "cuda":
+                from slicelm.engine import memory
+
+                budget, _ = memory.resolve_budget(self.device, self.args.gpu_memory_budget,
+                                                  self.args.gpu_memory_utilization)
+                self._register(budget)  # the whole slice, before loading: borrowers give it back first
 
     def shutdown(self) -> None:
         if self.world_size > 1:
             destroy_tp_group()
             torch.set_num_threads(self._num_threads)
+
+    @property
+    def uses_vmm(self) -> bool:
+        return self.args.elastic_kv or self.args.enable_sleep_mode
+
+    def _register(self, guarantee: int) -> None:
+        assert self.link is not None
+        try:
+            self.link.register(guarantee)
+            self._prepaid_seq, granted = self.link.acquire(guarantee, self.link.reclaim_timeout + 2.0)
+        except BrokerUnavailable as e:
+            logger.warning("%s: running without the memory broker", e)
+            self.link.close()
+            self.link = None
+            return
+        self.prepaid = guarantee if granted else 0
+        if granted is None:  # a late grant of it is given back (ElasticKV.pending_resident)
+            self._late_prepaid = guarantee
 
     def load_model(self) -> None:
         """Resolves the checkpoint, infers the task, builds the model and loads (or randomizes) its weights."""
@@ -170,10 +210,9 @@ class Worker:
         with torch.device(self.device), _default_dtype(dtype):
             model = self._build_model(source, model_cls, pooling, quant_config)
         self.model = cast_model(model, dtype, self.device)  # packed / fp8 tensors and scales keep their dtype
-        if args.load_format == "dummy":
-            init_dummy_weights(self.model, args.seed)
-        else:
-            self.model.load_weights(source.iter_weights(lazy=self.world_size > 1))  # ranks read their slices
+        self.quant_config = quant_config
+        self._source = source
+        self._load_weights()
         process_weights_after_loading(self.model)
         self.model.eval()
         self.kv_cache_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] or dtype
@@ -185,6 +224,12 @@ class Worker:
         names = args.served_model_name or [args.model]
         self.model_config = ModelConfig(args.model, hf_config, architecture, task, dtype,
                                         args.max_model_len or max_pos, names)
+
+    def _load_weights(self) -> None:
+        if self.args.load_format == "dummy":
+            init_dummy_weights(self.model, self.args.seed)
+        else:
+            self.model.load_weights(self._source.iter_weights(lazy=self.world_size > 1))  # ranks read their slices
 
     def _build_model(self, source: ModelSource, model_cls: type, pooling: bool,
                      quant_config: QuantConfig | None) -> torch.nn.Module:
@@ -226,6 +271,8 @@ class Worker:
             )
         self.cache_config = CacheConfig(args.block_size, 1, False)
         self.kv_cache = KVCacheManager(1, args.block_size, False)
+        if args.enable_sleep_mode:
+            self.weights = WeightStore(self.model, self.device)
         self.runner: ModelRunner | PoolingRunner = PoolingRunner(self.model, self.device)
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, batched, max_model_len, args.scheduling_policy)
 
@@ -246,8 +293,13 @@ class Worker:
             max_model_len = self.model_config.max_model_len = max_tokens_in_cache
         batched = self._batched_tokens()
         self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
-        self.kv_cache = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        if not self.uses_vmm:
+            self.kv_cache = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        if self.memory_plan is not None:
+            self._cap_allocator()
         self.runner = ModelRunner(model, kv_caches, args.block_size, self.device, self.vocab_size)
+        if self.elastic is not None:
+            self.elastic.on_unmap = self.runner.clear_graph_block_tables
         if self.device.type == "cuda" and not args.enforce_eager:
             self.runner.enable_cuda_graphs(min(args.max_num_seqs, 512), max_model_len, batched,
                                            self._mixed_graph_tokens(batched))
@@ -298,8 +350,51 @@ class Worker:
         num_blocks = get_tp_group().min_int(num_blocks)  # every rank holds the same blocks
         if num_blocks < 1:
             raise ValueError("not enough memory for a single KV cache block")
+        if self.uses_vmm:
+            return self._build_elastic_kv(num_blocks, dtype)
         kv_caches = [torch.zeros(shape(num_blocks), dtype=dtype, device=self.device) for _ in range(model.num_layers)]
         return num_blocks, kv_caches
+
+    def _build_elastic_kv(self, num_blocks: int, dtype: torch.dtype) -> tuple[int, list[torch.Tensor]]:
+        """KV tensors over a virtual range (``PagedKVMemory``) and the controller that maps its chunks; the
+        guarantee is ``num_blocks`` rounded down to whole chunks (returned with the tensors)."""
+        args, model = self.args, self.model
+        if args.enable_sleep_mode:  # before any KV is mapped: packing briefly holds a piece beside the weights
+            self.weights = WeightStore(model, self.device)
+        layout = KVLayout(model.num_layers, args.block_size, model.num_kv_heads, model.head_dim, dtype)
+        plan = self.memory_plan
+        resident = plan.budget_bytes - plan.kv_bytes if plan is not None else 0
+        max_bytes = args.elastic_kv_max_bytes
+        if max_bytes is None and args.elastic_kv and self.link is not None:
+            total = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" \
+                else 4 * num_blocks * layout.block_bytes
+            max_bytes = max(0, total - resident)
+        max_blocks = max(num_blocks, (max_bytes or 0) // layout.block_bytes)
+        kv_memory = PagedKVMemory(layout, max_blocks, self.device)
+        guarantee = num_blocks // kv_memory.chunk_blocks * kv_memory.chunk_blocks
+        if guarantee < 1:
+            raise ValueError(f"not enough memory for one KV chunk of {kv_memory.chunk_blocks} blocks "
+                             f"({kv_memory.chunk_bytes >> 20} MiB); raise the budget or drop --elastic-kv")
+        if self.link is not None and self.device.type != "cuda":  # a CPU engine's guarantee is its KV cache
+            self._register(guarantee * layout.block_bytes)
+        self.kv_cache = KVCacheManager(kv_memory.max_blocks, args.block_size, args.enable_prefix_caching,
+                                       num_present=0)
+        self.elastic = ElasticKV(kv_memory, self.kv_cache, guarantee, resident, self.link, args.elastic_kv,
+                                 args.elastic_kv_watermark)
+        if self._late_prepaid:
+            self.elastic.pending_resident[self._prepaid_seq] = self._late_prepaid
+        self.elastic.start(self.prepaid)
+        return guarantee, kv_memory.kv_caches
+
+    def _cap_allocator(self) -> None:
+        """Caps torch's allocator at the budget less what lives outside it (virtual-memory KV and weights)."""
+        from slicelm.engine import memory
+
+        plan = self.memory_plan
+        assert plan is not None
+        outside = (self.elastic.guarantee_bytes if self.elastic is not None else 0) + \
+            (self.weights.mapped_bytes if self.weights is not None else 0)
+        memory.cap_allocator(self.device, plan.budget_bytes - outside, plan.non_torch_bytes)
 
     def _plan_gpu_memory(self, args, model, dtype, bytes_per_block, shape) -> int:
         """Profiles the largest step on a one-block cache, then gives the rest of the budget to KV."""
@@ -326,7 +421,6 @@ class Worker:
                     f"{wanted} KV blocks were asked for but only {plan.num_blocks} fit: {plan.describe()}")
             plan.num_blocks, plan.kv_bytes = wanted, wanted * bytes_per_block
         logger.info(plan.describe())
-        memory.cap_allocator(self.device, plan.budget_bytes, plan.non_torch_bytes)
         self.memory_plan = plan
         return plan.num_blocks
 
@@ -355,6 +449,43 @@ class Worker:
         peak = torch.cuda.max_memory_allocated(self.device) - allocated - persistent
         peak_reserved = torch.cuda.max_memory_reserved(self.device) - reserved - persistent
         return max(peak, peak_reserved)
+
+    # ------------------------------------------------------------------------------ sleep mode
+    def sleep(self, level: int) -> None:
+        """Drops the KV cache and offloads (level 1) or discards (level 2) the weights; nothing may run."""
+        if self.elastic is not None:
+            self.elastic.release_all()
+        if self.weights is not None:
+            nbytes = self.weights.mapped_bytes
+            self.weights.offload(keep_params=level == 1)
+            if self._weights_in_books:
+                self.elastic.release_resident(nbytes)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @property
+    def _weights_in_books(self) -> bool:
+        """The broker counts the weights in a GPU engine's share (its budget); a CPU engine's share is its KV."""
+        return self.elastic is not None and self.memory_plan is not None
+
+    def discard_offloaded_weights(self) -> None:
+        """A level-2 sleep after a level-1 one: the host copy of the parameters is no longer kept."""
+        if self.weights is not None:
+            self.weights.kept_params = False
+
+    def wake_weights(self, reload: bool) -> None:
+        if self.weights is None:
+            return
+        if self._weights_in_books and not self.elastic.acquire_resident(self.weights.range.size):
+            raise RuntimeError("the memory broker did not give the weights' memory back in time; retry the wake-up")
+        self.weights.restore()
+        if reload:
+            with torch.no_grad():
+                self._load_weights()
+
+    def wake_kv_cache(self) -> None:
+        if self.elastic is not None:
+            self.elastic.restore()
 
     def execute_model(self, sched: SchedulerOutput, prev: StepHandle | None = None,
                       grammar_bitmask: BitmaskFn | None = None) -> StepHandle:

@@ -8,6 +8,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from slicelm.config import EngineArgs
+from slicelm.engine.core_messages import utility_error
 from slicelm.engine.engine import LLMEngine, PromptType
 from slicelm.engine.request import PoolingOutput, RequestOutput
 from slicelm.pooling_params import PoolingParams
@@ -26,6 +27,24 @@ class LLM:
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's ``LLM.sleep`` (needs ``enable_sleep_mode=True``): level 1 keeps the weights in host memory,
+        level 2 drops them; both drop the KV cache. Call it with no request in flight."""
+        self._core_call("sleep", level, "abort")
+
+    def wake_up(self, tags: list[str] | None = None) -> float:
+        """vLLM's ``LLM.wake_up`` (``tags``: weights, kv_cache); returns the seconds it took."""
+        return float(self._core_call("wake_up", tags))
+
+    def _core_call(self, method: str, *args: Any) -> Any:
+        core = self.engine.core
+        core.utility(0, method, list(args))
+        replies, _ = core.take_replies()
+        reply = replies[-1]
+        if reply.error is not None:
+            raise utility_error(reply.error)
+        return reply.result
 
     def generate(
         self,

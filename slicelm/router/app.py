@@ -24,6 +24,7 @@ from slicelm.router.logic import RoutingRequest, make_logic
 from slicelm.router.metrics import RouterMetrics
 from slicelm.router.proxy import Proxy
 from slicelm.router.queue import Admission
+from slicelm.router.sleep import SleepManager, WakeFailed
 from slicelm.router.stats import RequestStatsMonitor
 
 logger = logging.getLogger("slicelm.router")
@@ -55,6 +56,8 @@ class Router:
                                 cfg.prefix_max_imbalance)
         self.metrics = RouterMetrics()
         self.proxy = Proxy(self.pool, self.logic, self.admission, self.stats, self.metrics, cfg.proxy)
+        self.sleep = SleepManager(self.pool, cfg.idle_sleep_after, cfg.idle_sleep_level, cfg.api_key,
+                                  cfg.pool.health_check_interval)
         self._api_key = cfg.api_key.encode() if cfg.api_key else None
         self._log_task: asyncio.Task[None] | None = None
 
@@ -76,6 +79,7 @@ class Router:
 
     async def _start(self, app: web.Application) -> None:
         await self.pool.start()
+        await self.sleep.start()
         if self.cfg.log_stats:
             self._log_task = asyncio.create_task(self._log_stats())
         logger.info("Router ready: %d backend(s), %d healthy, routing logic %s", len(self.pool.backends),
@@ -84,6 +88,7 @@ class Router:
     async def _stop(self, app: web.Application) -> None:
         if self._log_task is not None:
             self._log_task.cancel()
+        await self.sleep.stop()
         await self.pool.stop()
 
     async def _log_stats(self) -> None:
@@ -130,6 +135,10 @@ class Router:
             return error_response(400, "Invalid request: 'priority' must be an integer.", param="priority",
                                   headers=rid)
         self.metrics.incoming.labels(model=model).inc()
+        try:
+            await self.sleep.ensure_awake(model)  # a sleeping model's first request wakes a replica and waits
+        except WakeFailed as e:
+            return error_response(503, str(e), code="wake_failed", headers=rid)
         if not self.pool.candidates(model):
             if model not in self.pool.ever_seen:
                 return error_response(404, f"The model '{model}' does not exist. Available models are listed at "
@@ -138,7 +147,10 @@ class Router:
                                   code="no_live_replica", headers=rid)
         rreq = RoutingRequest(model, request.headers, data)
         rreq.session_id = self.logic.extract_session_id(request.headers, data)
-        return await self.proxy.forward(request, request.path_qs, body, rreq, request_id, t_in, priority)
+        try:
+            return await self.proxy.forward(request, request.path_qs, body, rreq, request_id, t_in, priority)
+        finally:
+            self.sleep.touch(model)
 
     # ---- the router's own routes ----
     async def list_models(self, request: web.Request) -> web.Response:

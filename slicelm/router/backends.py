@@ -45,6 +45,7 @@ class Backend:
     engine_stats: EngineStats | None = None
     ejected_reason: str | None = None
     model_cards: dict[str, dict] = field(default_factory=dict)
+    sleeping: bool = False  # asleep (vLLM's sleep mode): not a routing candidate until woken (router/sleep.py)
 
     @property
     def url(self) -> str:
@@ -148,6 +149,9 @@ class BackendPool:
         if changed:
             self._reindex()
 
+    def reindex(self) -> None:
+        self._reindex()
+
     def _reindex(self) -> None:
         by_model: dict[str, list[Backend]] = {}
         for b in sorted(self.backends.values(), key=lambda b: b.url):
@@ -159,8 +163,9 @@ class BackendPool:
         self.notify()
 
     def candidates(self, model: str) -> list[Backend]:
-        """Healthy backends serving ``model``, sorted by URL."""
-        return self._by_model.get(model, [])
+        """Healthy, awake backends serving ``model``, sorted by URL."""
+        backends = self._by_model.get(model, [])
+        return [b for b in backends if not b.sleeping] if any(b.sleeping for b in backends) else backends
 
     def models(self) -> dict[str, dict]:
         """Healthy backends' model cards, de-duplicated by id (first URL wins)."""
@@ -261,5 +266,5 @@ class BackendPool:
         now = time.time()
         return [{"url": b.url, "models": list(b.models), "model_type": b.endpoint.model_type,
                  "labels": b.endpoint.labels, "healthy": b.healthy, "in_flight": b.in_flight,
-                 "ejected_reason": b.ejected_reason, "load": b.load(), "time": now}
+                 "ejected_reason": b.ejected_reason, "load": b.load(), "sleeping": b.sleeping, "time": now}
                 for b in sorted(self.backends.values(), key=lambda b: b.url)]

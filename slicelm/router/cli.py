@@ -69,6 +69,11 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="requests the router keeps in flight per replica before queueing (0: no limit)")
     f.add_argument("--max-queue-size", type=int, default=1024, help="waiting requests per model before 429")
     f.add_argument("--queue-timeout", type=float, default=60.0, help="seconds a request may wait before 429")
+    s = p.add_argument_group("sleep mode (replicas started with --enable-sleep-mode)")
+    s.add_argument("--idle-sleep-after", type=float, default=None,
+                   help="put a replica to sleep after this many seconds without requests for its models; the "
+                        "first request for a sleeping model wakes a replica (off by default)")
+    s.add_argument("--idle-sleep-level", type=int, default=1, help="sleep level for idle replicas (1 or 2)")
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:

@@ -42,6 +42,8 @@ class RouterConfig:
     log_stats: bool = False
     log_stats_interval: float = 10.0
     log_level: str = "info"
+    idle_sleep_after: float | None = None  # seconds without requests before a replica is put to sleep
+    idle_sleep_level: int = 1
     pool: PoolConfig = field(default_factory=PoolConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
@@ -83,6 +85,10 @@ class RouterConfig:
         for flag, v in non_negative.items():
             if v < 0:
                 raise ValueError(f"{flag}: must be >= 0 (got {v})")
+        if self.idle_sleep_after is not None and self.idle_sleep_after <= 0:
+            raise ValueError(f"--idle-sleep-after: must be > 0 seconds (got {self.idle_sleep_after})")
+        if self.idle_sleep_level not in (0, 1, 2):
+            raise ValueError(f"--idle-sleep-level: must be 0, 1 or 2 (got {self.idle_sleep_level})")
         if self.pool.health_failure_threshold < 1:
             raise ValueError("--health-failure-threshold: must be >= 1")
         if not 0 < self.port < 65536:
@@ -101,7 +107,8 @@ class RouterConfig:
             api_key=a.api_key or os.environ.get("VLLM_API_KEY") or os.environ.get("SLICELM_API_KEY"),
             max_inflight_per_replica=a.max_inflight_per_replica, max_queue_size=a.max_queue_size,
             queue_timeout=a.queue_timeout, log_stats=a.log_stats, log_stats_interval=a.log_stats_interval,
-            log_level=a.log_level,
+            log_level=a.log_level, idle_sleep_after=getattr(a, "idle_sleep_after", None),
+            idle_sleep_level=getattr(a, "idle_sleep_level", 1),
             pool=PoolConfig(connect_timeout=a.connect_timeout, health_check_interval=a.health_check_interval,
                             health_check_timeout=a.health_check_timeout,
                             health_failure_threshold=a.health_failure_threshold,

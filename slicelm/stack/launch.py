@@ -23,6 +23,7 @@ from slicelm.stack.planning import ReplicaPlacement, StackPlan
 from slicelm.stack.procs import free_port
 from slicelm.stack.requests import scheduler_policy
 from slicelm.stack.serve_args import model_env, serve_command, served_model_names
+from slicelm.stack.sharing import replica_options, router_options
 from slicelm.stack.spec import ModelSpec, StackSpec
 
 logger = logging.getLogger("slicelm.stack")
@@ -91,8 +92,14 @@ def _replica_launch(spec: StackSpec, model: ModelSpec, placement: ReplicaPlaceme
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU replica must not touch a GPU
     g0 = placement.gpus[0] if placement.gpus else None
+    name = f"{model.name}/{placement.replica}"
+    flags, sharing_env = replica_options(spec, placement, name, run_dir)
+    cmd += flags
+    env.update(sharing_env)
+    if "--elastic-kv" in flags:  # it may borrow beyond its slice: the broker bounds it, not MPS's memory limit
+        env.pop("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", None)
     return Launch(
-        name=f"{model.name}/{placement.replica}", cmd=cmd, env=env,
+        name=name, cmd=cmd, env=env,
         log=run_dir / "logs" / f"{model.name}-{placement.replica}.log", url=f"http://{host}:{port}",
         model=model.name, replica=placement.replica, served_names=served_model_names(model),
         gpus=[{"uuid": g.uuid, "index": g.index} for g in placement.gpus],
@@ -128,5 +135,6 @@ def router_launch(spec: StackSpec, run_dir: Path) -> Launch | None:
                         ("--request-stats-window", rs.requestStatsWindow)):
         if value:
             cmd += [flag, str(value)]
-    return Launch(name="router", cmd=cmd + list(rs.extraArgs), env={}, log=run_dir / "logs" / "router.log",
+    return Launch(name="router", cmd=cmd + router_options(spec) + list(rs.extraArgs), env={},
+                  log=run_dir / "logs" / "router.log",
                   url=f"http://{spec.slicelm.host}:{rs.containerPort}")

@@ -40,6 +40,7 @@ class StackPlan:
     notes: list[str] = field(default_factory=list)  # e.g. why replicas run on the CPU
     devices: list[dict[str, Any]] = field(default_factory=list)  # the inventory's GPUs: uuid, index, type, memory_mib
     weights: dict[str, WeightSummary] = field(default_factory=dict)  # per model, where its files are local
+    gpu_free_mib: dict[str, int] = field(default_factory=dict)  # uuid -> memory no other process uses
 
     @property
     def feasible(self) -> bool:
@@ -72,8 +73,9 @@ def make_plan(spec: StackSpec, inventory: Inventory) -> StackPlan:
         unplaced = [{"model": u.model, "replica": u.replica, "reasons": list(u.reasons)} for u in plan.unplaced]
     order = [(m.name, r) for m in spec.models() for r in range(m.replicaCount)]
     devices = [{"uuid": g.uuid, "index": g.index, "type": g.type, "memory_mib": g.memory_mib} for g in inventory.gpus]
+    free = {g.uuid: g.memory_mib - g.used_memory_mib for g in inventory.gpus}
     return StackPlan([placements[k] for k in order if k in placements], unplaced, notes, devices,
-                     model_weights(spec))
+                     model_weights(spec), free)
 
 
 def model_weights(spec: StackSpec) -> dict[str, WeightSummary]:

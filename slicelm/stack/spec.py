@@ -225,6 +225,26 @@ class RouterSpec(_Strict):
         return self
 
 
+class ElasticSpec(_Strict):
+    """Elastic KV within each slice's guarantee (``slicelm up`` only: a memory broker per machine)."""
+
+    enabled: bool = True
+    maxBorrowPercentage: Annotated[float, Field(ge=0, le=100)] | None = Field(
+        None, description="how much of its GPU's memory a replica may borrow beyond its slice, in percent "
+        "(default: all that is free; 0: static slices, HAMi's model)")
+    reclaimTimeout: Annotated[float, Field(gt=0)] = Field(
+        2.0, description="seconds a borrower has to give memory back to its owner before it is restarted")
+    freeWatermark: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.1, description="free KV kept mapped, as a fraction of the guarantee, before chunks are given back")
+
+
+class IdleSleepSpec(_Strict):
+    """vLLM's sleep mode for idle replicas: the router puts them to sleep and wakes them on a request."""
+
+    after: Annotated[float, Field(gt=0, description="seconds without requests before a replica sleeps")]
+    level: Literal[1, 2] = Field(1, description="1: weights to host memory; 2: weights discarded (reloaded)")
+
+
 class SlicelmSpec(_Strict):
     """What only slicelm has."""
 
@@ -234,12 +254,22 @@ class SlicelmSpec(_Strict):
     device: Literal["auto", "cpu"] = Field("auto", description="cpu: run every replica on the CPU")
     startupTimeout: Annotated[float, Field(gt=0)] = Field(600.0, description="seconds a replica may take to load")
     restartLimit: Annotated[int, Field(ge=0)] = Field(10, description="restarts before a replica is given up")
+    elastic: ElasticSpec | None = Field(None, description="elastic KV and the per-GPU memory broker (slicelm up)")
+    idleSleep: IdleSleepSpec | None = Field(None, description="sleep idle replicas, wake them on a request "
+                                            "(slicelm up; needs the router)")
 
 
 class StackSpec(_Strict):
     servingEngineSpec: ServingEngineSpec
     routerSpec: RouterSpec = RouterSpec()
     slicelm: SlicelmSpec = SlicelmSpec()
+
+    @model_validator(mode="after")
+    def _sleep_needs_router(self) -> StackSpec:
+        if self.slicelm.idleSleep is not None and not self.routerSpec.enableRouter:
+            raise ValueError("@slicelm.idleSleep: idle replicas are woken by the router: it needs "
+                             "routerSpec.enableRouter")
+        return self
     # Not part of the file: keys production-stack knows that slicelm ignores, and the file's path.
     warnings: Annotated[list[str], Field(exclude=True)] = []
     source: Annotated[str | None, Field(exclude=True)] = None
@@ -334,6 +364,8 @@ def _known_at(loc: tuple) -> list[str]:
         ("servingEngineSpec", "modelSpec", 0, "vllmConfig"): (VLLMConfig, known_keys.VLLM_CONFIG),
         ("routerSpec",): (RouterSpec, known_keys.ROUTER_SPEC),
         ("slicelm",): (SlicelmSpec, {}),
+        ("slicelm", "elastic"): (ElasticSpec, {}),
+        ("slicelm", "idleSleep"): (IdleSleepSpec, {}),
     }
     key = tuple(0 if isinstance(p, int) else p for p in loc)
     model, table = levels.get(key, (None, {}))

@@ -8,14 +8,19 @@
 processes (CPU). A top-level ``gpus`` lists the machine's GPUs: ``{"uuid", "index", "type", "memory_mib" (total),
 "memory_used_mib" (NVML, every process)}``. ``router`` is null until the router answers ``/health`` (so its URL
 accepts connections): while the replicas load, while it starts, and while it restarts; ``router_state`` says which.
+Rows also carry ``sleeping`` (replicas with --enable-sleep-mode), and with the memory broker ``memory_held_mib`` /
+``memory_borrowed_mib``: what the broker's books say the replica holds and holds beyond its slice; a top-level
+``broker`` holds its per-GPU books.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +82,20 @@ def _memory_used(r: dict[str, Any], members: list[int], used: dict[int, int]) ->
     return resident_mib(members)
 
 
+
+def _sleeping(r: dict[str, Any]) -> bool | None:
+    """Asks a ready replica started with --enable-sleep-mode whether it sleeps (None: not asked / no answer)."""
+    if r.get("state") != "ready" or "--enable-sleep-mode" not in (r.get("command") or []):
+        return None
+    try:
+        with urllib.request.urlopen(f"{r['url']}/is_sleeping", timeout=1.0) as resp:
+            return bool(json.loads(resp.read()).get("is_sleeping"))
+    except (OSError, ValueError):
+        return None
+
+
 def _replica_row(r: dict[str, Any], supervisor_alive: bool, used: dict[int, int],
-                 groups: dict[int, list[int]]) -> dict[str, Any]:
+                 groups: dict[int, list[int]], broker: dict[str, Any] | None = None) -> dict[str, Any]:
     pid = r.get("pid")
     alive = pid_alive(pid)
     state = r["state"] if supervisor_alive else ("orphaned" if alive else "stopped")
@@ -87,15 +104,20 @@ def _replica_row(r: dict[str, Any], supervisor_alive: bool, used: dict[int, int]
     weights = None
     if "serve" in cmd and cmd.index("serve") + 1 < len(cmd):
         weights = weight_summary(cmd[cmd.index("serve") + 1], flag_value(cmd, "--quantization"))
-    return {"model": r["model"], "replica": r["replica"], "pid": pid if alive else None, "url": r["url"],
-            "state": state, "restarts": r["restarts"], "gpus": r.get("gpus", []), "memory_mib": r.get("memory_mib"),
-            "cores": r.get("cores"), "port": r.get("port"),
-            "memory_used_mib": _memory_used(r, groups.get(pid, []), used) if alive else None,
-            "uptime_s": round(time.time() - started, 1) if started and alive else None,
-            "device": r.get("device", "cuda" if r.get("gpus") else "cpu"), "policy": r.get("policy"),
-            "served_names": r.get("served_names") or [r["model"]],
-            "weights_bytes": weights.total_bytes if weights else None,
-            "quantization": weights.quantization if weights else None}
+    row = {"model": r["model"], "replica": r["replica"], "pid": pid if alive else None, "url": r["url"],
+           "state": state, "restarts": r["restarts"], "gpus": r.get("gpus", []), "memory_mib": r.get("memory_mib"),
+           "cores": r.get("cores"), "port": r.get("port"),
+           "memory_used_mib": _memory_used(r, groups.get(pid, []), used) if alive else None,
+           "uptime_s": round(time.time() - started, 1) if started and alive else None,
+           "device": r.get("device", "cuda" if r.get("gpus") else "cpu"), "policy": r.get("policy"),
+           "served_names": r.get("served_names") or [r["model"]],
+           "weights_bytes": weights.total_bytes if weights else None,
+           "quantization": weights.quantization if weights else None,
+           "sleeping": _sleeping(r) if supervisor_alive and alive else None}
+    member = (broker or {}).get("members", {}).get(f"{r['model']}/{r['replica']}")
+    if member is not None:
+        row["memory_held_mib"], row["memory_borrowed_mib"] = member["used"] >> 20, member["borrowed"] >> 20
+    return row
 
 
 def _gpu_row(g: dict[str, Any], use: NvmlUse) -> dict[str, Any]:
@@ -113,11 +135,12 @@ def status(run_dir: Path) -> dict[str, Any] | None:
     router = state.get("router") if sup else None
     ready = router is not None and router.get("state") == "ready"
     groups = process_groups()
+    broker = state.get("broker") if sup else None
     return {"router": {"url": router["url"]} if ready else None,
             "router_state": router.get("state") if router else None,
-            "replicas": [_replica_row(r, sup is not None, use.by_pid, groups) for r in state["replicas"]],
+            "replicas": [_replica_row(r, sup is not None, use.by_pid, groups, broker) for r in state["replicas"]],
             "gpus": [_gpu_row(g, use) for g in state.get("gpus") or []],
-            "phase": state.get("phase") if sup else "stopped", "supervisor_pid": sup}
+            "phase": state.get("phase") if sup else "stopped", "supervisor_pid": sup, "broker": broker}
 
 
 def _fmt_uptime(s: float | None) -> str:
@@ -131,19 +154,23 @@ def table(st: dict[str, Any], title: str | None = None) -> Any:
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("model", "replica", "GPU", "memory slice / used", "weights", "cores", "state", "restarts", "uptime",
-                "port"):
+    borrowing = st.get("broker") is not None
+    for col in ("model", "replica", "GPU", "memory slice / used", "weights",
+                *(["held / borrowed"] if borrowing else []), "cores", "state", "restarts", "uptime", "port"):
         t.add_column(col)
     for r in st["replicas"]:
         gpu = ",".join(str(g["index"]) for g in r["gpus"]) or "cpu"
         slice_ = f"{r['memory_mib']} MiB" if r.get("memory_mib") else ("whole" if r["gpus"] else "-")
         used = f"{r['memory_used_mib']} MiB" if r.get("memory_used_mib") else "-"
         cores = f"{r['cores']}%" if r.get("cores") else "-"
-        color = {"ready": "green", "starting": "yellow", "restarting": "yellow"}.get(r["state"], "red")
+        state = "asleep" if r.get("sleeping") else r["state"]
+        color = {"ready": "green", "asleep": "blue", "starting": "yellow", "restarting": "yellow"}.get(state, "red")
         weights = f"{r['weights_bytes'] / (1 << 30):.2f} GiB {r.get('quantization') or ''}".strip() \
             if r.get("weights_bytes") else "-"
-        t.add_row(r["model"], str(r["replica"]), gpu, f"{slice_} / {used}", weights, cores,
-                  f"[{color}]{r['state']}[/]",
+        held = ([f"{r['memory_held_mib']} / {r['memory_borrowed_mib']} MiB" if "memory_held_mib" in r else "-"]
+                if borrowing else [])
+        t.add_row(r["model"], str(r["replica"]), gpu, f"{slice_} / {used}", weights, *held, cores,
+                  f"[{color}]{state}[/]",
                   str(r["restarts"]), _fmt_uptime(r.get("uptime_s")), str(r.get("port") or "-"))
     return t
 

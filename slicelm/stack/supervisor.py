@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from slicelm.stack.launch import Launch
-from slicelm.stack.procs import spawn, stop_group, tail
+from slicelm.stack.procs import signal_group, spawn, stop_group, tail
 from slicelm.stack.state import write_state
 
 logger = logging.getLogger("slicelm.stack")
@@ -98,6 +98,17 @@ class Supervisor:
         self.error: str | None = None
         self.stopping = False
         self.started_at = time.time()
+        self.broker: Any = None  # the memory broker (stack/broker_server.py) when slicelm.elastic is on
+        self._broker_seen: dict[str, Any] | None = None
+        self._broker_checked = 0.0
+
+    def kill_replica(self, name: str) -> None:
+        """A borrower that did not give memory back in time (called from the broker's thread): SIGKILL its
+        process group; supervision restarts it and the broker forgets what it held."""
+        m = next((m for m in self.replicas if m.launch.name == name), None)
+        if m is not None and m.proc is not None and m.proc.poll() is None:
+            logger.error("%s did not give borrowed GPU memory back in time: restarting it", name)
+            signal_group(m.proc.pid, signal.SIGKILL)
 
     # ------------------------------------------------------------------------------------ state file
     def all(self) -> list[Managed]:
@@ -112,6 +123,7 @@ class Supervisor:
                            if self.router else None),
                 "replicas": [m.to_json() for m in self.replicas],
                 "gpus": self.gpus, "mps": [_mps_info(d) for d in self.mps],
+                "broker": self.broker.status() if self.broker is not None else None,
                 "warnings": self.warnings}
 
     def save(self) -> None:
@@ -160,6 +172,8 @@ class Supervisor:
         now, changed = time.time(), False
         for m in self.all():
             if m.state in ("ready", "starting") and m.proc.poll() is not None:
+                if self.broker is not None:
+                    self.broker.forget(m.launch.name)
                 stable = m.ready_at is not None and now - m.ready_at >= STABLE_S
                 m.exit_code, m.failures = m.proc.returncode, 1 if stable else m.failures + 1
                 if m.failures > self.restart_limit:
@@ -178,8 +192,17 @@ class Supervisor:
                 m.mark_ready()
                 changed = True
                 logger.info("%s is ready again", m.launch.name)
-        if changed:
+        if changed or self._broker_changed(now):
             self.save()
+
+    def _broker_changed(self, now: float) -> bool:
+        """The broker's books changed since state.json was last written (checked once a second)."""
+        if self.broker is None or now - self._broker_checked < 1.0:
+            return False
+        self._broker_checked = now
+        seen = self.broker.status()
+        changed, self._broker_seen = seen != self._broker_seen, seen
+        return changed
 
     def run(self, on_change: Any = None) -> None:
         while not self.stopping:
@@ -207,6 +230,8 @@ class Supervisor:
         for daemon in self.mps:
             with contextlib.suppress(Exception):
                 daemon.stop()
+        if self.broker is not None:
+            self.broker.stop()
         self.phase = "stopped" if self.error is None else "failed"
         with contextlib.suppress(OSError):
             self.save()

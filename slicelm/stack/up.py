@@ -19,6 +19,7 @@ from slicelm.stack.launch import Launch, replica_launches, router_available, rou
 from slicelm.stack.planning import StackPlan
 from slicelm.stack.prefetch import prefetch
 from slicelm.stack.procs import port_free, tail
+from slicelm.stack.sharing import start_broker
 from slicelm.stack.spec import StackSpec
 from slicelm.stack.state import live_supervisor, read_state
 from slicelm.stack.status import status, table
@@ -132,6 +133,7 @@ def supervise(spec: StackSpec, plan: StackPlan, run_dir: Path, console: Console,
         la.cmd += pins.get(la.model or "", [])
     sup = Supervisor(run_dir, spec.source or "", replicas, router_launch(spec, run_dir),
                      spec.slicelm.startupTimeout, spec.slicelm.restartLimit, spec.warnings, daemons, plan.devices)
+    sup.broker = start_broker(spec, plan, run_dir, on_overdue=sup.kill_replica)
     sup.install_signal_handlers()
     view = None if quiet else StatusView(run_dir, console)
     rc = 0

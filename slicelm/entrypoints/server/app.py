@@ -60,7 +60,7 @@ def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app.state.server = state
     for module in (chat, completions, info):
         app.include_router(module.router)
-    for name in ("pooling", "score", "invocations"):
+    for name in ("pooling", "score", "invocations", "sleep"):
         with contextlib.suppress(ModuleNotFoundError):
             app.include_router(importlib.import_module(f"slicelm.entrypoints.server.{name}").router)
     install_error_handlers(app)

@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from slicelm.engine.stats import EngineStats, IterationStats
+from slicelm.entrypoints.server.elastic_metrics import ElasticMetrics
 
 logger = logging.getLogger("slicelm.stats")
 disable_created_metrics()  # as vLLM: no *_created series
@@ -48,7 +49,7 @@ METRIC_NAMES = (
     "vllm:request_inference_time_seconds", "vllm:request_prefill_time_seconds",
     "vllm:request_decode_time_seconds", "vllm:request_prompt_tokens", "vllm:request_generation_tokens",
     "vllm:cache_config_info", "vllm:iteration_tokens_total", "vllm:num_requests_waiting_by_reason",
-    "vllm:request_params_n", "vllm:request_params_max_tokens",
+    "vllm:request_params_n", "vllm:request_params_max_tokens", "vllm:engine_sleep_state",
 )
 
 
@@ -132,6 +133,7 @@ class PrometheusStatLogger:
         cache_gauge = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", sorted(info),
                             registry=r, multiprocess_mode="max")
         (cache_gauge.labels(**info) if info else cache_gauge).set(1)
+        self.elastic = ElasticMetrics(r, self.labels)
         slice_collector = SliceCollector(self.labels)
         r.register(slice_collector)
         self.scrape_registry = r
@@ -152,6 +154,7 @@ class PrometheusStatLogger:
         self.waiting_by_reason["capacity"].set(stats.num_waiting)  # nothing is deferred (no KV transfer)
         self.waiting_by_reason["deferred"].set(0)
         self.kv_usage.set(stats.kv_cache_usage)
+        self.elastic.record(stats)
         d = stats.delta(self._prev)
         self._prev = stats
         self.prompt_tokens.inc(d["num_prompt_tokens"])
