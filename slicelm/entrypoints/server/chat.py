@@ -23,7 +23,6 @@ from slicelm.entrypoints.server.sampling import (
     request_ids,
     resolve_num_logprobs,
     resolve_prompt_logprobs,
-    response_headers,
     usage,
 )
 from slicelm.entrypoints.server.state import ClientDisconnected, ServerState, final_outputs, get_state
@@ -120,10 +119,9 @@ async def create_chat_completion(raw: Request) -> Response:
     if req.echo and messages and messages[-1]["role"] == "assistant" and isinstance(messages[-1]["content"], str):
         echo = messages[-1]["content"]
     created = int(time.time())
-    headers = response_headers(state, resp_id)
     if req.stream:
         return StreamingResponse(_stream(state, req, stream, resp_id, model, created, prompt_ids, echo),
-                                 media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
     try:
         (final,) = await final_outputs([stream], raw)
     except ClientDisconnected:
@@ -140,9 +138,8 @@ async def create_chat_completion(raw: Request) -> Response:
             "logprobs": chat_logprobs(state, o.token_ids, o.logprobs, top_n, as_ids) if req.logprobs else None,
             "finish_reason": o.finish_reason or "abort",
             "stop_reason": o.stop_reason,
+            "token_ids": list(o.token_ids) if req.return_token_ids else None,
         }
-        if req.return_token_ids:
-            choice["token_ids"] = list(o.token_ids)
         choices.append(choice)
     body: dict[str, Any] = {
         "id": resp_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
@@ -150,10 +147,9 @@ async def create_chat_completion(raw: Request) -> Response:
                        state.options.enable_prompt_tokens_details),
         "system_fingerprint": None, "service_tier": None,
         "prompt_logprobs": prompt_logprobs_json(state, final.prompt_logprobs),
+        "prompt_token_ids": list(prompt_ids) if req.return_token_ids else None, "kv_transfer_params": None,
     }
-    if req.return_token_ids:
-        body["prompt_token_ids"] = list(prompt_ids)
-    return JSONResponse(body, headers={**headers, **load_headers(state, raw)})
+    return JSONResponse(body, headers=load_headers(state, raw))
 
 
 def _as_ids(state: ServerState, req: Any) -> bool:
@@ -166,7 +162,8 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, r
     """vLLM's chunk sequence: a role chunk per choice, then one choice per chunk, then the usage chunk."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage) or \
         state.options.enable_force_include_usage
-    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats) or \
+        state.options.enable_force_include_usage  # vLLM: forced usage is on every chunk
     n = req.n or 1
     num_prompt = len(prompt_ids)
     top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0

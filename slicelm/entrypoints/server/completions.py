@@ -24,7 +24,6 @@ from slicelm.entrypoints.server.sampling import (
     request_ids,
     resolve_num_logprobs,
     resolve_prompt_logprobs,
-    response_headers,
     usage,
 )
 from slicelm.entrypoints.server.state import (
@@ -112,10 +111,9 @@ async def create_completion(raw: Request) -> Response:
     created = int(time.time())
     echo_texts = [(text if text is not None else state.tokenizer.decode(ids, skip_special_tokens=False))
                   if req.echo else "" for text, ids in prompts]
-    headers = response_headers(state, resp_id)
     if req.stream:
         return StreamingResponse(_stream(state, req, streams, prompts, echo_texts, resp_id, model, created),
-                                 media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
     try:
         finals = await final_outputs(streams, raw)
     except ClientDisconnected:
@@ -136,8 +134,9 @@ async def create_completion(raw: Request) -> Response:
                                          echo_logprobs=final.prompt_logprobs, as_ids=as_ids)
             choice: dict[str, Any] = {"index": p_idx * n + o.index, "text": echo_texts[p_idx] + o.text,
                                       "logprobs": lp, "finish_reason": o.finish_reason or "abort",
-                                      "stop_reason": o.stop_reason,
-                                      "prompt_logprobs": prompt_logprobs_json(state, final.prompt_logprobs)}
+                                      "stop_reason": o.stop_reason, "token_ids": None,
+                                      "prompt_logprobs": prompt_logprobs_json(state, final.prompt_logprobs),
+                                      "prompt_token_ids": None}  # every key, as vLLM's choice has them
             if req.return_token_ids:
                 choice["prompt_token_ids"] = list(prompt_ids)
                 choice["token_ids"] = list(o.token_ids)
@@ -147,8 +146,8 @@ async def create_completion(raw: Request) -> Response:
     cached = sum(f.num_cached_tokens for f in finals)
     body = {"id": resp_id, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": usage(num_prompt, num_gen, cached, state.options.enable_prompt_tokens_details),
-            "system_fingerprint": None}
-    return JSONResponse(body, headers={**headers, **load_headers(state, raw)})
+            "service_tier": None, "system_fingerprint": None, "kv_transfer_params": None}
+    return JSONResponse(body, headers=load_headers(state, raw))
 
 
 def _as_ids(state: ServerState, req: Any) -> bool:
@@ -162,7 +161,8 @@ async def _stream(state: ServerState, req: CompletionRequest, streams: list[Requ
     """One choice per chunk, as vLLM streams (``n > 1`` and several prompts included)."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage) or \
         state.options.enable_force_include_usage
-    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats) or \
+        state.options.enable_force_include_usage  # vLLM: forced usage is on every chunk
     n = req.n or 1
     num_lp = resolve_num_logprobs(state, req.logprobs, "logprobs")
     as_ids = _as_ids(state, req)

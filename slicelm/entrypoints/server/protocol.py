@@ -35,6 +35,11 @@ UNSUPPORTED_FIELDS = {
 }
 
 
+# vLLM's text; its parameter is continue_final_message
+CONTINUE_AND_GENERATION_PROMPT = ("continue_final_message: Cannot set both `continue_final_message` and "
+                                  "`add_generation_prompt` to True.")
+
+
 def check_request_id(value: str | None) -> str | None:
     if value is not None and not REQUEST_ID.fullmatch(value):
         raise ValueError("request_id: must be 1 to 256 printable ASCII characters without spaces "
@@ -185,8 +190,7 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
         if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message: cannot be combined with add_generation_prompt=true; "
-                             "set add_generation_prompt to false")
+            raise ValueError(CONTINUE_AND_GENERATION_PROMPT)
         if self.tools and self.tool_choice != "none":
             raise ValueError("tools: tool calling is not supported yet (only tool_choice 'none')")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
@@ -220,10 +224,10 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
         p = self.prompt
-        if isinstance(p, str | list) and len(p) == 0:
-            raise ValueError("prompt: must not be empty")
+        if isinstance(p, str | list) and len(p) == 0:  # vLLM's text
+            raise ValueError("prompt: Either prompt or prompt_embeds must be provided and non-empty.")
         if isinstance(p, list) and any(isinstance(x, list | str) and len(x) == 0 for x in p):
-            raise ValueError("prompt: must not contain empty prompts")
+            raise ValueError("prompt: Either prompt or prompt_embeds must be provided and non-empty.")
         if self.suffix:
             raise ValueError("suffix: is not supported")
         if self.best_of is not None and self.best_of != (self.n or 1):
