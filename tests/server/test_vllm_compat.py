@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -18,6 +19,7 @@ MSG = [{"role": "user", "content": "Say hi"}]
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s = start_server(tmp_path_factory.mktemp("compat"), "--max-model-len", "1024", "--max-num-seqs", "8",
                      "--enable-prompt-tokens-details", "--enable-request-id-headers", "--enable-force-include-usage",
+                     "--enable-server-load-tracking",
                      "--max-logprobs", "30", "--enable-tokenizer-info-endpoint", "--enable-chunked-prefill",
                      "--show-hidden-metrics-for-version", "0.9", "--api-server-count", "1", "--root-path", "/api")
     yield s
@@ -36,6 +38,46 @@ def test_usage_details_and_request_id_header(srv: Server, client: openai.OpenAI)
     out = raw.parse()
     assert out.usage.prompt_tokens_details is not None and out.usage.prompt_tokens_details.cached_tokens >= 0
     assert out.model_extra.get("prompt_logprobs", "missing") is None
+
+
+def test_request_id_header_on_every_response_and_load(srv: Server, client: openai.OpenAI) -> None:
+    """As vLLM's middleware: the client's ``X-Request-Id`` or a uuid hex, on every route and status."""
+    api = srv.url  # (--root-path /api: the proxy strips it)
+    for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/completions")):
+        r = httpx.request(method, api + path, json={"model": "nope"} if method == "POST" else None)
+        assert len(r.headers["x-request-id"]) == 32, (path, r.headers)
+        assert httpx.request(method, api + path, headers={"X-Request-Id": "Custom"},
+                             json={"model": "nope"} if method == "POST" else None).headers["x-request-id"] == "Custom"
+    assert httpx.get(api + "/load").json() == {"server_load": 0}
+
+
+def test_vllm_response_keys_and_texts(client: openai.OpenAI) -> None:
+    """Every key of vLLM's choices and usage; vLLM's texts for the prompt and chat-flag errors."""
+    c = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).model_dump()
+    assert {"token_ids", "prompt_token_ids", "prompt_logprobs", "stop_reason"} <= set(c["choices"][0])
+    assert c["choices"][0]["prompt_token_ids"] is None and "completion_tokens_details" in c["usage"]
+    chat = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2,
+                                          extra_body={"return_token_ids": True}).model_dump()
+    assert chat["prompt_token_ids"] and chat["choices"][0]["token_ids"]
+    assert set(chat["usage"]["prompt_tokens_details"]) >= {"cached_tokens", "created_cache_tokens"}
+    empty = re.escape("Either prompt or prompt_embeds must be provided and non-empty.")
+    with pytest.raises(openai.BadRequestError, match=empty):
+        client.completions.create(model=MODEL, prompt="", max_tokens=2)
+    both = re.escape("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+    with pytest.raises(openai.BadRequestError, match=both):
+        client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2,
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": True})
+    with pytest.raises(openai.BadRequestError, match="int_parsing"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens="many")  # type: ignore[arg-type]
+
+
+def test_forced_usage_on_every_streamed_chunk(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, stream=True))
+    assert all(c.usage is not None for c in chunks)
+    assert chunks[-1].usage.completion_tokens == sum(len(c.model_extra.get("token_ids") or []) for c in chunks) or \
+        chunks[-1].usage.completion_tokens >= 1
+    done = [c.usage.completion_tokens for c in chunks]
+    assert done == sorted(done)
 
 
 def test_extra_fields_custom_roles_and_lax_coercions(client: openai.OpenAI) -> None:

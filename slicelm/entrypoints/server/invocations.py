@@ -43,7 +43,9 @@ def pooling_task(state: Any, task: str | None) -> str:
     if supported is None:
         pooling.require_tasks(state, ("embed", "score"), "Pooling")
     assert supported is not None
-    default = supported[0]
+    default = state.options.pooler_config.task or supported[0]
+    if default not in supported:  # --pooler-config task the model cannot run
+        raise bad_request(f"Unsupported task: {default!r} Supported tasks: {supported}", param="task")
     if task is None or task == default:
         return default
     if task == "plugin":
@@ -65,7 +67,7 @@ async def create_pooling(raw: Request) -> Response:
         if task == "embed":
             resp_id, outs = await pooling.embed_outputs(state, raw, req)
         else:
-            resp_id, outs = await score.classify_outputs(state, raw, req)
+            resp_id, outs = await score.classify_outputs(state, raw, req, task)
     except ClientDisconnected:
         return Response(status_code=499)
     fmt = req.encoding_format if req.encoding_format in ("float", "base64") else "float"

@@ -94,8 +94,10 @@ async def _scores(state: ServerState, raw: Request, req: ScoreRequest | RerankRe
     return [float(o.data.reshape(-1)[0]) for o in outs], sum(len(o.prompt_token_ids) for o in outs)
 
 
-async def classify_outputs(state: ServerState, raw: Request, req: EmbeddingRequest) -> tuple[str, list[PoolingOutput]]:
-    """A cross-encoder's class probabilities (task "classify") for each single-text input of ``req``."""
+async def classify_outputs(state: ServerState, raw: Request, req: EmbeddingRequest,
+                           task: str = "classify") -> tuple[str, list[PoolingOutput]]:
+    """A cross-encoder's activated head output (task "classify": class probabilities, or "score") for each
+    single-text input of ``req``."""
     require_tasks(state, ("score",), "Classification")
     ensure_pooling_metrics(raw, state)
     limit = prompt_limit(state, req.truncate_prompt_tokens)
@@ -108,7 +110,7 @@ async def classify_outputs(state: ServerState, raw: Request, req: EmbeddingReque
         ids = encode_text(state, item, limit, special, param) if isinstance(item, str) else \
             token_ids(state, item, limit, param)
         prompts.append({"prompt_token_ids": ids})
-    params = PoolingParams(task="classify", use_activation=req.use_activation)
+    params = PoolingParams(task=task, use_activation=req.use_activation)
     return resp_id, await run_prompts(state, raw, prompts, params, resp_id, req.priority or 0)
 
 
