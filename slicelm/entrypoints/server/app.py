@@ -31,7 +31,7 @@ from fastapi import FastAPI
 from slicelm.engine.async_llm import AsyncLLM
 from slicelm.engine.gc_tuning import tune_gc
 from slicelm.engine.protocol import EngineClient
-from slicelm.entrypoints.server import chat, completions, info, request_tracking
+from slicelm.entrypoints.server import chat, chat_batch, completions, info, request_tracking
 from slicelm.entrypoints.server.errors import install_error_handlers
 from slicelm.entrypoints.server.gateway import GatewayMiddleware
 from slicelm.entrypoints.server.options import ApiOptions, add_api_args, check_api_args
@@ -53,7 +53,7 @@ def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app = FastAPI(title="slicelm OpenAI-compatible server", lifespan=lifespan, docs_url="/docs",
                   openapi_url="/openapi.json")
     app.state.server = state
-    for module in (chat, completions, info, request_tracking):
+    for module in (chat, chat_batch, completions, info, request_tracking):
         app.include_router(module.router)
     for name in ("pooling", "score", "invocations"):
         with contextlib.suppress(ModuleNotFoundError):

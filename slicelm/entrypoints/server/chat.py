@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from slicelm.engine.request import CompletionOutput
 from slicelm.entrypoints.server.errors import bad_request, from_exception
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.load import load_headers, observe_params
@@ -23,11 +24,13 @@ from slicelm.entrypoints.server.sampling import (
     request_ids,
     resolve_num_logprobs,
     resolve_prompt_logprobs,
-    usage,
+    tokens_as_ids,
 )
 from slicelm.entrypoints.server.state import ClientDisconnected, ServerState, final_outputs, get_state
 from slicelm.entrypoints.server.streaming import SSE_HEADERS, DeltaTracker, sse, sse_done, sse_error
+from slicelm.entrypoints.server.usage import chunk_usage, final_chunk_usage, usage
 from slicelm.loader.tokenizer import MissingChatTemplateError
+from slicelm.sampling_params import SamplingParams
 
 router = APIRouter()
 
@@ -110,14 +113,10 @@ async def create_chat_completion(raw: Request) -> Response:
     priority = check_priority(state, req.priority)
     messages, prompt_ids = await chat_prompt_ids(state, req)
     max_tokens = state.check_length(len(prompt_ids), req.effective_max_tokens, param="messages")
-    top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
-    params = build_sampling_params(state, req, max_tokens, logprobs=top_n if req.logprobs else None,
-                                   prompt_logprobs=resolve_prompt_logprobs(state, req))
+    params = chat_sampling_params(state, req, max_tokens)
     stream = await state.engine.add_request(engine_id, {"prompt_token_ids": prompt_ids}, params, priority=priority)
     observe_params(state, params)
-    echo = ""
-    if req.echo and messages and messages[-1]["role"] == "assistant" and isinstance(messages[-1]["content"], str):
-        echo = messages[-1]["content"]
+    echo = echo_text(req, messages)
     created = int(time.time())
     if req.stream:
         return StreamingResponse(_stream(state, req, stream, resp_id, model, created, prompt_ids, echo),
@@ -128,19 +127,8 @@ async def create_chat_completion(raw: Request) -> Response:
         return Response(status_code=499)
     finally:
         state.engine.release(stream)
-    as_ids = _as_ids(state, req)
-    choices = []
-    for o in final.outputs:
-        choice: dict[str, Any] = {
-            "index": o.index,
-            "message": {"role": "assistant", "content": echo + o.text, "refusal": None, "tool_calls": [],
-                        "reasoning_content": None},
-            "logprobs": chat_logprobs(state, o.token_ids, o.logprobs, top_n, as_ids) if req.logprobs else None,
-            "finish_reason": o.finish_reason or "abort",
-            "stop_reason": o.stop_reason,
-            "token_ids": list(o.token_ids) if req.return_token_ids else None,
-        }
-        choices.append(choice)
+    top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
+    choices = [chat_choice(state, req, o, o.index, echo, top_n) for o in final.outputs]
     body: dict[str, Any] = {
         "id": resp_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
         "usage": usage(len(prompt_ids), sum(len(o.token_ids) for o in final.outputs), final.num_cached_tokens,
@@ -152,9 +140,32 @@ async def create_chat_completion(raw: Request) -> Response:
     return JSONResponse(body, headers=load_headers(state, raw))
 
 
-def _as_ids(state: ServerState, req: Any) -> bool:
-    flag = req.return_tokens_as_token_ids
-    return bool(state.options.return_tokens_as_token_ids if flag is None else flag)
+def chat_sampling_params(state: ServerState, req: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+    top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
+    return build_sampling_params(state, req, max_tokens, logprobs=top_n if req.logprobs else None,
+                                 prompt_logprobs=resolve_prompt_logprobs(state, req))
+
+
+def echo_text(req: ChatCompletionRequest, messages: list[dict[str, Any]]) -> str:
+    """``echo``: the final assistant message the answer continues (vLLM prepends it to the answer)."""
+    if req.echo and messages and messages[-1]["role"] == "assistant" and isinstance(messages[-1]["content"], str):
+        return messages[-1]["content"]
+    return ""
+
+
+def chat_choice(state: ServerState, req: ChatCompletionRequest, o: CompletionOutput, index: int, echo: str,
+                top_n: int) -> dict[str, Any]:
+    """One choice of a chat response, every key vLLM's has."""
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": echo + o.text, "refusal": None, "tool_calls": [],
+                    "reasoning_content": None},
+        "logprobs": chat_logprobs(state, o.token_ids, o.logprobs, top_n, tokens_as_ids(state, req)) if req.logprobs
+        else None,
+        "finish_reason": o.finish_reason or "abort",
+        "stop_reason": o.stop_reason,
+        "token_ids": list(o.token_ids) if req.return_token_ids else None,
+    }
 
 
 async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, resp_id: str, model: str,
@@ -167,14 +178,15 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, r
     n = req.n or 1
     num_prompt = len(prompt_ids)
     top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
-    as_ids = _as_ids(state, req)
+    ids_only = tokens_as_ids(state, req)
     tracker = DeltaTracker(n)
+    cached = 0
 
     def chunk(choice: dict[str, Any], completion_tokens: int | None = None, first: bool = False) -> str:
         body: dict[str, Any] = {"id": resp_id, "object": "chat.completion.chunk", "created": created,
                                 "model": model, "system_fingerprint": None, "choices": [choice]}
         if include_usage:
-            body["usage"] = usage(num_prompt, completion_tokens) if continuous and completion_tokens is not None \
+            body["usage"] = chunk_usage(num_prompt, completion_tokens) if continuous and completion_tokens is not None \
                 else None
         if first and req.return_token_ids:
             body["prompt_token_ids"] = list(prompt_ids)
@@ -185,6 +197,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, r
             yield chunk({"index": i, "delta": {"role": "assistant", "content": echo}, "logprobs": None,
                          "finish_reason": None}, 0, first=True)
         async for out in stream:
+            cached = out.num_cached_tokens
             for o in out.outputs:
                 d = tracker.delta(o)
                 if d is None:
@@ -194,14 +207,14 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, r
                                           "logprobs": None, "finish_reason": o.finish_reason,
                                           "stop_reason": o.stop_reason}
                 if req.logprobs:
-                    choice["logprobs"] = chat_logprobs(state, new_ids, new_lps, top_n, as_ids)
+                    choice["logprobs"] = chat_logprobs(state, new_ids, new_lps, top_n, ids_only)
                 if req.return_token_ids:
                     choice["token_ids"] = list(new_ids)
                 yield chunk(choice, tracker.num_tokens)
         if include_usage:
             yield sse({"id": resp_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [], "usage": usage(num_prompt, tracker.num_tokens, None,
-                                                     state.options.enable_prompt_tokens_details)})
+                       "choices": [], "usage": final_chunk_usage(num_prompt, tracker.num_tokens, cached,
+                                                                 state.options.enable_prompt_tokens_details)})
     except Exception as e:  # the engine died mid-stream: tell the client in-band
         yield sse_error(from_exception(e))
     finally:

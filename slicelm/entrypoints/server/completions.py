@@ -24,16 +24,18 @@ from slicelm.entrypoints.server.sampling import (
     request_ids,
     resolve_num_logprobs,
     resolve_prompt_logprobs,
-    usage,
+    tokens_as_ids,
 )
 from slicelm.entrypoints.server.state import (
     ClientDisconnected,
     ServerState,
+    add_requests,
     final_outputs,
     get_state,
     merge_streams,
 )
 from slicelm.entrypoints.server.streaming import SSE_HEADERS, DeltaTracker, sse, sse_done, sse_error
+from slicelm.entrypoints.server.usage import chunk_usage, final_chunk_usage, usage
 
 router = APIRouter()
 MAX_PROMPTS = 1024
@@ -75,6 +77,13 @@ def _check_prompts(state: ServerState, req: CompletionRequest) -> None:
                     truncating=req.truncate_prompt_tokens is not None)
 
 
+def _echo_text(state: ServerState, req: CompletionRequest, text: str | None, ids: list[int]) -> str:
+    """The prompt text ``echo`` prepends; none with ``return_token_ids`` (as vLLM: the ids carry the prompt)."""
+    if not req.echo or req.return_token_ids:
+        return ""
+    return text if text is not None else state.tokenizer.decode(ids, skip_special_tokens=False)
+
+
 @router.post("/v1/completions")
 async def create_completion(raw: Request) -> Response:
     state = get_state(raw)
@@ -97,20 +106,11 @@ async def create_completion(raw: Request) -> Response:
         max_tokens = state.check_length(len(ids), req.max_tokens, param="prompt")
         params_list.append(build_sampling_params(state, req, max_tokens, logprobs=num_lp,
                                                  prompt_logprobs=num_prompt_lp))
-    streams: list[RequestStream] = []
-    try:
-        for i, ((_, ids), params) in enumerate(zip(prompts, params_list)):
-            engine_id = engine_base if len(prompts) == 1 else f"{engine_base}-{i}"
-            streams.append(await state.engine.add_request(engine_id, {"prompt_token_ids": ids}, params,
-                                                          priority=priority))
-            observe_params(state, params)
-    except BaseException:
-        for s in streams:
-            state.engine.release(s)
-        raise
+    streams = await add_requests(state, engine_base, [ids for _, ids in prompts], params_list, priority)
+    for params in params_list:
+        observe_params(state, params)
     created = int(time.time())
-    echo_texts = [(text if text is not None else state.tokenizer.decode(ids, skip_special_tokens=False))
-                  if req.echo else "" for text, ids in prompts]
+    echo_texts = [_echo_text(state, req, text, ids) for text, ids in prompts]
     if req.stream:
         return StreamingResponse(_stream(state, req, streams, prompts, echo_texts, resp_id, model, created),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
@@ -122,7 +122,7 @@ async def create_completion(raw: Request) -> Response:
         for s in streams:
             state.engine.release(s)
     n = req.n or 1
-    as_ids = _as_ids(state, req)
+    as_ids = tokens_as_ids(state, req)
     choices = []
     for p_idx, final in enumerate(finals):
         prompt_ids = prompts[p_idx][1]
@@ -150,11 +150,6 @@ async def create_completion(raw: Request) -> Response:
     return JSONResponse(body, headers=load_headers(state, raw))
 
 
-def _as_ids(state: ServerState, req: Any) -> bool:
-    flag = req.return_tokens_as_token_ids
-    return bool(state.options.return_tokens_as_token_ids if flag is None else flag)
-
-
 async def _stream(state: ServerState, req: CompletionRequest, streams: list[RequestStream],
                   prompts: list[tuple[str | None, list[int]]], echo_texts: list[str], resp_id: str, model: str,
                   created: int) -> AsyncIterator[str]:
@@ -165,21 +160,23 @@ async def _stream(state: ServerState, req: CompletionRequest, streams: list[Requ
         state.options.enable_force_include_usage  # vLLM: forced usage is on every chunk
     n = req.n or 1
     num_lp = resolve_num_logprobs(state, req.logprobs, "logprobs")
-    as_ids = _as_ids(state, req)
+    as_ids = tokens_as_ids(state, req)
     num_prompt = sum(len(ids) for _, ids in prompts)
     trackers = [DeltaTracker(n) for _ in prompts]
     offsets = [[0] * n for _ in prompts]
     started = [[False] * n for _ in prompts]
+    cached = [0] * len(prompts)
 
     def chunk(choice: dict[str, Any]) -> str:
         body: dict[str, Any] = {"id": resp_id, "object": "text_completion", "created": created, "model": model,
                                 "choices": [choice], "system_fingerprint": None}
         if include_usage:
-            body["usage"] = usage(num_prompt, sum(t.num_tokens for t in trackers)) if continuous else None
+            body["usage"] = chunk_usage(num_prompt, sum(t.num_tokens for t in trackers)) if continuous else None
         return sse(body)
 
     try:
         async for p_idx, out in merge_streams(streams):
+            cached[p_idx] = out.num_cached_tokens
             for o in out.outputs:
                 d = trackers[p_idx].delta(o)
                 if d is None:
@@ -207,9 +204,10 @@ async def _stream(state: ServerState, req: CompletionRequest, streams: list[Requ
                         choice["prompt_token_ids"] = list(prompts[p_idx][1])
                 yield chunk(choice)
         if include_usage:
+            final = final_chunk_usage(num_prompt, sum(t.num_tokens for t in trackers), sum(cached),
+                                      state.options.enable_prompt_tokens_details)
             yield sse({"id": resp_id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [], "usage": usage(num_prompt, sum(t.num_tokens for t in trackers), None,
-                                                     state.options.enable_prompt_tokens_details)})
+                       "choices": [], "usage": final})
     except Exception as e:
         yield sse_error(from_exception(e))
     finally:

@@ -1,7 +1,8 @@
 """vLLM's extra routes: ``/pooling``, Cohere's ``/v2/embed`` and SageMaker's ``/invocations``.
 
 ``/invocations`` picks the endpoint from the body, as vLLM does: ``messages`` -> chat completions (or
-embeddings of a pooling model), ``prompt`` -> completions, ``input`` -> embeddings, ``query`` +
+embeddings of a pooling model), ``prompt`` -> completions, ``input`` -> embeddings (``input`` or ``messages``
+on a cross-encoder -> classification), ``query`` +
 ``documents`` -> rerank, ``queries`` / ``data_1`` / ``text_1`` -> score.
 """
 
@@ -101,12 +102,16 @@ async def create_cohere_embed(raw: Request) -> Response:
 
 
 def _route_for(state: Any, body: dict[str, Any]) -> Any:
-    if "messages" in body:
-        return chat.create_chat_completion if state.task == "generate" else pooling.create_embeddings
+    """As vLLM: by the body's fields, among the routes of the model's task (a cross-encoder classifies
+    ``input`` / ``messages``)."""
+    if "messages" in body or "input" in body:
+        if state.task == "score":
+            return score.create_classify
+        if "messages" in body:
+            return chat.create_chat_completion if state.task == "generate" else pooling.create_embeddings
+        return pooling.create_embeddings
     if "prompt" in body:
         return completions.create_completion
-    if "input" in body:
-        return pooling.create_embeddings
     if "query" in body and "documents" in body:
         return score.create_rerank
     if any(k in body for k in ("queries", "data_1", "text_1")):

@@ -260,7 +260,7 @@ async def embed_outputs(state: ServerState, raw: Request, req: EmbeddingRequest)
                 for i, item in enumerate(items)]
 
     prompts = await asyncio.to_thread(tokenize) if req.messages is None else \
-        [await _chat_prompt(state, req, limit, cap)]
+        [await chat_pooling_prompt(state, req, limit, cap)]
     normalize = req.normalize if req.normalize is not None else req.use_activation
     if any(len(p["prompt_token_ids"]) > state.max_model_len for p in prompts):
         info = getattr(state.engine, "info", None)
@@ -280,7 +280,7 @@ def _embed_cap(state: ServerState) -> int:
     return pc.max_embed_len if pc.max_embed_len is not None else sys.maxsize
 
 
-async def _chat_prompt(state: ServerState, req: EmbeddingRequest, limit: int | None, cap: int) -> Prompt:
+async def chat_pooling_prompt(state: ServerState, req: EmbeddingRequest, limit: int | None, cap: int) -> Prompt:
     """vLLM's chat-style embedding input: the messages rendered with the chat template, then tokenized."""
     assert req.messages is not None
     messages = convert_messages(req.messages)

@@ -157,8 +157,9 @@ class SamplingFields(LaxModel):
         return self
 
 
-class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+class ChatFields(SamplingFields):
+    """Everything of a chat request but its messages."""
+
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
@@ -186,7 +187,7 @@ class ChatCompletionRequest(SamplingFields):
     documents: list[dict[str, str]] | None = None
 
     @model_validator(mode="after")
-    def _check_chat(self) -> ChatCompletionRequest:
+    def _check_chat(self) -> ChatFields:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
         if self.continue_final_message and self.add_generation_prompt:
@@ -206,6 +207,31 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class ChatCompletionRequest(ChatFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class BatchChatCompletionRequest(ChatFields):
+    """``/v1/chat/completions/batch``: several conversations, one choice each (no streaming, ``n`` = 1)."""
+
+    messages: list[list[ChatMessage]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> BatchChatCompletionRequest:
+        if any(not conv for conv in self.messages):
+            raise ValueError("messages: every conversation needs at least one message")
+        if self.stream:
+            raise ValueError("stream: batch chat completions do not support streaming")
+        if (self.n or 1) != 1:  # vLLM's text
+            raise ValueError("n: Batch chat completions do not support `n > 1`. Please set `n` to 1.")
+        return self
+
+    def conversation(self, i: int) -> ChatCompletionRequest:
+        """The single-conversation request of conversation ``i``."""
+        return ChatCompletionRequest.model_validate(
+            {**self.model_dump(exclude={"messages"}, exclude_unset=True), "messages": self.messages[i]})
 
 
 Prompt = str | list[str] | list[int] | list[list[int]]

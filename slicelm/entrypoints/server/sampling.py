@@ -194,17 +194,10 @@ def _top_dict(state: ServerState, entry: dict[int, Logprob], tid: int, top_n: in
     return out
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None,
-          details: bool = False) -> dict[str, Any]:
-    """vLLM's usage block (every key); ``prompt_tokens_details`` only with ``--enable-prompt-tokens-details``,
-    ``completion_tokens_details`` (reasoning tokens) stays null as vLLM's without a reasoning parser."""
-    u: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                         "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": None,
-                         "completion_tokens_details": None}
-    if details:
-        u["prompt_tokens_details"] = {"cached_tokens": cached_tokens or 0, "created_cache_tokens": None,
-                                      "multimodal_tokens": None}
-    return u
+def tokens_as_ids(state: ServerState, req: SamplingFields) -> bool:
+    """``return_tokens_as_token_ids``: the request's, else the server's ``--return-tokens-as-token-ids``."""
+    flag = req.return_tokens_as_token_ids
+    return bool(state.options.return_tokens_as_token_ids if flag is None else flag)
 
 
 def token_label(state: ServerState, token_id: int, lp: Logprob | None, as_ids: bool) -> str:

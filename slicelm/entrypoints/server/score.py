@@ -20,6 +20,7 @@ from slicelm.entrypoints.server.errors import bad_request
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.pooling import (
     Prompt,
+    chat_pooling_prompt,
     check_len,
     encode_text,
     engine_request_id,
@@ -94,24 +95,47 @@ async def _scores(state: ServerState, raw: Request, req: ScoreRequest | RerankRe
     return [float(o.data.reshape(-1)[0]) for o in outs], sum(len(o.prompt_token_ids) for o in outs)
 
 
-async def classify_outputs(state: ServerState, raw: Request, req: EmbeddingRequest,
-                           task: str = "classify") -> tuple[str, list[PoolingOutput]]:
+async def classify_outputs(state: ServerState, raw: Request, req: EmbeddingRequest, task: str = "classify",
+                           prefix: str = "pool") -> tuple[str, list[PoolingOutput]]:
     """A cross-encoder's activated head output (task "classify": class probabilities, or "score") for each
     single-text input of ``req``."""
     require_tasks(state, ("score",), "Classification")
     ensure_pooling_metrics(raw, state)
     limit = prompt_limit(state, req.truncate_prompt_tokens)
-    resp_id = engine_request_id("pool", req, raw)
+    resp_id = engine_request_id(prefix, req, raw)
     many = isinstance(req.input, list) and not isinstance(req.input[0], int)
     special = req.add_special_tokens is not False
     prompts: list[Prompt] = []
-    for i, item in enumerate(req.inputs()):
+    if req.messages is not None:  # chat-style input, rendered with the chat template (as vLLM)
+        prompts.append(await chat_pooling_prompt(state, req, limit, state.max_model_len))
+    for i, item in enumerate(req.inputs() if req.messages is None else []):
         param = f"input[{i}]" if many else "input"
         ids = encode_text(state, item, limit, special, param) if isinstance(item, str) else \
             token_ids(state, item, limit, param)
         prompts.append({"prompt_token_ids": ids})
     params = PoolingParams(task=task, use_activation=req.use_activation)
     return resp_id, await run_prompts(state, raw, prompts, params, resp_id, req.priority or 0)
+
+
+@router.post("/classify")
+async def create_classify(raw: Request) -> Response:
+    """vLLM's ``/classify``: a sequence classifier's class probabilities and top label per input."""
+    state = get_state(raw)
+    req = await parse_body(raw, EmbeddingRequest)
+    model = state.check_model(req.model, required=False)
+    try:
+        resp_id, outs = await classify_outputs(state, raw, req, prefix="classify")
+    except ClientDisconnected:
+        return Response(status_code=499)
+    id2label = {int(k): v for k, v in (hf_config(state).get("id2label") or {}).items()}
+    data = []
+    for i, o in enumerate(outs):
+        probs = [float(x) for x in o.data.reshape(-1)]
+        best = max(range(len(probs)), key=probs.__getitem__)
+        data.append({"index": i, "label": id2label.get(best), "probs": probs, "num_classes": len(probs)})
+    body = {"id": resp_id, "object": "list", "created": int(time.time()), "model": model, "data": data,
+            "usage": pooling_usage(sum(len(o.prompt_token_ids) for o in outs))}
+    return JSONResponse(body)
 
 
 @router.post("/v1/score")
