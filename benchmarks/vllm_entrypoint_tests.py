@@ -69,6 +69,8 @@ OUT_OF_SCOPE = [  # (pattern on the test id, or on a failure's text), why the te
     (r"responses_api|/v1/responses", "Responses API"),
     (r"sleep|wake_up", "sleep mode"),
     (r"quantiz|fp8|awq|gptq", "quantization"),
+    (r"token_embed|token_classify|late_chunking", "token-level pooling"),
+    (r"hf.overrides|matryoshka", "--hf-overrides (Matryoshka dimensions)"),
 ]
 
 

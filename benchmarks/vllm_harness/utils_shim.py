@@ -24,7 +24,7 @@ PY = os.environ.get("SLICELM_PYTHON", sys.executable)
 LOG_DIR = Path(os.environ.get("HARNESS_LOG_DIR", "/tmp/slicelm-vllm-harness/logs"))
 OUT_OF_SCOPE_VALUE_FLAGS = {"--tool-call-parser", "--reasoning-parser"}
 OUT_OF_SCOPE_FLAGS = {"--enable-auto-tool-choice"}
-MAX_LEN = {"generate": 8192, "embed": 512, "score": 512, "classify": 512}
+MAX_LEN = {"generate": 8192, "embed": 256, "score": 512, "classify": 512}  # MiniLM: 256
 
 
 def get_open_port() -> int:
