@@ -203,7 +203,8 @@ def test_vllm_texts_for_long_inputs_and_enum_fields(minilm: Server) -> None:
         err = error_of(post(minilm, path, body))
         assert "Please reduce the length of the input prompt." in err["message"], err
     err = error_of(post(minilm, "/v1/embeddings", {"input": "hi", "truncate_prompt_tokens": 513}))
-    assert err["message"].startswith("truncate_prompt_tokens=513 cannot be greater than max_model_len"), err
+    assert err["message"] == ("truncate_prompt_tokens value is greater than max_model_len. Please request a smaller "
+                              "truncation size."), err
     for field in ("encoding_format", "embed_dtype", "endianness"):
         err = error_of(post(minilm, "/v1/embeddings", {"input": "hi", field: "nope"}))
         assert "literal_error" in err["message"] and err["param"] == field, err

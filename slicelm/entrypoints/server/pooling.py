@@ -87,10 +87,9 @@ def prompt_limit(state: ServerState, truncate: int | None) -> int | None:
         return None
     if truncate == -1:
         return state.max_model_len
-    if truncate > state.max_model_len:  # vLLM's text
-        raise bad_request(f"truncate_prompt_tokens={truncate} cannot be greater than max_model_len = "
-                          f"{state.max_model_len}. Please request a smaller truncation size.",
-                          param="truncate_prompt_tokens")
+    if truncate > state.max_model_len:  # vLLM's pooling text
+        raise bad_request("truncate_prompt_tokens value is greater than max_model_len. Please request a smaller "
+                          "truncation size.", param="truncate_prompt_tokens")
     return truncate
 
 
