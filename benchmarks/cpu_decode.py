@@ -117,6 +117,7 @@ def main() -> None:
         "decode_tok_s_all": {k: [round(x, 2) for x in v] for k, v in rates.items()},
         "ratio_slicelm_over_transformers": round(med["slicelm"] / med["transformers"], 3),
         "greedy_tokens_equal": f"{same}/{args.new_tokens}",
+        "host_load_avg_1_5_15min": [round(x, 1) for x in os.getloadavg()],  # the cores are shared
     }
     print(f"median: slicelm {med['slicelm']:.1f} tok/s, transformers {med['transformers']:.1f} tok/s "
           f"(x{result['ratio_slicelm_over_transformers']}); same greedy tokens {same}/{args.new_tokens}")
