@@ -125,7 +125,7 @@ def test_rerank_top_n_and_return_documents_as_cohere(minilm: Server) -> None:
     ("/v1/rerank", {"query": QUERY, "documents": []}, "documents"),
     ("/v1/rerank", {"query": QUERY, "documents": [1, 2]}, "documents"),
     ("/v1/rerank", {"query": QUERY, "documents": ["a", {"text": 3}]}, "documents"),
-    ("/v1/rerank", {"query": QUERY, "documents": DOCS, "max_tokens_per_doc": 0}, "max_tokens_per_doc"),
+    ("/v1/rerank", {"query": QUERY, "documents": DOCS, "max_tokens_per_doc": -5}, "max_tokens_per_doc"),
     ("/v2/rerank", {"query": QUERY, "documents": DOCS, "top_n": -2}, "top_n"),
     ("/v1/rerank", {"query": 5, "documents": DOCS}, "query"),
     ("/v1/rerank", {"documents": DOCS}, "query"),

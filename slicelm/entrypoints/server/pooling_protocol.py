@@ -168,8 +168,8 @@ class RerankRequest(PoolingFields):
         _check_count("documents", len(self.documents))
         if self.top_n is not None and self.top_n < 0:
             raise ValueError(f"top_n: must be >= 0 (0: all documents), got {self.top_n}")
-        if self.max_tokens_per_doc is not None and self.max_tokens_per_doc < 1:
-            raise ValueError(f"max_tokens_per_doc: must be >= 1, got {self.max_tokens_per_doc}")
+        if self.max_tokens_per_doc is not None and self.max_tokens_per_doc < 0:  # vLLM's text; 0: no truncation
+            raise ValueError("max_tokens_per_doc: max_tokens_per_doc must be a non-negative integer")
         return self
 
     def texts(self) -> list[str]:

@@ -165,7 +165,7 @@ async def _rerank(raw: Request, cohere_v2: bool) -> Response:
     require_tasks(state, ("embed", "score"), "Rerank")
     ensure_pooling_metrics(raw, state)
     docs = req.texts()
-    if req.max_tokens_per_doc is not None:
+    if req.max_tokens_per_doc:
         docs = [_cut_tokens(state, d, req.max_tokens_per_doc) for d in docs]
     resp_id = engine_request_id("rerank", req, raw)
     try:
