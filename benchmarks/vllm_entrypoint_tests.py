@@ -74,6 +74,17 @@ OUT_OF_SCOPE = [  # (pattern on the test id, or on a failure's text), why the te
 ]
 
 
+NOT_COMPARABLE = [  # (pattern on the test id, why the substitute model cannot give the named model's answer)
+    (r"classify\.test_online::test_basic|test_cross_encoder_online::test_basic",
+     "compares token ids of the named model's tokenizer; the substitute has MiniLM's"),
+    (r"test_bi_encoder_online::test_pooling_embed", "expects the named model's 768 dimensions; MiniLM has 384"),
+    (r"test_cross_encoder_online::test_rerank_api_(texts|top_n)",
+     "expects a trained reranker's scores; the substitute cross-encoder has random weights"),
+    (r"classify\.test_online::test_completion_request_batched",
+     "expects the named model's labels (Default / Spoiled); the substitute has LABEL_0 / LABEL_1"),
+]
+
+
 def build_root(vllm_src: Path, work: Path) -> Path:
     """A copy of vLLM's entrypoint tests with the harness files in place of vLLM's test utilities."""
     root = work / "root"
@@ -119,6 +130,9 @@ def classify(tc: ET.Element) -> tuple[str, str, str | None, str]:
             status, text = name, (el.get("message") or "") + "\n" + (el.text or "")
             break
     reason = None
+    for pattern, why in NOT_COMPARABLE:
+        if status in ("failed", "error") and re.search(pattern, tid):
+            return tid, status, f"substitute model: {why}", text.strip().splitlines()[0][:300] if text.strip() else ""
     for pattern, why in OUT_OF_SCOPE:
         if re.search(pattern, tid.lower()) or (status in ("failed", "error") and re.search(pattern, text[:4000])):
             reason = why
@@ -147,7 +161,10 @@ def summarize(work: Path, families: list[str], vllm_src: Path) -> dict[str, Any]
                 rows[tid] = (family, status, reason, first)
     counted = {t: r for t, r in rows.items() if r[2] is None and r[1] != "skipped"}
     counts = collections.Counter(r[1] for r in counted.values())
-    out_of_scope = collections.Counter(r[2] for r in rows.values() if r[2] is not None)
+    out_of_scope = collections.Counter(r[2] for r in rows.values()
+                                       if r[2] is not None and not r[2].startswith("substitute model"))
+    not_comparable = [{"test": t, "reason": r[2]} for t, r in rows.items()
+                      if r[2] is not None and r[2].startswith("substitute model")]
     return {
         "benchmark": "vllm_entrypoint_tests", **environment(),
         "vllm_source": vllm_version(vllm_src),
@@ -155,8 +172,10 @@ def summarize(work: Path, families: list[str], vllm_src: Path) -> dict[str, Any]
         "test_files": {f: FAMILIES[f] for f in measured},
         "counts": {"tests": len(rows), "passed": counts["passed"], "failed": counts["failed"] + counts["error"],
                    "skipped": sum(r[1] == "skipped" for r in rows.values()),
-                   "out_of_scope": sum(out_of_scope.values()), "harness_teardown_errors": teardown},
+                   "out_of_scope": sum(out_of_scope.values()), "not_comparable": len(not_comparable),
+                   "harness_teardown_errors": teardown},
         "out_of_scope_by_feature": dict(out_of_scope),
+        "not_comparable": not_comparable,
         "incompatibilities": [{"test": t, "status": r[1], "reason": r[3]} for t, r in counted.items()
                               if r[1] != "passed"],
         "skipped_tests": [{"test": t, "reason": r[3]} for t, r in rows.items() if r[1] == "skipped" and r[2] is None],

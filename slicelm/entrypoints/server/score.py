@@ -132,7 +132,8 @@ async def create_classify(raw: Request) -> Response:
     for i, o in enumerate(outs):
         probs = [float(x) for x in o.data.reshape(-1)]
         best = max(range(len(probs)), key=probs.__getitem__)
-        data.append({"index": i, "label": id2label.get(best), "probs": probs, "num_classes": len(probs)})
+        label = id2label.get(best, f"LABEL_{best}")  # transformers' default labels, as vLLM reads them
+        data.append({"index": i, "label": label, "probs": probs, "num_classes": len(probs)})
     body = {"id": resp_id, "object": "list", "created": int(time.time()), "model": model, "data": data,
             "usage": pooling_usage(sum(len(o.prompt_token_ids) for o in outs))}
     return JSONResponse(body)
