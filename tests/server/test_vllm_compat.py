@@ -62,8 +62,9 @@ def test_vllm_response_keys_and_texts(client: openai.OpenAI) -> None:
     assert chat["prompt_token_ids"] and chat["choices"][0]["token_ids"]
     assert set(chat["usage"]["prompt_tokens_details"]) >= {"cached_tokens", "created_cache_tokens"}
     empty = re.escape("Either prompt or prompt_embeds must be provided and non-empty.")
-    with pytest.raises(openai.BadRequestError, match=empty):
-        client.completions.create(model=MODEL, prompt="", max_tokens=2)
+    for prompt in ("", None):
+        with pytest.raises(openai.BadRequestError, match=empty):
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
     both = re.escape("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
     with pytest.raises(openai.BadRequestError, match=both):
         client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2,

@@ -45,6 +45,7 @@ def tokenize_prompts(state: ServerState, req: CompletionRequest) -> list[tuple[s
     """``(text or None, token ids)`` per prompt (blocking: call it through ``off_loop``); 400 for token ids
     outside the vocabulary (vLLM's message)."""
     p = req.prompt
+    assert p is not None  # the request's validator refuses a missing prompt
     if isinstance(p, str):
         items: list[Any] = [p]
     elif p and isinstance(p[0], int):
@@ -70,6 +71,7 @@ def tokenize_prompts(state: ServerState, req: CompletionRequest) -> list[tuple[s
 
 def _check_prompts(state: ServerState, req: CompletionRequest) -> None:
     p = req.prompt
+    assert p is not None
     items = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
     if len(items) > MAX_PROMPTS:
         raise bad_request(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(items)}", param="prompt")

@@ -238,7 +238,7 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Prompt
+    prompt: Prompt | None = None  # required: a missing prompt gets vLLM's text
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=-1)
     echo: bool | None = False
@@ -250,7 +250,7 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
         p = self.prompt
-        if isinstance(p, str | list) and len(p) == 0:  # vLLM's text
+        if p is None or (isinstance(p, str | list) and len(p) == 0):  # vLLM's text
             raise ValueError("prompt: Either prompt or prompt_embeds must be provided and non-empty.")
         if isinstance(p, list) and any(isinstance(x, list | str) and len(x) == 0 for x in p):
             raise ValueError("prompt: Either prompt or prompt_embeds must be provided and non-empty.")
