@@ -313,3 +313,12 @@ def test_invocations_keys_are_the_routes_keys(srv: Server) -> None:
         direct = httpx.post(srv.url + path, json=args, timeout=120).json()
         via = httpx.post(srv.url + "/invocations", json=args, timeout=120).json()
         assert direct.keys() == via.keys() and direct["choices"] == via["choices"]
+
+
+def test_truncation_side(client: openai.OpenAI) -> None:
+    """``truncate_prompt_tokens`` keeps the prompt's end, or its start with ``truncation_side: right``."""
+    for side, kept in (("right", [0, 1, 2, 3]), ("left", [4, 5, 6, 7]), (None, [4, 5, 6, 7])):
+        out = client.completions.create(model=MODEL, prompt=list(range(8)), max_tokens=1, temperature=0,
+                                        extra_body={"return_token_ids": True, "truncate_prompt_tokens": 4,
+                                                    "truncation_side": side})
+        assert out.choices[0].model_extra["prompt_token_ids"] == kept, side

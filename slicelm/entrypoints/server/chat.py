@@ -25,6 +25,7 @@ from slicelm.entrypoints.server.sampling import (
     resolve_num_logprobs,
     resolve_prompt_logprobs,
     tokens_as_ids,
+    truncate_prompt,
 )
 from slicelm.entrypoints.server.state import ClientDisconnected, ServerState, final_outputs, get_state
 from slicelm.entrypoints.server.streaming import SSE_HEADERS, DeltaTracker, sse, sse_done, sse_error
@@ -98,9 +99,7 @@ async def chat_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> tup
                          continue_final_message=bool(req.continue_final_message), template=template,
                          kwargs=req.chat_template_kwargs, tools=req.tools if req.tool_choice == "none" else None,
                          documents=req.documents, add_special_tokens=bool(req.add_special_tokens))
-    if req.truncate_prompt_tokens is not None:
-        ids = ids[-req.truncate_prompt_tokens:]
-    return messages, ids
+    return messages, truncate_prompt(ids, req)
 
 
 @router.post("/v1/chat/completions")

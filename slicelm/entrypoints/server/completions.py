@@ -25,6 +25,7 @@ from slicelm.entrypoints.server.sampling import (
     resolve_num_logprobs,
     resolve_prompt_logprobs,
     tokens_as_ids,
+    truncate_prompt,
 )
 from slicelm.entrypoints.server.state import (
     ClientDisconnected,
@@ -64,8 +65,9 @@ def tokenize_prompts(state: ServerState, req: CompletionRequest) -> list[tuple[s
                                   param="prompt")
             out.append((None, list(item)))
         if req.truncate_prompt_tokens is not None:
-            out[-1] = (out[-1][0] if req.truncate_prompt_tokens >= len(out[-1][1]) else None,
-                       out[-1][1][-req.truncate_prompt_tokens:])
+            text, ids = out[-1]
+            cut = truncate_prompt(ids, req)
+            out[-1] = (text if len(cut) == len(ids) else None, cut)
     return out
 
 

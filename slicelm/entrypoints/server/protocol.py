@@ -122,6 +122,7 @@ class SamplingFields(LaxModel):
     skip_special_tokens: bool | None = True
     spaces_between_special_tokens: bool | None = True
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    truncation_side: Literal["left", "right"] | None = None  # which end truncate_prompt_tokens cuts (vLLM: left)
     priority: int | None = 0
     request_id: str | None = None
     return_token_ids: bool | None = False

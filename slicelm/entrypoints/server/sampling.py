@@ -194,6 +194,14 @@ def _top_dict(state: ServerState, entry: dict[int, Logprob], tid: int, top_n: in
     return out
 
 
+def truncate_prompt(ids: list[int], req: SamplingFields) -> list[int]:
+    """``truncate_prompt_tokens``: the prompt's last tokens, or its first with ``truncation_side: right``."""
+    n = req.truncate_prompt_tokens
+    if n is None or n >= len(ids):
+        return ids
+    return ids[:n] if req.truncation_side == "right" else ids[-n:]
+
+
 def tokens_as_ids(state: ServerState, req: SamplingFields) -> bool:
     """``return_tokens_as_token_ids``: the request's, else the server's ``--return-tokens-as-token-ids``."""
     flag = req.return_tokens_as_token_ids
