@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from slicelm.entrypoints.server.gateway import first_header
+from slicelm.entrypoints.server.gateway import app_path, first_header
 
 router = APIRouter()
 LOAD_TRACKED_PATHS = frozenset({
@@ -43,10 +43,7 @@ class RequestTrackingMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
+        path = app_path(scope)
         tracked = self.load.enabled and scope.get("method") == "POST" and path in LOAD_TRACKED_PATHS
         outer_send = send
         if self.request_id_headers:
