@@ -10,6 +10,7 @@ logits, Gemma 2 / Mistral style).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slicelm.layers.attention_metadata import AttentionBackend, AttentionMetadata
@@ -58,13 +59,14 @@ def gather_kv(
 
 
 def decode_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """One decode row: query [1, H, D] against its whole context key/value [S, KH, D] (no mask), float32,
-    as two ``bmm`` and a softmax ([KH, group, D] x [KH, D, S]); the CPU's batch-1 decode path."""
-    num_heads, num_kv_heads = query.shape[1], key.shape[1]
-    q = (query.float() * scale).view(num_kv_heads, num_heads // num_kv_heads, -1)
-    k = key.float().transpose(0, 1)
-    probs = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
-    return torch.bmm(probs, value.float().transpose(0, 1)).view(1, num_heads, -1)
+    """One decode row: query [1, H, D] against its whole context key/value [S, KH, D] (no mask), float32, in
+    one fused ``scaled_dot_product_attention`` (grouped heads): the CPU's batch-1 decode path. One parallel
+    region per layer instead of three (bmm, softmax, bmm) matters most on shared, oversubscribed cores."""
+    q = query.float().transpose(0, 1).unsqueeze(0)  # [1, H, 1, D]
+    k = key.float().transpose(0, 1).unsqueeze(0)  # [1, KH, S, D]
+    v = value.float().transpose(0, 1).unsqueeze(0)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)  # [1, H, 1, D]
+    return out[0].transpose(0, 1)
 
 
 class TorchAttentionBackend:
