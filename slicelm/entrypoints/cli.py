@@ -8,6 +8,8 @@ import importlib.util
 import logging
 import sys
 
+from slicelm.entrypoints.cli_args import normalize_argv
+
 # Subcommand packages that must not import torch: each has COMMANDS, add_subcommands(sub), run(args) -> int.
 LIGHT_CLIS = tuple(m for m in ("slicelm.stack.cli", "slicelm.router.cli", "slicelm.router.dashboard.cli",
                                 "slicelm.entrypoints.download")
@@ -90,7 +92,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = normalize_argv(sys.argv[1:] if argv is None else list(argv))
     light = _light_main(argv)
     if light is not None:
         return light

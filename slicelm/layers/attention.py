@@ -10,6 +10,7 @@ logits, Gemma 2 / Mistral style).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slicelm.layers.attention_metadata import AttentionBackend, AttentionMetadata
@@ -35,27 +36,37 @@ def store_kv(
     """Write ``key``/``value`` [T, KH, D] into the flat slots of ``kv_cache``; negative slots are skipped.
     An fp8 cache holds ``key / kv_scales[0]`` and ``value / kv_scales[1]``."""
     num_kv_heads, head_dim = kv_cache.shape[-2], kv_cache.shape[-1]
-    k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
-    v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    k_flat[slots] = to_cache(key[valid], kv_cache.dtype, kv_scales[0])
-    v_flat[slots] = to_cache(value[valid], kv_cache.dtype, kv_scales[1])
+    flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:  # padding rows (profiling, graphs)
+        valid = slot_mapping >= 0
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    if kv_cache.dtype == torch.float8_e4m3fn:  # (no fp8 index_copy_ on the CPU)
+        flat[0][slot_mapping] = to_cache(key, kv_cache.dtype, kv_scales[0])
+        flat[1][slot_mapping] = to_cache(value, kv_cache.dtype, kv_scales[1])
+        return
+    flat.index_copy_(1, slot_mapping, torch.stack((key, value)).to(kv_cache.dtype))
 
 
 def gather_kv(
     kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values [seq_len, KH, D] of one sequence, read through its block table."""
+    """Keys and values [seq_len, KH, D] of one sequence, read through its block table (one gather)."""
     block_size = kv_cache.shape[2]
     num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = block_table[:num_blocks].long()
-    offsets = torch.arange(block_size, device=kv_cache.device)
-    slots = (blocks[:, None] * block_size + offsets[None, :]).flatten()[:seq_len]
-    num_kv_heads, head_dim = kv_cache.shape[-2], kv_cache.shape[-1]
-    k = kv_cache[0].view(-1, num_kv_heads, head_dim)[slots]
-    v = kv_cache[1].view(-1, num_kv_heads, head_dim)[slots]
-    return k, v
+    kv = kv_cache.index_select(1, block_table[:num_blocks].long())  # [2, blocks, block_size, KH, D]
+    kv = kv.flatten(1, 2)[:, :seq_len]
+    return kv[0], kv[1]
+
+
+def decode_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """One decode row: query [1, H, D] against its whole context key/value [S, KH, D] (no mask), float32, in
+    one fused ``scaled_dot_product_attention`` (grouped heads): the CPU's batch-1 decode path. One parallel
+    region per layer instead of three (bmm, softmax, bmm) matters most on shared, oversubscribed cores."""
+    q = query.float().transpose(0, 1).unsqueeze(0)  # [1, H, 1, D]
+    k = key.float().transpose(0, 1).unsqueeze(0)  # [1, KH, S, D]
+    v = value.float().transpose(0, 1).unsqueeze(0)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)  # [1, H, 1, D]
+    return out[0].transpose(0, 1)
 
 
 class TorchAttentionBackend:
@@ -80,6 +91,11 @@ class TorchAttentionBackend:
         assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
         assert kv_cache.shape[-2:] == (num_kv_heads, head_dim), (kv_cache.shape, key.shape)
         store_kv(key, value, kv_cache, meta.slot_mapping, kv_scales)
+        if meta.num_seqs == 1 and meta.num_tokens == query.shape[0] == 1 and soft_cap is None \
+                and kv_cache.dtype != torch.float8_e4m3fn \
+                and (sliding_window is None or meta.seq_lens_cpu[0] <= sliding_window):  # batch-1 decode
+            k, v = gather_kv(kv_cache, meta.block_tables[0], meta.seq_lens_cpu[0])
+            return decode_attend(query, k, v, scale).to(query.dtype)
         group = num_heads // num_kv_heads
         out = torch.empty_like(query)
         for i in range(meta.num_seqs):

@@ -161,16 +161,37 @@ class RotaryEmbedding(nn.Module):
         cache = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)  # [P, rotary_dim]
         # Follows .to(dtype) like the rest of the model (HF also casts cos/sin to the activation dtype).
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self._last: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.view(shape[0], -1, self.head_dim)
-        half = self.rotary_dim // 2
-        x1, x2 = x[..., :half], x[..., half : self.rotary_dim]
-        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        if self.rotary_dim < self.head_dim:
-            rotated = torch.cat([rotated, x[..., self.rotary_dim :]], dim=-1)
-        return rotated.view(shape)
+        half, rot = self.rotary_dim // 2, self.rotary_dim
+        x1, x2 = x[..., :half], x[..., half:rot]
+        out = torch.empty_like(x)
+        o1, o2 = out[..., :half], out[..., half:rot]
+        torch.mul(x1, cos, out=o1)
+        o1.addcmul_(x2, sin, value=-1.0)  # x1 cos - x2 sin
+        torch.mul(x2, cos, out=o2)
+        o2.addcmul_(x1, sin)  # x2 cos + x1 sin
+        if rot < self.head_dim:
+            out[..., rot:] = x[..., rot:]
+        return out.view(shape)
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, rotary_dim // 2] of ``positions``; on the CPU the last result is kept, since every
+        layer of a step asks for the same positions tensor."""
+        if positions.is_cuda:  # no memo there: a CUDA graph must compute cos/sin inside itself
+            cos_sin = self.cos_sin_cache[positions].to(dtype)
+            cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
+            return cos, sin
+        last = self._last
+        if last is not None and last[0] is positions and last[1] == dtype:
+            return last[2], last[3]
+        cos_sin = self.cos_sin_cache[positions].to(dtype)
+        cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
+        self._last = (positions, dtype, cos, sin)
+        return cos, sin
 
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
@@ -181,9 +202,13 @@ class RotaryEmbedding(nn.Module):
         if ops is not None and ops.rope_supported(self.head_dim, self.rotary_dim):
             ops.apply_rope_(positions, query, key, self.cos_sin_cache, self.head_dim)
             return query, key
-        cos_sin = self.cos_sin_cache[positions].to(query.dtype)
-        cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)  # [T, 1, rotary_dim // 2]
+        cos, sin = self._cos_sin(positions, query.dtype)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def rotate(self, positions: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """The reference (CPU) path on one tensor of heads [T, N*D] (queries and keys side by side)."""
+        cos, sin = self._cos_sin(positions, heads.dtype)
+        return self._rotate(heads, cos, sin)
 
 
 def get_rope(

@@ -182,7 +182,12 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q.reshape(num_tokens, self.num_heads, self.head_dim))
             k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
-        q, k = self.rotary_emb(positions, q, k)
+            q, k = self.rotary_emb(positions, q, k)
+        elif qkv.is_cuda:
+            q, k = self.rotary_emb(positions, q, k)
+        else:  # CPU: queries and keys sit side by side in qkv, rotate them in one go
+            q, k = self.rotary_emb.rotate(positions, qkv[:, : self.q_size + self.kv_size]).split(
+                [self.q_size, self.kv_size], dim=-1)
         out = self.attn(q, k, v.reshape(num_tokens, self.num_kv_heads, self.head_dim), kv_cache, meta)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 

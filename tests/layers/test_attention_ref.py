@@ -94,6 +94,12 @@ def test_chunked_prefill_mixed_with_decode(block_size: int) -> None:
     run_schedule(lens, steps, 4, 2, block_size, seed=2)
 
 
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (8, 2), (6, 1)])
+def test_batch_one_decode_path(num_heads: int, num_kv_heads: int) -> None:
+    """One sequence, one token per step (the CPU's fused decode path) after a prefill: every row as naive."""
+    run_schedule([37], [[20]] + [[1]] * 17, num_heads, num_kv_heads, block_size=16)
+
+
 def test_writes_land_in_slots_and_padding_is_skipped() -> None:
     block_size, kv_heads, head_dim = 16, 2, 8
     batch = PagedBatch([20, 5], block_size, first_block=2, shuffle_seed=3)

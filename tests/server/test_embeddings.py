@@ -225,8 +225,10 @@ def test_vllm_pooling_surface(minilm: Server) -> None:
     full = httpx.post(u + "/rerank", json={"query": "capital", "documents": [doc]}).json()
     cut = httpx.post(u + "/rerank", json={"query": "capital", "documents": [doc], "max_tokens_per_doc": 5}).json()
     assert cut["usage"]["prompt_tokens"] < full["usage"]["prompt_tokens"]
-    bad = httpx.post(u + "/rerank", json={"query": "q", "documents": [doc], "max_tokens_per_doc": 0})
-    assert bad.status_code == 400
+    whole = httpx.post(u + "/rerank", json={"query": "capital", "documents": [doc], "max_tokens_per_doc": 0})
+    assert whole.json()["usage"] == full["usage"]  # vLLM: 0 = no truncation
+    bad = httpx.post(u + "/rerank", json={"query": "q", "documents": [doc], "max_tokens_per_doc": -5})
+    assert bad.status_code == 400 and "max_tokens_per_doc must be a non-negative integer" in bad.text
     floats = httpx.post(u + "/v1/embeddings", json={"input": ["hello"]}).json()["data"][0]["embedding"]
     b64 = httpx.post(u + "/v1/embeddings", json={"input": ["hello"], "encoding_format": "base64",
                                                   "embed_dtype": "float16", "endianness": "big"}).json()

@@ -125,7 +125,7 @@ def test_rerank_top_n_and_return_documents_as_cohere(minilm: Server) -> None:
     ("/v1/rerank", {"query": QUERY, "documents": []}, "documents"),
     ("/v1/rerank", {"query": QUERY, "documents": [1, 2]}, "documents"),
     ("/v1/rerank", {"query": QUERY, "documents": ["a", {"text": 3}]}, "documents"),
-    ("/v1/rerank", {"query": QUERY, "documents": DOCS, "max_tokens_per_doc": 0}, "max_tokens_per_doc"),
+    ("/v1/rerank", {"query": QUERY, "documents": DOCS, "max_tokens_per_doc": -5}, "max_tokens_per_doc"),
     ("/v2/rerank", {"query": QUERY, "documents": DOCS, "top_n": -2}, "top_n"),
     ("/v1/rerank", {"query": 5, "documents": DOCS}, "query"),
     ("/v1/rerank", {"documents": DOCS}, "query"),
@@ -194,6 +194,48 @@ def test_cross_encoder_serves_no_embeddings(cross_encoder) -> None:
     assert scores(server, "still", "alive")[0] > 0
 
 
+def test_vllm_texts_for_long_inputs_and_enum_fields(minilm: Server) -> None:
+    """Clients match on vLLM's texts: over-long pooling / score inputs, truncation beyond the model, pydantic's
+    ``literal_error`` for the enum fields."""
+    for path, body in (("/v1/rerank", {"query": "hello " * 600, "documents": DOCS}),
+                       ("/score", {"text_1": "q", "text_2": ["hello " * 600]}),
+                       ("/v1/embeddings", {"input": "hello " * 600})):
+        err = error_of(post(minilm, path, body))
+        assert "Please reduce the length of the input prompt." in err["message"], err
+    err = error_of(post(minilm, "/v1/embeddings", {"input": "hi", "truncate_prompt_tokens": 513}))
+    assert err["message"] == ("truncate_prompt_tokens value is greater than max_model_len. Please request a smaller "
+                              "truncation size."), err
+    for field in ("encoding_format", "embed_dtype", "endianness"):
+        err = error_of(post(minilm, "/v1/embeddings", {"input": "hi", field: "nope"}))
+        assert "literal_error" in err["message"] and err["param"] == field, err
+
+
+def test_pooling_tasks_as_vllm(minilm: Server, cross_encoder) -> None:
+    """``/pooling``: the model's own task by default, vLLM's 400s for the others; a cross-encoder answers
+    ``task: classify`` with its class probabilities."""
+    ok = post(minilm, "/pooling", {"input": ["a", "b"], "task": "embed"})
+    assert ok.status_code == 200 and len(ok.json()["data"][1]["data"]) == 384, ok.text
+    usage = ok.json()["usage"]
+    assert usage["completion_tokens"] == 0 and usage["total_tokens"] == usage["prompt_tokens"] > 0
+    for task, start in (("plugin", "No IOProcessor plugin installed."), ("token_classify", "Unsupported task: "
+                                                                                       "'token_classify'")):
+        r = post(minilm, "/pooling", {"input": "a", "task": task})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError", r.text
+        assert r.json()["error"]["message"].startswith(start), r.text
+    server, hf = cross_encoder
+    r = post(server, "/pooling", {"input": "hi", "task": "embed"})
+    assert r.json()["error"]["message"].startswith("Unsupported task: 'embed'"), r.text
+    r = post(server, "/pooling", {"input": "hi", "task": "score"})
+    assert r.json()["error"]["message"].startswith("Try switching the model's pooling_task via"), r.text
+    r = post(server, "/pooling", {"model": "xlmr-ce", "input": ["hi there", "b"], "task": "classify"})
+    assert r.status_code == 200, r.text
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.no_padding()
+    with torch.no_grad():
+        ref = torch.sigmoid(hf(input_ids=torch.tensor([tok.encode("hi there").ids])).logits.float())[0]
+    assert torch.allclose(torch.tensor(r.json()["data"][0]["data"]), ref, atol=1e-5)
+
+
 def test_generative_model_serves_no_pooling(server: Server) -> None:
     """The shared SmolLM2 server (conftest): every pooling endpoint is a 400 saying why."""
     for path, body in (("/v1/embeddings", {"input": "hi"}), ("/v1/score", {"text_1": "a", "text_2": "b"}),
@@ -202,3 +244,23 @@ def test_generative_model_serves_no_pooling(server: Server) -> None:
         err = error_of(post(server, path, body))
         assert err["code"] == "wrong_task" and "generate" in err["message"], err
 
+
+
+def test_classify_and_invocations_on_a_cross_encoder(cross_encoder) -> None:
+    """vLLM's ``/classify`` (probabilities, top label, class count; the id ``classify-…``), and ``/invocations``
+    sending ``input`` there on a cross-encoder with the same keys and values."""
+    server, hf = cross_encoder
+    r = post(server, "/classify", {"model": "xlmr-ce", "input": "hi there"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("classify-") and body["object"] == "list"
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.no_padding()
+    with torch.no_grad():
+        ref = torch.sigmoid(hf(input_ids=torch.tensor([tok.encode("hi there").ids])).logits.float())[0]
+    (first,) = body["data"]
+    assert set(first) == {"index", "label", "probs", "num_classes"} and first["num_classes"] == 1
+    assert torch.allclose(torch.tensor(first["probs"]), ref, atol=1e-5) and first["label"] == "LABEL_0"
+    batch = post(server, "/classify", {"model": "xlmr-ce", "input": ["hi there", "b"]}).json()
+    via = post(server, "/invocations", {"model": "xlmr-ce", "input": ["hi there", "b"]}).json()
+    assert via.keys() == batch.keys() and [d["probs"] for d in via["data"]] == [d["probs"] for d in batch["data"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -18,8 +19,10 @@ MSG = [{"role": "user", "content": "Say hi"}]
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s = start_server(tmp_path_factory.mktemp("compat"), "--max-model-len", "1024", "--max-num-seqs", "8",
                      "--enable-prompt-tokens-details", "--enable-request-id-headers", "--enable-force-include-usage",
+                     "--enable-server-load-tracking",
                      "--max-logprobs", "30", "--enable-tokenizer-info-endpoint", "--enable-chunked-prefill",
-                     "--show-hidden-metrics-for-version", "0.9", "--api-server-count", "1", "--root-path", "/api")
+                     "--show-hidden-metrics-for-version", "0.9", "--api-server-count", "1", "--root-path", "/api",
+                     timeout=600)  # a loaded 2-core machine takes minutes to start it
     yield s
     stop_server(s)
 
@@ -32,10 +35,51 @@ def client(srv: Server) -> openai.OpenAI:
 def test_usage_details_and_request_id_header(srv: Server, client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MSG, max_tokens=2,
                                                            extra_headers={"X-Request-Id": "my-id-1"})
-    assert raw.headers["x-request-id"] == "chatcmpl-my-id-1"
+    assert raw.headers["x-request-id"] == "my-id-1"  # vLLM echoes the client's header
     out = raw.parse()
     assert out.usage.prompt_tokens_details is not None and out.usage.prompt_tokens_details.cached_tokens >= 0
     assert out.model_extra.get("prompt_logprobs", "missing") is None
+
+
+def test_request_id_header_on_every_response_and_load(srv: Server, client: openai.OpenAI) -> None:
+    """As vLLM's middleware: the client's ``X-Request-Id`` or a uuid hex, on every route and status."""
+    api = srv.url  # (--root-path /api: the proxy strips it)
+    for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/completions")):
+        r = httpx.request(method, api + path, json={"model": "nope"} if method == "POST" else None)
+        assert len(r.headers["x-request-id"]) == 32, (path, r.headers)
+        assert httpx.request(method, api + path, headers={"X-Request-Id": "Custom"},
+                             json={"model": "nope"} if method == "POST" else None).headers["x-request-id"] == "Custom"
+    assert httpx.get(api + "/load").json() == {"server_load": 0}
+
+
+def test_vllm_response_keys_and_texts(client: openai.OpenAI) -> None:
+    """Every key of vLLM's choices and usage; vLLM's texts for the prompt and chat-flag errors."""
+    c = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).model_dump()
+    assert {"token_ids", "prompt_token_ids", "prompt_logprobs", "stop_reason"} <= set(c["choices"][0])
+    assert c["choices"][0]["prompt_token_ids"] is None and "completion_tokens_details" in c["usage"]
+    chat = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2,
+                                          extra_body={"return_token_ids": True}).model_dump()
+    assert chat["prompt_token_ids"] and chat["choices"][0]["token_ids"]
+    assert set(chat["usage"]["prompt_tokens_details"]) >= {"cached_tokens", "created_cache_tokens"}
+    empty = re.escape("Either prompt or prompt_embeds must be provided and non-empty.")
+    for prompt in ("", None):
+        with pytest.raises(openai.BadRequestError, match=empty):
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    both = re.escape("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+    with pytest.raises(openai.BadRequestError, match=both):
+        client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2,
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": True})
+    with pytest.raises(openai.BadRequestError, match="int_parsing"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens="many")  # type: ignore[arg-type]
+
+
+def test_forced_usage_on_every_streamed_chunk(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, stream=True))
+    assert all(c.usage is not None for c in chunks)
+    assert chunks[-1].usage.completion_tokens == sum(len(c.model_extra.get("token_ids") or []) for c in chunks) or \
+        chunks[-1].usage.completion_tokens >= 1
+    done = [c.usage.completion_tokens for c in chunks]
+    assert done == sorted(done)
 
 
 def test_extra_fields_custom_roles_and_lax_coercions(client: openai.OpenAI) -> None:
@@ -180,3 +224,101 @@ def test_prompt_logprobs_refused(client: openai.OpenAI) -> None:
                                        extra_body={"prompt_logprobs": 1})
     with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body={"prompt_logprobs": -2})
+
+
+PARTIAL_EMOJI = 10813  # SmolLM2's byte-level token for the bytes F0 9F: the first half of a 4-byte emoji
+
+
+def test_return_token_ids_on_every_choice(client: openai.OpenAI) -> None:
+    """vLLM: each choice carries its own prompt's ids (several prompts, n > 1); streamed, each choice's first
+    chunk does; with echo the ids carry the prompt and the text does not repeat it."""
+    prompts = ["Hello there", "The sky is"]
+    tokenize = str(client.base_url).replace("/v1/", "/tokenize")
+    ids = [httpx.post(tokenize, json={"prompt": p}, timeout=120).json()["tokens"] for p in prompts]
+    out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=2, temperature=1.0, seed=3,
+                                    extra_body={"return_token_ids": True})
+    assert [c.model_extra["prompt_token_ids"] for c in out.choices] == [ids[0], ids[0], ids[1], ids[1]]
+    assert all(len(c.model_extra["token_ids"]) == 3 for c in out.choices)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=2, stream=True,
+                                            extra_body={"return_token_ids": True}))
+    firsts: dict[int, list[int]] = {}
+    for c in chunks[:-1]:
+        choice = c.choices[0]
+        given = choice.model_extra.get("prompt_token_ids")
+        assert (given is not None) == (choice.index not in firsts), choice
+        firsts.setdefault(choice.index, given)
+    assert firsts == {0: ids[0], 1: ids[0], 2: ids[1], 3: ids[1]}
+    echoed = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=2, echo=True, temperature=0,
+                                       extra_body={"return_token_ids": True}).choices[0]
+    assert echoed.model_extra["prompt_token_ids"] == ids[0] and not echoed.text.startswith(prompts[0])
+
+
+def test_stop_inside_a_character_holds_back_its_bytes(client: openai.OpenAI) -> None:
+    """A completion cut after half of a multi-byte character ends before it (no U+FFFD), also streamed and with
+    ``return_tokens_as_token_ids``; the token ids still hold the token."""
+    kw = {"model": MODEL, "prompt": "Cat emoji:", "max_tokens": 1, "temperature": 0,
+          "logit_bias": {str(PARTIAL_EMOJI): 100}}
+    out = client.completions.create(**kw, logprobs=1, extra_body={"return_token_ids": True,
+                                                                  "return_tokens_as_token_ids": True}).choices[0]
+    assert out.model_extra["token_ids"] == [PARTIAL_EMOJI] and out.logprobs.tokens == [f"token_id:{PARTIAL_EMOJI}"]
+    assert out.text == "" and out.finish_reason == "length"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices)
+    assert streamed == ""
+    chat = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1, temperature=0,
+                                          logit_bias={str(PARTIAL_EMOJI): 100})
+    assert chat.choices[0].message.content == ""
+
+
+def test_streamed_usage_as_vllm_fills_it(client: openai.OpenAI) -> None:
+    """Each chunk: three counts (continuous usage, forced); the last: the cached prompt tokens as well
+    (--enable-prompt-tokens-details), the second run of a long prompt finding it in the prefix cache."""
+    prompt = "Count slowly from one to fifty, writing every number out in words, one per line. " * 3
+    finals = []
+    for _ in range(2):
+        with httpx.stream("POST", str(client.base_url) + "completions",
+                          json={"model": MODEL, "prompt": prompt, "max_tokens": 3, "stream": True}, timeout=120) as r:
+            bodies = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert all(set(b["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"} for b in bodies[:-1])
+        finals.append(bodies[-1]["usage"])
+    assert set(finals[0]) == {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
+    assert finals[0]["completion_tokens"] == 3 and finals[0]["total_tokens"] == finals[0]["prompt_tokens"] + 3
+    assert finals[1]["prompt_tokens_details"]["cached_tokens"] >= 16  # at least one full block
+
+
+def test_batched_chat_completions(srv: Server) -> None:
+    url = srv.url + "/v1/chat/completions/batch"
+    convs = [[{"role": "user", "content": "Say alpha"}], [{"role": "user", "content": "Say beta"}]]
+    body = httpx.post(url, json={"model": MODEL, "messages": convs, "max_tokens": 4, "temperature": 0,
+                                 "logprobs": True, "top_logprobs": 1, "return_tokens_as_token_ids": True},
+                      timeout=120).json()
+    assert body["object"] == "chat.completion" and [c["index"] for c in body["choices"]] == [0, 1]
+    singles = [httpx.post(srv.url + "/v1/chat/completions", json={"model": MODEL, "messages": conv, "max_tokens": 4,
+                                                                   "temperature": 0}, timeout=120).json()
+               for conv in convs]
+    for choice, single in zip(body["choices"], singles):
+        assert choice["message"]["content"] == single["choices"][0]["message"]["content"]
+        assert all(e["token"].startswith("token_id:") for e in choice["logprobs"]["content"])
+    assert body["usage"]["prompt_tokens"] == sum(s["usage"]["prompt_tokens"] for s in singles)
+    assert body["usage"]["completion_tokens"] == sum(s["usage"]["completion_tokens"] for s in singles)
+    for extra, needle in (({"n": 2}, "do not support `n > 1`"), ({"stream": True}, "streaming"),
+                          ({"messages": [[]]}, "at least one message")):
+        r = httpx.post(url, json={"model": MODEL, "messages": convs, **extra}, timeout=120)
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+def test_invocations_keys_are_the_routes_keys(srv: Server) -> None:
+    """SageMaker's ``/invocations`` answers exactly what the route it picks answers."""
+    for path, body in (("/v1/chat/completions", {"messages": MSG}), ("/v1/completions", {"prompt": "Hi"})):
+        args = {"model": MODEL, "max_tokens": 3, "temperature": 0, **body}
+        direct = httpx.post(srv.url + path, json=args, timeout=120).json()
+        via = httpx.post(srv.url + "/invocations", json=args, timeout=120).json()
+        assert direct.keys() == via.keys() and direct["choices"] == via["choices"]
+
+
+def test_truncation_side(client: openai.OpenAI) -> None:
+    """``truncate_prompt_tokens`` keeps the prompt's end, or its start with ``truncation_side: right``."""
+    for side, kept in (("right", [0, 1, 2, 3]), ("left", [4, 5, 6, 7]), (None, [4, 5, 6, 7])):
+        out = client.completions.create(model=MODEL, prompt=list(range(8)), max_tokens=1, temperature=0,
+                                        extra_body={"return_token_ids": True, "truncate_prompt_tokens": 4,
+                                                    "truncation_side": side})
+        assert out.choices[0].model_extra["prompt_token_ids"] == kept, side

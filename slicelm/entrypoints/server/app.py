@@ -31,10 +31,11 @@ from fastapi import FastAPI
 from slicelm.engine.async_llm import AsyncLLM
 from slicelm.engine.gc_tuning import tune_gc
 from slicelm.engine.protocol import EngineClient
-from slicelm.entrypoints.server import chat, completions, info
+from slicelm.entrypoints.server import chat, chat_batch, completions, info, request_tracking
 from slicelm.entrypoints.server.errors import install_error_handlers
 from slicelm.entrypoints.server.gateway import GatewayMiddleware
 from slicelm.entrypoints.server.options import ApiOptions, add_api_args, check_api_args
+from slicelm.entrypoints.server.request_tracking import RequestTrackingMiddleware, ServerLoad
 from slicelm.entrypoints.server.state import ServerState
 from slicelm.entrypoints.server.warmup import warm_up_server
 
@@ -58,7 +59,7 @@ def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app = FastAPI(title="slicelm OpenAI-compatible server", lifespan=lifespan, docs_url="/docs",
                   openapi_url="/openapi.json")
     app.state.server = state
-    for module in (chat, completions, info):
+    for module in (chat, chat_batch, completions, info, request_tracking):
         app.include_router(module.router)
     for name in ("pooling", "score", "invocations", "sleep"):
         with contextlib.suppress(ModuleNotFoundError):
@@ -66,6 +67,9 @@ def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     install_error_handlers(app)
     app.add_middleware(GatewayMiddleware, api_keys=state.api_keys, max_body_bytes=max_body_bytes,
                        is_draining=lambda: state.draining)
+    app.state.server_load = ServerLoad(enabled=state.options.enable_server_load_tracking)
+    app.add_middleware(RequestTrackingMiddleware, request_id_headers=state.options.enable_request_id_headers,
+                       load=app.state.server_load)  # outermost: 401s and 413s get the header too
     if os.environ.get("SLICELM_DEBUG_PID_HEADER"):
         app.add_middleware(PidHeaderMiddleware)
     return app

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from slicelm.engine.request import CompletionOutput
 from slicelm.entrypoints.server.errors import bad_request, from_exception
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.load import load_headers, observe_params
@@ -23,8 +24,8 @@ from slicelm.entrypoints.server.sampling import (
     request_ids,
     resolve_num_logprobs,
     resolve_prompt_logprobs,
-    response_headers,
-    usage,
+    tokens_as_ids,
+    truncate_prompt,
 )
 from slicelm.entrypoints.server.state import ClientDisconnected, ServerState, final_outputs, get_state
 from slicelm.entrypoints.server.streaming import SSE_HEADERS, DeltaTracker, sse, sse_done, sse_error
@@ -39,7 +40,9 @@ from slicelm.entrypoints.server.tools.tool_choice import (
     template_messages,
     tool_structured_outputs,
 )
+from slicelm.entrypoints.server.usage import chunk_usage, final_chunk_usage, usage
 from slicelm.loader.tokenizer import MissingChatTemplateError
+from slicelm.sampling_params import SamplingParams, StructuredOutputsParams
 
 router = APIRouter()
 
@@ -122,9 +125,7 @@ async def chat_prompt_ids(state: ServerState, req: ChatCompletionRequest,
                          continue_final_message=bool(req.continue_final_message), template=template,
                          kwargs=req.chat_template_kwargs, tools=tools,
                          documents=req.documents, add_special_tokens=bool(req.add_special_tokens))
-    if req.truncate_prompt_tokens is not None:
-        ids = ids[-req.truncate_prompt_tokens:]
-    return messages, ids
+    return messages, truncate_prompt(ids, req)
 
 
 @router.post("/v1/chat/completions")
@@ -136,59 +137,34 @@ async def create_chat_completion(raw: Request) -> Response:
     resp_id, engine_id = request_ids(req, raw, "chatcmpl")
     priority = check_priority(state, req.priority)
     mode = tool_mode(state, req)
-    constraint = request_structured_outputs(req, state.options.structured_outputs_backend)
-    if mode.kind in ("named", "required") and constraint is not None:
-        raise bad_request("tool_choice: a named or 'required' tool choice cannot be combined with structured "
-                          "outputs or response_format", param="tool_choice")
+    constraint = chat_constraint(state, req, mode)
     messages, prompt_ids = await chat_prompt_ids(state, req, template_tools(state, mode))
     max_tokens = state.check_length(len(prompt_ids), req.effective_max_tokens, param="messages")
-    top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
-    params = build_sampling_params(state, req, max_tokens, logprobs=top_n if req.logprobs else None,
-                                   prompt_logprobs=resolve_prompt_logprobs(state, req))
-    params.structured_outputs = tool_structured_outputs(mode) or constraint
+    params = chat_sampling_params(state, req, max_tokens, constraint)
     stream = await state.engine.add_request(engine_id, {"prompt_token_ids": prompt_ids}, params, priority=priority)
     observe_params(state, params)
-    echo = ""
-    if req.echo and messages and messages[-1]["role"] == "assistant" and isinstance(messages[-1]["content"], str):
-        echo = messages[-1]["content"]
+    echo = echo_text(req, messages)
     created = int(time.time())
-    headers = response_headers(state, resp_id)
     if req.stream:
         return StreamingResponse(_stream(state, req, stream, resp_id, model, created, prompt_ids, echo, mode),
-                                 media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
     try:
         (final,) = await final_outputs([stream], raw)
     except ClientDisconnected:
         return Response(status_code=499)
     finally:
         state.engine.release(stream)
-    as_ids = _as_ids(state, req)
-    choices = []
-    for o in final.outputs:
-        extracted = extract_tool_calls(mode, o.text)
-        choice: dict[str, Any] = {
-            "index": o.index,
-            "message": {"role": "assistant",
-                        "content": echo + extracted.content if extracted.content is not None else None,
-                        "refusal": None, "tool_calls": [c.to_openai() for c in extracted.tool_calls],
-                        "reasoning_content": None},
-            "logprobs": chat_logprobs(state, o.token_ids, o.logprobs, top_n, as_ids) if req.logprobs else None,
-            "finish_reason": finish_reason(mode, extracted, o.finish_reason) or "abort",
-            "stop_reason": o.stop_reason,
-        }
-        if req.return_token_ids:
-            choice["token_ids"] = list(o.token_ids)
-        choices.append(choice)
+    top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
+    choices = [chat_choice(state, req, o, o.index, echo, top_n, mode) for o in final.outputs]
     body: dict[str, Any] = {
         "id": resp_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
         "usage": usage(len(prompt_ids), sum(len(o.token_ids) for o in final.outputs), final.num_cached_tokens,
                        state.options.enable_prompt_tokens_details),
         "system_fingerprint": None, "service_tier": None,
         "prompt_logprobs": prompt_logprobs_json(state, final.prompt_logprobs),
+        "prompt_token_ids": list(prompt_ids) if req.return_token_ids else None, "kv_transfer_params": None,
     }
-    if req.return_token_ids:
-        body["prompt_token_ids"] = list(prompt_ids)
-    return JSONResponse(body, headers={**headers, **load_headers(state, raw)})
+    return JSONResponse(body, headers=load_headers(state, raw))
 
 
 def _tool_fragments(streamer: ToolCallStreamer, mode: ToolMode, text: str, reason: str | None
@@ -203,9 +179,48 @@ def _tool_fragments(streamer: ToolCallStreamer, mode: ToolMode, text: str, reaso
     return frags + more, reason
 
 
-def _as_ids(state: ServerState, req: Any) -> bool:
-    flag = req.return_tokens_as_token_ids
-    return bool(state.options.return_tokens_as_token_ids if flag is None else flag)
+def chat_constraint(state: ServerState, req: ChatCompletionRequest, mode: ToolMode) -> StructuredOutputsParams | None:
+    """What the output must match: a named / required tool choice's schema, else the request's structured
+    outputs (the two cannot be combined)."""
+    constraint = request_structured_outputs(req, state.options.structured_outputs_backend)
+    if mode.kind in ("named", "required") and constraint is not None:
+        raise bad_request("tool_choice: a named or 'required' tool choice cannot be combined with structured "
+                          "outputs or response_format", param="tool_choice")
+    return tool_structured_outputs(mode) or constraint
+
+
+def chat_sampling_params(state: ServerState, req: ChatCompletionRequest, max_tokens: int,
+                         constraint: StructuredOutputsParams | None) -> SamplingParams:
+    top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
+    params = build_sampling_params(state, req, max_tokens, logprobs=top_n if req.logprobs else None,
+                                   prompt_logprobs=resolve_prompt_logprobs(state, req))
+    params.structured_outputs = constraint
+    return params
+
+
+def echo_text(req: ChatCompletionRequest, messages: list[dict[str, Any]]) -> str:
+    """``echo``: the final assistant message the answer continues (vLLM prepends it to the answer)."""
+    if req.echo and messages and messages[-1]["role"] == "assistant" and isinstance(messages[-1]["content"], str):
+        return messages[-1]["content"]
+    return ""
+
+
+def chat_choice(state: ServerState, req: ChatCompletionRequest, o: CompletionOutput, index: int, echo: str,
+                top_n: int, mode: ToolMode) -> dict[str, Any]:
+    """One choice of a chat response, every key vLLM's has; tool calls parsed out of the text under ``mode``."""
+    extracted = extract_tool_calls(mode, o.text)
+    return {
+        "index": index,
+        "message": {"role": "assistant",
+                    "content": echo + extracted.content if extracted.content is not None else None,
+                    "refusal": None, "tool_calls": [c.to_openai() for c in extracted.tool_calls],
+                    "reasoning_content": None},
+        "logprobs": chat_logprobs(state, o.token_ids, o.logprobs, top_n, tokens_as_ids(state, req)) if req.logprobs
+        else None,
+        "finish_reason": finish_reason(mode, extracted, o.finish_reason) or "abort",
+        "stop_reason": o.stop_reason,
+        "token_ids": list(o.token_ids) if req.return_token_ids else None,
+    }
 
 
 async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, resp_id: str, model: str,
@@ -213,19 +228,21 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, r
     """vLLM's chunk sequence: a role chunk per choice, then one choice per chunk, then the usage chunk."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage) or \
         state.options.enable_force_include_usage
-    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats) or \
+        state.options.enable_force_include_usage  # vLLM: forced usage is on every chunk
     n = req.n or 1
     num_prompt = len(prompt_ids)
     top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
-    as_ids = _as_ids(state, req)
+    ids_only = tokens_as_ids(state, req)
     tracker = DeltaTracker(n)
     tools = [ToolCallStreamer(mode) for _ in range(n)] if mode.parses else None
+    cached = 0
 
     def chunk(choice: dict[str, Any], completion_tokens: int | None = None, first: bool = False) -> str:
         body: dict[str, Any] = {"id": resp_id, "object": "chat.completion.chunk", "created": created,
                                 "model": model, "system_fingerprint": None, "choices": [choice]}
         if include_usage:
-            body["usage"] = usage(num_prompt, completion_tokens) if continuous and completion_tokens is not None \
+            body["usage"] = chunk_usage(num_prompt, completion_tokens) if continuous and completion_tokens is not None \
                 else None
         if first and req.return_token_ids:
             body["prompt_token_ids"] = list(prompt_ids)
@@ -236,6 +253,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, r
             yield chunk({"index": i, "delta": {"role": "assistant", "content": echo}, "logprobs": None,
                          "finish_reason": None}, 0, first=True)
         async for out in stream:
+            cached = out.num_cached_tokens
             for o in out.outputs:
                 d = tracker.delta(o)
                 if d is None:
@@ -252,14 +270,14 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, r
                                           "logprobs": None, "finish_reason": reason,
                                           "stop_reason": o.stop_reason}
                 if req.logprobs:
-                    choice["logprobs"] = chat_logprobs(state, new_ids, new_lps, top_n, as_ids)
+                    choice["logprobs"] = chat_logprobs(state, new_ids, new_lps, top_n, ids_only)
                 if req.return_token_ids:
                     choice["token_ids"] = list(new_ids)
                 yield chunk(choice, tracker.num_tokens)
         if include_usage:
             yield sse({"id": resp_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [], "usage": usage(num_prompt, tracker.num_tokens, None,
-                                                     state.options.enable_prompt_tokens_details)})
+                       "choices": [], "usage": final_chunk_usage(num_prompt, tracker.num_tokens, cached,
+                                                                 state.options.enable_prompt_tokens_details)})
     except Exception as e:  # the engine died mid-stream: tell the client in-band
         yield sse_error(from_exception(e))
     finally:

@@ -24,18 +24,20 @@ from slicelm.entrypoints.server.sampling import (
     request_ids,
     resolve_num_logprobs,
     resolve_prompt_logprobs,
-    response_headers,
-    usage,
+    tokens_as_ids,
+    truncate_prompt,
 )
 from slicelm.entrypoints.server.state import (
     ClientDisconnected,
     ServerState,
+    add_requests,
     final_outputs,
     get_state,
     merge_streams,
 )
 from slicelm.entrypoints.server.streaming import SSE_HEADERS, DeltaTracker, sse, sse_done, sse_error
 from slicelm.entrypoints.server.structured import request_structured_outputs
+from slicelm.entrypoints.server.usage import chunk_usage, final_chunk_usage, usage
 
 router = APIRouter()
 MAX_PROMPTS = 1024
@@ -45,6 +47,7 @@ def tokenize_prompts(state: ServerState, req: CompletionRequest) -> list[tuple[s
     """``(text or None, token ids)`` per prompt (blocking: call it through ``off_loop``); 400 for token ids
     outside the vocabulary (vLLM's message)."""
     p = req.prompt
+    assert p is not None  # the request's validator refuses a missing prompt
     if isinstance(p, str):
         items: list[Any] = [p]
     elif p and isinstance(p[0], int):
@@ -63,18 +66,27 @@ def tokenize_prompts(state: ServerState, req: CompletionRequest) -> list[tuple[s
                                   param="prompt")
             out.append((None, list(item)))
         if req.truncate_prompt_tokens is not None:
-            out[-1] = (out[-1][0] if req.truncate_prompt_tokens >= len(out[-1][1]) else None,
-                       out[-1][1][-req.truncate_prompt_tokens:])
+            text, ids = out[-1]
+            cut = truncate_prompt(ids, req)
+            out[-1] = (text if len(cut) == len(ids) else None, cut)
     return out
 
 
 def _check_prompts(state: ServerState, req: CompletionRequest) -> None:
     p = req.prompt
+    assert p is not None
     items = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
     if len(items) > MAX_PROMPTS:
         raise bad_request(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(items)}", param="prompt")
     check_text_size(state, max((len(x) for x in items if isinstance(x, str)), default=0), "prompt",
                     truncating=req.truncate_prompt_tokens is not None)
+
+
+def _echo_text(state: ServerState, req: CompletionRequest, text: str | None, ids: list[int]) -> str:
+    """The prompt text ``echo`` prepends; none with ``return_token_ids`` (as vLLM: the ids carry the prompt)."""
+    if not req.echo or req.return_token_ids:
+        return ""
+    return text if text is not None else state.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 @router.post("/v1/completions")
@@ -101,24 +113,14 @@ async def create_completion(raw: Request) -> Response:
         params_list.append(build_sampling_params(state, req, max_tokens, logprobs=num_lp,
                                                  prompt_logprobs=num_prompt_lp))
         params_list[-1].structured_outputs = constraint
-    streams: list[RequestStream] = []
-    try:
-        for i, ((_, ids), params) in enumerate(zip(prompts, params_list)):
-            engine_id = engine_base if len(prompts) == 1 else f"{engine_base}-{i}"
-            streams.append(await state.engine.add_request(engine_id, {"prompt_token_ids": ids}, params,
-                                                          priority=priority))
-            observe_params(state, params)
-    except BaseException:
-        for s in streams:
-            state.engine.release(s)
-        raise
+    streams = await add_requests(state, engine_base, [ids for _, ids in prompts], params_list, priority)
+    for params in params_list:
+        observe_params(state, params)
     created = int(time.time())
-    echo_texts = [(text if text is not None else state.tokenizer.decode(ids, skip_special_tokens=False))
-                  if req.echo else "" for text, ids in prompts]
-    headers = response_headers(state, resp_id)
+    echo_texts = [_echo_text(state, req, text, ids) for text, ids in prompts]
     if req.stream:
         return StreamingResponse(_stream(state, req, streams, prompts, echo_texts, resp_id, model, created),
-                                 media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
     try:
         finals = await final_outputs(streams, raw)
     except ClientDisconnected:
@@ -127,7 +129,7 @@ async def create_completion(raw: Request) -> Response:
         for s in streams:
             state.engine.release(s)
     n = req.n or 1
-    as_ids = _as_ids(state, req)
+    as_ids = tokens_as_ids(state, req)
     choices = []
     for p_idx, final in enumerate(finals):
         prompt_ids = prompts[p_idx][1]
@@ -139,8 +141,9 @@ async def create_completion(raw: Request) -> Response:
                                          echo_logprobs=final.prompt_logprobs, as_ids=as_ids)
             choice: dict[str, Any] = {"index": p_idx * n + o.index, "text": echo_texts[p_idx] + o.text,
                                       "logprobs": lp, "finish_reason": o.finish_reason or "abort",
-                                      "stop_reason": o.stop_reason,
-                                      "prompt_logprobs": prompt_logprobs_json(state, final.prompt_logprobs)}
+                                      "stop_reason": o.stop_reason, "token_ids": None,
+                                      "prompt_logprobs": prompt_logprobs_json(state, final.prompt_logprobs),
+                                      "prompt_token_ids": None}  # every key, as vLLM's choice has them
             if req.return_token_ids:
                 choice["prompt_token_ids"] = list(prompt_ids)
                 choice["token_ids"] = list(o.token_ids)
@@ -150,13 +153,8 @@ async def create_completion(raw: Request) -> Response:
     cached = sum(f.num_cached_tokens for f in finals)
     body = {"id": resp_id, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": usage(num_prompt, num_gen, cached, state.options.enable_prompt_tokens_details),
-            "system_fingerprint": None}
-    return JSONResponse(body, headers={**headers, **load_headers(state, raw)})
-
-
-def _as_ids(state: ServerState, req: Any) -> bool:
-    flag = req.return_tokens_as_token_ids
-    return bool(state.options.return_tokens_as_token_ids if flag is None else flag)
+            "service_tier": None, "system_fingerprint": None, "kv_transfer_params": None}
+    return JSONResponse(body, headers=load_headers(state, raw))
 
 
 async def _stream(state: ServerState, req: CompletionRequest, streams: list[RequestStream],
@@ -165,24 +163,27 @@ async def _stream(state: ServerState, req: CompletionRequest, streams: list[Requ
     """One choice per chunk, as vLLM streams (``n > 1`` and several prompts included)."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage) or \
         state.options.enable_force_include_usage
-    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats) or \
+        state.options.enable_force_include_usage  # vLLM: forced usage is on every chunk
     n = req.n or 1
     num_lp = resolve_num_logprobs(state, req.logprobs, "logprobs")
-    as_ids = _as_ids(state, req)
+    as_ids = tokens_as_ids(state, req)
     num_prompt = sum(len(ids) for _, ids in prompts)
     trackers = [DeltaTracker(n) for _ in prompts]
     offsets = [[0] * n for _ in prompts]
     started = [[False] * n for _ in prompts]
+    cached = [0] * len(prompts)
 
     def chunk(choice: dict[str, Any]) -> str:
         body: dict[str, Any] = {"id": resp_id, "object": "text_completion", "created": created, "model": model,
                                 "choices": [choice], "system_fingerprint": None}
         if include_usage:
-            body["usage"] = usage(num_prompt, sum(t.num_tokens for t in trackers)) if continuous else None
+            body["usage"] = chunk_usage(num_prompt, sum(t.num_tokens for t in trackers)) if continuous else None
         return sse(body)
 
     try:
         async for p_idx, out in merge_streams(streams):
+            cached[p_idx] = out.num_cached_tokens
             for o in out.outputs:
                 d = trackers[p_idx].delta(o)
                 if d is None:
@@ -210,9 +211,10 @@ async def _stream(state: ServerState, req: CompletionRequest, streams: list[Requ
                         choice["prompt_token_ids"] = list(prompts[p_idx][1])
                 yield chunk(choice)
         if include_usage:
+            final = final_chunk_usage(num_prompt, sum(t.num_tokens for t in trackers), sum(cached),
+                                      state.options.enable_prompt_tokens_details)
             yield sse({"id": resp_id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [], "usage": usage(num_prompt, sum(t.num_tokens for t in trackers), None,
-                                                     state.options.enable_prompt_tokens_details)})
+                       "choices": [], "usage": final})
     except Exception as e:
         yield sse_error(from_exception(e))
     finally:

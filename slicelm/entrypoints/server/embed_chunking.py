@@ -24,7 +24,9 @@ from slicelm.pooling_params import PoolingParams, apply_dimensions
 Prompt = dict[str, list[int]]
 RunFn = Callable[[list[Prompt], PoolingParams], Awaitable[list[PoolingOutput]]]
 
-POOLER_CONFIG_KEYS = ("enable_chunked_processing", "max_embed_len", "pooling_type", "normalize")
+POOLER_CONFIG_KEYS = ("enable_chunked_processing", "max_embed_len", "pooling_type", "seq_pooling_type",
+                      "normalize", "use_activation", "task")
+POOLER_TASKS = ("embed", "classify", "score")
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class PoolerConfig:
     enable_chunked_processing: bool = False
     max_embed_len: int | None = None
     pooling_type: str | None = None  # forwarded to the engine (--pooling-type)
-    normalize: bool | None = None  # forwarded to the engine (--normalize)
+    normalize: bool | None = None  # forwarded to the engine (--normalize); vLLM's use_activation is the same
+    task: str | None = None  # /pooling's default task (a task the model cannot run: 400 there)
 
     @classmethod
     def parse(cls, text: str | None) -> PoolerConfig:
@@ -54,13 +57,16 @@ class PoolerConfig:
             raise ValueError("--pooler-config: enable_chunked_processing must be true or false")
         if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
             raise ValueError(f"--pooler-config: max_embed_len must be a positive integer, got {max_len!r}")
-        pt = raw.get("pooling_type")
+        pt = raw.get("pooling_type", raw.get("seq_pooling_type"))
         if pt is not None and pt not in ("MEAN", "CLS", "LAST"):
             raise ValueError(f"--pooler-config: pooling_type must be MEAN, CLS or LAST, got {pt!r}")
-        norm = raw.get("normalize")
+        norm = raw.get("normalize", raw.get("use_activation"))
         if norm is not None and not isinstance(norm, bool):
-            raise ValueError("--pooler-config: normalize must be true or false")
-        return cls(chunked, max_len, pt, norm)
+            raise ValueError("--pooler-config: normalize / use_activation must be true or false")
+        task = raw.get("task")
+        if task is not None and task not in POOLER_TASKS:
+            raise ValueError(f"--pooler-config: task must be one of {list(POOLER_TASKS)}, got {task!r}")
+        return cls(chunked, max_len, pt, norm, task)
 
 
 def split_chunks(ids: list[int], size: int) -> list[list[int]]:

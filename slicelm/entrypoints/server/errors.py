@@ -35,7 +35,8 @@ _TYPES = {
 _PARAM_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 # pydantic puts union members / validator names into ``loc``; they are not part of the parameter path
 _LOC_TAGS = {"str", "int", "float", "bool", "none", "list", "dict", "function-after", "function-before",
-             "function-wrap", "constrained-str", "constrained-int", "constrained-float"}
+             "function-wrap", "function-plain", "constrained-str", "constrained-int", "constrained-float", "union",
+             "tagged-union", "nullable", "default", "chain", "lax-or-strict", "json-or-python"}
 
 
 class APIError(Exception):
@@ -97,18 +98,42 @@ def from_validation_error(e: ValidationError | RequestValidationError) -> APIErr
                            code="unknown_parameter")
     if first.get("type") == "missing":
         return bad_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
-    same = [x for x in errors if _loc_to_param(tuple(y for y in x.get("loc", ()) if y != "body")) == param]
-    if len(same) > 1 and all(x.get("type", "").endswith("_type") for x in same):
-        got = first.get("input")
-        return bad_request(f"Invalid type for '{param}': got {type(got).__name__} {_short(got)}", param=param,
-                           code="invalid_type")
-    return bad_request(f"Invalid value for '{param}': {msg} (got {_short(first.get('input'))})", param=param,
-                       code="invalid_value")
+    return bad_request(validation_message(errors), param=param, code="invalid_value")
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
+_MAX_REPORTED_ERRORS = 10
+_MAX_INPUT_CHARS = 200
+
+
+def validation_message(errors: list[Any]) -> str:
+    """vLLM's text for pydantic errors: ``N validation error(s):`` then one line per error with pydantic's
+    ``type`` (``literal_error``, ``int_parsing`` …), ``loc``, ``msg`` and a bounded ``input`` — clients
+    match on these names."""
+    lines = []
+    for err in errors[:_MAX_REPORTED_ERRORS]:
+        item = {k: v for k, v in err.items() if k != "url"}
+        item["loc"] = ".".join(str(x) for x in err.get("loc", ()) if not _internal_loc(str(x)))
+        if "input" in item:
+            item["input"] = _bounded(item["input"])
+        if "ctx" in item:
+            item["ctx"] = {k: (v if isinstance(v, str | int | float) else str(v)) for k, v in item["ctx"].items()}
+        lines.append(f"  {item}")
+    if len(errors) > _MAX_REPORTED_ERRORS:
+        lines.append(f"  ...and {len(errors) - _MAX_REPORTED_ERRORS} more errors")
+    return f"{len(errors)} validation {'error' if len(errors) == 1 else 'errors'}:\n" + "\n".join(lines)
+
+
+def _internal_loc(part: str) -> bool:
+    return part.lower() in _LOC_TAGS or any(c in part for c in "[](){}")
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= _MAX_INPUT_CHARS else value[:_MAX_INPUT_CHARS] + "...[truncated]"
+    if isinstance(value, list | tuple | dict | set):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = str(value)
+    return text if len(text) <= _MAX_INPUT_CHARS else text[:_MAX_INPUT_CHARS] + "...[truncated]"
 
 
 def from_exception(e: BaseException) -> APIError:

@@ -36,6 +36,15 @@ def first_header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+
+def app_path(scope: Scope) -> str:
+    """The request's path inside the app (``--root-path`` stripped when the proxy left it on)."""
+    path: str = scope.get("path", "")
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
 class GatewayMiddleware:
     """401 without the API key (except ``PUBLIC_PATHS``), 413 for bodies over ``max_body_bytes``, 503 while
     draining."""
@@ -51,10 +60,7 @@ class GatewayMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
+        path = app_path(scope)
         method: str = scope.get("method", "GET")
         if self.api_keys and path not in PUBLIC_PATHS and method != "OPTIONS":
             auth = first_header(scope, b"authorization") or b""

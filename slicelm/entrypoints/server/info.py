@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from slicelm.entrypoints.server.chat import convert_messages, render_chat, request_template
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.gateway import parse_body
-from slicelm.entrypoints.server.protocol import DetokenizeRequest, TokenizeRequest
+from slicelm.entrypoints.server.protocol import CONTINUE_AND_GENERATION_PROMPT, DetokenizeRequest, TokenizeRequest
 from slicelm.entrypoints.server.sampling import check_text_size, off_loop
 from slicelm.entrypoints.server.state import ServerState, get_state
 
@@ -75,8 +75,7 @@ def _tokenize(state: ServerState, req: TokenizeRequest, template: str | None) ->
     tok = state.tokenizer
     if req.messages is not None:
         if req.continue_final_message and req.add_generation_prompt:
-            raise bad_request("continue_final_message: cannot be combined with add_generation_prompt=true",
-                              param="continue_final_message")
+            raise bad_request(CONTINUE_AND_GENERATION_PROMPT, param="continue_final_message")
         return render_chat(state, convert_messages(req.messages), add_generation_prompt=bool(req.add_generation_prompt),
                            continue_final_message=bool(req.continue_final_message), template=template,
                            kwargs=req.chat_template_kwargs, tools=req.tools, documents=None,

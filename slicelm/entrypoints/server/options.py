@@ -19,6 +19,7 @@ class ApiOptions:
     enable_prompt_tokens_details: bool = False
     enable_force_include_usage: bool = False
     enable_request_id_headers: bool = False
+    enable_server_load_tracking: bool = False
     return_tokens_as_token_ids: bool = False
     trust_request_chat_template: bool = False
     enable_tokenizer_info_endpoint: bool = False
@@ -39,6 +40,7 @@ class ApiOptions:
             enable_prompt_tokens_details=bool(getattr(args, "enable_prompt_tokens_details", False)),
             enable_force_include_usage=bool(getattr(args, "enable_force_include_usage", False)),
             enable_request_id_headers=bool(getattr(args, "enable_request_id_headers", False)),
+            enable_server_load_tracking=bool(getattr(args, "enable_server_load_tracking", False)),
             return_tokens_as_token_ids=bool(getattr(args, "return_tokens_as_token_ids", False)),
             trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
             enable_tokenizer_info_endpoint=bool(getattr(args, "enable_tokenizer_info_endpoint", False)),
@@ -59,6 +61,8 @@ def add_api_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--uds", default=None, help="serve on this Unix domain socket instead of host:port")
     g.add_argument("--enable-request-id-headers", action="store_true",
                    help="answer with an X-Request-Id header (the client's, or a generated one)")
+    g.add_argument("--enable-server-load-tracking", action="store_true",
+                   help="count the requests in flight on the engine routes; GET /load reports them")
     g.add_argument("--enable-force-include-usage", action="store_true",
                    help="every streamed response ends with a usage chunk, as if include_usage were set")
     g.add_argument("--enable-prompt-tokens-details", action="store_true",

@@ -36,7 +36,7 @@ from slicelm.entrypoints.server.embed_encoding import encode_vector, vector_byte
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.pooling_protocol import EmbeddingRequest
-from slicelm.entrypoints.server.sampling import check_text_size, request_ids, response_headers
+from slicelm.entrypoints.server.sampling import check_text_size, request_ids
 from slicelm.entrypoints.server.state import (
     TASK_ENDPOINTS,
     ClientDisconnected,
@@ -87,9 +87,9 @@ def prompt_limit(state: ServerState, truncate: int | None) -> int | None:
         return None
     if truncate == -1:
         return state.max_model_len
-    if truncate > state.max_model_len:
-        raise bad_request(f"truncate_prompt_tokens: must be <= max_model_len {state.max_model_len}, got {truncate}",
-                          param="truncate_prompt_tokens")
+    if truncate > state.max_model_len:  # vLLM's pooling text
+        raise bad_request("truncate_prompt_tokens value is greater than max_model_len. Please request a smaller "
+                          "truncation size.", param="truncate_prompt_tokens")
     return truncate
 
 
@@ -100,9 +100,10 @@ def check_len(state: ServerState, n: int, param: str, max_len: int | None = None
                               f"(max_embed_len); the input has {n} tokens", param=param,
                               code="context_length_exceeded")
         return
-    if n > state.max_model_len:
-        raise bad_request(f"{param}: {n} tokens exceed this model's maximum context length of {state.max_model_len} "
-                          "tokens; shorten the input or set truncate_prompt_tokens", param=param,
+    if n > state.max_model_len:  # vLLM's text (clients match on its last sentence)
+        raise bad_request(f"This model's maximum context length is {state.max_model_len} tokens. However, your "
+                          f"prompt contains {n} input tokens, which exceeds this limit even without any output "
+                          "tokens. Please reduce the length of the input prompt.", param=param,
                           code="context_length_exceeded")
 
 
@@ -134,7 +135,7 @@ def encode_text(state: ServerState, text: str, limit: int | None, special: bool,
     return list(ids)
 
 
-def _token_ids(state: ServerState, ids: list[int], limit: int | None, param: str,
+def token_ids(state: ServerState, ids: list[int], limit: int | None, param: str,
                max_len: int | None = None) -> list[int]:
     vocab = int(hf_config(state).get("vocab_size") or 0)
     if vocab and any(not 0 <= t < vocab for t in ids):
@@ -185,6 +186,12 @@ async def run_prompts(state: ServerState, raw: Request, prompts: list[Prompt], p
             raise APIError(503, "the request was aborted before it finished (the server is shutting down)",
                            code="aborted")
     return finals
+
+
+def pooling_usage(tokens: int) -> dict[str, Any]:
+    """vLLM's ``UsageInfo`` of a pooling response: every field, the ones pooling has no use for at 0 / null."""
+    return {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0, "prompt_tokens_details": None,
+            "completion_tokens_details": None}
 
 
 def engine_request_id(prefix: str, req: Any, raw: Request) -> str:
@@ -247,12 +254,12 @@ async def embed_outputs(state: ServerState, raw: Request, req: EmbeddingRequest)
 
     def tokenize() -> list[Prompt]:
         return [{"prompt_token_ids": encode_text(state, item, limit, special, f"input[{i}]" if many else "input", cap)
-                 if isinstance(item, str) else _token_ids(state, item, limit, f"input[{i}]" if many else "input",
+                 if isinstance(item, str) else token_ids(state, item, limit, f"input[{i}]" if many else "input",
                                                           cap)}
                 for i, item in enumerate(items)]
 
     prompts = await asyncio.to_thread(tokenize) if req.messages is None else \
-        [await _chat_prompt(state, req, limit, cap)]
+        [await chat_pooling_prompt(state, req, limit, cap)]
     normalize = req.normalize if req.normalize is not None else req.use_activation
     if any(len(p["prompt_token_ids"]) > state.max_model_len for p in prompts):
         info = getattr(state.engine, "info", None)
@@ -272,7 +279,7 @@ def _embed_cap(state: ServerState) -> int:
     return pc.max_embed_len if pc.max_embed_len is not None else sys.maxsize
 
 
-async def _chat_prompt(state: ServerState, req: EmbeddingRequest, limit: int | None, cap: int) -> Prompt:
+async def chat_pooling_prompt(state: ServerState, req: EmbeddingRequest, limit: int | None, cap: int) -> Prompt:
     """vLLM's chat-style embedding input: the messages rendered with the chat template, then tokenized."""
     assert req.messages is not None
     messages = convert_messages(req.messages)
@@ -283,7 +290,7 @@ async def _chat_prompt(state: ServerState, req: EmbeddingRequest, limit: int | N
         render_chat, state, messages, add_generation_prompt=bool(req.add_generation_prompt),
         continue_final_message=bool(req.continue_final_message), template=template, kwargs=req.chat_template_kwargs,
         tools=None, documents=None, add_special_tokens=bool(req.add_special_tokens))
-    return {"prompt_token_ids": _token_ids(state, ids, limit, "messages", cap)}
+    return {"prompt_token_ids": token_ids(state, ids, limit, "messages", cap)}
 
 
 @router.post("/v1/embeddings")
@@ -295,9 +302,8 @@ async def create_embeddings(raw: Request) -> Response:
         resp_id, outs = await embed_outputs(state, raw, req)
     except ClientDisconnected:
         return Response(status_code=499)
-    tokens = sum(len(o.prompt_token_ids) for o in outs)
-    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-    headers = response_headers(state, resp_id)
+    usage = pooling_usage(sum(len(o.prompt_token_ids) for o in outs))
+    headers: dict[str, str] = {}
     if req.encoding_format in ("bytes", "bytes_only"):
         blobs = [vector_bytes(o.data, req.embed_dtype, req.endianness) for o in outs]
         if req.encoding_format == "bytes":

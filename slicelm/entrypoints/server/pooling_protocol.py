@@ -11,7 +11,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from slicelm.entrypoints.server.protocol import ChatMessage, LaxModel, check_request_id
+from slicelm.entrypoints.server.protocol import (
+    CONTINUE_AND_GENERATION_PROMPT,
+    ChatMessage,
+    LaxModel,
+    check_request_id,
+)
 
 MAX_INPUTS = 2048  # OpenAI's limit on embedding inputs per request; also the documents / pairs limit here
 
@@ -69,6 +74,8 @@ class EmbeddingRequest(PoolingFields):
             raise ValueError("input: give exactly one of input or messages")
         if self.messages is not None:
             _check_count("messages", len(self.messages))
+            if self.continue_final_message and self.add_generation_prompt:
+                raise ValueError(CONTINUE_AND_GENERATION_PROMPT)
             if "add_special_tokens" not in self.model_fields_set:
                 self.add_special_tokens = False
             return self
@@ -90,6 +97,12 @@ class EmbeddingRequest(PoolingFields):
         if x and isinstance(x[0], int):
             return [list(x)]  # type: ignore[arg-type]
         return list(x)  # type: ignore[arg-type]
+
+
+class PoolingRequest(EmbeddingRequest):
+    """vLLM's ``/pooling``: an embedding request with the pooling ``task`` (default: the model's)."""
+
+    task: str | None = None
 
 
 class ScoreRequest(PoolingFields):
@@ -155,8 +168,8 @@ class RerankRequest(PoolingFields):
         _check_count("documents", len(self.documents))
         if self.top_n is not None and self.top_n < 0:
             raise ValueError(f"top_n: must be >= 0 (0: all documents), got {self.top_n}")
-        if self.max_tokens_per_doc is not None and self.max_tokens_per_doc < 1:
-            raise ValueError(f"max_tokens_per_doc: must be >= 1, got {self.max_tokens_per_doc}")
+        if self.max_tokens_per_doc is not None and self.max_tokens_per_doc < 0:  # vLLM's text; 0: no truncation
+            raise ValueError("max_tokens_per_doc: max_tokens_per_doc must be a non-negative integer")
         return self
 
     def texts(self) -> list[str]:

@@ -31,6 +31,11 @@ UNSUPPORTED_FIELDS = {
 }
 
 
+# vLLM's text; its parameter is continue_final_message
+CONTINUE_AND_GENERATION_PROMPT = ("continue_final_message: Cannot set both `continue_final_message` and "
+                                  "`add_generation_prompt` to True.")
+
+
 def check_request_id(value: str | None) -> str | None:
     if value is not None and not REQUEST_ID.fullmatch(value):
         raise ValueError("request_id: must be 1 to 256 printable ASCII characters without spaces "
@@ -113,6 +118,7 @@ class SamplingFields(LaxModel):
     skip_special_tokens: bool | None = True
     spaces_between_special_tokens: bool | None = True
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    truncation_side: Literal["left", "right"] | None = None  # which end truncate_prompt_tokens cuts (vLLM: left)
     priority: int | None = 0
     request_id: str | None = None
     return_token_ids: bool | None = False
@@ -157,8 +163,9 @@ class SamplingFields(LaxModel):
         return self
 
 
-class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+class ChatFields(SamplingFields):
+    """Everything of a chat request but its messages."""
+
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
@@ -186,12 +193,11 @@ class ChatCompletionRequest(SamplingFields):
     documents: list[dict[str, str]] | None = None
 
     @model_validator(mode="after")
-    def _check_chat(self) -> ChatCompletionRequest:
+    def _check_chat(self) -> ChatFields:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
         if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message: cannot be combined with add_generation_prompt=true; "
-                             "set add_generation_prompt to false")
+            raise ValueError(CONTINUE_AND_GENERATION_PROMPT)
         if self.functions:
             raise ValueError("functions: function calling is not supported yet")
         if self.modalities and any(m != "text" for m in self.modalities):
@@ -205,11 +211,36 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+class ChatCompletionRequest(ChatFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class BatchChatCompletionRequest(ChatFields):
+    """``/v1/chat/completions/batch``: several conversations, one choice each (no streaming, ``n`` = 1)."""
+
+    messages: list[list[ChatMessage]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> BatchChatCompletionRequest:
+        if any(not conv for conv in self.messages):
+            raise ValueError("messages: every conversation needs at least one message")
+        if self.stream:
+            raise ValueError("stream: batch chat completions do not support streaming")
+        if (self.n or 1) != 1:  # vLLM's text
+            raise ValueError("n: Batch chat completions do not support `n > 1`. Please set `n` to 1.")
+        return self
+
+    def conversation(self, i: int) -> ChatCompletionRequest:
+        """The single-conversation request of conversation ``i``."""
+        return ChatCompletionRequest.model_validate(
+            {**self.model_dump(exclude={"messages"}, exclude_unset=True), "messages": self.messages[i]})
+
+
 Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Prompt
+    prompt: Prompt | None = None  # required: a missing prompt gets vLLM's text
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=-1)
     echo: bool | None = False
@@ -221,10 +252,10 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
         p = self.prompt
-        if isinstance(p, str | list) and len(p) == 0:
-            raise ValueError("prompt: must not be empty")
+        if p is None or (isinstance(p, str | list) and len(p) == 0):  # vLLM's text
+            raise ValueError("prompt: Either prompt or prompt_embeds must be provided and non-empty.")
         if isinstance(p, list) and any(isinstance(x, list | str) and len(x) == 0 for x in p):
-            raise ValueError("prompt: must not contain empty prompts")
+            raise ValueError("prompt: Either prompt or prompt_embeds must be provided and non-empty.")
         if self.suffix:
             raise ValueError("suffix: is not supported")
         if self.best_of is not None and self.best_of != (self.n or 1):

@@ -26,10 +26,11 @@ async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 def check_text_size(state: ServerState, chars: int, param: str, truncating: bool = False) -> None:
     limit = state.max_model_len * CHARS_PER_TOKEN_LIMIT
-    if not truncating and chars > limit:
-        raise bad_request(f"{param}: {chars} characters cannot fit in this model's maximum context length of "
-                          f"{state.max_model_len} tokens (at most {limit} characters are tokenized)", param=param,
-                          code="context_length_exceeded")
+    if not truncating and chars > limit:  # vLLM's text
+        raise bad_request(f"This model's maximum context length is {state.max_model_len} tokens. However, your prompt "
+                          f"contains {chars} characters (more than {limit} characters, which is the upper bound for "
+                          f"{state.max_model_len} input tokens). Please reduce the length of the input prompt.",
+                          param=param, code="context_length_exceeded")
 
 
 def request_ids(req: Any, raw: Request, prefix: str) -> tuple[str, str]:
@@ -44,10 +45,6 @@ def request_ids(req: Any, raw: Request, prefix: str) -> tuple[str, str]:
         user = header
     resp_id = f"{prefix}-{user or uuid.uuid4().hex}"
     return resp_id, (f"{resp_id}-{uuid.uuid4().hex[:8]}" if user else resp_id)
-
-
-def response_headers(state: ServerState, resp_id: str) -> dict[str, str]:
-    return {"X-Request-Id": resp_id} if state.options.enable_request_id_headers else {}
 
 
 def check_priority(state: ServerState, priority: int | None) -> int:
@@ -197,14 +194,18 @@ def _top_dict(state: ServerState, entry: dict[int, Logprob], tid: int, top_n: in
     return out
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None,
-          details: bool = False) -> dict[str, Any]:
-    """OpenAI's usage block; ``prompt_tokens_details`` only with ``--enable-prompt-tokens-details``."""
-    u: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                         "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": None}
-    if details:
-        u["prompt_tokens_details"] = {"cached_tokens": cached_tokens or 0}
-    return u
+def truncate_prompt(ids: list[int], req: SamplingFields) -> list[int]:
+    """``truncate_prompt_tokens``: the prompt's last tokens, or its first with ``truncation_side: right``."""
+    n = req.truncate_prompt_tokens
+    if n is None or n >= len(ids):
+        return ids
+    return ids[:n] if req.truncation_side == "right" else ids[-n:]
+
+
+def tokens_as_ids(state: ServerState, req: SamplingFields) -> bool:
+    """``return_tokens_as_token_ids``: the request's, else the server's ``--return-tokens-as-token-ids``."""
+    flag = req.return_tokens_as_token_ids
+    return bool(state.options.return_tokens_as_token_ids if flag is None else flag)
 
 
 def token_label(state: ServerState, token_id: int, lp: Logprob | None, as_ids: bool) -> str:

@@ -15,22 +15,25 @@ import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from slicelm.engine.request import PoolingOutput
 from slicelm.entrypoints.server.errors import bad_request
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.pooling import (
     Prompt,
+    chat_pooling_prompt,
     check_len,
     encode_text,
     engine_request_id,
     ensure_pooling_metrics,
     hf_config,
+    pooling_usage,
     prompt_limit,
     require_tasks,
     run_prompts,
+    token_ids,
     truncating,
 )
-from slicelm.entrypoints.server.pooling_protocol import RerankRequest, ScoreRequest
-from slicelm.entrypoints.server.sampling import response_headers
+from slicelm.entrypoints.server.pooling_protocol import EmbeddingRequest, RerankRequest, ScoreRequest
 from slicelm.entrypoints.server.state import ClientDisconnected, ServerState, get_state
 from slicelm.layers.pooler import num_labels_of
 from slicelm.pooling_params import PoolingParams
@@ -92,6 +95,50 @@ async def _scores(state: ServerState, raw: Request, req: ScoreRequest | RerankRe
     return [float(o.data.reshape(-1)[0]) for o in outs], sum(len(o.prompt_token_ids) for o in outs)
 
 
+async def classify_outputs(state: ServerState, raw: Request, req: EmbeddingRequest, task: str = "classify",
+                           prefix: str = "pool") -> tuple[str, list[PoolingOutput]]:
+    """A cross-encoder's activated head output (task "classify": class probabilities, or "score") for each
+    single-text input of ``req``."""
+    require_tasks(state, ("score",), "Classification")
+    ensure_pooling_metrics(raw, state)
+    limit = prompt_limit(state, req.truncate_prompt_tokens)
+    resp_id = engine_request_id(prefix, req, raw)
+    many = isinstance(req.input, list) and not isinstance(req.input[0], int)
+    special = req.add_special_tokens is not False
+    prompts: list[Prompt] = []
+    if req.messages is not None:  # chat-style input, rendered with the chat template (as vLLM)
+        prompts.append(await chat_pooling_prompt(state, req, limit, state.max_model_len))
+    for i, item in enumerate(req.inputs() if req.messages is None else []):
+        param = f"input[{i}]" if many else "input"
+        ids = encode_text(state, item, limit, special, param) if isinstance(item, str) else \
+            token_ids(state, item, limit, param)
+        prompts.append({"prompt_token_ids": ids})
+    params = PoolingParams(task=task, use_activation=req.use_activation)
+    return resp_id, await run_prompts(state, raw, prompts, params, resp_id, req.priority or 0)
+
+
+@router.post("/classify")
+async def create_classify(raw: Request) -> Response:
+    """vLLM's ``/classify``: a sequence classifier's class probabilities and top label per input."""
+    state = get_state(raw)
+    req = await parse_body(raw, EmbeddingRequest)
+    model = state.check_model(req.model, required=False)
+    try:
+        resp_id, outs = await classify_outputs(state, raw, req, prefix="classify")
+    except ClientDisconnected:
+        return Response(status_code=499)
+    id2label = {int(k): v for k, v in (hf_config(state).get("id2label") or {}).items()}
+    data = []
+    for i, o in enumerate(outs):
+        probs = [float(x) for x in o.data.reshape(-1)]
+        best = max(range(len(probs)), key=probs.__getitem__)
+        label = id2label.get(best, f"LABEL_{best}")  # transformers' default labels, as vLLM reads them
+        data.append({"index": i, "label": label, "probs": probs, "num_classes": len(probs)})
+    body = {"id": resp_id, "object": "list", "created": int(time.time()), "model": model, "data": data,
+            "usage": pooling_usage(sum(len(o.prompt_token_ids) for o in outs))}
+    return JSONResponse(body)
+
+
 @router.post("/v1/score")
 @router.post("/score")
 async def create_score(raw: Request) -> Response:
@@ -108,8 +155,8 @@ async def create_score(raw: Request) -> Response:
         return Response(status_code=499)
     data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
     body = {"id": resp_id, "object": "list", "created": int(time.time()), "model": model, "data": data,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-    return JSONResponse(body, headers=response_headers(state, resp_id))
+            "usage": pooling_usage(tokens)}
+    return JSONResponse(body)
 
 
 async def _rerank(raw: Request, cohere_v2: bool) -> Response:
@@ -119,7 +166,7 @@ async def _rerank(raw: Request, cohere_v2: bool) -> Response:
     require_tasks(state, ("embed", "score"), "Rerank")
     ensure_pooling_metrics(raw, state)
     docs = req.texts()
-    if req.max_tokens_per_doc is not None:
+    if req.max_tokens_per_doc:
         docs = [_cut_tokens(state, d, req.max_tokens_per_doc) for d in docs]
     resp_id = engine_request_id("rerank", req, raw)
     try:
@@ -134,11 +181,10 @@ async def _rerank(raw: Request, cohere_v2: bool) -> Response:
         if return_docs:
             item["document"] = {"text": docs[i]}
         results.append(item)
-    body: dict[str, Any] = {"id": resp_id, "model": model, "results": results,
-                            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    body: dict[str, Any] = {"id": resp_id, "model": model, "results": results, "usage": pooling_usage(tokens)}
     if cohere_v2:
         body["meta"] = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}
-    return JSONResponse(body, headers=response_headers(state, resp_id))
+    return JSONResponse(body)
 
 
 @router.post("/v1/rerank")

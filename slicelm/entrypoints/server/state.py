@@ -17,6 +17,7 @@ from slicelm.engine.request import CompletionOutput, RequestOutput
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.metrics import LoggingStatLogger, PrometheusStatLogger
 from slicelm.entrypoints.server.options import ApiOptions
+from slicelm.sampling_params import SamplingParams
 
 TASK_ENDPOINTS = {"generate": "text generation (/v1/chat/completions, /v1/completions)",
                   "embed": "embeddings (/v1/embeddings)", "score": "scoring (/v1/score, /v1/rerank)"}
@@ -178,6 +179,22 @@ async def final_outputs(streams: list[RequestStream], request: Request) -> list[
     if consumer not in done or consumer.cancelled():
         raise ClientDisconnected()
     return consumer.result()
+
+
+async def add_requests(state: ServerState, engine_base: str, prompts: list[list[int]],
+                       params_list: list[SamplingParams], priority: int) -> list[RequestStream]:
+    """One engine request per prompt (ids ``{engine_base}-{i}`` when several); all released if one fails."""
+    streams: list[RequestStream] = []
+    try:
+        for i, (ids, params) in enumerate(zip(prompts, params_list, strict=True)):
+            engine_id = engine_base if len(prompts) == 1 else f"{engine_base}-{i}"
+            streams.append(await state.engine.add_request(engine_id, {"prompt_token_ids": ids}, params,
+                                                          priority=priority))
+    except BaseException:
+        for s in streams:
+            state.engine.release(s)
+        raise
+    return streams
 
 
 async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:

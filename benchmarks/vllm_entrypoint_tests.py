@@ -1,0 +1,230 @@
+"""vLLM's own entrypoint tests run against slicelm: pass / fail counts and each remaining incompatibility.
+
+Needs a vLLM source checkout (its tests and its Python package import; nothing of it is built) and vLLM's
+pure-Python import dependencies that slicelm's venv lacks (``pip install --target DIR cbor2 pybase64
+openai-harmony mistral-common partial-json-parser pydantic-extra-types regex tiktoken einops
+py-cpuinfo cachetools pillow pytest-asyncio``), passed as ``--extra-site DIR``:
+
+    python benchmarks/vllm_entrypoint_tests.py --vllm-src ~/vllm --extra-site ~/vllm-deps           # all families
+    python benchmarks/vllm_entrypoint_tests.py --vllm-src ~/vllm --extra-site ~/vllm-deps --family pooling
+    python benchmarks/vllm_entrypoint_tests.py --vllm-src ~/vllm --summarize                        # runs so far
+
+Each family is one pytest run (junit XML under ``--work``/runs) of vLLM's test files under
+``tests/entrypoints`` (``FAMILIES``), with ``benchmarks/vllm_harness`` standing in for vLLM's
+``tests/utils.py`` / ``tests/conftest.py``: ``RemoteOpenAIServer`` starts ``slicelm serve`` on the CPU with a
+local substitute of the model the test names (``substitutions.py``). Tests of features slicelm does not
+have (``OUT_OF_SCOPE``) are listed apart, not counted; every other failure is an incompatibility. The
+summary goes to ``benchmarks/results/vllm_entrypoint_tests.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment
+
+REPO = Path(__file__).resolve().parents[1]
+HARNESS = Path(__file__).resolve().parent / "vllm_harness"
+FAMILIES = {  # vLLM's tests/entrypoints/... files, per family
+    "chat": ["openai/chat_completion/test_batched_chat_completions.py", "openai/chat_completion/test_chat.py",
+             "openai/chat_completion/test_chat_completion.py", "openai/chat_completion/test_chat_echo.py",
+             "openai/chat_completion/test_chat_logit_bias_validation.py",
+             "openai/chat_completion/test_enable_force_include_usage.py",
+             "openai/chat_completion/test_extra_content_fields.py", "openai/chat_completion/test_logprob_token_ids.py",
+             "openai/chat_completion/test_root_path.py"],
+    "completion": ["openai/completion/test_completion.py", "openai/completion/test_prompt_validation.py",
+                   "openai/completion/test_token_in_token_out.py", "openai/models/test_models.py",
+                   "openai/test_chunked_prompt.py", "openai/test_return_token_ids.py",
+                   "openai/test_return_tokens_as_ids.py"],
+    "pooling": ["pooling/basic/test_truncation.py", "pooling/classify/test_online.py", "pooling/embed/test_online.py",
+                "pooling/embed/test_online_dimensions.py", "pooling/embed/test_online_long_text.py",
+                "pooling/embed/test_cohere_online.py", "pooling/embed/test_cohere_openai_parity.py",
+                "pooling/scoring/test_bi_encoder_online.py", "pooling/scoring/test_cross_encoder_online.py",
+                "pooling/token_classify/test_online.py", "pooling/token_embed/test_online.py"],
+    "serve": ["serve/instrumentator/test_basic.py", "serve/instrumentator/test_metrics.py",
+              "serve/instrumentator/test_orca_metrics.py", "serve/instrumentator/test_uds.py",
+              "serve/middleware/test_optional_middleware.py", "serve/middleware/test_cors_middleware.py",
+              "serve/tokenize/test_tokenization.py"],
+}
+OUT_OF_SCOPE = [  # (pattern on the test id, or on a failure's text), why the test is not counted
+    (r"lora|--enable-lora|--lora-modules", "LoRA adapters"),
+    (r"image|vision|audio|video|multimodal|mm_|--limit-mm", "multimodal inputs"),
+    (r"tool|function_call|named_tool|auto_tool", "tool calling"),
+    (r"structured|json_schema|guided|regex|grammar|response_format|json_object|choice_completion|structural_tag",
+     "structured outputs"),
+    (r"beam", "beam search"),
+    (r"prompt_embeds|--enable-prompt-embeds", "prompt embeddings"),
+    (r"reasoning|thinking|harmony", "reasoning parsers"),
+    (r"responses_api|/v1/responses", "Responses API"),
+    (r"sleep|wake_up", "sleep mode"),
+    (r"quantiz|fp8|awq|gptq", "quantization"),
+    (r"token_embed|token_classify|late_chunking", "token-level pooling"),
+    (r"hf.overrides|matryoshka", "--hf-overrides (Matryoshka dimensions)"),
+    (r"LocalEntryNotFoundError", "needs a Hub download (LoRA files or the named model's weights; offline)"),
+]
+
+
+NOT_COMPARABLE = [  # (pattern on the test id, why the substitute model cannot give the named model's answer)
+    (r"classify\.test_online::test_basic|test_cross_encoder_online::test_basic",
+     "compares token ids of the named model's tokenizer; the substitute has MiniLM's"),
+    (r"test_bi_encoder_online::test_pooling_embed", "expects the named model's 768 dimensions; MiniLM has 384"),
+    (r"test_cross_encoder_online::test_rerank_api_(texts|top_n)",
+     "expects a trained reranker's scores; the substitute cross-encoder has random weights"),
+    (r"test_completion::test_completion_streaming|test_completion::test_parallel_(no_)?streaming",
+     "expects the named model to keep generating; SmolLM2-135M samples end-of-text early (empty or short answers)"),
+    (r"classify\.test_online::test_completion_request_batched",
+     "expects the named model's labels (Default / Spoiled); the substitute has LABEL_0 / LABEL_1"),
+]
+
+
+def build_root(vllm_src: Path, work: Path) -> Path:
+    """A copy of vLLM's entrypoint tests with the harness files in place of vLLM's test utilities."""
+    root = work / "root"
+    src = vllm_src / "tests" / "entrypoints"
+    dst = root / "tests" / "entrypoints"
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("__init__.py", "conftest.py"):
+        shutil.copy(src / name, dst / name)
+    for family_dir in {f.split("/")[0] for files in FAMILIES.values() for f in files}:
+        shutil.copytree(src / family_dir, dst / family_dir, dirs_exist_ok=True)
+    (root / "tests" / "__init__.py").write_text(  # what the shims do not replace comes from vLLM's tests tree
+        f"__path__.append({str((vllm_src / 'tests').resolve())!r})\n")
+    for shim, name in (("conftest_shim.py", "conftest.py"), ("utils_shim.py", "utils.py"),
+                       ("substitutions.py", "substitutions.py")):
+        shutil.copy(HARNESS / shim, root / "tests" / name)
+    (root / "pytest.ini").write_text("[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = module\n"
+                                     "addopts = -p no:cacheprovider\nmarkers =\n    core_model\n    slow_test\n"
+                                     "    cpu_model\n    skip_v1\n    timeout\n")
+    return root
+
+
+def run_family(family: str, root: Path, work: Path, vllm_src: Path, extra_site: Path | None) -> Path:
+    xml = work / "runs" / f"{family}.xml"
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    paths = [vllm_src.resolve(), *([extra_site.resolve()] if extra_site else [])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (root, *paths)), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "SLICELM_TREE": str(REPO), "SLICELM_PYTHON": sys.executable,
+           "HARNESS_MODELS": str(work / "models"), "HARNESS_LOG_DIR": str(work / "logs"), "VLLM_SRC": str(vllm_src)}
+    files = [f"tests/entrypoints/{f}" for f in FAMILIES[family]]
+    cmd = [sys.executable, "-m", "pytest", "-q", f"--junitxml={xml}", *files]
+    print(f"[{family}] {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, cwd=root, env=env, check=False)
+    return xml
+
+
+def classify(tc: ET.Element) -> tuple[str, str, str | None, str]:
+    """``(test id, status, out-of-scope reason or None, first line of the failure)``."""
+    tid = f"{tc.get('classname')}::{tc.get('name')}"
+    status, text = "passed", ""
+    for tag, name in (("failure", "failed"), ("error", "error"), ("skipped", "skipped")):
+        el = tc.find(tag)
+        if el is not None:
+            status, text = name, (el.get("message") or "") + "\n" + (el.text or "")
+            break
+    if status == "error" and text.startswith("failed on teardown"):  # the test itself passed
+        return tid, "passed-teardown-error", None, ""
+    reason = None
+    for pattern, why in NOT_COMPARABLE:
+        if status in ("failed", "error") and re.search(pattern, tid):
+            return tid, status, f"substitute model: {why}", text.strip().splitlines()[0][:300] if text.strip() else ""
+    for pattern, why in OUT_OF_SCOPE:
+        if re.search(pattern, tid.lower()) or (status in ("failed", "error") and re.search(pattern, text[:4000])):
+            reason = why
+            break
+    first = next((line for line in text.strip().splitlines() if line.strip()), "")
+    return tid, status, reason, first[:300]
+
+
+def summarize(work: Path, families: list[str], vllm_src: Path) -> dict[str, Any]:
+    """One row per test: a teardown error of the harness's event loop (pytest-asyncio closing the module's
+    loop under vLLM's async fixtures) is counted apart, not as the test's outcome."""
+    rows: dict[str, tuple[str, str, str | None, str]] = {}
+    teardown = 0
+    measured = []
+    for family in families:
+        xml = work / "runs" / f"{family}.xml"
+        if not xml.exists():
+            continue
+        measured.append(family)
+        for tc in ET.parse(xml).getroot().iter("testcase"):
+            tid, status, reason, first = classify(tc)
+            if status == "passed-teardown-error":
+                teardown += 1
+                status = "passed"
+            if tid not in rows or rows[tid][1] == "passed":
+                rows[tid] = (family, status, reason, first)
+    counted = {t: r for t, r in rows.items() if r[2] is None and r[1] != "skipped"}
+    counts = collections.Counter(r[1] for r in counted.values())
+    out_of_scope = collections.Counter(r[2] for r in rows.values()
+                                       if r[2] is not None and not r[2].startswith("substitute model"))
+    not_comparable = [{"test": t, "reason": r[2]} for t, r in rows.items()
+                      if r[2] is not None and r[2].startswith("substitute model")]
+    return {
+        "benchmark": "vllm_entrypoint_tests", **environment(),
+        "vllm_source": vllm_version(vllm_src),
+        "families_measured": measured,
+        "test_files": {f: FAMILIES[f] for f in measured},
+        "counts": {"tests": len(rows), "passed": counts["passed"], "failed": counts["failed"] + counts["error"],
+                   "skipped": sum(r[1] == "skipped" for r in rows.values()),
+                   "out_of_scope": sum(out_of_scope.values()), "not_comparable": len(not_comparable),
+                   "harness_teardown_errors": teardown},
+        "out_of_scope_by_feature": dict(out_of_scope),
+        "not_comparable": not_comparable,
+        "incompatibilities": [{"test": t, "status": r[1], "reason": r[3]} for t, r in counted.items()
+                              if r[1] != "passed"],
+        "skipped_tests": [{"test": t, "reason": r[3]} for t, r in rows.items() if r[1] == "skipped" and r[2] is None],
+    }
+
+
+def vllm_version(vllm_src: Path) -> str:
+    pkg = vllm_src / "PKG-INFO"
+    if pkg.exists():
+        m = re.search(r"^Version: (.+)$", pkg.read_text(), re.M)
+        if m:
+            return m.group(1)
+    try:
+        return subprocess.check_output(["git", "describe", "--tags", "--always"], cwd=vllm_src, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vllm-src", type=Path, required=True, help="a vLLM source checkout")
+    ap.add_argument("--extra-site", type=Path, default=None, help="vLLM's import dependencies (pip --target)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/slicelm-vllm-harness"))
+    ap.add_argument("--family", action="append", choices=sorted(FAMILIES), help="default: every family")
+    ap.add_argument("--summarize", action="store_true", help="only summarize the runs under --work")
+    ap.add_argument("--name", default="vllm_entrypoint_tests", help="result file name ('' to print only)")
+    args = ap.parse_args()
+    families = args.family or list(FAMILIES)
+    if not args.summarize:
+        from vllm_harness.models import write_models
+
+        root = build_root(args.vllm_src, args.work)
+        write_models(args.work / "models")
+        for family in families:
+            run_family(family, root, args.work, args.vllm_src, args.extra_site)
+    result = summarize(args.work, list(FAMILIES), args.vllm_src)  # every family run under --work so far
+    print({k: result[k] for k in ("families_measured", "counts", "out_of_scope_by_feature")})
+    for row in result["incompatibilities"]:
+        print(f"{row['status']:6} {row['test']} | {row['reason'][:160]}")
+    if args.name:
+        path = RESULTS / f"{args.name}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Stands in for vLLM's ``tests/conftest.py`` in the harness: the HF references the pooling tests compare with
+(sentence-transformers on the substituted local models) and tokenizer look-ups by the names the tests use."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tests.substitutions import kind_of, substitute, tokenizer_dir
+
+_auto_tok = transformers.AutoTokenizer.from_pretrained.__func__
+
+
+def _from_pretrained(cls, name, *a, **k):
+    if isinstance(name, str) and "/" in name and not name.startswith("/"):
+        name = tokenizer_dir(name)
+        k.pop("revision", None)
+    return _auto_tok(cls, name, *a, **k)
+
+
+transformers.AutoTokenizer.from_pretrained = classmethod(_from_pretrained)
+
+import vllm.tokenizers as _vt  # noqa: E402
+
+_get_tok = _vt.get_tokenizer
+
+
+def _get_tokenizer(name=None, *a, **k):
+    name = name if name is not None else k.pop("tokenizer_name")
+    if isinstance(name, str) and "/" in name and not name.startswith("/"):
+        name = tokenizer_dir(name)
+    k.pop("tokenizer_mode", None)
+    keep = {x: y for x, y in k.items() if x == "trust_remote_code"}
+    return transformers.AutoTokenizer.from_pretrained(name, **keep)
+
+
+_vt.get_tokenizer = _get_tokenizer
+
+
+class HfRunner:
+    """Only what the entrypoint tests use: sentence-transformers ``encode`` and cross-encoder ``predict``."""
+
+    def __init__(self, model_name: str, dtype: str = "float32", *, is_sentence_transformer: bool = False,
+                 is_cross_encoder: bool = False, **kwargs: object) -> None:
+        import sentence_transformers as st
+        local = substitute(model_name)
+        if kind_of(model_name) == "embed":
+            local = tokenizer_dir(model_name)
+        if is_cross_encoder:
+            self.model = st.CrossEncoder(local, device="cpu")
+        else:
+            self.model = st.SentenceTransformer(local, device="cpu")
+
+    def encode(self, prompts: list[str], *a: object, **k: object) -> list[list[float]]:
+        return [list(map(float, e)) for e in self.model.encode(prompts, convert_to_numpy=True)]
+
+    def predict(self, pairs: list[list[str]], *a: object, **k: object) -> torch.Tensor:
+        return torch.tensor(self.model.predict(pairs, *a, **k))
+
+    def __enter__(self) -> HfRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def hf_runner():
+    return HfRunner
+
+
+class LocalAssetServer:  # multimodal assets: the tests that use it are out of scope
+    pass
