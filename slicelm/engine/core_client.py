@@ -1,7 +1,9 @@
-"""Clients of an engine core: ``MPCoreClient`` (its own process, the server's default) and
-``ThreadCoreClient`` (the same loop in a thread of this process: ``--no-engine-process``, tests, fakes).
+"""Clients of an engine core: the ``CoreClient`` protocol ``AsyncLLM`` uses, ``MPCoreClient`` (its own
+process, the server's default), ``ThreadCoreClient`` (the same loop in a thread of this process:
+``--no-engine-process``, tests, fakes) and ``core_shared.SharedCoreClient`` (one of several API servers of one
+core process, ``--api-server-count``).
 
-Both talk to ``CoreLoop`` through a zmq PUSH socket (adds / aborts, msgpack) and a PULL socket (one
+All talk to ``CoreLoop`` through a zmq PUSH socket (adds / aborts, msgpack) and a PULL socket (one
 ``EngineCoreOutputs`` per step). A reader thread receives, counts and decodes the outputs and hands
 each message to the owner's event loop with one ``call_soon_threadsafe``; it also watches the core and
 reports its death (process exit, thread end, or a ``dead_error`` message) within about a second.
@@ -22,8 +24,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_connections
-from typing import Any
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import zmq
 
@@ -43,6 +47,10 @@ from slicelm.engine.core_messages import (
 from slicelm.engine.core_proc import CoreLoop, run_engine_core
 from slicelm.engine.protocol import EngineDeadError
 
+if TYPE_CHECKING:
+    from slicelm.config import EngineArgs
+    from slicelm.engine.core import EngineCore
+
 logger = logging.getLogger(__name__)
 READ_POLL_MS = 500
 SEND_RETRY_S = 0.01  # a send the core cannot take yet is retried this often while the core lives
@@ -52,6 +60,42 @@ OutputCallback = Callable[[EngineCoreOutputs | EngineDeadError], None]
 
 class EngineStartupError(RuntimeError):
     """The engine core failed to start (a load error that was not a ``ValueError``)."""
+
+
+@runtime_checkable
+class CoreClient(Protocol):
+    """What ``AsyncLLM`` needs from a client of an engine core; every core client implements all of it."""
+
+    @property
+    def pid(self) -> int | None:
+        """The engine-core process (None: the core runs in a thread of this process)."""
+        ...
+
+    def wait_ready(self, timeout: float | None = None) -> EngineCoreInfo:
+        """Blocks until the core has loaded and returns what it resolved; raises its load error."""
+        ...
+
+    def add_requests(self, reqs: list[EngineCoreRequest]) -> None: ...
+
+    def abort_requests(self, request_ids: list[str]) -> None: ...
+
+    def end_warmup(self) -> None:
+        """The API server's warm-up requests are over: the core empties its prefix cache (once idle)."""
+        ...
+
+    def call_utility(self, call_id: int, method: str, args: list[Any]) -> None:
+        """Asks the core to run ``method``; the reply comes in a later message's ``utility``."""
+        ...
+
+    def start_reader(self, loop: asyncio.AbstractEventLoop, callback: OutputCallback) -> None:
+        """Hands every output message (or the core's death) to ``callback`` on ``loop`` from now on."""
+        ...
+
+    def death_reason(self) -> str | None:
+        """Why the core is gone, or None while it runs."""
+        ...
+
+    def shutdown(self, timeout: float = 5.0) -> None: ...
 
 
 class _SocketCoreClient:
@@ -89,7 +133,7 @@ class _SocketCoreClient:
             with self._send_lock, contextlib.suppress(EngineDeadError):  # a dead core runs nothing to abort
                 self._send([ABORT, self.encoder.encode(request_ids)])
 
-    def _send(self, frames: list[Any]) -> None:
+    def _send(self, frames: list[bytes]) -> None:
         """Sends one message (hold ``_send_lock``); raises ``EngineDeadError`` once the core is gone."""
         while True:
             try:
@@ -170,12 +214,13 @@ class _SocketCoreClient:
 class MPCoreClient(_SocketCoreClient):
     """Starts ``EngineCore(args)`` in a ``spawn``ed process and talks to it over ipc sockets."""
 
-    def __init__(self, args: Any) -> None:
+    def __init__(self, args: EngineArgs) -> None:
         self._dir = tempfile.mkdtemp(prefix="slicelm-core-")
         super().__init__(zmq.Context.instance(), f"ipc://{self._dir}/in", f"ipc://{self._dir}/out")
         mp = multiprocessing.get_context("spawn")
         reader, writer = mp.Pipe(duplex=False)
         self._ready = reader
+        self._info: EngineCoreInfo | None = None
         self.proc = mp.Process(target=run_engine_core, name="slicelm-engine-core", daemon=True,
                                args=(args, [f"ipc://{self._dir}/in"], [f"ipc://{self._dir}/out"], writer, os.getpid()))
         self.proc.start()
@@ -184,11 +229,13 @@ class MPCoreClient(_SocketCoreClient):
 
     def wait_ready(self, timeout: float | None = None) -> EngineCoreInfo:
         """Blocks until the core has loaded; raises its load error (a ``ValueError`` stays one)."""
-        try:
-            return wait_core_ready(self._ready, self.proc, timeout)
-        except BaseException:
-            self.shutdown()
-            raise
+        if self._info is None:
+            try:
+                self._info = wait_core_ready(self._ready, self.proc, timeout)
+            except BaseException:
+                self.shutdown()
+                raise
+        return self._info
 
     @property
     def pid(self) -> int | None:
@@ -206,7 +253,7 @@ class MPCoreClient(_SocketCoreClient):
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def wait_core_ready(ready: Any, proc: Any, timeout: float | None) -> EngineCoreInfo:
+def wait_core_ready(ready: Connection, proc: BaseProcess, timeout: float | None) -> EngineCoreInfo:
     """Waits for the core process's start-up message on the pipe ``ready``; raises its load error."""
     found = wait_connections([ready, proc.sentinel], timeout)
     if ready in found:
@@ -224,7 +271,7 @@ def wait_core_ready(ready: Any, proc: Any, timeout: float | None) -> EngineCoreI
     raise EngineStartupError(f"engine core process exited with code {proc.exitcode} while starting")
 
 
-def stop_process(proc: Any, timeout: float) -> None:
+def stop_process(proc: BaseProcess, timeout: float) -> None:
     """Waits ``timeout`` s for ``proc`` (already asked to stop), then terminates it, then kills it."""
     for step in (None, proc.terminate, proc.kill):
         if not proc.is_alive():
@@ -237,7 +284,7 @@ def stop_process(proc: Any, timeout: float) -> None:
 class ThreadCoreClient(_SocketCoreClient):
     """Runs ``CoreLoop`` over ``core`` (an ``EngineCore`` or a test fake) in a thread of this process."""
 
-    def __init__(self, core: Any) -> None:
+    def __init__(self, core: EngineCore) -> None:
         name = uuid.uuid4().hex
         super().__init__(zmq.Context.instance(), f"inproc://{name}-in", f"inproc://{name}-out")
         self.core = core
@@ -261,6 +308,10 @@ class ThreadCoreClient(_SocketCoreClient):
 
     def wait_ready(self, timeout: float | None = None) -> EngineCoreInfo:
         return self.core.info()
+
+    @property
+    def pid(self) -> int | None:
+        return None
 
     def death_reason(self) -> str | None:
         if self._thread.is_alive():

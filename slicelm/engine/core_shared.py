@@ -17,7 +17,7 @@ import os
 import select
 import shutil
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -25,13 +25,16 @@ from slicelm.engine.core_client import _SocketCoreClient, stop_process, wait_cor
 from slicelm.engine.core_messages import ADD, SHUTDOWN, EngineCoreInfo, EngineCoreRequest
 from slicelm.engine.core_proc import run_engine_core
 
+if TYPE_CHECKING:
+    from slicelm.config import EngineArgs
+
 logger = logging.getLogger(__name__)
 
 
 class SharedCoreProcess:
     """Parent side: the engine-core process and the endpoints of its ``num_clients`` clients."""
 
-    def __init__(self, args: Any, num_clients: int) -> None:
+    def __init__(self, args: EngineArgs, num_clients: int) -> None:
         assert num_clients >= 1
         self.dir = tempfile.mkdtemp(prefix="slicelm-core-")
         self.client_addrs = [(f"ipc://{self.dir}/in-{i}", f"ipc://{self.dir}/out-{i}") for i in range(num_clients)]
@@ -42,6 +45,7 @@ class SharedCoreProcess:
         mp = multiprocessing.get_context("spawn")
         reader, writer = mp.Pipe(duplex=False)
         self._ready = reader
+        self._info: EngineCoreInfo | None = None
         in_addrs = [ctl_addr, *(a for a, _ in self.client_addrs)]
         self.proc = mp.Process(target=run_engine_core, name="slicelm-engine-core", daemon=True,
                                args=(args, in_addrs, [b for _, b in self.client_addrs], writer, os.getpid()))
@@ -55,11 +59,13 @@ class SharedCoreProcess:
         return self.proc.pid
 
     def wait_ready(self, timeout: float | None = None) -> EngineCoreInfo:
-        try:
-            return wait_core_ready(self._ready, self.proc, timeout)
-        except BaseException:
-            self.shutdown()
-            raise
+        if self._info is None:
+            try:
+                self._info = wait_core_ready(self._ready, self.proc, timeout)
+            except BaseException:
+                self.shutdown()
+                raise
+        return self._info
 
     def shutdown(self, timeout: float = 5.0) -> None:
         with contextlib.suppress(zmq.ZMQError):
@@ -72,8 +78,9 @@ class SharedCoreProcess:
 class SharedCoreClient(_SocketCoreClient):
     """API server side: client ``client_index`` of a core that another process started (see module doc)."""
 
-    def __init__(self, client_index: int, in_addr: str, out_addr: str, core_pid: int) -> None:
+    def __init__(self, client_index: int, in_addr: str, out_addr: str, core_pid: int, info: EngineCoreInfo) -> None:
         super().__init__(zmq.Context.instance(), in_addr, out_addr)
+        self.info = info
         self.client_index = client_index
         self.core_pid = core_pid
         self._tag = [client_index.to_bytes(2, "little")] if client_index else []
@@ -91,8 +98,8 @@ class SharedCoreClient(_SocketCoreClient):
             for req in reqs:
                 self._send([ADD, self.encoder.encode(req), *self._tag])
 
-    def wait_ready(self, timeout: float | None = None) -> None:  # the parent waited for it
-        return None
+    def wait_ready(self, timeout: float | None = None) -> EngineCoreInfo:  # the parent waited for it
+        return self.info
 
     def death_reason(self) -> str | None:
         fd = self._pidfd

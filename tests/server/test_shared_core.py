@@ -29,8 +29,8 @@ def two_clients() -> Iterator[tuple[CoreLoop, FakeEngineCore, list[AsyncLLM]]]:
     ctx = zmq.Context.instance()
     name = uuid.uuid4().hex
     addrs = [(f"inproc://{name}-in-{i}", f"inproc://{name}-out-{i}") for i in range(2)]
-    clients = [SharedCoreClient(i, a, b, os.getpid()) for i, (a, b) in enumerate(addrs)]
     core = FakeEngineCore(max_num_seqs=8, step_delay=0.002)
+    clients = [SharedCoreClient(i, a, b, os.getpid(), core.info()) for i, (a, b) in enumerate(addrs)]
     in_sock = ctx.socket(zmq.PULL)
     outs = []
     for a, b in addrs:
@@ -41,7 +41,7 @@ def two_clients() -> Iterator[tuple[CoreLoop, FakeEngineCore, list[AsyncLLM]]]:
     loop = CoreLoop(core, in_sock, outs)
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
-    llms = [AsyncLLM(c, core.info(), FakeTokenizer()) for c in clients]
+    llms = [AsyncLLM(c, c.wait_ready(), FakeTokenizer()) for c in clients]
     yield loop, core, llms
     loop.stopped = True
     thread.join(5)

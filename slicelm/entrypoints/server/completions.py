@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from slicelm.engine.async_llm import RequestStream
+from slicelm.engine.request_stream import RequestStream
 from slicelm.entrypoints.server.errors import bad_request, from_exception
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.load import load_headers, observe_params

@@ -11,9 +11,9 @@ from typing import Any
 
 from starlette.requests import Request
 
-from slicelm.engine.async_llm import RequestStream
 from slicelm.engine.protocol import EngineClient
 from slicelm.engine.request import CompletionOutput, RequestOutput
+from slicelm.engine.request_stream import RequestStream
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.metrics import LoggingStatLogger, PrometheusStatLogger
 from slicelm.entrypoints.server.options import ApiOptions
@@ -53,8 +53,8 @@ class ServerState:
         state = cls(engine, names, int(mc.max_model_len), str(mc.task), str(mc.model), chat_template,
                     list(api_keys or []), shutdown_timeout)
         cc = engine.cache_config
-        info = {"block_size": getattr(cc, "block_size", ""), "num_gpu_blocks": getattr(cc, "num_blocks", ""),
-                "enable_prefix_caching": getattr(cc, "enable_prefix_caching", "")}
+        info = {"block_size": cc.block_size, "num_gpu_blocks": cc.num_blocks,
+                "enable_prefix_caching": cc.enable_prefix_caching}
         state.metrics = PrometheusStatLogger(names[0], state.max_model_len, info,
                                              record_engine=record_engine_metrics)
         engine.add_stat_listener(state.metrics)
