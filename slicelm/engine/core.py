@@ -277,15 +277,14 @@ class EngineCore:
         return outputs
 
     def _count_pooling_step(self, num_requests: int) -> None:
-        """Cumulative pooling batch figures in ``EngineStats.extra`` (steps, multi-request steps, largest)."""
+        """Cumulative pooling batch figures (steps, multi-request steps, requests, the largest batch)."""
         if num_requests == 0:  # only an API server's warm-up requests ran
             return
-        extra = self._stats.extra
-        extra["pooling_steps"] = extra.get("pooling_steps", 0.0) + 1
-        extra["pooling_requests"] = extra.get("pooling_requests", 0.0) + num_requests
-        if num_requests > 1:
-            extra["pooling_multi_request_steps"] = extra.get("pooling_multi_request_steps", 0.0) + 1
-        extra["pooling_max_batch_requests"] = max(extra.get("pooling_max_batch_requests", 0.0), num_requests)
+        s = self._stats
+        s.num_pooling_steps += 1
+        s.num_pooling_requests += num_requests
+        s.num_pooling_multi_request_steps += int(num_requests > 1)
+        s.pooling_max_batch_requests = max(s.pooling_max_batch_requests, num_requests)
 
     def _read_back(self, handle: StepHandle, outputs: dict[str, EngineCoreOutput]) -> None:
         """Reads a launched step's samples, fills the requests' pending tokens, checks token stops."""

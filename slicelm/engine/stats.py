@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+TOKEN_COUNTERS = ("num_prompt_tokens", "num_generation_tokens", "num_preemptions", "prefix_cache_queries",
+                  "prefix_cache_hits")
+POOLING_COUNTERS = ("num_pooling_steps", "num_pooling_multi_request_steps", "num_pooling_requests")
+
 
 @dataclass
 class EngineStats:
@@ -22,6 +26,11 @@ class EngineStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # tokens found there
+    # pooling models: how pooling requests were batched (cumulative counters; the largest batch so far)
+    num_pooling_steps: int = 0
+    num_pooling_multi_request_steps: int = 0  # steps that ran 2+ pooling requests
+    num_pooling_requests: int = 0
+    pooling_max_batch_requests: int = 0
     # optional extras (engines may leave them at their defaults)
     num_steps: int = 0
     timestamp: float = 0.0
@@ -31,11 +40,11 @@ class EngineStats:
     def prefix_cache_hit_rate(self) -> float:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
-    def delta(self, prev: EngineStats | None) -> dict[str, int]:
-        """Counter increments since ``prev`` (all counters when ``prev`` is None), never negative."""
-        names = ("num_prompt_tokens", "num_generation_tokens", "num_preemptions", "prefix_cache_queries",
-                 "prefix_cache_hits")
+    def delta(self, prev: EngineStats | None, names: tuple[str, ...] = TOKEN_COUNTERS) -> dict[str, int]:
+        """Increments of the counters ``names`` since ``prev`` (all of their values when ``prev`` is None), never
+        negative."""
         return {n: max(0, getattr(self, n) - (getattr(prev, n) if prev is not None else 0)) for n in names}
+
 
 
 @dataclass

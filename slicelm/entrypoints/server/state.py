@@ -56,7 +56,7 @@ class ServerState:
         info = {"block_size": cc.block_size, "num_gpu_blocks": cc.num_blocks,
                 "enable_prefix_caching": cc.enable_prefix_caching}
         state.metrics = PrometheusStatLogger(names[0], state.max_model_len, info,
-                                             record_engine=record_engine_metrics)
+                                             record_engine=record_engine_metrics, pooling=state.task != "generate")
         engine.add_stat_listener(state.metrics)
         if log_stats:
             state.stat_logger = LoggingStatLogger()
