@@ -11,7 +11,22 @@ from dataclasses import dataclass, field
 
 TOKEN_COUNTERS = ("num_prompt_tokens", "num_generation_tokens", "num_preemptions", "prefix_cache_queries",
                   "prefix_cache_hits")
-POOLING_COUNTERS = ("num_pooling_steps", "num_pooling_multi_request_steps", "num_pooling_requests")
+
+
+@dataclass
+class PoolingStats:
+    """How a pooling engine batched its requests: cumulative counters, and the largest batch so far."""
+
+    num_steps: int = 0
+    num_multi_request_steps: int = 0  # steps that ran 2+ pooling requests
+    num_requests: int = 0
+    max_batch_requests: int = 0
+
+    def count_step(self, num_requests: int) -> None:
+        self.num_steps += 1
+        self.num_requests += num_requests
+        self.num_multi_request_steps += int(num_requests > 1)
+        self.max_batch_requests = max(self.max_batch_requests, num_requests)
 
 
 @dataclass
@@ -26,11 +41,7 @@ class EngineStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # tokens found there
-    # pooling models: how pooling requests were batched (cumulative counters; the largest batch so far)
-    num_pooling_steps: int = 0
-    num_pooling_multi_request_steps: int = 0  # steps that ran 2+ pooling requests
-    num_pooling_requests: int = 0
-    pooling_max_batch_requests: int = 0
+    pooling: PoolingStats | None = None  # pooling engines only (None keeps a generation step's message small)
     # optional extras (engines may leave them at their defaults)
     num_steps: int = 0
     timestamp: float = 0.0
@@ -40,10 +51,9 @@ class EngineStats:
     def prefix_cache_hit_rate(self) -> float:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
-    def delta(self, prev: EngineStats | None, names: tuple[str, ...] = TOKEN_COUNTERS) -> dict[str, int]:
-        """Increments of the counters ``names`` since ``prev`` (all of their values when ``prev`` is None), never
-        negative."""
-        return {n: max(0, getattr(self, n) - (getattr(prev, n) if prev is not None else 0)) for n in names}
+    def delta(self, prev: EngineStats | None) -> dict[str, int]:
+        """Counter increments since ``prev`` (all counters when ``prev`` is None), never negative."""
+        return {n: max(0, getattr(self, n) - (getattr(prev, n) if prev is not None else 0)) for n in TOKEN_COUNTERS}
 
 
 

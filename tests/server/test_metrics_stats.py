@@ -1,12 +1,12 @@
 """``PrometheusStatLogger`` over ``EngineStats`` snapshots: a pooling model's batch series exist from start-up
-(typed ``EngineStats`` fields, no route involved), counters advance by deltas, and only the recording server
+(``EngineStats.pooling``, no route involved), counters advance by deltas, and only the recording server
 records engine figures."""
 
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from slicelm.engine.stats import EngineStats, IterationStats
+from slicelm.engine.stats import EngineStats, IterationStats, PoolingStats
 from slicelm.entrypoints.server.metrics import PrometheusStatLogger
 
 POOLING_SERIES = ("slicelm:pooling_steps_total", "slicelm:pooling_multi_request_steps_total",
@@ -22,10 +22,8 @@ def test_pooling_series_exist_at_start_up_and_follow_the_engine() -> None:
     logger = PrometheusStatLogger("m", 512, pooling=True)
     found = samples(logger)
     assert all(found[name] == 0 for name in POOLING_SERIES), found
-    logger(EngineStats(num_pooling_steps=3, num_pooling_multi_request_steps=1, num_pooling_requests=5,
-                       pooling_max_batch_requests=3), IterationStats(now=0.0))
-    logger(EngineStats(num_pooling_steps=4, num_pooling_multi_request_steps=2, num_pooling_requests=9,
-                       pooling_max_batch_requests=4), IterationStats(now=1.0))
+    logger(EngineStats(pooling=PoolingStats(3, 1, 5, 3)), IterationStats(now=0.0))
+    logger(EngineStats(pooling=PoolingStats(4, 2, 9, 4)), IterationStats(now=1.0))
     found = samples(logger)
     assert [found[name] for name in POOLING_SERIES] == [4, 2, 9, 4]
 
@@ -33,6 +31,5 @@ def test_pooling_series_exist_at_start_up_and_follow_the_engine() -> None:
 def test_generation_servers_have_no_pooling_series_and_other_servers_record_no_engine_figures() -> None:
     assert not set(POOLING_SERIES) & set(samples(PrometheusStatLogger("m", 512)))
     follower = PrometheusStatLogger("m", 512, record_engine=False, pooling=True)
-    follower(EngineStats(num_pooling_steps=3, num_pooling_requests=5, pooling_max_batch_requests=3),
-             IterationStats(now=0.0))
+    follower(EngineStats(pooling=PoolingStats(3, 1, 5, 3)), IterationStats(now=0.0))
     assert all(samples(follower)[name] == 0 for name in POOLING_SERIES)

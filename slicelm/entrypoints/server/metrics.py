@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from slicelm.engine.stats import POOLING_COUNTERS, EngineStats, IterationStats
+from slicelm.engine.stats import EngineStats, IterationStats, PoolingStats
 from slicelm.entrypoints.server.elastic_metrics import ElasticMetrics
 
 logger = logging.getLogger("slicelm.stats")
@@ -136,10 +136,10 @@ class PrometheusStatLogger:
         self.pooling: dict[str, Counter] = {}
         if pooling:
             self.pooling = {
-                "num_pooling_steps": counter("slicelm:pooling_steps", "Engine steps that ran pooling requests."),
-                "num_pooling_multi_request_steps": counter("slicelm:pooling_multi_request_steps",
-                                                           "Pooling steps that batched 2+ requests."),
-                "num_pooling_requests": counter("slicelm:pooling_requests", "Pooling requests run by the engine."),
+                "num_steps": counter("slicelm:pooling_steps", "Engine steps that ran pooling requests."),
+                "num_multi_request_steps": counter("slicelm:pooling_multi_request_steps",
+                                                   "Pooling steps that batched 2+ requests."),
+                "num_requests": counter("slicelm:pooling_requests", "Pooling requests run by the engine."),
             }
             self.pooling_max_batch = Gauge("slicelm:pooling_max_batch_requests", "Most pooling requests in one step.",
                                            labels, registry=r, multiprocess_mode="max").labels(**self.labels)
@@ -179,10 +179,13 @@ class PrometheusStatLogger:
         step_tokens = d["num_prompt_tokens"] + d["num_generation_tokens"]
         if step_tokens > 0:
             self.iteration_tokens.observe(step_tokens)
-        if self.pooling:
-            for name, inc in stats.delta(prev, POOLING_COUNTERS).items():
-                self.pooling[name].inc(inc)
-            self.pooling_max_batch.set(stats.pooling_max_batch_requests)
+        if self.pooling and stats.pooling is not None:
+            self._record_pooling(stats.pooling, prev.pooling if prev is not None else None)
+
+    def _record_pooling(self, now: PoolingStats, prev: PoolingStats | None) -> None:
+        for name, counter in self.pooling.items():
+            counter.inc(max(0, getattr(now, name) - (getattr(prev, name) if prev is not None else 0)))
+        self.pooling_max_batch.set(now.max_batch_requests)
 
     def _record_requests(self, it: IterationStats) -> None:
         for t in it.time_to_first_tokens:
