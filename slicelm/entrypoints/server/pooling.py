@@ -31,7 +31,7 @@ from slicelm.entrypoints.server.embed_encoding import encode_vector, vector_byte
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.pooling_protocol import EmbeddingRequest
-from slicelm.entrypoints.server.sampling import check_text_size, request_ids
+from slicelm.entrypoints.server.request_ids import request_ids
 from slicelm.entrypoints.server.state import (
     TASK_ENDPOINTS,
     ClientDisconnected,
@@ -237,7 +237,7 @@ async def chat_pooling_prompt(state: ServerState, req: EmbeddingRequest, limit: 
     """vLLM's chat-style embedding input: the messages rendered with the chat template, then tokenized."""
     assert req.messages is not None
     messages = convert_messages(req.messages)
-    check_text_size(state, sum(len(m["content"] or "") for m in messages), "messages",
+    state.check_text_size(sum(len(m["content"] or "") for m in messages), "messages",
                     truncating=req.truncate_prompt_tokens is not None or cap > state.max_model_len)
     template = request_template(state, req.chat_template, req.chat_template_kwargs)
     ids = await asyncio.to_thread(

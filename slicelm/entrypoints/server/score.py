@@ -99,7 +99,6 @@ async def classify_outputs(state: ServerState, raw: Request, req: EmbeddingReque
     """A cross-encoder's activated head output (task "classify": class probabilities, or "score") for each
     single-text input of ``req``."""
     require_tasks(state, ("score",), "Classification")
-    ensure_pooling_metrics(raw, state)
     limit = prompt_limit(state, req.truncate_prompt_tokens)
     resp_id = engine_request_id(prefix, req, raw)
     many = isinstance(req.input, list) and not isinstance(req.input[0], int)
