@@ -16,21 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
-import os
-import shutil
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from multiprocessing.connection import Connection
-from multiprocessing.connection import wait as wait_connections
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import zmq
 
+from slicelm.engine.core_launcher import CoreProcess
+from slicelm.engine.core_launcher import EngineStartupError as EngineStartupError
 from slicelm.engine.core_messages import (
     ABORT,
     ADD,
@@ -44,7 +40,7 @@ from slicelm.engine.core_messages import (
     make_encoder,
     outputs_decoder,
 )
-from slicelm.engine.core_proc import CoreLoop, run_engine_core
+from slicelm.engine.core_proc import CoreLoop
 from slicelm.engine.protocol import EngineDeadError
 
 if TYPE_CHECKING:
@@ -56,10 +52,6 @@ READ_POLL_MS = 500
 SEND_RETRY_S = 0.01  # a send the core cannot take yet is retried this often while the core lives
 
 OutputCallback = Callable[[EngineCoreOutputs | EngineDeadError], None]
-
-
-class EngineStartupError(RuntimeError):
-    """The engine core failed to start (a load error that was not a ``ValueError``)."""
 
 
 @runtime_checkable
@@ -212,73 +204,35 @@ class _SocketCoreClient:
 
 
 class MPCoreClient(_SocketCoreClient):
-    """Starts ``EngineCore(args)`` in a ``spawn``ed process and talks to it over ipc sockets."""
+    """Launches ``EngineCore(args)`` in its own process (``CoreProcess``, one client) and is its only client."""
 
     def __init__(self, args: EngineArgs) -> None:
-        self._dir = tempfile.mkdtemp(prefix="slicelm-core-")
-        super().__init__(zmq.Context.instance(), f"ipc://{self._dir}/in", f"ipc://{self._dir}/out")
-        mp = multiprocessing.get_context("spawn")
-        reader, writer = mp.Pipe(duplex=False)
-        self._ready = reader
-        self._info: EngineCoreInfo | None = None
-        self.proc = mp.Process(target=run_engine_core, name="slicelm-engine-core", daemon=True,
-                               args=(args, [f"ipc://{self._dir}/in"], [f"ipc://{self._dir}/out"], writer, os.getpid()))
-        self.proc.start()
-        writer.close()
-        logger.info("engine core process started (pid %d)", self.proc.pid)
+        self.core = CoreProcess(args, client_count=1)
+        super().__init__(zmq.Context.instance(), *self.core.client_addrs[0])
+
+    @property
+    def proc(self) -> BaseProcess:
+        return self.core.proc
 
     def wait_ready(self, timeout: float | None = None) -> EngineCoreInfo:
         """Blocks until the core has loaded; raises its load error (a ``ValueError`` stays one)."""
-        if self._info is None:
-            try:
-                self._info = wait_core_ready(self._ready, self.proc, timeout)
-            except BaseException:
-                self.shutdown()
-                raise
-        return self._info
+        try:
+            return self.core.wait_ready(timeout)
+        except BaseException:
+            self.shutdown()
+            raise
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid
+        return self.core.pid
 
     def death_reason(self) -> str | None:
-        if self.proc.is_alive():
-            return None
-        return f"the engine core process died (exit code {self.proc.exitcode})"
+        return self.core.death_reason()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._close_sockets()
-        stop_process(self.proc, timeout)
+        self.core.shutdown(timeout)
         self._destroy()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-
-def wait_core_ready(ready: Connection, proc: BaseProcess, timeout: float | None) -> EngineCoreInfo:
-    """Waits for the core process's start-up message on the pipe ``ready``; raises its load error."""
-    found = wait_connections([ready, proc.sentinel], timeout)
-    if ready in found:
-        with contextlib.suppress(EOFError):
-            msg = ready.recv()
-            if msg[0] == "ready":
-                return msg[1]
-            _, name, text, is_value_error, tb = msg
-            logger.debug("engine core start-up failed:\n%s", tb)
-            raise (ValueError if is_value_error else EngineStartupError)(
-                text if is_value_error else f"engine core failed to start: {name}: {text}")
-    if not found:
-        raise EngineStartupError(f"engine core did not start within {timeout} s")
-    proc.join(5)
-    raise EngineStartupError(f"engine core process exited with code {proc.exitcode} while starting")
-
-
-def stop_process(proc: BaseProcess, timeout: float) -> None:
-    """Waits ``timeout`` s for ``proc`` (already asked to stop), then terminates it, then kills it."""
-    for step in (None, proc.terminate, proc.kill):
-        if not proc.is_alive():
-            return
-        if step is not None:
-            step()
-        proc.join(timeout)
 
 
 class ThreadCoreClient(_SocketCoreClient):

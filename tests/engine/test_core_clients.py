@@ -1,7 +1,8 @@
 """Every core client implements ``CoreClient`` and reports the same ``EngineCoreInfo`` for the same engine.
 
 Real cores of one tiny random Llama (``--load-format dummy``): in a thread (``ThreadCoreClient``), in their own
-process (``MPCoreClient``) and shared by two API-server clients (``SharedCoreProcess`` + ``SharedCoreClient``).
+process (``MPCoreClient``) and shared by two API-server clients (``CoreProcess`` for two clients +
+``SharedCoreClient``).
 Each then serves one real greedy request through ``AsyncLLM``: the same tokens from all of them.
 """
 
@@ -19,8 +20,9 @@ from slicelm.config import EngineArgs
 from slicelm.engine.async_llm import AsyncLLM
 from slicelm.engine.core import EngineCore
 from slicelm.engine.core_client import CoreClient, MPCoreClient, ThreadCoreClient
+from slicelm.engine.core_launcher import CoreProcess
 from slicelm.engine.core_messages import EngineCoreInfo
-from slicelm.engine.core_shared import SharedCoreClient, SharedCoreProcess
+from slicelm.engine.core_shared import SharedCoreClient
 from slicelm.engine.protocol import EngineClient
 from slicelm.sampling_params import SamplingParams
 
@@ -40,7 +42,7 @@ def args(tmp_path_factory: pytest.TempPathFactory) -> EngineArgs:
 
 @pytest.fixture(scope="module")
 def clients(args: EngineArgs) -> Iterator[dict[str, CoreClient]]:
-    shared = SharedCoreProcess(args, 2)
+    shared = CoreProcess(args, client_count=2)
     made: dict[str, CoreClient] = {}
     try:
         made["thread"] = ThreadCoreClient(EngineCore(args))

@@ -66,7 +66,12 @@ def test_each_client_gets_only_its_own_outputs(two_clients: tuple[CoreLoop, Fake
 
     async def main() -> list[tuple[str, int]]:
         jobs = [run(llms[i % 2], f"c{i % 2}-r{i}", 5 + i) for i in range(8)]
-        return await asyncio.wait_for(asyncio.gather(*jobs), 20)  # a misrouted output: a stream waits forever
+        results = await asyncio.wait_for(asyncio.gather(*jobs), 20)  # a misrouted output: a stream waits forever
+        for _ in range(100):  # client 0's message of the last step may come after client 1's last output
+            if llms[0].last_stats.num_generation_tokens == core.num_generation_tokens:
+                break
+            await asyncio.sleep(0.01)
+        return results
 
     results = asyncio.run(main())
     assert [n for _, n in results] == [5 + i for i in range(8)]

@@ -1,8 +1,8 @@
 """``--api-server-count N > 1``: N API server processes in front of one engine-core process (as vLLM v1).
 
 The parent binds the listening socket once (uvicorn's ``Config.bind_socket``: host:port or ``--uds``),
-starts the engine core (``SharedCoreProcess``), then spawns N API servers that each serve on that same
-socket (the kernel spreads the connections between them). Each one is a full server — tokenizer, chat
+starts the engine core (``CoreProcess`` with one client per API server), then spawns N API servers that each
+serve on that same socket (the kernel spreads the connections between them). Each one is a full server — tokenizer, chat
 templates, output processing, admission control — and talks to the core as client ``i``
 (``SharedCoreClient``). The parent only supervises:
 
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 if TYPE_CHECKING:
+    from slicelm.engine.core_launcher import CoreProcess
     from slicelm.engine.core_messages import EngineCoreInfo
-    from slicelm.engine.core_shared import SharedCoreProcess
 
 logger = logging.getLogger("slicelm.server")
 CORE_DEAD_GRACE = 10.0  # seconds API servers get to exit on their own after the core died
@@ -54,7 +54,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def run_api_servers(args: argparse.Namespace) -> int:
     from slicelm.config import EngineArgs
-    from slicelm.engine.core_shared import SharedCoreProcess
+    from slicelm.engine.core_launcher import CoreProcess
     from slicelm.loader.model_files import pin_hub_snapshots
 
     count = int(args.api_server_count)
@@ -62,7 +62,7 @@ def run_api_servers(args: argparse.Namespace) -> int:
     args.revision, args.tokenizer_revision = engine_args.revision, engine_args.tokenizer_revision
     prom_dir = _multiproc_dir()
     sock = _bind(args)
-    core = SharedCoreProcess(engine_args, count)
+    core = CoreProcess(engine_args, client_count=count)
     servers: list[BaseProcess] = []
     try:
         info = core.wait_ready()
@@ -107,7 +107,7 @@ def _bind(args: argparse.Namespace) -> socket.socket:
 class Supervisor:
     """Waits on the core and the API servers and takes everything down together (module docstring)."""
 
-    def __init__(self, core: SharedCoreProcess, servers: list[BaseProcess], shutdown_timeout: float,
+    def __init__(self, core: CoreProcess, servers: list[BaseProcess], shutdown_timeout: float,
                  banner: str = "") -> None:
         self.banner = banner
         self.core = core
