@@ -9,12 +9,11 @@ Each then serves one real greedy request through ``AsyncLLM``: the same tokens f
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from utils_models import write_tiny_llama
 
 from slicelm.config import EngineArgs
 from slicelm.engine.async_llm import AsyncLLM
@@ -26,18 +25,11 @@ from slicelm.engine.core_shared import SharedCoreClient
 from slicelm.engine.protocol import EngineClient
 from slicelm.sampling_params import SamplingParams
 
-TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 32,
-        "vocab_size": 512, "tie_word_embeddings": True, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 256}
-
 
 @pytest.fixture(scope="module")
 def args(tmp_path_factory: pytest.TempPathFactory) -> EngineArgs:
-    d: Path = tmp_path_factory.mktemp("tiny")
-    (d / "config.json").write_text(json.dumps(TINY))
-    return EngineArgs(model=str(d), load_format="dummy", device="cpu", max_model_len=128, max_num_seqs=4,
-                      skip_tokenizer_init=True, seed=0)
+    return EngineArgs(model=write_tiny_llama(tmp_path_factory.mktemp("tiny")), load_format="dummy", device="cpu",
+                      max_model_len=128, max_num_seqs=4, skip_tokenizer_init=True, seed=0)
 
 
 @pytest.fixture(scope="module")

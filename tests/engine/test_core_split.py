@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from utils_models import write_tiny_llama
 
 from slicelm.config import EngineArgs
 from slicelm.engine.core import EngineCore
@@ -18,17 +18,10 @@ from slicelm.entrypoints.cli import make_parser
 from slicelm.layers.attention import TorchAttentionBackend, get_attention_backend
 from slicelm.sampling_params import SamplingParams
 
-TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 32,
-        "vocab_size": 49152, "tie_word_embeddings": True, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 1024}
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    d = tmp_path_factory.mktemp("tiny")
-    (d / "config.json").write_text(json.dumps(TINY))
-    return str(d)
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 def tiny_args(tiny_dir: str, **kw: object) -> EngineArgs:
