@@ -207,31 +207,31 @@ class MPCoreClient(_SocketCoreClient):
     """Launches ``EngineCore(args)`` in its own process (``CoreProcess``, one client) and is its only client."""
 
     def __init__(self, args: EngineArgs) -> None:
-        self.core = CoreProcess(args, client_count=1)
-        super().__init__(zmq.Context.instance(), *self.core.client_addrs[0])
+        self.core_process = CoreProcess(args, client_count=1)
+        super().__init__(zmq.Context.instance(), *self.core_process.client_addrs[0])
 
     @property
     def proc(self) -> BaseProcess:
-        return self.core.proc
+        return self.core_process.proc
 
     def wait_ready(self, timeout: float | None = None) -> EngineCoreInfo:
         """Blocks until the core has loaded; raises its load error (a ``ValueError`` stays one)."""
         try:
-            return self.core.wait_ready(timeout)
+            return self.core_process.wait_ready(timeout)
         except BaseException:
             self.shutdown()
             raise
 
     @property
     def pid(self) -> int | None:
-        return self.core.pid
+        return self.core_process.pid
 
     def death_reason(self) -> str | None:
-        return self.core.death_reason()
+        return self.core_process.death_reason()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._close_sockets()
-        self.core.shutdown(timeout)
+        self.core_process.shutdown(timeout)
         self._destroy()
 
 
