@@ -218,6 +218,15 @@ class EchoEngineClient:
     async def wait_idle(self, timeout: float) -> bool:
         return self._active == 0
 
+    async def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        raise ValueError("this engine has no sleep mode")
+
+    async def wake_up(self, tags: list[str] | None = None) -> float:
+        raise ValueError("this engine has no sleep mode")
+
+    async def is_sleeping(self) -> bool:
+        return False
+
     async def end_warmup(self, timeout: float = 10.0) -> bool:
         return True  # no prefix cache to empty
 
