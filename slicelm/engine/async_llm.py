@@ -13,96 +13,40 @@ every later ``add_request`` gets ``EngineDeadError``.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from slicelm.engine.core_messages import EngineCoreInfo, EngineCoreOutputs, utility_error
-from slicelm.engine.input_processor import InputProcessor
+from slicelm.engine.core_messages import EngineCoreInfo, EngineCoreOutputs, UtilityReply, utility_error
+from slicelm.engine.input_processor import InputProcessor, PromptType
 from slicelm.engine.output_processor import EngineCoreRequestError, OutputProcessor
 from slicelm.engine.protocol import EngineDeadError as EngineDeadError
 from slicelm.engine.protocol import EngineOverloadedError as EngineOverloadedError
 from slicelm.engine.protocol import StatListener as StatListener
 from slicelm.engine.request import CompletionOutput, PoolingOutput, RequestOutput
+from slicelm.engine.request_stream import Output, RequestStream
 from slicelm.engine.stats import EngineStats, FinishedRequestStats
 from slicelm.engine.stats import IterationStats as IterationStats
+from slicelm.pooling_params import PoolingParams
+from slicelm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from slicelm.config import EngineArgs
+    from slicelm.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
+    from slicelm.engine.core import EngineCore
+    from slicelm.engine.core_client import CoreClient
+    from slicelm.loader.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-Output = RequestOutput | PoolingOutput
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineOverloadedError", "IterationStats", "RequestStream",
+           "StatListener"]
 # Set by a server around its own warm-up requests (``entrypoints/server/warmup.py``): their sequences reach the core
 # marked ``warmup`` (it counts them in no stats) and their latencies reach no stat listener.
 WARMING_UP: ContextVar[bool] = ContextVar("slicelm_warming_up", default=False)
-
-
-def merge_deltas(items: list[RequestOutput]) -> RequestOutput:
-    """One delta out of consecutive deltas of a request (texts and lists concatenated per choice)."""
-    if len(items) == 1:
-        return items[0]
-    by_index: dict[int, list[CompletionOutput]] = {}
-    for item in items:
-        for o in item.outputs:
-            by_index.setdefault(o.index, []).append(o)
-    outputs = []
-    for index, parts in sorted(by_index.items()):
-        last = parts[-1]
-        logprobs = None
-        if last.logprobs is not None:
-            logprobs = [lp for p in parts for lp in (p.logprobs or [])]
-        outputs.append(CompletionOutput(index, "".join(p.text for p in parts),
-                                        [t for p in parts for t in p.token_ids], last.cumulative_logprob,
-                                        logprobs, last.finish_reason, last.stop_reason))
-    last_item = items[-1]
-    return RequestOutput(last_item.request_id, last_item.prompt, last_item.prompt_token_ids, outputs,
-                         last_item.finished, last_item.metrics, last_item.num_cached_tokens,
-                         next((i.prompt_logprobs for i in items if i.prompt_logprobs is not None), None))
-
-
-class RequestStream:
-    """Deltas of one request, in order; deltas that pile up while the caller is busy are merged."""
-
-    def __init__(self, request_id: str, n: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.request_id = request_id
-        self.n = n
-        self.loop = loop
-        self._items: collections.deque[Output | BaseException] = collections.deque()
-        self._ready = asyncio.Event()
-        self.finished = False
-        self.released = False
-
-    def put(self, item: Output | BaseException) -> None:
-        self._items.append(item)
-        self._ready.set()
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> Output:
-        if self.finished:
-            raise StopAsyncIteration
-        while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
-        item = self._items.popleft()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        if isinstance(item, RequestOutput):
-            batch = [item]
-            while self._items and isinstance(self._items[0], RequestOutput):
-                batch.append(self._items.popleft())  # type: ignore[arg-type]
-            item = merge_deltas(batch)
-        if item.finished:
-            self.finished = True
-        return item
 
 
 @dataclass
@@ -122,14 +66,14 @@ class _ReqState:
 class AsyncLLM:
     """The ``EngineClient`` of one engine core (see the module docstring)."""
 
-    def __init__(self, client: Any, info: EngineCoreInfo, tokenizer: Any | None,
+    def __init__(self, client: CoreClient, info: EngineCoreInfo, tokenizer: Tokenizer | None,
                  max_waiting_requests: int | None = None) -> None:
         self.client = client
         self.info = info
         self.tokenizer = tokenizer
-        self.model_config = info.model_config
-        self.cache_config = info.cache_config
-        self.scheduler_config = info.scheduler_config
+        self.model_config: ModelConfig = info.model_config
+        self.cache_config: CacheConfig = info.cache_config
+        self.scheduler_config: SchedulerConfig = info.scheduler_config
         self.max_num_seqs = int(info.scheduler_config.max_num_seqs)
         self.max_waiting_requests = max_waiting_requests if max_waiting_requests is not None \
             else 4 * self.max_num_seqs
@@ -163,8 +107,9 @@ class AsyncLLM:
         from slicelm.loader.model_files import pin_hub_snapshots
 
         args = pin_hub_snapshots(args)  # Hub ids: fetched once, here, before the core starts
+        client: CoreClient
         if multiprocess:
-            client: Any = MPCoreClient(args)
+            client = MPCoreClient(args)
         else:
             from slicelm.engine.core import EngineCore
 
@@ -178,7 +123,8 @@ class AsyncLLM:
         return cls(client, info, tokenizer, max_waiting_requests=max_waiting_requests)
 
     @classmethod
-    def from_core(cls, core: Any, tokenizer: Any | None, max_waiting_requests: int | None = None) -> AsyncLLM:
+    def from_core(cls, core: EngineCore, tokenizer: Tokenizer | None,
+                  max_waiting_requests: int | None = None) -> AsyncLLM:
         """Over an already built core object (an ``EngineCore`` or a test fake), run in a thread."""
         from slicelm.engine.core_client import ThreadCoreClient
 
@@ -215,8 +161,8 @@ class AsyncLLM:
         self._listeners.append(listener)
 
     # ------------------------------------------------------------------ requests
-    async def add_request(self, request_id: str, prompt: Any, params: Any, arrival_time: float | None = None,
-                          priority: int = 0) -> RequestStream:
+    async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams,
+                          arrival_time: float | None = None, priority: int = 0) -> RequestStream:
         """Validates the request and hands it to the core; returns its stream of deltas."""
         loop = asyncio.get_running_loop()
         self._attach(loop)
@@ -241,20 +187,22 @@ class AsyncLLM:
         self.client.add_requests(req.sequences)
         return stream
 
-    async def generate(self, prompt: Any, params: Any, request_id: str, priority: int = 0,
+    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, priority: int = 0,
                        arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
         """The deltas of one request until it finishes."""
         async for out in self._outputs(prompt, params, request_id, priority, arrival_time):
-            yield out  # type: ignore[misc]
+            assert isinstance(out, RequestOutput)
+            yield out
 
-    async def encode(self, prompt: Any, params: Any, request_id: str, priority: int = 0,
+    async def encode(self, prompt: PromptType, params: PoolingParams, request_id: str, priority: int = 0,
                      arrival_time: float | None = None) -> AsyncIterator[PoolingOutput]:
-        """The ``PoolingOutput`` of an embedding / score request (one item)."""
+        """The ``PoolingOutput`` of an embedding / score request (one item; an ``abort`` ends it with a finished
+        ``RequestOutput`` without a pooling result, which callers treat as a failed request)."""
         async for out in self._outputs(prompt, params, request_id, priority, arrival_time):
             yield out  # type: ignore[misc]
 
-    async def _outputs(self, prompt: Any, params: Any, request_id: str, priority: int,
-                       arrival_time: float | None) -> AsyncIterator[Output]:
+    async def _outputs(self, prompt: PromptType, params: SamplingParams | PoolingParams, request_id: str,
+                       priority: int, arrival_time: float | None) -> AsyncIterator[Output]:
         stream = await self.add_request(request_id, prompt, params, arrival_time, priority)
         try:
             async for out in stream:
@@ -327,7 +275,7 @@ class AsyncLLM:
     async def is_sleeping(self) -> bool:
         return bool(await self.call_utility("is_sleeping"))
 
-    def _on_utility(self, replies: list[Any]) -> None:
+    def _on_utility(self, replies: list[UtilityReply]) -> None:
         for r in replies:
             future = self._calls.pop(r.call_id, None)
             if future is None or future.done():
@@ -370,7 +318,7 @@ class AsyncLLM:
         self._states.clear()
         self.client.start_reader(loop, self._on_core_message)
 
-    def _on_loop(self, fn: Any) -> None:
+    def _on_loop(self, fn: Callable[[], object]) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             fn()

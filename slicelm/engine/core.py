@@ -11,6 +11,7 @@ in the engine-core process behind the server (``core_proc``).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import time
@@ -23,7 +24,7 @@ from slicelm.engine.request import Request, RequestStatus
 from slicelm.engine.runner import RunnerOutput, StepHandle
 from slicelm.engine.sampler import make_generator
 from slicelm.engine.sleep_mode import SleepMode
-from slicelm.engine.stats import EngineStats
+from slicelm.engine.stats import EngineStats, PoolingStats
 from slicelm.engine.structured_output import StructuredOutputManager
 from slicelm.engine.warmup import WarmupReport, warm_up
 from slicelm.engine.worker import Worker
@@ -277,15 +278,12 @@ class EngineCore:
         return outputs
 
     def _count_pooling_step(self, num_requests: int) -> None:
-        """Cumulative pooling batch figures in ``EngineStats.extra`` (steps, multi-request steps, largest)."""
+        """Cumulative pooling batch figures (``EngineStats.pooling``)."""
         if num_requests == 0:  # only an API server's warm-up requests ran
             return
-        extra = self._stats.extra
-        extra["pooling_steps"] = extra.get("pooling_steps", 0.0) + 1
-        extra["pooling_requests"] = extra.get("pooling_requests", 0.0) + num_requests
-        if num_requests > 1:
-            extra["pooling_multi_request_steps"] = extra.get("pooling_multi_request_steps", 0.0) + 1
-        extra["pooling_max_batch_requests"] = max(extra.get("pooling_max_batch_requests", 0.0), num_requests)
+        if self._stats.pooling is None:
+            self._stats.pooling = PoolingStats()
+        self._stats.pooling.count_step(num_requests)
 
     def _read_back(self, handle: StepHandle, outputs: dict[str, EngineCoreOutput]) -> None:
         """Reads a launched step's samples, fills the requests' pending tokens, checks token stops."""
@@ -366,6 +364,7 @@ class EngineCore:
         s.timestamp = time.time()
         snapshot = EngineStats(**{k: getattr(s, k) for k in s.__dataclass_fields__})
         snapshot.extra = dict(s.extra)
+        snapshot.pooling = dataclasses.replace(s.pooling) if s.pooling is not None else None
         return snapshot
 
 

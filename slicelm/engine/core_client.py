@@ -1,7 +1,9 @@
-"""Clients of an engine core: ``MPCoreClient`` (its own process, the server's default) and
-``ThreadCoreClient`` (the same loop in a thread of this process: ``--no-engine-process``, tests, fakes).
+"""Clients of an engine core: the ``CoreClient`` protocol ``AsyncLLM`` uses, ``MPCoreClient`` (its own
+process, the server's default), ``ThreadCoreClient`` (the same loop in a thread of this process:
+``--no-engine-process``, tests, fakes) and ``core_shared.SharedCoreClient`` (one of several API servers of one
+core process, ``--api-server-count``).
 
-Both talk to ``CoreLoop`` through a zmq PUSH socket (adds / aborts, msgpack) and a PULL socket (one
+All talk to ``CoreLoop`` through a zmq PUSH socket (adds / aborts, msgpack) and a PULL socket (one
 ``EngineCoreOutputs`` per step). A reader thread receives, counts and decodes the outputs and hands
 each message to the owner's event loop with one ``call_soon_threadsafe``; it also watches the core and
 reports its death (process exit, thread end, or a ``dead_error`` message) within about a second.
@@ -14,19 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
-import os
-import shutil
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from multiprocessing.connection import wait as wait_connections
-from typing import Any
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import zmq
 
+from slicelm.engine.core_launcher import CoreProcess
+from slicelm.engine.core_launcher import EngineStartupError as EngineStartupError
 from slicelm.engine.core_messages import (
     ABORT,
     ADD,
@@ -40,8 +40,12 @@ from slicelm.engine.core_messages import (
     make_encoder,
     outputs_decoder,
 )
-from slicelm.engine.core_proc import CoreLoop, run_engine_core
+from slicelm.engine.core_proc import CoreLoop
 from slicelm.engine.protocol import EngineDeadError
+
+if TYPE_CHECKING:
+    from slicelm.config import EngineArgs
+    from slicelm.engine.core import EngineCore
 
 logger = logging.getLogger(__name__)
 READ_POLL_MS = 500
@@ -50,8 +54,40 @@ SEND_RETRY_S = 0.01  # a send the core cannot take yet is retried this often whi
 OutputCallback = Callable[[EngineCoreOutputs | EngineDeadError], None]
 
 
-class EngineStartupError(RuntimeError):
-    """The engine core failed to start (a load error that was not a ``ValueError``)."""
+@runtime_checkable
+class CoreClient(Protocol):
+    """What ``AsyncLLM`` needs from a client of an engine core; every core client implements all of it."""
+
+    @property
+    def pid(self) -> int | None:
+        """The engine-core process (None: the core runs in a thread of this process)."""
+        ...
+
+    def wait_ready(self, timeout: float | None = None) -> EngineCoreInfo:
+        """Blocks until the core has loaded and returns what it resolved; raises its load error."""
+        ...
+
+    def add_requests(self, reqs: list[EngineCoreRequest]) -> None: ...
+
+    def abort_requests(self, request_ids: list[str]) -> None: ...
+
+    def end_warmup(self) -> None:
+        """The API server's warm-up requests are over: the core empties its prefix cache (once idle)."""
+        ...
+
+    def call_utility(self, call_id: int, method: str, args: list[Any]) -> None:
+        """Asks the core to run ``method``; the reply comes in a later message's ``utility``."""
+        ...
+
+    def start_reader(self, loop: asyncio.AbstractEventLoop, callback: OutputCallback) -> None:
+        """Hands every output message (or the core's death) to ``callback`` on ``loop`` from now on."""
+        ...
+
+    def death_reason(self) -> str | None:
+        """Why the core is gone, or None while it runs."""
+        ...
+
+    def shutdown(self, timeout: float = 5.0) -> None: ...
 
 
 class _SocketCoreClient:
@@ -89,7 +125,7 @@ class _SocketCoreClient:
             with self._send_lock, contextlib.suppress(EngineDeadError):  # a dead core runs nothing to abort
                 self._send([ABORT, self.encoder.encode(request_ids)])
 
-    def _send(self, frames: list[Any]) -> None:
+    def _send(self, frames: list[bytes]) -> None:
         """Sends one message (hold ``_send_lock``); raises ``EngineDeadError`` once the core is gone."""
         while True:
             try:
@@ -168,76 +204,41 @@ class _SocketCoreClient:
 
 
 class MPCoreClient(_SocketCoreClient):
-    """Starts ``EngineCore(args)`` in a ``spawn``ed process and talks to it over ipc sockets."""
+    """Launches ``EngineCore(args)`` in its own process (``CoreProcess``, one client) and is its only client."""
 
-    def __init__(self, args: Any) -> None:
-        self._dir = tempfile.mkdtemp(prefix="slicelm-core-")
-        super().__init__(zmq.Context.instance(), f"ipc://{self._dir}/in", f"ipc://{self._dir}/out")
-        mp = multiprocessing.get_context("spawn")
-        reader, writer = mp.Pipe(duplex=False)
-        self._ready = reader
-        self.proc = mp.Process(target=run_engine_core, name="slicelm-engine-core", daemon=True,
-                               args=(args, [f"ipc://{self._dir}/in"], [f"ipc://{self._dir}/out"], writer, os.getpid()))
-        self.proc.start()
-        writer.close()
-        logger.info("engine core process started (pid %d)", self.proc.pid)
+    def __init__(self, args: EngineArgs) -> None:
+        self.core_process = CoreProcess(args, client_count=1)
+        super().__init__(zmq.Context.instance(), *self.core_process.client_addrs[0])
+
+    @property
+    def proc(self) -> BaseProcess:
+        return self.core_process.proc
 
     def wait_ready(self, timeout: float | None = None) -> EngineCoreInfo:
         """Blocks until the core has loaded; raises its load error (a ``ValueError`` stays one)."""
         try:
-            return wait_core_ready(self._ready, self.proc, timeout)
+            return self.core_process.wait_ready(timeout)
         except BaseException:
             self.shutdown()
             raise
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid
+        return self.core_process.pid
 
     def death_reason(self) -> str | None:
-        if self.proc.is_alive():
-            return None
-        return f"the engine core process died (exit code {self.proc.exitcode})"
+        return self.core_process.death_reason()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._close_sockets()
-        stop_process(self.proc, timeout)
+        self.core_process.shutdown(timeout)
         self._destroy()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-
-def wait_core_ready(ready: Any, proc: Any, timeout: float | None) -> EngineCoreInfo:
-    """Waits for the core process's start-up message on the pipe ``ready``; raises its load error."""
-    found = wait_connections([ready, proc.sentinel], timeout)
-    if ready in found:
-        with contextlib.suppress(EOFError):
-            msg = ready.recv()
-            if msg[0] == "ready":
-                return msg[1]
-            _, name, text, is_value_error, tb = msg
-            logger.debug("engine core start-up failed:\n%s", tb)
-            raise (ValueError if is_value_error else EngineStartupError)(
-                text if is_value_error else f"engine core failed to start: {name}: {text}")
-    if not found:
-        raise EngineStartupError(f"engine core did not start within {timeout} s")
-    proc.join(5)
-    raise EngineStartupError(f"engine core process exited with code {proc.exitcode} while starting")
-
-
-def stop_process(proc: Any, timeout: float) -> None:
-    """Waits ``timeout`` s for ``proc`` (already asked to stop), then terminates it, then kills it."""
-    for step in (None, proc.terminate, proc.kill):
-        if not proc.is_alive():
-            return
-        if step is not None:
-            step()
-        proc.join(timeout)
 
 
 class ThreadCoreClient(_SocketCoreClient):
     """Runs ``CoreLoop`` over ``core`` (an ``EngineCore`` or a test fake) in a thread of this process."""
 
-    def __init__(self, core: Any) -> None:
+    def __init__(self, core: EngineCore) -> None:
         name = uuid.uuid4().hex
         super().__init__(zmq.Context.instance(), f"inproc://{name}-in", f"inproc://{name}-out")
         self.core = core
@@ -261,6 +262,10 @@ class ThreadCoreClient(_SocketCoreClient):
 
     def wait_ready(self, timeout: float | None = None) -> EngineCoreInfo:
         return self.core.info()
+
+    @property
+    def pid(self) -> int | None:
+        return None
 
     def death_reason(self) -> str | None:
         if self._thread.is_alive():

@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
-from slicelm.config import EngineArgs
+from slicelm.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
 from slicelm.engine.core import EngineCore
-from slicelm.engine.input_processor import InputProcessor, PromptType
+from slicelm.engine.input_processor import InputProcessor, PromptType, TextPrompt, TokensPrompt
 from slicelm.engine.output_processor import EngineCoreRequestError, OutputProcessor
 from slicelm.engine.request import PoolingOutput, RequestOutput
 from slicelm.engine.stats import EngineStats
 from slicelm.pooling_params import PoolingParams
 from slicelm.sampling_params import SamplingParams
 
-__all__ = ["LLMEngine", "PromptType", "load_api_tokenizer"]
+if TYPE_CHECKING:
+    from slicelm.engine.scheduler import Scheduler
+    from slicelm.engine.worker import Worker
+    from slicelm.loader.tokenizer import Tokenizer
+
+__all__ = ["LLMEngine", "PromptType", "TextPrompt", "TokensPrompt", "load_api_tokenizer"]
 
 
-def load_api_tokenizer(args: EngineArgs) -> Any | None:
+def load_api_tokenizer(args: EngineArgs) -> Tokenizer | None:
     """The tokenizer the API side uses: ``--tokenizer`` if given, else the model's (None with
     ``skip_tokenizer_init``)."""
     if args.skip_tokenizer_init:
@@ -55,23 +60,23 @@ class LLMEngine:
 
     # the core's parts, for tests and benchmarks
     @property
-    def worker(self) -> Any:
+    def worker(self) -> Worker:
         return self.core.worker
 
     @property
-    def scheduler(self) -> Any:
+    def scheduler(self) -> Scheduler:
         return self.core.scheduler
 
     @property
-    def model_config(self) -> Any:
+    def model_config(self) -> ModelConfig:
         return self.core.model_config
 
     @property
-    def cache_config(self) -> Any:
+    def cache_config(self) -> CacheConfig:
         return self.core.cache_config
 
     @property
-    def scheduler_config(self) -> Any:
+    def scheduler_config(self) -> SchedulerConfig:
         return self.core.scheduler_config
 
     @property

@@ -9,14 +9,32 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 from slicelm.engine.core_messages import EngineCoreInfo, EngineCoreRequest
 from slicelm.engine.request import EmptyPromptError, PromptTooLongError
 from slicelm.pooling_params import PoolingParams
 from slicelm.sampling_params import SamplingParams
 
-PromptType = str | list[int] | dict
+if TYPE_CHECKING:
+    from slicelm.loader.tokenizer import Tokenizer
+
+
+class TextPrompt(TypedDict):
+    """A text prompt, tokenized here (vLLM's ``TextPrompt``)."""
+
+    prompt: str
+    token_type_ids: NotRequired[list[int]]
+
+
+class TokensPrompt(TypedDict):
+    """A prompt already tokenized (vLLM's ``TokensPrompt``); ``token_type_ids`` for BERT-style encoders."""
+
+    prompt_token_ids: list[int]
+    token_type_ids: NotRequired[list[int]]
+
+
+PromptType = str | list[int] | TextPrompt | TokensPrompt
 
 
 @dataclass
@@ -36,7 +54,7 @@ def child_id(request_id: str, index: int, n: int) -> str:
 
 
 class InputProcessor:
-    def __init__(self, info: EngineCoreInfo, tokenizer: Any | None) -> None:
+    def __init__(self, info: EngineCoreInfo, tokenizer: Tokenizer | None) -> None:
         self.info = info
         self.model_config = info.model_config
         self.tokenizer = tokenizer

@@ -8,9 +8,18 @@ since the previous one (outputs that pile up while the caller is busy are merged
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from slicelm.config import CacheConfig, ModelConfig
+from slicelm.engine.input_processor import PromptType
+from slicelm.engine.request import PoolingOutput, RequestOutput
+from slicelm.engine.request_stream import RequestStream
 from slicelm.engine.stats import EngineStats, IterationStats
+from slicelm.pooling_params import PoolingParams
+from slicelm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from slicelm.loader.tokenizer import Tokenizer
 
 StatListener = Callable[[EngineStats, IterationStats], None]
 
@@ -25,9 +34,9 @@ class EngineOverloadedError(RuntimeError):
 
 @runtime_checkable
 class EngineClient(Protocol):
-    tokenizer: Any  # None with --skip-tokenizer-init
-    model_config: Any
-    cache_config: Any
+    tokenizer: Tokenizer | None  # None with --skip-tokenizer-init
+    model_config: ModelConfig
+    cache_config: CacheConfig
 
     @property
     def is_running(self) -> bool: ...
@@ -43,18 +52,18 @@ class EngineClient(Protocol):
 
     def add_stat_listener(self, listener: StatListener) -> None: ...
 
-    async def add_request(self, request_id: str, prompt: Any, params: Any, arrival_time: float | None = None,
-                          priority: int = 0) -> Any:
-        """Validates and queues a request; returns its stream (an async iterator of outputs)."""
+    async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams,
+                          arrival_time: float | None = None, priority: int = 0) -> RequestStream:
+        """Validates and queues a request; returns its stream of outputs."""
         ...
 
-    def generate(self, prompt: Any, params: Any, request_id: str, priority: int = 0,
-                 arrival_time: float | None = None) -> AsyncIterator[Any]: ...
+    def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, priority: int = 0,
+                 arrival_time: float | None = None) -> AsyncIterator[RequestOutput]: ...
 
-    def encode(self, prompt: Any, params: Any, request_id: str, priority: int = 0,
-               arrival_time: float | None = None) -> AsyncIterator[Any]: ...
+    def encode(self, prompt: PromptType, params: PoolingParams, request_id: str, priority: int = 0,
+               arrival_time: float | None = None) -> AsyncIterator[PoolingOutput]: ...
 
-    def release(self, stream: Any) -> None:
+    def release(self, stream: RequestStream) -> None:
         """The caller is done with ``stream``; aborts its request if it has not finished."""
         ...
 
@@ -68,5 +77,16 @@ class EngineClient(Protocol):
         """The server's warm-up requests (sent with ``async_llm.WARMING_UP`` set) are over: the engine forgets their
         prefix-cache entries."""
         ...
+
+    async def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """vLLM's sleep mode (``--enable-sleep-mode``): level 1 offloads the weights, 2 discards them; ``ValueError``
+        when this engine cannot sleep, ``RuntimeError`` when it cannot now."""
+        ...
+
+    async def wake_up(self, tags: list[str] | None = None) -> float:
+        """Wakes the engine (``tags``: only ``weights`` / ``kv_cache``); returns the seconds it took."""
+        ...
+
+    async def is_sleeping(self) -> bool: ...
 
     def shutdown(self, timeout: float = 10.0) -> None: ...

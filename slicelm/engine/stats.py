@@ -9,6 +9,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+TOKEN_COUNTERS = ("num_prompt_tokens", "num_generation_tokens", "num_preemptions", "prefix_cache_queries",
+                  "prefix_cache_hits")
+
+
+@dataclass
+class PoolingStats:
+    """How a pooling engine batched its requests: cumulative counters, and the largest batch so far."""
+
+    num_steps: int = 0
+    num_multi_request_steps: int = 0  # steps that ran 2+ pooling requests
+    num_requests: int = 0
+    max_batch_requests: int = 0
+
+    def count_step(self, num_requests: int) -> None:
+        self.num_steps += 1
+        self.num_requests += num_requests
+        self.num_multi_request_steps += int(num_requests > 1)
+        self.max_batch_requests = max(self.max_batch_requests, num_requests)
+
 
 @dataclass
 class EngineStats:
@@ -22,6 +41,7 @@ class EngineStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # tokens found there
+    pooling: PoolingStats | None = None  # pooling engines only (None keeps a generation step's message small)
     # optional extras (engines may leave them at their defaults)
     num_steps: int = 0
     timestamp: float = 0.0
@@ -33,9 +53,8 @@ class EngineStats:
 
     def delta(self, prev: EngineStats | None) -> dict[str, int]:
         """Counter increments since ``prev`` (all counters when ``prev`` is None), never negative."""
-        names = ("num_prompt_tokens", "num_generation_tokens", "num_preemptions", "prefix_cache_queries",
-                 "prefix_cache_hits")
-        return {n: max(0, getattr(self, n) - (getattr(prev, n) if prev is not None else 0)) for n in names}
+        return {n: max(0, getattr(self, n) - (getattr(prev, n) if prev is not None else 0)) for n in TOKEN_COUNTERS}
+
 
 
 @dataclass

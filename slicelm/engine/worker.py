@@ -252,29 +252,43 @@ class Worker:
 
     def initialize_cache(self) -> None:
         """Sizes and allocates the KV cache, builds the runner, and derives the scheduler limits."""
+        self.max_num_batched_tokens = self._resolve_max_num_batched_tokens()
         if self.model_config.is_pooling:
             self._initialize_pooling()
         else:
             self._initialize_kv_cache()
-        mc, cc = self.model_config, self.cache_config
+        args, mc, cc = self.args, self.model_config, self.cache_config
+        self.scheduler_config = SchedulerConfig(args.max_num_seqs, self.max_num_batched_tokens, mc.max_model_len,
+                                                args.scheduling_policy)
         logger.info("loaded %s (%s, task=%s) on %s as %s in %.1fs; max_model_len=%d, KV blocks=%d",
                     mc.model, mc.architecture, mc.task, self.device, mc.dtype, time.perf_counter() - self.t0,
                     mc.max_model_len, cc.num_blocks)
 
-    def _initialize_pooling(self) -> None:
+    def _resolve_max_num_batched_tokens(self) -> int:
+        """The step's token budget, once for every consumer (memory profile, CUDA graphs, scheduler):
+        ``--max-num-batched-tokens``, else a pooling model's whole prompt (at least 8192), else vLLM's rule on the
+        memory budget (``memory.default_batched_tokens``: 8192 tokens on a large GPU budget, 2048 otherwise and on the
+        CPU), never fewer than ``max_num_seqs``."""
         args, max_model_len = self.args, self.model_config.max_model_len
-        batched = args.max_num_batched_tokens or max(max_model_len, 8192)
-        if batched < max_model_len:
-            raise ValueError(
-                f"max_num_batched_tokens={batched} must be >= max_model_len={max_model_len} for pooling "
-                "models (their prompts are never split)"
-            )
+        if self.model_config.is_pooling:
+            batched = args.max_num_batched_tokens or max(max_model_len, 8192)
+            if batched < max_model_len:
+                raise ValueError(
+                    f"max_num_batched_tokens={batched} must be >= max_model_len={max_model_len} for pooling "
+                    "models (their prompts are never split)"
+                )
+            return batched
+        from slicelm.engine import memory
+
+        return args.max_num_batched_tokens or memory.default_batched_tokens(self._budget_bytes(), args.max_num_seqs)
+
+    def _initialize_pooling(self) -> None:
+        args = self.args
         self.cache_config = CacheConfig(args.block_size, 1, False)
         self.kv_cache = KVCacheManager(1, args.block_size, False)
         if args.enable_sleep_mode:
             self.weights = WeightStore(self.model, self.device)
         self.runner: ModelRunner | PoolingRunner = PoolingRunner(self.model, self.device)
-        self.scheduler_config = SchedulerConfig(args.max_num_seqs, batched, max_model_len, args.scheduling_policy)
 
     def _initialize_kv_cache(self) -> None:
         args, model = self.args, self.model
@@ -291,7 +305,6 @@ class Worker:
             logger.warning("max_model_len lowered from %d to %d to fit the KV cache",
                            max_model_len, max_tokens_in_cache)
             max_model_len = self.model_config.max_model_len = max_tokens_in_cache
-        batched = self._batched_tokens()
         self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
         if not self.uses_vmm:
             self.kv_cache = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
@@ -301,9 +314,8 @@ class Worker:
         if self.elastic is not None:
             self.elastic.on_unmap = self.runner.clear_graph_block_tables
         if self.device.type == "cuda" and not args.enforce_eager:
-            self.runner.enable_cuda_graphs(min(args.max_num_seqs, 512), max_model_len, batched,
-                                           self._mixed_graph_tokens(batched))
-        self.scheduler_config = SchedulerConfig(args.max_num_seqs, batched, max_model_len, args.scheduling_policy)
+            self.runner.enable_cuda_graphs(min(args.max_num_seqs, 512), max_model_len, self.max_num_batched_tokens,
+                                           self._mixed_graph_tokens(self.max_num_batched_tokens))
 
     def _budget_bytes(self) -> int | None:
         """The engine's GPU memory budget (None on CPU)."""
@@ -312,12 +324,6 @@ class Worker:
         from slicelm.engine import memory
 
         return memory.resolve_budget(self.device, self.args.gpu_memory_budget, self.args.gpu_memory_utilization)[0]
-
-    def _batched_tokens(self) -> int:
-        from slicelm.engine import memory
-
-        args = self.args
-        return args.max_num_batched_tokens or memory.default_batched_tokens(self._budget_bytes(), args.max_num_seqs)
 
     def _mixed_graph_tokens(self, batched: int) -> int:
         from slicelm.engine import memory
@@ -400,7 +406,7 @@ class Worker:
         """Profiles the largest step on a one-block cache, then gives the rest of the budget to KV."""
         from slicelm.engine import memory
 
-        batched = self._batched_tokens()
+        batched = self.max_num_batched_tokens
         torch.cuda.set_per_process_memory_fraction(1.0, self.device)  # a previous engine's cap must not apply
         dummy = [torch.zeros(shape(1), dtype=dtype, device=self.device) for _ in range(model.num_layers)]
         runner = ModelRunner(model, dummy, args.block_size, self.device, self.vocab_size)

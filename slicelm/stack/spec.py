@@ -39,7 +39,7 @@ from slicelm.stack.fields import (
     split_list,
     utilization,
 )
-from slicelm.stack.serve_args import check_extra_args
+from slicelm.stack.serve_flags import check_extra_args
 
 
 class StackSpecError(ValueError):

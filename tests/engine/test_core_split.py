@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from utils_models import write_tiny_llama
 
 from slicelm.config import EngineArgs
 from slicelm.engine.core import EngineCore
@@ -18,21 +18,15 @@ from slicelm.entrypoints.cli import make_parser
 from slicelm.layers.attention import TorchAttentionBackend, get_attention_backend
 from slicelm.sampling_params import SamplingParams
 
-TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 32,
-        "vocab_size": 49152, "tie_word_embeddings": True, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 1024}
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    d = tmp_path_factory.mktemp("tiny")
-    (d / "config.json").write_text(json.dumps(TINY))
-    return str(d)
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 def tiny_args(tiny_dir: str, **kw: object) -> EngineArgs:
-    return EngineArgs(model=tiny_dir, load_format="dummy", device="cpu", max_model_len=512, max_num_seqs=8, **kw)
+    return EngineArgs(**{"model": tiny_dir, "load_format": "dummy", "device": "cpu", "max_model_len": 512,
+                         "max_num_seqs": 8, **kw})  # type: ignore[arg-type]
 
 
 def test_worker_is_built_in_named_steps(tiny_dir: str) -> None:
@@ -43,6 +37,22 @@ def test_worker_is_built_in_named_steps(tiny_dir: str) -> None:
     w.initialize_cache()
     assert w.cache_config.num_blocks > 0 and w.scheduler_config.max_model_len == 512
     assert w.make_scheduler().kv_cache is w.kv_cache
+
+
+@pytest.mark.parametrize(("kw", "batched"), [
+    ({}, 2048),  # the CPU default
+    ({"max_num_seqs": 3000}, 3000),  # never fewer tokens than sequences
+    ({"max_num_batched_tokens": 24}, 24),  # the flag
+])
+def test_scheduler_settings_are_resolved_once(tiny_dir: str, kw: dict, batched: int) -> None:
+    w = Worker(tiny_args(tiny_dir, skip_tokenizer_init=True, **kw))
+    w.init_device()
+    w.load_model()
+    w.initialize_cache()
+    cfg = w.scheduler_config
+    assert w.max_num_batched_tokens == cfg.max_num_batched_tokens == batched
+    assert (cfg.max_num_seqs, cfg.max_model_len, cfg.policy) == (kw.get("max_num_seqs", 8), 512, "fcfs")
+    assert w.make_scheduler().config is cfg
 
 
 def test_tokenizer_flag_loads_that_tokenizer(tiny_dir: str, tmp_path: Path) -> None:

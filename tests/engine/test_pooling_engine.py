@@ -81,8 +81,8 @@ def test_cross_encoder_engine_matches_transformers(tmp_path: Path, kind: str) ->
     assert rel <= 1e-4, rel
     raw, _ = run_all(engine, prompts, PoolingParams(task="score", use_activation=False))
     assert torch.allclose(torch.sigmoid(torch.stack(raw)), got, atol=1e-6)
-    stats = engine.get_stats().extra
-    assert stats["pooling_multi_request_steps"] >= 2 and stats["pooling_max_batch_requests"] == len(PAIRS)
+    stats = engine.get_stats().pooling
+    assert stats is not None and stats.num_multi_request_steps >= 2 and stats.max_batch_requests == len(PAIRS)
 
 
 def test_cross_encoder_rejects_bad_requests(tmp_path: Path) -> None:

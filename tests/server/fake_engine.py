@@ -21,9 +21,11 @@ from typing import Any
 from tokenizers import AddedToken, decoders, models
 from tokenizers import Tokenizer as HFTokenizer
 
-from slicelm.engine.async_llm import AsyncLLM, RequestStream
+from slicelm.config import CacheConfig
+from slicelm.engine.async_llm import AsyncLLM
 from slicelm.engine.core_messages import EngineCoreInfo, EngineCoreOutput, EngineCoreRequest
 from slicelm.engine.request import CompletionOutput, RequestOutput
+from slicelm.engine.request_stream import RequestStream
 from slicelm.engine.stats import EngineStats
 
 
@@ -85,7 +87,7 @@ class FakeEngineCore:
         self.model_config = SimpleNamespace(model="fake", served_model_names=["fake-model"], hf_config={},
                                             max_model_len=max_model_len, task="generate", architecture="Fake",
                                             is_pooling=False)
-        self.cache_config = SimpleNamespace(block_size=16, num_blocks=num_blocks, enable_prefix_caching=True)
+        self.cache_config = CacheConfig(block_size=16, num_blocks=num_blocks, enable_prefix_caching=True)
         self.scheduler_config = SimpleNamespace(max_num_seqs=max_num_seqs)
         self.step_delay = step_delay
         self.fail_on_step = False
@@ -160,7 +162,7 @@ class EchoEngineClient:
         self.tokenizer = FakeTokenizer()
         self.model_config = SimpleNamespace(model="echo", served_model_names=["echo-model"], hf_config={},
                                             max_model_len=max_model_len, task="generate", is_pooling=False)
-        self.cache_config = SimpleNamespace(block_size=16, num_blocks=1, enable_prefix_caching=False)
+        self.cache_config = CacheConfig(block_size=16, num_blocks=1, enable_prefix_caching=False)
         self._active = 0
         self._listeners: list[Any] = []
         self.is_running = True
@@ -215,6 +217,15 @@ class EchoEngineClient:
 
     async def wait_idle(self, timeout: float) -> bool:
         return self._active == 0
+
+    async def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        raise ValueError("this engine has no sleep mode")
+
+    async def wake_up(self, tags: list[str] | None = None) -> float:
+        raise ValueError("this engine has no sleep mode")
+
+    async def is_sleeping(self) -> bool:
+        return False
 
     async def end_warmup(self, timeout: float = 10.0) -> bool:
         return True  # no prefix cache to empty

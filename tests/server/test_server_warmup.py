@@ -109,7 +109,7 @@ def test_embedding_server_warms_up_its_pooling_endpoints_only(embed: Server, tmp
     assert "3 requests (/v1/embeddings, /v1/score)" in line
     before = metrics(embed)
     assert before.get("vllm:request_success_total", 0) == 0 and before.get("vllm:prompt_tokens_total", 0) == 0
-    assert before["slicelm:pooling_requests_total"] == 0  # the series the first request created: made, counting nothing
+    assert before["slicelm:pooling_requests_total"] == 0  # the series made at start-up, counting nothing
     client = openai.OpenAI(base_url=f"{embed.url}/v1", api_key="unused")
     client.embeddings.create(model=MINILM, input=["one", "two"])
     after = metrics(embed)

@@ -29,8 +29,8 @@ def two_clients() -> Iterator[tuple[CoreLoop, FakeEngineCore, list[AsyncLLM]]]:
     ctx = zmq.Context.instance()
     name = uuid.uuid4().hex
     addrs = [(f"inproc://{name}-in-{i}", f"inproc://{name}-out-{i}") for i in range(2)]
-    clients = [SharedCoreClient(i, a, b, os.getpid()) for i, (a, b) in enumerate(addrs)]
     core = FakeEngineCore(max_num_seqs=8, step_delay=0.002)
+    clients = [SharedCoreClient(i, a, b, os.getpid(), core.info()) for i, (a, b) in enumerate(addrs)]
     in_sock = ctx.socket(zmq.PULL)
     outs = []
     for a, b in addrs:
@@ -41,7 +41,7 @@ def two_clients() -> Iterator[tuple[CoreLoop, FakeEngineCore, list[AsyncLLM]]]:
     loop = CoreLoop(core, in_sock, outs)
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
-    llms = [AsyncLLM(c, core.info(), FakeTokenizer()) for c in clients]
+    llms = [AsyncLLM(c, c.wait_ready(), FakeTokenizer()) for c in clients]
     yield loop, core, llms
     loop.stopped = True
     thread.join(5)
@@ -66,7 +66,12 @@ def test_each_client_gets_only_its_own_outputs(two_clients: tuple[CoreLoop, Fake
 
     async def main() -> list[tuple[str, int]]:
         jobs = [run(llms[i % 2], f"c{i % 2}-r{i}", 5 + i) for i in range(8)]
-        return await asyncio.wait_for(asyncio.gather(*jobs), 20)  # a misrouted output: a stream waits forever
+        results = await asyncio.wait_for(asyncio.gather(*jobs), 20)  # a misrouted output: a stream waits forever
+        for _ in range(100):  # client 0's message of the last step may come after client 1's last output
+            if llms[0].last_stats.num_generation_tokens == core.num_generation_tokens:
+                break
+            await asyncio.sleep(0.01)
+        return results
 
     results = asyncio.run(main())
     assert [n for _, n in results] == [5 + i for i in range(8)]

@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from slicelm.stack.serve_args import SERVE_FLAGS, serve_command, served_model_names
+from slicelm.stack.serve_args import serve_command, served_model_names
+from slicelm.stack.serve_flags import SERVE_FLAGS
 from slicelm.stack.spec import parse_stack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +23,7 @@ def test_serve_flags_match_the_real_parser() -> None:
     parser = make_parser()
     serve = parser._subparsers._group_actions[0].choices["serve"]
     real = {o for a in serve._actions for o in a.option_strings if o.startswith("--")}
-    assert real == SERVE_FLAGS, "update SERVE_FLAGS in slicelm/stack/serve_args.py"
+    assert real == SERVE_FLAGS, "update SERVE_FLAGS in slicelm/stack/serve_flags.py"
 
 
 def test_vllm_config_reaches_its_flags() -> None:
@@ -76,7 +77,7 @@ def test_plan_ps_down_do_not_import_torch(tmp_path: Path) -> None:
 
 
 def test_tool_and_structured_output_flags_pass_in_extra_args_and_model_spec() -> None:
-    from slicelm.stack.serve_args import check_extra_args
+    from slicelm.stack.serve_flags import check_extra_args
 
     extra = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes",
              '--structured-outputs-config={"backend": "guidance"}', "--exclude-tools-when-tool-choice-none"]

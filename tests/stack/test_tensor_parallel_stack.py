@@ -15,7 +15,8 @@ import pytest
 from slicelm.slicing.placement import AssignedGPU
 from slicelm.stack.launch import replica_launches
 from slicelm.stack.planning import ReplicaPlacement, StackPlan
-from slicelm.stack.serve_args import check_extra_args, serve_command
+from slicelm.stack.serve_args import serve_command
+from slicelm.stack.serve_flags import check_extra_args
 from slicelm.stack.spec import StackSpecError, parse_stack
 
 ROOT = Path(__file__).resolve().parents[2]

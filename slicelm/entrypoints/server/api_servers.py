@@ -1,8 +1,8 @@
 """``--api-server-count N > 1``: N API server processes in front of one engine-core process (as vLLM v1).
 
 The parent binds the listening socket once (uvicorn's ``Config.bind_socket``: host:port or ``--uds``),
-starts the engine core (``SharedCoreProcess``), then spawns N API servers that each serve on that same
-socket (the kernel spreads the connections between them). Each one is a full server — tokenizer, chat
+starts the engine core (``CoreProcess`` with one client per API server), then spawns N API servers that each
+serve on that same socket (the kernel spreads the connections between them). Each one is a full server — tokenizer, chat
 templates, output processing, admission control — and talks to the core as client ``i``
 (``SharedCoreClient``). The parent only supervises:
 
@@ -28,10 +28,15 @@ import sys
 import tempfile
 import time
 from multiprocessing.connection import wait as wait_connections
+from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING
 
 import uvicorn
+
+if TYPE_CHECKING:
+    from slicelm.engine.core_launcher import CoreProcess
+    from slicelm.engine.core_messages import EngineCoreInfo
 
 logger = logging.getLogger("slicelm.server")
 CORE_DEAD_GRACE = 10.0  # seconds API servers get to exit on their own after the core died
@@ -49,7 +54,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def run_api_servers(args: argparse.Namespace) -> int:
     from slicelm.config import EngineArgs
-    from slicelm.engine.core_shared import SharedCoreProcess
+    from slicelm.engine.core_launcher import CoreProcess
     from slicelm.loader.model_files import pin_hub_snapshots
 
     count = int(args.api_server_count)
@@ -57,8 +62,8 @@ def run_api_servers(args: argparse.Namespace) -> int:
     args.revision, args.tokenizer_revision = engine_args.revision, engine_args.tokenizer_revision
     prom_dir = _multiproc_dir()
     sock = _bind(args)
-    core = SharedCoreProcess(engine_args, count)
-    servers: list[Any] = []
+    core = CoreProcess(engine_args, client_count=count)
+    servers: list[BaseProcess] = []
     try:
         info = core.wait_ready()
         mp = multiprocessing.get_context("spawn")
@@ -102,7 +107,8 @@ def _bind(args: argparse.Namespace) -> socket.socket:
 class Supervisor:
     """Waits on the core and the API servers and takes everything down together (module docstring)."""
 
-    def __init__(self, core: Any, servers: list[Any], shutdown_timeout: float, banner: str = "") -> None:
+    def __init__(self, core: CoreProcess, servers: list[BaseProcess], shutdown_timeout: float,
+                 banner: str = "") -> None:
         self.banner = banner
         self.core = core
         self.servers = servers
@@ -158,7 +164,7 @@ class Supervisor:
 
 
 def api_server_main(args: argparse.Namespace, index: int, sock: socket.socket, in_addr: str, out_addr: str,
-                    core_pid: int, info: Any, parent_pid: int) -> None:
+                    core_pid: int, info: EngineCoreInfo, parent_pid: int) -> None:
     """Entry point of API server ``index`` (a ``spawn``ed process)."""
     from slicelm.config import EngineArgs
     from slicelm.engine.async_llm import AsyncLLM
@@ -169,13 +175,13 @@ def api_server_main(args: argparse.Namespace, index: int, sock: socket.socket, i
 
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s %(asctime)s api-server-{index}: %(message)s",
                         datefmt="%m-%d %H:%M:%S")
-    client = SharedCoreClient(index, in_addr, out_addr, core_pid)
+    client = SharedCoreClient(index, in_addr, out_addr, core_pid, info)
     try:
         tokenizer = load_api_tokenizer(EngineArgs.from_cli_args(args))
     except BaseException:
         client.shutdown()
         raise
-    engine = AsyncLLM(client, info, tokenizer, max_waiting_requests=args.max_waiting_requests)
+    engine = AsyncLLM(client, client.wait_ready(), tokenizer, max_waiting_requests=args.max_waiting_requests)
     state = make_state(engine, args, primary=index == 0)
     app = build_app(state, max_body_bytes=args.max_request_body_bytes, warm_up=True)
     server = DrainingServer(make_uvicorn_config(app, args), state, parent_pid=parent_pid)

@@ -14,20 +14,17 @@ from slicelm.entrypoints.server.errors import bad_request, from_exception
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.load import load_headers, observe_params
 from slicelm.entrypoints.server.protocol import ChatCompletionRequest, ChatMessage
+from slicelm.entrypoints.server.request_ids import request_ids
 from slicelm.entrypoints.server.sampling import (
     build_sampling_params,
     chat_logprobs,
-    check_priority,
-    check_text_size,
-    off_loop,
     prompt_logprobs_json,
-    request_ids,
     resolve_num_logprobs,
     resolve_prompt_logprobs,
     tokens_as_ids,
     truncate_prompt,
 )
-from slicelm.entrypoints.server.state import ClientDisconnected, ServerState, final_outputs, get_state
+from slicelm.entrypoints.server.state import ClientDisconnected, ServerState, final_outputs, get_state, off_loop
 from slicelm.entrypoints.server.streaming import SSE_HEADERS, DeltaTracker, sse, sse_done, sse_error
 from slicelm.entrypoints.server.structured import request_structured_outputs
 from slicelm.entrypoints.server.tools import get_tool_parser
@@ -117,7 +114,7 @@ def template_tools(state: ServerState, mode: ToolMode) -> list[dict[str, Any]] |
 async def chat_prompt_ids(state: ServerState, req: ChatCompletionRequest,
                           tools: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], list[int]]:
     messages = convert_messages(req.messages)
-    check_text_size(state, sum(len(m["content"] or "") for m in messages), "messages",
+    state.check_text_size(sum(len(m["content"] or "") for m in messages), "messages",
                     truncating=req.truncate_prompt_tokens is not None)
     template = request_template(state, req.chat_template, req.chat_template_kwargs)
     ids = await off_loop(render_chat, state, template_messages(messages),
@@ -135,7 +132,7 @@ async def create_chat_completion(raw: Request) -> Response:
     model = state.check_model(req.model)
     state.require_task("generate", "Chat Completions")
     resp_id, engine_id = request_ids(req, raw, "chatcmpl")
-    priority = check_priority(state, req.priority)
+    priority = state.check_priority(req.priority)
     mode = tool_mode(state, req)
     constraint = chat_constraint(state, req, mode)
     messages, prompt_ids = await chat_prompt_ids(state, req, template_tools(state, mode))

@@ -25,7 +25,8 @@ from slicelm.entrypoints.server.chat import (
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.load import load_headers, observe_params
 from slicelm.entrypoints.server.protocol import BatchChatCompletionRequest, ChatCompletionRequest
-from slicelm.entrypoints.server.sampling import check_priority, request_ids, resolve_num_logprobs
+from slicelm.entrypoints.server.request_ids import request_ids
+from slicelm.entrypoints.server.sampling import resolve_num_logprobs
 from slicelm.entrypoints.server.state import ClientDisconnected, add_requests, final_outputs, get_state
 from slicelm.entrypoints.server.usage import usage
 
@@ -39,7 +40,7 @@ async def create_batch_chat_completion(raw: Request) -> Response:
     model = state.check_model(req.model)
     state.require_task("generate", "Chat Completions")
     resp_id, engine_base = request_ids(req, raw, "chatcmpl")
-    priority = check_priority(state, req.priority)
+    priority = state.check_priority(req.priority)
     singles: list[ChatCompletionRequest] = [req.conversation(i) for i in range(len(req.messages))]
     modes = [tool_mode(state, single) for single in singles]
     constraints = [chat_constraint(state, single, mode) for single, mode in zip(singles, modes)]

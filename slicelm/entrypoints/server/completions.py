@@ -9,19 +9,16 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from slicelm.engine.async_llm import RequestStream
+from slicelm.engine.request_stream import RequestStream
 from slicelm.entrypoints.server.errors import bad_request, from_exception
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.load import load_headers, observe_params
 from slicelm.entrypoints.server.protocol import CompletionRequest
+from slicelm.entrypoints.server.request_ids import request_ids
 from slicelm.entrypoints.server.sampling import (
     build_sampling_params,
-    check_priority,
-    check_text_size,
     completion_logprobs,
-    off_loop,
     prompt_logprobs_json,
-    request_ids,
     resolve_num_logprobs,
     resolve_prompt_logprobs,
     tokens_as_ids,
@@ -34,6 +31,7 @@ from slicelm.entrypoints.server.state import (
     final_outputs,
     get_state,
     merge_streams,
+    off_loop,
 )
 from slicelm.entrypoints.server.streaming import SSE_HEADERS, DeltaTracker, sse, sse_done, sse_error
 from slicelm.entrypoints.server.structured import request_structured_outputs
@@ -78,7 +76,7 @@ def _check_prompts(state: ServerState, req: CompletionRequest) -> None:
     items = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
     if len(items) > MAX_PROMPTS:
         raise bad_request(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(items)}", param="prompt")
-    check_text_size(state, max((len(x) for x in items if isinstance(x, str)), default=0), "prompt",
+    state.check_text_size(max((len(x) for x in items if isinstance(x, str)), default=0), "prompt",
                     truncating=req.truncate_prompt_tokens is not None)
 
 
@@ -96,7 +94,7 @@ async def create_completion(raw: Request) -> Response:
     model = state.check_model(req.model)
     state.require_task("generate", "Completions")
     resp_id, engine_base = request_ids(req, raw, "cmpl")
-    priority = check_priority(state, req.priority)
+    priority = state.check_priority(req.priority)
     _check_prompts(state, req)
     prompts = await off_loop(tokenize_prompts, state, req)
     if any(not ids for _, ids in prompts):

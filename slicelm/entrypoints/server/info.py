@@ -13,8 +13,7 @@ from slicelm.entrypoints.server.chat import convert_messages, render_chat, reque
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.protocol import CONTINUE_AND_GENERATION_PROMPT, DetokenizeRequest, TokenizeRequest
-from slicelm.entrypoints.server.sampling import check_text_size, off_loop
-from slicelm.entrypoints.server.state import ServerState, get_state
+from slicelm.entrypoints.server.state import ServerState, get_state, off_loop
 
 router = APIRouter()
 
@@ -93,7 +92,7 @@ async def tokenize(raw: Request) -> JSONResponse:
     template = request_template(state, req.chat_template, req.chat_template_kwargs)
     chars = len(req.prompt or "") + sum(len(m.content) if isinstance(m.content, str) else 0
                                         for m in req.messages or [])
-    check_text_size(state, chars, "messages" if req.messages is not None else "prompt")
+    state.check_text_size(chars, "messages" if req.messages is not None else "prompt")
     ids = await off_loop(_tokenize, state, req, template)
     body: dict[str, Any] = {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
                             "token_strs": state.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs

@@ -9,6 +9,10 @@ Several API servers (``--api-server-count N``): prometheus_client's multiprocess
 Request-level metrics (request counts, latency and size histograms) are recorded by every server and
 summed; engine-level ones (running / waiting / KV gauges, token / preemption / prefix-cache counters,
 ``iteration_tokens_total``) by server 0 only (``record_engine=False`` elsewhere), so each counts once.
+
+A pooling model's server also shows how its requests were batched (``EngineStats``' pooling fields):
+``slicelm:pooling_steps_total``, ``slicelm:pooling_multi_request_steps_total``, ``slicelm:pooling_requests_total``
+and ``slicelm:pooling_max_batch_requests``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from slicelm.engine.stats import EngineStats, IterationStats
+from slicelm.engine.stats import EngineStats, IterationStats, PoolingStats
 from slicelm.entrypoints.server.elastic_metrics import ElasticMetrics
 
 logger = logging.getLogger("slicelm.stats")
@@ -70,7 +74,7 @@ class PrometheusStatLogger:
     """Owns a ``CollectorRegistry`` (one per server) holding the ``vllm:*`` metrics."""
 
     def __init__(self, model_name: str, max_model_len: int, cache_info: dict[str, str] | None = None,
-                 engine_index: int = 0, record_engine: bool = True) -> None:
+                 engine_index: int = 0, record_engine: bool = True, pooling: bool = False) -> None:
         self.record_engine = record_engine
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name", "engine"]
@@ -129,6 +133,16 @@ class PrometheusStatLogger:
         by_reason = Gauge("vllm:num_requests_waiting_by_reason", "Number of requests waiting, by the reason they "
                           "wait.", [*labels, "reason"], registry=r, multiprocess_mode="mostrecent")
         self.waiting_by_reason = {reason: by_reason.labels(**self.labels, reason=reason) for reason in WAITING_REASONS}
+        self.pooling: dict[str, Counter] = {}
+        if pooling:
+            self.pooling = {
+                "num_steps": counter("slicelm:pooling_steps", "Engine steps that ran pooling requests."),
+                "num_multi_request_steps": counter("slicelm:pooling_multi_request_steps",
+                                                   "Pooling steps that batched 2+ requests."),
+                "num_requests": counter("slicelm:pooling_requests", "Pooling requests run by the engine."),
+            }
+            self.pooling_max_batch = Gauge("slicelm:pooling_max_batch_requests", "Most pooling requests in one step.",
+                                           labels, registry=r, multiprocess_mode="max").labels(**self.labels)
         info = {k: str(v) for k, v in (cache_info or {}).items()}
         cache_gauge = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", sorted(info),
                             registry=r, multiprocess_mode="max")
@@ -155,8 +169,8 @@ class PrometheusStatLogger:
         self.waiting_by_reason["deferred"].set(0)
         self.kv_usage.set(stats.kv_cache_usage)
         self.elastic.record(stats)
-        d = stats.delta(self._prev)
-        self._prev = stats
+        prev, self._prev = self._prev, stats
+        d = stats.delta(prev)
         self.prompt_tokens.inc(d["num_prompt_tokens"])
         self.generation_tokens.inc(d["num_generation_tokens"])
         self.preemptions.inc(d["num_preemptions"])
@@ -165,6 +179,13 @@ class PrometheusStatLogger:
         step_tokens = d["num_prompt_tokens"] + d["num_generation_tokens"]
         if step_tokens > 0:
             self.iteration_tokens.observe(step_tokens)
+        if self.pooling and stats.pooling is not None:
+            self._record_pooling(stats.pooling, prev.pooling if prev is not None else None)
+
+    def _record_pooling(self, now: PoolingStats, prev: PoolingStats | None) -> None:
+        for name, counter in self.pooling.items():
+            counter.inc(max(0, getattr(now, name) - (getattr(prev, name) if prev is not None else 0)))
+        self.pooling_max_batch.set(now.max_batch_requests)
 
     def _record_requests(self, it: IterationStats) -> None:
         for t in it.time_to_first_tokens:

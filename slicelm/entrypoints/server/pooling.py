@@ -1,5 +1,5 @@
-"""``/v1/embeddings``, and what every pooling endpoint shares (checks, tokenizing, running, batch metrics);
-score / rerank are in ``score.py``.
+"""``/v1/embeddings``, and what every pooling endpoint shares (checks, tokenizing, running); score / rerank are in
+``score.py``.
 
 Which model serves what (as vLLM): an embedding model (task "embed") serves embeddings (and score / rerank);
 a cross-encoder (task "score") serves score / rerank; a generative model serves none (400).
@@ -8,9 +8,7 @@ Every input of a request becomes one engine request; they are all handed to the 
 one is awaited, so the engine loop batches them with whatever else is waiting. Text is tokenized here
 (``truncate_prompt_tokens`` cuts text on the right, keeping the special tokens, as transformers does; token
 id inputs keep their last tokens, as vLLM does); an input longer than ``max_model_len`` without truncation
-is a 400. Batching is visible in ``/metrics``: ``slicelm:pooling_steps_total``,
-``slicelm:pooling_multi_request_steps_total``, ``slicelm:pooling_requests_total`` and
-``slicelm:pooling_max_batch_requests``.
+is a 400. Batching is visible in ``/metrics`` (``metrics.py``: ``slicelm:pooling_*``).
 """
 
 from __future__ import annotations
@@ -24,19 +22,16 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import Counter, Gauge
 from tokenizers import Tokenizer as HFTokenizer
 
-from slicelm.engine.async_llm import IterationStats
 from slicelm.engine.request import PoolingOutput
-from slicelm.engine.stats import EngineStats
 from slicelm.entrypoints.server.chat import convert_messages, render_chat, request_template
 from slicelm.entrypoints.server.embed_chunking import run_chunked
 from slicelm.entrypoints.server.embed_encoding import encode_vector, vector_bytes
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.pooling_protocol import EmbeddingRequest
-from slicelm.entrypoints.server.sampling import check_text_size, request_ids
+from slicelm.entrypoints.server.request_ids import request_ids
 from slicelm.entrypoints.server.state import (
     TASK_ENDPOINTS,
     ClientDisconnected,
@@ -198,51 +193,10 @@ def engine_request_id(prefix: str, req: Any, raw: Request) -> str:
     return request_ids(req, raw, prefix)[1]
 
 
-# ---------------------------------------------------------------------------------------------- metrics
-class _PoolingMetrics:
-    """Stat listener turning the engine's pooling batch figures into Prometheus series."""
-
-    def __init__(self, state: ServerState) -> None:
-        assert state.metrics is not None
-        m = state.metrics
-        labels = list(m.labels)
-        self.steps = Counter("slicelm:pooling_steps", "Engine steps that ran pooling requests.", labels,
-                             registry=m.registry).labels(**m.labels)
-        self.multi = Counter("slicelm:pooling_multi_request_steps", "Pooling steps that batched 2+ requests.",
-                             labels, registry=m.registry).labels(**m.labels)
-        self.requests = Counter("slicelm:pooling_requests", "Pooling requests run by the engine.", labels,
-                                registry=m.registry).labels(**m.labels)
-        self.max_batch = Gauge("slicelm:pooling_max_batch_requests", "Most pooling requests in one step.", labels,
-                               registry=m.registry, multiprocess_mode="max").labels(**m.labels)
-        self.record_engine = m.record_engine
-        self._prev: dict[str, float] = {}
-
-    def __call__(self, stats: EngineStats, _: IterationStats) -> None:
-        if not self.record_engine:  # another API server of the same engine records these (metrics.py)
-            return
-        extra = stats.extra
-        for key, counter in (("pooling_steps", self.steps), ("pooling_multi_request_steps", self.multi),
-                             ("pooling_requests", self.requests)):
-            value = extra.get(key, 0.0)
-            if value > self._prev.get(key, 0.0):
-                counter.inc(value - self._prev.get(key, 0.0))
-                self._prev[key] = value
-        self.max_batch.set(extra.get("pooling_max_batch_requests", 0.0))
-
-
-def ensure_pooling_metrics(raw: Request, state: ServerState) -> None:
-    if state.metrics is None or getattr(raw.app.state, "pooling_metrics", None) is not None:
-        return
-    listener = _PoolingMetrics(state)
-    raw.app.state.pooling_metrics = listener
-    state.engine.add_stat_listener(listener)
-
-
 # ---------------------------------------------------------------------------------------------- endpoints
 async def embed_outputs(state: ServerState, raw: Request, req: EmbeddingRequest) -> tuple[str, list[PoolingOutput]]:
     """Tokenizes ``req``'s inputs and runs them; returns ``(response id, outputs)``."""
     require_tasks(state, ("embed",), "Embeddings")
-    ensure_pooling_metrics(raw, state)
     _check_dimensions(state, req.dimensions)
     limit = prompt_limit(state, req.truncate_prompt_tokens)
     special = req.add_special_tokens is not False
@@ -283,7 +237,7 @@ async def chat_pooling_prompt(state: ServerState, req: EmbeddingRequest, limit: 
     """vLLM's chat-style embedding input: the messages rendered with the chat template, then tokenized."""
     assert req.messages is not None
     messages = convert_messages(req.messages)
-    check_text_size(state, sum(len(m["content"] or "") for m in messages), "messages",
+    state.check_text_size(sum(len(m["content"] or "") for m in messages), "messages",
                     truncating=req.truncate_prompt_tokens is not None or cap > state.max_model_len)
     template = request_template(state, req.chat_template, req.chat_template_kwargs)
     ids = await asyncio.to_thread(

@@ -2,56 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import uuid
-from collections.abc import Callable
-from typing import Any, TypeVar
-
-from starlette.requests import Request
+from typing import Any
 
 from slicelm.engine.request import Logprob
 from slicelm.entrypoints.server.errors import bad_request
-from slicelm.entrypoints.server.protocol import REQUEST_ID, SamplingFields
+from slicelm.entrypoints.server.protocol import SamplingFields
 from slicelm.entrypoints.server.state import ServerState
 from slicelm.sampling_params import SamplingParams
-
-T = TypeVar("T")
-CHARS_PER_TOKEN_LIMIT = 64  # text longer than max_model_len * this cannot fit: 400 before tokenizing
-
-
-async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Tokenizing and template rendering run in a worker thread so that no request holds up the event loop."""
-    return await asyncio.to_thread(fn, *args, **kwargs)
-
-
-def check_text_size(state: ServerState, chars: int, param: str, truncating: bool = False) -> None:
-    limit = state.max_model_len * CHARS_PER_TOKEN_LIMIT
-    if not truncating and chars > limit:  # vLLM's text
-        raise bad_request(f"This model's maximum context length is {state.max_model_len} tokens. However, your prompt "
-                          f"contains {chars} characters (more than {limit} characters, which is the upper bound for "
-                          f"{state.max_model_len} input tokens). Please reduce the length of the input prompt.",
-                          param=param, code="context_length_exceeded")
-
-
-def request_ids(req: Any, raw: Request, prefix: str) -> tuple[str, str]:
-    """``(response id, engine id)``: the client's ``request_id`` / ``X-Request-Id`` (validated up front: 400
-    before any work) or a fresh uuid; the engine id is always unique."""
-    user = req.request_id
-    if user is None:
-        header = raw.headers.get("x-request-id")
-        if header is not None and not REQUEST_ID.fullmatch(header):
-            raise bad_request("X-Request-Id: must be 1 to 256 printable ASCII characters without spaces",
-                              param="request_id")
-        user = header
-    resp_id = f"{prefix}-{user or uuid.uuid4().hex}"
-    return resp_id, (f"{resp_id}-{uuid.uuid4().hex[:8]}" if user else resp_id)
-
-
-def check_priority(state: ServerState, priority: int | None) -> int:
-    if priority and state.options.scheduling_policy != "priority":
-        raise bad_request(f"priority: got priority {priority} but priority scheduling is not enabled "
-                          "(start the server with --scheduling-policy priority)", param="priority")
-    return priority or 0
 
 
 def resolve_num_logprobs(state: ServerState, value: int | None, param: str) -> int | None:

@@ -2,8 +2,8 @@
 
 An embedding model (task "embed") scores a pair as the cosine similarity of the two sides' embeddings (a
 single left text is embedded once); a cross-encoder (task "score") scores each (text_1, text_2) pair with
-its head's activated output; a generative model serves neither (400). Tokenizing, running and the batch
-metrics are ``pooling.py``'s.
+its head's activated output; a generative model serves neither (400). Tokenizing and running are
+``pooling.py``'s.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from slicelm.entrypoints.server.pooling import (
     check_len,
     encode_text,
     engine_request_id,
-    ensure_pooling_metrics,
     hf_config,
     pooling_usage,
     prompt_limit,
@@ -100,7 +99,6 @@ async def classify_outputs(state: ServerState, raw: Request, req: EmbeddingReque
     """A cross-encoder's activated head output (task "classify": class probabilities, or "score") for each
     single-text input of ``req``."""
     require_tasks(state, ("score",), "Classification")
-    ensure_pooling_metrics(raw, state)
     limit = prompt_limit(state, req.truncate_prompt_tokens)
     resp_id = engine_request_id(prefix, req, raw)
     many = isinstance(req.input, list) and not isinstance(req.input[0], int)
@@ -146,7 +144,6 @@ async def create_score(raw: Request) -> Response:
     req = await parse_body(raw, ScoreRequest)
     model = state.check_model(req.model, required=False)
     require_tasks(state, ("embed", "score"), "Score")
-    ensure_pooling_metrics(raw, state)
     left, right = req.lists()
     resp_id = engine_request_id("score", req, raw)
     try:
@@ -164,7 +161,6 @@ async def _rerank(raw: Request, cohere_v2: bool) -> Response:
     req = await parse_body(raw, RerankRequest)
     model = state.check_model(req.model, required=False)
     require_tasks(state, ("embed", "score"), "Rerank")
-    ensure_pooling_metrics(raw, state)
     docs = req.texts()
     if req.max_tokens_per_doc:
         docs = [_cut_tokens(state, d, req.max_tokens_per_doc) for d in docs]

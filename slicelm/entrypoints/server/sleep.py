@@ -10,6 +10,9 @@ engine's wake-up time in ``x-slicelm-wake-seconds``.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import TypeVar
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -17,18 +20,13 @@ from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.state import get_state
 
 router = APIRouter()
+T = TypeVar("T")
 
 
-def _engine(raw: Request):  # AsyncLLM (test fakes may lack sleep support)
-    engine = get_state(raw).engine
-    if not hasattr(engine, "call_utility"):
-        raise bad_request("this engine has no sleep mode")
-    return engine
-
-
-async def _call(raw: Request, method: str, *args: object) -> object:
+async def _checked(call: Awaitable[T]) -> T:
+    """An ``EngineClient`` sleep-mode call: the engine's ``ValueError`` is a 400, its ``RuntimeError`` a 503."""
     try:
-        return await _engine(raw).call_utility(method, *args)
+        return await call
     except ValueError as e:
         raise bad_request(str(e)) from None
     except RuntimeError as e:  # e.g. the memory broker did not give the memory back in time: retry later
@@ -40,19 +38,17 @@ async def sleep(raw: Request) -> Response:
     level_s = raw.query_params.get("level", "1")
     if not level_s.lstrip("-").isdigit():
         raise bad_request(f"level: must be 0, 1 or 2, got {level_s!r}", param="level")
-    await _call(raw, "sleep", int(level_s), raw.query_params.get("mode", "abort"))
+    await _checked(get_state(raw).engine.sleep(int(level_s), raw.query_params.get("mode", "abort")))
     return Response(status_code=200)
 
 
 @router.post("/wake_up")
 async def wake_up(raw: Request) -> Response:
     tags = raw.query_params.getlist("tags") or None
-    seconds = await _call(raw, "wake_up", tags)
-    return Response(status_code=200, headers={"x-slicelm-wake-seconds": f"{float(seconds or 0.0):.4f}"})
+    seconds = await _checked(get_state(raw).engine.wake_up(tags))
+    return Response(status_code=200, headers={"x-slicelm-wake-seconds": f"{seconds:.4f}"})
 
 
 @router.get("/is_sleeping")
 async def is_sleeping(raw: Request) -> JSONResponse:
-    engine = get_state(raw).engine
-    sleeping = await engine.call_utility("is_sleeping") if hasattr(engine, "call_utility") else False
-    return JSONResponse({"is_sleeping": bool(sleeping)})
+    return JSONResponse({"is_sleeping": await get_state(raw).engine.is_sleeping()})

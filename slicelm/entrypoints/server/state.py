@@ -1,24 +1,27 @@
-"""What the endpoints share: the engine client, served names, limits, and helpers every endpoint uses."""
+"""What the endpoints share: the engine client, served names, limits (length, text size, priority), and helpers every
+endpoint uses (streams, disconnects, work off the event loop)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from slicelm.engine.async_llm import RequestStream
 from slicelm.engine.protocol import EngineClient
 from slicelm.engine.request import CompletionOutput, RequestOutput
+from slicelm.engine.request_stream import RequestStream
 from slicelm.entrypoints.server.errors import APIError, bad_request
 from slicelm.entrypoints.server.metrics import LoggingStatLogger, PrometheusStatLogger
 from slicelm.entrypoints.server.options import ApiOptions
 from slicelm.sampling_params import SamplingParams
 
+T = TypeVar("T")
+CHARS_PER_TOKEN_LIMIT = 64  # text longer than max_model_len * this cannot fit: 400 before tokenizing
 TASK_ENDPOINTS = {"generate": "text generation (/v1/chat/completions, /v1/completions)",
                   "embed": "embeddings (/v1/embeddings)", "score": "scoring (/v1/score, /v1/rerank)"}
 
@@ -53,10 +56,10 @@ class ServerState:
         state = cls(engine, names, int(mc.max_model_len), str(mc.task), str(mc.model), chat_template,
                     list(api_keys or []), shutdown_timeout)
         cc = engine.cache_config
-        info = {"block_size": getattr(cc, "block_size", ""), "num_gpu_blocks": getattr(cc, "num_blocks", ""),
-                "enable_prefix_caching": getattr(cc, "enable_prefix_caching", "")}
+        info = {"block_size": cc.block_size, "num_gpu_blocks": cc.num_blocks,
+                "enable_prefix_caching": cc.enable_prefix_caching}
         state.metrics = PrometheusStatLogger(names[0], state.max_model_len, info,
-                                             record_engine=record_engine_metrics)
+                                             record_engine=record_engine_metrics, pooling=state.task != "generate")
         engine.add_stat_listener(state.metrics)
         if log_stats:
             state.stat_logger = LoggingStatLogger()
@@ -92,6 +95,22 @@ class ServerState:
         """Text of one token (cached), as shown in logprobs."""
         return self.tokenizer.token_text(token_id)
 
+    def check_text_size(self, chars: int, param: str, truncating: bool = False) -> None:
+        """400 before tokenizing for a text that cannot fit in ``max_model_len`` tokens whatever its tokens."""
+        limit = self.max_model_len * CHARS_PER_TOKEN_LIMIT
+        if not truncating and chars > limit:  # vLLM's text
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                              f"prompt contains {chars} characters (more than {limit} characters, which is the upper "
+                              f"bound for {self.max_model_len} input tokens). Please reduce the length of the input "
+                              "prompt.", param=param, code="context_length_exceeded")
+
+    def check_priority(self, priority: int | None) -> int:
+        """The request's priority; 400 for one without ``--scheduling-policy priority``."""
+        if priority and self.options.scheduling_policy != "priority":
+            raise bad_request(f"priority: got priority {priority} but priority scheduling is not enabled "
+                              "(start the server with --scheduling-policy priority)", param="priority")
+        return priority or 0
+
     def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> int:
         """Returns the effective max_tokens; 400 when prompt + max_tokens exceed ``max_model_len``."""
         room = self.max_model_len - num_prompt_tokens
@@ -113,6 +132,11 @@ class ServerState:
 
 def get_state(request: Request) -> ServerState:
     return request.app.state.server
+
+
+async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Tokenizing and template rendering run in a worker thread so that no request holds up the event loop."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 async def wait_for_disconnect(request: Request) -> None:
