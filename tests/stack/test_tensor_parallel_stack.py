@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from slicelm.slicing.placement import AssignedGPU
 from slicelm.stack.launch import replica_launches
 from slicelm.stack.planning import ReplicaPlacement, StackPlan
+from slicelm.stack.procs import free_port
 from slicelm.stack.serve_args import serve_command
 from slicelm.stack.serve_flags import check_extra_args
 from slicelm.stack.spec import StackSpecError, parse_stack
@@ -95,7 +97,11 @@ def test_plan_and_dry_run_give_the_70b_replica_an_nvlink_pair(tmp_path: Path):
     placed = {p["model"]: sorted(g["index"] for g in p["gpus"]) for p in json.loads(out.stdout)["placements"]}
     assert placed["llama70b"] in ([1, 2], [0, 3]) and len(placed["chat"]) == 1
     assert not set(placed["chat"]) & set(placed["llama70b"])
-    dry = subprocess.run([*cli, "up", str(EXAMPLE), "--dry-run", "--inventory", str(tmp_path / "inv.json"),
+    spec = yaml.safe_load(EXAMPLE.read_text())  # the router on a free port: the dry run checks it is free
+    spec.setdefault("routerSpec", {})["containerPort"] = free_port("127.0.0.1")
+    (tmp_path / "stack.yaml").write_text(yaml.safe_dump(spec))
+    dry = subprocess.run([*cli, "up", str(tmp_path / "stack.yaml"), "--dry-run",
+                          "--inventory", str(tmp_path / "inv.json"),
                           "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert dry.returncode == 0, dry.stderr
     line = next(ln for ln in dry.stdout.splitlines() if "Llama-3.1-70B" in ln and "serve" in ln)
