@@ -126,7 +126,8 @@ class CoreLoop:
         if self.multi:
             self._send_each([], [], [])
         else:
-            self._send(EngineCoreOutputs([], self.core.get_stats(), self.num_adds, time.time()))
+            self._send(EngineCoreOutputs([], self.core.get_stats(), self.num_adds, time.time(),
+                                         num_resets=self.num_resets))
 
     def _runnable(self) -> bool:
         runnable = getattr(self.core, "is_runnable", None)
