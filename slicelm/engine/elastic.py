@@ -71,6 +71,7 @@ class ElasticKV:
         self.asleep = False
         self.stats = ElasticStats()
         self.on_unmap: Callable[[], None] | None = None  # clears the CUDA graphs' block tables
+        self.last_map_error: str | None = None  # the driver's answer to the last failed map (in start's error)
         kv.grow = self.grow
 
     # ------------------------------------------------------------------------------- figures
@@ -104,7 +105,7 @@ class ElasticKV:
             self._give_back(self.held - self.resident - self.memory.mapped_bytes)
         self._acquire_and_map(want, wait_s=self._owner_wait())
         if not self.memory.mapped:
-            raise VMMError("could not map the first KV chunk")
+            raise VMMError(f"could not map the first KV chunk ({self.last_map_error or 'the broker granted none'})")
 
     def settle(self) -> None:
         """Back to what ``start`` mapped, figures cleared (after the warm-up: its growth goes back)."""
@@ -182,6 +183,7 @@ class ElasticKV:
             except VMMError as e:  # the device ran out despite the books (another process): give the grant back
                 logger.warning("mapping KV chunk %d failed (%s): the cache stays at %d chunks", c, e,
                                len(self.memory.mapped))
+                self.last_map_error = str(e)
                 self._give_back((len(free) - i) * self.memory.chunk_bytes)
                 return
             self.pool.add_blocks(self.memory.block_ids(c))

@@ -77,11 +77,25 @@ def _driver_green_context(index: int, sms: SMRange) -> Any:
     drv = _driver()
     dev = _call(drv.cuDeviceGet(index))
     resource = _call(drv.cuDeviceGetDevResource(dev, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
-    total_groups = resource.sm.smCount // GROUP
-    groups, _count, _remaining = _call(drv.cuDevSmResourceSplitByCount(total_groups, resource, 0, GROUP))
-    take = list(groups[sms.first // GROUP:(sms.first + sms.count) // GROUP])
-    desc = _call(drv.cuDevResourceGenerateDesc(take, len(take)))
+    part = _sm_partition(drv, resource, sms)
+    desc = _call(drv.cuDevResourceGenerateDesc([part], 1))
     green = _call(drv.cuGreenCtxCreate(desc, dev, drv.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
     ctx = _call(drv.cuCtxFromGreenCtx(green))
     _call(drv.cuCtxPushCurrent(ctx))
     return green
+
+
+def _sm_partition(drv: Any, resource: Any, sms: SMRange) -> Any:
+    """The SM resource of ``sms``: SMs before ``first`` are split off and left, then ``count`` SMs are split from
+    the rest, one group each time: one resource per descriptor (a descriptor combining several split groups
+    failed on the H200 with CUDA_ERROR_INVALID_RESOURCE_TYPE). The driver splits deterministically, so
+    processes asking for disjoint ranges get disjoint SMs."""
+    from slicelm.engine.vmm import _call
+
+    rest = resource
+    if sms.first:
+        _skipped, _n, rest = _call(drv.cuDevSmResourceSplitByCount(1, rest, 0, sms.first))
+    groups, n, _left = _call(drv.cuDevSmResourceSplitByCount(1, rest, 0, sms.count))
+    if n < 1 or groups[0].sm.smCount < sms.count:
+        raise RuntimeError(f"the driver split {groups[0].sm.smCount if n else 0} SMs, not {sms.count}")
+    return groups[0]

@@ -314,6 +314,7 @@ def int_linear(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: 
     return dequant_matmul(x, w_q, scales, zeros, bits, k, bias, out)
 
 
+@torch.no_grad()  # out= products refuse arguments that require grad (a layer's bias Parameter outside inference mode)
 def dequant_matmul(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
                    k: int, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """``out = x @ W.T + bias`` for large M, ``DEQUANT_ROWS`` weight rows at a time dequantized into one scratch per
