@@ -5,6 +5,7 @@ it) and the whole sweep to benchmarks/results/quant_sweep_<device>.json.
 
     python benchmarks/quant_sweep.py             # H200: ~90 s (≈40 kernel variants compile; graph-timed)
     python benchmarks/quant_sweep.py --full      # a wider grid (~4 min)
+    python benchmarks/quant_sweep.py --no-gemv   # only the GEMM buckets (each also against dequantize + cuBLAS)
     python benchmarks/quant_sweep.py --smoke     # CPU, Triton interpreter, tiny shapes: checks the script
 
 GEMV (M = 1): time of one call from a CUDA graph of 20 calls, bytes read (packed weights + scales + zeros) per
@@ -166,9 +167,12 @@ def sweep_gemm(shapes, bits, group, args, device) -> tuple[list[dict], dict]:
             if best is None or us < best["us"]:
                 best = row
         if best is not None:
-            tuned[(f"gemm{best['config'][0]}", bits, group, n, k)] = tuple(best["config"][1:])
+            key = (f"gemm{best['config'][0]}", bits, group, n, k)
+            # (0, 0, 0, 0): this M bucket runs dequantize + cuBLAS, faster here than the best fused tile
+            tuned[key] = (0, 0, 0, 0) if ref["dequant_cublas_us"] < best["us"] else tuple(best["config"][1:])
             print(f"gemm M={m:<4} {n:>6}x{k:<6} best {best['config']} {best['us']:8.1f} us; cuBLAS 16-bit "
-                  f"{ref['cublas_16bit_us']:8.1f} us, dequant+cuBLAS {ref['dequant_cublas_us']:8.1f} us", flush=True)
+                  f"{ref['cublas_16bit_us']:8.1f} us, dequant+cuBLAS {ref['dequant_cublas_us']:8.1f} us -> "
+                  f"{'dequant+cuBLAS' if tuned[key] == (0, 0, 0, 0) else 'fused'}", flush=True)
     return rows, tuned
 
 
@@ -192,6 +196,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--full", action="store_true", help="the wider grid")
     ap.add_argument("--no-gemm", action="store_true", help="only the M=1 GEMV")
+    ap.add_argument("--no-gemv", action="store_true", help="only the fused GEMM (2 <= M <= 256)")
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     args = ap.parse_args()
     if args.smoke:
@@ -206,7 +211,8 @@ def main() -> None:
     device = "cpu" if args.smoke else "cuda"
     bandwidth = None if args.smoke else measure_copy_bandwidth()
     shapes = [(96, 512), (64, 256)] if args.smoke else [s for name in args.shapes.split(",") for s in SHAPES[name]]
-    gemv_rows, tuned = sweep_gemv(shapes, args.bits, args.group, args, device, bandwidth)
+    gemv_rows, tuned = ([], {}) if args.no_gemv else sweep_gemv(shapes, args.bits, args.group, args, device,
+                                                                  bandwidth)
     gemm_rows: list[dict] = []
     if not args.no_gemm:
         gemm_rows, gemm_tuned = sweep_gemm(shapes, args.bits, args.group, args, device)

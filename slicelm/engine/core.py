@@ -185,7 +185,9 @@ class EngineCore:
         sched = self.scheduler.schedule()
         handle = None
         if not sched.is_empty:
-            if self.structured is not None:
+            if self.structured is not None and sched.preempted:
+                if self._inflight is not None:
+                    self._inflight.resolve()  # its mask fill may still read matchers the rollback changes
                 for r in sched.preempted:
                     self.structured.sync(r)
             bitmask_fn = None
@@ -238,13 +240,17 @@ class EngineCore:
 
     def _grammar_bitmask(self, requests: list[Request], outputs: dict[str, EngineCoreOutput]):
         """Called by the runner after launching the forward pass: the previous step's tokens must advance
-        the matchers first, so it is read back now (the device is busy with this step's forward)."""
+        the matchers first, so it is read back now (the device is busy with this step's forward). With async
+        scheduling the masks are filled on a thread while the host returns this step's outputs and builds the
+        next step; the step samples when the next one needs its tokens (``StepHandle.resolve``)."""
         assert self.structured is not None
         if not any(r.structured is not None for r in requests):
             return None
         if self._inflight is not None:
             self._read_back(self._inflight, outputs)
             self._inflight = None
+        if self.async_scheduling:
+            return self.structured.bitmask_async(requests)
         return self.structured.bitmask(requests)
 
     def _release_grammar(self, req: Request) -> None:

@@ -8,6 +8,7 @@ token (plus logprobs if asked) per request that reached the end of its known tok
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,8 +30,9 @@ from slicelm.engine.structured_output.bitmask import apply_bitmask_
 from slicelm.layers.attention_metadata import AttentionMetadata
 from slicelm.sampling_params import SamplingParams
 
-# sampling requests -> their grammar mask (int32 [rows, ceil(V/32)] on the host) or None
-BitmaskFn = Callable[[list[Request]], torch.Tensor | None]
+# sampling requests -> their grammar mask (int32 [rows, ceil(V/32)] on the host) or None; or a future of it, being
+# filled on another thread: the step's sampling then waits until the step is resolved (``StepHandle.resolve``)
+BitmaskFn = Callable[[list[Request]], "torch.Tensor | Future[torch.Tensor | None] | None"]
 
 
 def supports_mixed_graphs(model: torch.nn.Module) -> bool:
@@ -63,10 +65,19 @@ class StepHandle:
     host: dict[str, torch.Tensor] = field(default_factory=dict)
     event: torch.cuda.Event | None = None
     row_of: dict[str, int] = field(default_factory=dict)
+    # a launched forward pass whose sampling waits for its grammar mask: ``resolve`` samples it
+    finish: Callable[[], StepHandle] | None = None
+
+    def resolve(self) -> None:
+        """Samples a deferred step (its grammar mask was filled while the host went on with other work)."""
+        if self.finish is not None:
+            done, self.finish = self.finish(), None
+            self.sampled, self.host, self.event = done.sampled, done.host, done.event
 
     def wait(self) -> RunnerOutput:
         if not self.requests:
             return RunnerOutput([], [])
+        self.resolve()
         if self.event is not None:
             self.event.synchronize()
         h = self.host
@@ -208,6 +219,8 @@ class ModelRunner:
     def prepare_inputs(self, scheduled: list[ScheduledRequest], prev: StepHandle | None = None) -> StepInputs:
         """Batch tensors for a step. A token still pending on the device (sampled by ``prev``, the
         step in flight) is taken from ``prev.sampled`` on the device: no wait for the host."""
+        if prev is not None:
+            prev.resolve()
         inputs = self.to_device(self.build_batch(scheduled, prev), prev.sampled if prev is not None else None)
         inputs.sampling = [s for s in scheduled if s.samples]
         return inputs
@@ -313,13 +326,24 @@ class ModelRunner:
         """The driver's half of a step (after ``batch`` went to the other ranks): run, sample, share the
         sampled ids with the other ranks (their next step may read them as inputs). ``grammar_bitmask``
         (structured outputs) is called once the forward pass is launched, with the sampling requests; the
-        int32 host mask it returns is applied to the logits before sampling, outside any CUDA graph."""
+        int32 host mask it returns is applied to the logits before sampling, outside any CUDA graph. When it
+        returns a future (the mask is being filled on another thread), sampling is deferred to
+        ``StepHandle.resolve``: the next step's inputs or the read-back resolve it."""
+        if prev is not None:
+            prev.resolve()
         inputs = self.to_device(batch, prev.sampled if prev is not None else None)
         if not requests:
             self.run_model(inputs)  # a prefill chunk that does not reach the end of its prompt
             return StepHandle([])
         logits = self.run_model(inputs)
         mask = grammar_bitmask(requests) if grammar_bitmask is not None else None
+        if isinstance(mask, Future):
+            pending = mask
+            return StepHandle(requests, row_of={r.request_id: i for i, r in enumerate(requests)},
+                              finish=lambda: self._sample_masked(logits, requests, pending.result()))
+        return self._sample_masked(logits, requests, mask)
+
+    def _sample_masked(self, logits: torch.Tensor, requests: list[Request], mask: torch.Tensor | None) -> StepHandle:
         if mask is not None:
             apply_bitmask_(logits, mask.to(logits.device, non_blocking=True))
         handle = self.sample(logits, requests)

@@ -81,8 +81,11 @@ def test_preemption_and_chunked_prefill_keep_outputs_valid(engine) -> None:
                                                                                          disable_any_whitespace=True)
         engine.add_request(f"r{i}", "Here are some numbers: " * (2 + i), SamplingParams(
             temperature=0.8, seed=i, max_tokens=24, structured_outputs=so), stream=False)
-    done = run(engine, check=lambda: matchers_in_step(engine))
+    deferred = []  # steps left in flight with their masks still filling on the mask thread
+    done = run(engine, check=lambda: (matchers_in_step(engine),
+                                      deferred.append(getattr(engine.core._inflight, "finish", None) is not None)))
     assert engine.get_stats().num_preemptions > preempted_before
+    assert any(deferred)  # async scheduling: sampling waited for a mask filled while the host built the next step
     for i in range(3):
         (out,) = done[f"r{i}"]
         assert out.finish_reason == "stop", out

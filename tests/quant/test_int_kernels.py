@@ -82,6 +82,25 @@ def test_large_m_dequantizes_in_bounded_slabs(monkeypatch, bias):
     assert [t.numel() for t in int_kernels._SCRATCH.values()] == [32 * k]  # one bounded scratch, reused
 
 
+def test_a_bucket_tuned_to_dequant_runs_dequantize_and_matmul(monkeypatch):
+    """A sweep entry ``(0, 0, 0, 0)`` (dequantize + cuBLAS was faster for that M bucket and shape) sends the fused
+    GEMM's M range there; other buckets keep the fused kernel."""
+    from slicelm.layers.quantization import int_configs
+
+    k, n = 256, 40
+    w_q, scales, zeros = _weights(4, 64, True, k, n)
+    monkeypatch.setattr(int_configs, "TUNED", {("gemm16", 4, 64, n, k): (0, 0, 0, 0)})
+    calls = []
+    real = int_kernels.dequant_matmul
+    monkeypatch.setattr(int_kernels, "dequant_matmul", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for m in (5, 20):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
+        ref = x.float() @ dequantize(w_q, scales, zeros, 4, k).T
+        out = int_kernels.int_linear(x, w_q, scales, zeros, 4, k, None)
+        assert (out.float() - ref).abs().max() / ref.abs().max() < 2e-3
+    assert calls == [5]  # M=5 is in the gemm16 bucket; M=20 (gemm32) stays fused
+
+
 def test_saved_device_configs_fill_tuned(monkeypatch, tmp_path):
     """``quant_sweep.py``'s saved table for a GPU model is what gemv_config / gemm_config return on it; entries
     set by hand in TUNED win, and another GPU model's file is not read."""

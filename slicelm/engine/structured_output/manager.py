@@ -3,7 +3,8 @@
 ``add`` turns a sequence's ``structured_outputs`` into a ``StructuredOutputRequest`` whose grammar
 compiles on a background thread (the backend, with its vocabulary, is built there on first use: the core
 loads the tokenizer only then); the sequence waits as ``WAITING_FOR_FSM`` while the others run. ``activate``
-gives a ready sequence its own matcher (or its compile error). Each step ``bitmask`` fills one int32
+gives a ready sequence its own matcher (or its compile error). Each step ``bitmask`` (or ``bitmask_async``, on
+the mask thread) fills one int32
 ``[rows, ceil(V/32)]`` mask for the sampling rows in one backend call (rows of unconstrained or finished
 grammars stay all-ones), and ``accept`` advances every matcher by the step's tokens in one call.
 ``sync`` rolls a matcher back to the tokens its sequence still holds (preemption / recompute).
@@ -73,6 +74,7 @@ class StructuredOutputManager:
         self.vocab_size = vocab_size
         self._eos = set(eos_token_ids)
         self._pool: ThreadPoolExecutor | None = None
+        self._mask_pool: ThreadPoolExecutor | None = None
         self._backend_future: Future | None = None
         self._compiled: OrderedDict[GrammarSpec, Future] = OrderedDict()
         self._mask = allocate(max_rows, vocab_size, pin)
@@ -140,6 +142,12 @@ class StructuredOutputManager:
         self._backend().fill_bitmask([requests[i].structured.grammar for i in rows], rows, mask)
         return mask
 
+    def bitmask_async(self, requests: list[Request]) -> Future:
+        """``bitmask`` on the mask thread (the backends' fills run natively, without the GIL)."""
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+        return self._mask_pool.submit(self.bitmask, list(requests))
+
     def accept(self, requests: list[Request], tokens: list[int]) -> None:
         """Advances the matchers of ``requests`` by one token each (one backend call)."""
         live = [(r, t) for r, t in zip(requests, tokens) if r.structured is not None and r.structured.active]
@@ -170,5 +178,6 @@ class StructuredOutputManager:
         return self._backend_future.result()
 
     def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._mask_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)

@@ -68,7 +68,8 @@ def gemv_config(bits: int, group: int, n: int, k: int, num_sms: int) -> tuple[in
 
 
 def gemm_config(bits: int, group: int, m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for 2 <= M <= GEMM_MAX_M."""
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for 2 <= M <= GEMM_MAX_M; ``BLOCK_N == 0`` where the
+    per-device sweep found dequantize + cuBLAS faster for this M bucket and shape."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     tuned = TUNED.get((f"gemm{block_m}", bits, group, n, k))
     if tuned is not None:

@@ -305,8 +305,8 @@ def int_linear(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: 
                                      ONE_BITS, EVEN_K=even, BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=split, num_warps=nw,
                                      num_stages=ns, **gemv_common)
         return out
-    if m <= GEMM_MAX_M:
-        bm, bn, bk, nw, ns = config or gemm_config(bits, group, m, n, k)
+    bm, bn, bk, nw, ns = (config or gemm_config(bits, group, m, n, k)) if m <= GEMM_MAX_M else (0,) * 5
+    if bn:  # bn == 0: past GEMM_MAX_M, or a tuned bucket where dequantize + cuBLAS is faster
         _gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
             x, w_q, scales, zp, b, out, m, n, k, x.stride(0), out.stride(0), w_q.stride(0), scales.stride(0), ONE_BITS,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, **common)
