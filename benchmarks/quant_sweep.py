@@ -219,7 +219,8 @@ def main() -> None:
         tuned.update(gemm_tuned)
     if not args.smoke:
         save_device_configs(tuned, env["device"])
-    save_result("quant_sweep", {**env, "workload": {"shapes": shapes, "bits": args.bits, "group": args.group,
+    part = "_gemm" if args.no_gemv else "_gemv" if args.no_gemm else ""
+    save_result("quant_sweep" + part, {**env, "workload": {"shapes": shapes, "bits": args.bits, "group": args.group,
                                                     "grid": "full" if args.full else "quick"},
                                 "copy_bandwidth_bytes_per_s": bandwidth, "gemv": gemv_rows, "gemm": gemm_rows,
                                 "tuned": {repr(k): list(v) for k, v in tuned.items()}})
