@@ -121,12 +121,17 @@ def _run_py(code: str, env: dict[str, str] | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_green_context_engine_matches_the_cpu_reference(qwen3_dir, prompts, qwen3_reference) -> None:
+OFFSET_REFUSED = pytest.mark.xfail(strict=True, reason="the H200's driver (580.159) refused an SM range at an offset "
+                                   "at b7a1e34: CUDA_ERROR_INVALID_RESOURCE_CONFIGURATION (README, green contexts)")
+
+
+@pytest.mark.parametrize("sms", ["32", pytest.param("32@32", marks=OFFSET_REFUSED)])
+def test_green_context_engine_matches_the_cpu_reference(qwen3_dir, prompts, qwen3_reference, sms) -> None:
     got = _run_py(f"""
         import json
         from slicelm import LLM, SamplingParams
         llm = LLM({qwen3_dir!r}, device="cuda", dtype="float32", skip_tokenizer_init=True, max_model_len=1024,
-                  gpu_memory_budget="6GiB", max_num_seqs=16, green_context_sms="32@32")
+                  gpu_memory_budget="6GiB", max_num_seqs=16, green_context_sms={sms!r})
         outs = llm.generate([{{"prompt_token_ids": p}} for p in {prompts!r}],
                             SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
         print(json.dumps({{"tokens": [o.outputs[0].token_ids for o in outs]}}))
