@@ -363,13 +363,11 @@ class EngineCore:
         s.num_preemptions = self.scheduler.num_preemptions
         s.prefix_cache_queries = kv.prefix_cache_queries
         s.prefix_cache_hits = kv.prefix_cache_hits
-        if self.elastic is not None:
-            s.extra.update(self.elastic.figures())
-        s.extra["sleep_level"] = self.sleep_mode.state()
-        s.extra["is_sleeping"] = float(self.sleep_mode.is_sleeping)
+        s.elastic = self.elastic.figures() if self.elastic is not None else None
+        s.sleep_level = self.sleep_mode.state()
+        s.is_sleeping = self.sleep_mode.is_sleeping
         s.timestamp = time.time()
         snapshot = EngineStats(**{k: getattr(s, k) for k in s.__dataclass_fields__})
-        snapshot.extra = dict(s.extra)
         snapshot.pooling = dataclasses.replace(s.pooling) if s.pooling is not None else None
         return snapshot
 

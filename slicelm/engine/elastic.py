@@ -29,6 +29,7 @@ import torch
 from slicelm.engine.kv_cache import KVCacheManager
 from slicelm.engine.kv_memory import PagedKVMemory
 from slicelm.engine.request import Request
+from slicelm.engine.stats import ElasticKVStats
 from slicelm.engine.vmm import VMMError
 from slicelm.slicing.broker_client import BrokerLink
 from slicelm.slicing.broker_protocol import Grant, Limits, Reclaim
@@ -86,11 +87,11 @@ class ElasticKV:
     def _chunks_under(self, limit: int) -> int:
         return max(1, min(self.memory.num_chunks, (limit - self.resident) // self.memory.chunk_bytes))
 
-    def figures(self) -> dict[str, float]:
+    def figures(self) -> ElasticKVStats:
         """For the engine's stats (metrics, ``slicelm ps``)."""
-        return {"kv_mapped_bytes": self.memory.mapped_bytes, "kv_guarantee_bytes": self.guarantee_bytes,
-                "kv_ceiling_bytes": self.ceiling_bytes, "kv_reclaims": self.stats.reclaims,
-                "kv_borrowed_bytes": max(0, len(self.memory.mapped) - self.guarantee_chunks) * self.memory.chunk_bytes}
+        borrowed = max(0, len(self.memory.mapped) - self.guarantee_chunks) * self.memory.chunk_bytes
+        return ElasticKVStats(mapped_bytes=self.memory.mapped_bytes, guarantee_bytes=self.guarantee_bytes,
+                              ceiling_bytes=self.ceiling_bytes, borrowed_bytes=borrowed, reclaims=self.stats.reclaims)
 
     # ------------------------------------------------------------------------------- start / sleep
     def start(self, prepaid: int = 0) -> None:

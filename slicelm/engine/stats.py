@@ -30,6 +30,17 @@ class PoolingStats:
 
 
 @dataclass
+class ElasticKVStats:
+    """An elastic KV cache's memory (bytes) and how often the memory broker took borrowed memory back."""
+
+    mapped_bytes: int = 0  # KV memory the engine holds now
+    guarantee_bytes: int = 0  # its share within the slice
+    ceiling_bytes: int = 0  # the most the broker lets it hold
+    borrowed_bytes: int = 0  # held beyond the guarantee
+    reclaims: int = 0  # cumulative
+
+
+@dataclass
 class EngineStats:
     # gauges
     num_running: int = 0
@@ -42,10 +53,12 @@ class EngineStats:
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # tokens found there
     pooling: PoolingStats | None = None  # pooling engines only (None keeps a generation step's message small)
+    elastic: ElasticKVStats | None = None  # engines with an elastic (or broker-managed) KV cache only
+    sleep_level: int = 0  # the level of the last sleep (vLLM's ``vllm:engine_sleep_state``)
+    is_sleeping: bool = False
     # optional extras (engines may leave them at their defaults)
     num_steps: int = 0
     timestamp: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -121,7 +121,7 @@ def test_elastic_engine_grows_on_demand_and_gives_free_chunks_back(tiny_dir: str
     assert peak == 4  # grew to its guarantee of 64 blocks
     el.service(idle=True)
     assert len(el.elastic.memory.mapped) == 1  # idle: back to chunk 0 (watermark 0)
-    assert el.get_stats().extra["kv_mapped_bytes"] == CHUNK_BLOCKS * BLOCK_BYTES
+    assert el.get_stats().elastic.mapped_bytes == CHUNK_BLOCKS * BLOCK_BYTES
 
 
 def test_borrower_is_reclaimed_for_the_owner_and_no_request_is_lost(tiny_dir, tmp_path, monkeypatch) -> None:

@@ -1,4 +1,5 @@
-"""Metrics of sleep mode and elastic KV, from the engine's stats snapshot (``EngineStats.extra``).
+"""Metrics of sleep mode and elastic KV, from the engine's stats snapshot (``EngineStats.sleep_level`` /
+``is_sleeping`` / ``elastic``).
 
 - ``vllm:engine_sleep_state{sleep_state=awake|weights_offloaded|discard_all}`` (vLLM's gauge);
 - ``slicelm:kv_cache_mapped_bytes`` (KV memory the engine holds now), ``slicelm:kv_cache_guaranteed_bytes``
@@ -14,11 +15,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from slicelm.engine.stats import EngineStats
 
 SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")
-BYTE_GAUGES = {
-    "kv_mapped_bytes": ("slicelm:kv_cache_mapped_bytes", "KV cache memory this engine holds now."),
-    "kv_guarantee_bytes": ("slicelm:kv_cache_guaranteed_bytes", "KV cache memory guaranteed within the slice."),
-    "kv_ceiling_bytes": ("slicelm:kv_cache_ceiling_bytes", "Most KV cache memory the memory broker allows."),
-    "kv_borrowed_bytes": ("slicelm:kv_cache_borrowed_bytes", "KV cache memory held beyond the guarantee."),
+BYTE_GAUGES = {  # ElasticKVStats field -> metric
+    "mapped_bytes": ("slicelm:kv_cache_mapped_bytes", "KV cache memory this engine holds now."),
+    "guarantee_bytes": ("slicelm:kv_cache_guaranteed_bytes", "KV cache memory guaranteed within the slice."),
+    "ceiling_bytes": ("slicelm:kv_cache_ceiling_bytes", "Most KV cache memory the memory broker allows."),
+    "borrowed_bytes": ("slicelm:kv_cache_borrowed_bytes", "KV cache memory held beyond the guarantee."),
 }
 
 
@@ -33,16 +34,15 @@ class ElasticMetrics:
         self.bytes: dict[str, Gauge] = {}
         self._registry, self._labels = registry, labels
         self.reclaims: Counter | None = None
-        self._reclaims_seen = 0.0
+        self._reclaims_seen = 0
 
     def record(self, stats: EngineStats) -> None:
-        extra = stats.extra
-        level = int(extra.get("sleep_level", 0))
-        asleep = extra.get("is_sleeping", 0.0) > 0
+        level, asleep = stats.sleep_level, stats.is_sleeping
         for state, value in (("awake", not asleep), ("weights_offloaded", asleep and level == 1),
                              ("discard_all", asleep and level == 2)):
             self.sleep[state].set(int(value))
-        if "kv_mapped_bytes" not in extra:
+        kv = stats.elastic
+        if kv is None:
             return
         if not self.bytes:  # elastic engines only
             names = list(self._labels)
@@ -52,8 +52,7 @@ class ElasticMetrics:
             self.reclaims = Counter("slicelm:kv_reclaims", "Times the memory broker took borrowed KV memory back.",
                                     names, registry=self._registry).labels(**self._labels)
         for key, gauge in self.bytes.items():
-            gauge.set(extra.get(key, 0.0))
-        reclaims = extra.get("kv_reclaims", 0.0)
+            gauge.set(getattr(kv, key))
         assert self.reclaims is not None
-        self.reclaims.inc(max(0.0, reclaims - self._reclaims_seen))
-        self._reclaims_seen = reclaims
+        self.reclaims.inc(max(0, kv.reclaims - self._reclaims_seen))
+        self._reclaims_seen = kv.reclaims
