@@ -121,7 +121,23 @@ def test_elastic_engine_grows_on_demand_and_gives_free_chunks_back(tiny_dir: str
     assert peak == 4  # grew to its guarantee of 64 blocks
     el.service(idle=True)
     assert len(el.elastic.memory.mapped) == 1  # idle: back to chunk 0 (watermark 0)
-    assert el.get_stats().elastic.mapped_bytes == CHUNK_BLOCKS * BLOCK_BYTES
+    stats = el.get_stats()
+    assert stats.elastic.mapped_bytes == CHUNK_BLOCKS * BLOCK_BYTES and stats.elastic.borrowed_bytes == 0
+    _metrics_show(stats)
+
+
+def _metrics_show(stats) -> None:
+    """The server's gauges read the typed figures (``slicelm:kv_cache_*``, ``vllm:engine_sleep_state``)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from slicelm.entrypoints.server.elastic_metrics import ElasticMetrics
+
+    registry = CollectorRegistry()
+    ElasticMetrics(registry, {"model_name": "m"}).record(stats)
+    text = generate_latest(registry).decode()
+    assert f'slicelm:kv_cache_mapped_bytes{{model_name="m"}} {float(stats.elastic.mapped_bytes)}' in text
+    assert f'slicelm:kv_cache_guaranteed_bytes{{model_name="m"}} {float(stats.elastic.guarantee_bytes)}' in text
+    assert 'vllm:engine_sleep_state{model_name="m",sleep_state="awake"} 1.0' in text
 
 
 def test_borrower_is_reclaimed_for_the_owner_and_no_request_is_lost(tiny_dir, tmp_path, monkeypatch) -> None:
