@@ -4,7 +4,8 @@ A GPU replica sees only its cards (``CUDA_VISIBLE_DEVICES=<uuid>[,<uuid>…]``),
 (``Slice.to_env()``: the engine's absolute memory budget and SM share, per GPU as HAMi's) plus the MPS client
 env of slicelm's daemon on that card (thread percentage, pinned memory limit), and ``--gpu-memory-budget``.
 A replica on N GPUs runs ``--tensor-parallel-size N`` (one process per GPU) and no MPS client env: an MPS
-client reaches one daemon, which serves one card. A CPU replica gets ``--device cpu``.
+client reaches one daemon, which serves one card. A CPU replica gets ``--device cpu`` and its share of the machine's
+cores as ``OMP_NUM_THREADS`` (cores / CPU replicas, unless the stack's env sets it).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def replica_slice(model: ModelSpec, placement: ReplicaPlacement) -> Slice | None
 
 
 def _replica_launch(spec: StackSpec, model: ModelSpec, placement: ReplicaPlacement, port: int, run_dir: Path,
-                    mps_env: Callable[[Slice], dict[str, str]] | None) -> Launch:
+                    mps_env: Callable[[Slice], dict[str, str]] | None, cpu_threads: int) -> Launch:
     host = spec.slicelm.host
     sl = replica_slice(model, placement)
     budget_mib = sl.memory_bytes >> 20 if sl and sl.memory_bytes else None
@@ -91,6 +92,7 @@ def _replica_launch(spec: StackSpec, model: ModelSpec, placement: ReplicaPlaceme
                            len(placement.gpus))
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU replica must not touch a GPU
+        env.setdefault("OMP_NUM_THREADS", str(cpu_threads))  # the CPU replicas share the cores (unless set)
     g0 = placement.gpus[0] if placement.gpus else None
     name = f"{model.name}/{placement.replica}"
     flags, sharing_env = replica_options(spec, placement, name, run_dir)
@@ -112,14 +114,23 @@ def replica_launches(spec: StackSpec, plan: StackPlan, run_dir: Path,
     """One launch per placed replica, each on a free port of ``slicelm.host``."""
     taken = {spec.routerSpec.containerPort}
     launches = []
+    cpu_threads = cpu_threads_per_replica(sum(not p.gpus for p in plan.placements))
     for model in spec.models():
         for r in range(model.replicaCount):
             port = free_port(spec.slicelm.host)
             while port in taken:
                 port = free_port(spec.slicelm.host)
             taken.add(port)
-            launches.append(_replica_launch(spec, model, plan.placement(model.name, r), port, run_dir, mps_env))
+            launches.append(_replica_launch(spec, model, plan.placement(model.name, r), port, run_dir, mps_env,
+                                            cpu_threads))
     return launches
+
+
+def cpu_threads_per_replica(num_cpu_replicas: int) -> int:
+    """Torch threads of each CPU replica: the machine's cores shared out (``OMP_NUM_THREADS``), so that N
+    replicas do not each start one thread per core and preempt each other."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, num_cpu_replicas))
 
 
 def router_launch(spec: StackSpec, run_dir: Path) -> Launch | None:

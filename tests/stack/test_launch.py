@@ -49,3 +49,16 @@ def test_replicas_get_distinct_ports_away_from_the_router(tmp_path: Path) -> Non
     plan = StackPlan([ReplicaPlacement("m", r, [], None) for r in range(4)], [])
     ports = [la.port for la in replica_launches(spec, plan, tmp_path)]
     assert len(set(ports)) == 4 and spec.routerSpec.containerPort not in ports
+
+
+def test_cpu_replicas_share_the_cores_unless_the_stack_sets_threads(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    plan = StackPlan([ReplicaPlacement("m", r, [], None) for r in range(3)], [])
+    launches = replica_launches(stack(replicaCount=3), plan, tmp_path)
+    assert [la.env["OMP_NUM_THREADS"] for la in launches] == ["2"] * 3  # 8 cores // 3 CPU replicas
+    gpu_and_cpu = StackPlan([ReplicaPlacement("m", 0, [AssignedGPU(UUID, 0, 81920, 0)], 1.0),
+                             ReplicaPlacement("m", 1, [], None)], [])
+    gpu, cpu = replica_launches(stack(replicaCount=2), gpu_and_cpu, tmp_path)
+    assert "OMP_NUM_THREADS" not in gpu.env and cpu.env["OMP_NUM_THREADS"] == "8"  # the only CPU replica
+    own = stack(replicaCount=3, env=[{"name": "OMP_NUM_THREADS", "value": 1}])
+    assert {la.env["OMP_NUM_THREADS"] for la in replica_launches(own, plan, tmp_path)} == {"1"}
