@@ -13,8 +13,11 @@ Each family is one pytest run (junit XML under ``--work``/runs) of vLLM's test f
 ``tests/entrypoints`` (``FAMILIES``), with ``benchmarks/vllm_harness`` standing in for vLLM's
 ``tests/utils.py`` / ``tests/conftest.py``: ``RemoteOpenAIServer`` starts ``slicelm serve`` on the CPU with a
 local substitute of the model the test names (``substitutions.py``). Tests of features slicelm does not
-have (``OUT_OF_SCOPE``) are listed apart, not counted; every other failure is an incompatibility. The
-summary goes to ``benchmarks/results/vllm_entrypoint_tests.json``.
+have (``OUT_OF_SCOPE``) and tests the substitute model cannot answer (``NOT_COMPARABLE``) are listed apart,
+not counted; tests of vLLM's own in-process code (``NOT_RUN``) are not run; every other failure is an
+incompatibility. Each run records the slicelm commit, date and wall time it ran at (``runs/FAMILY.json``);
+the summary (``benchmarks/results/vllm_entrypoint_tests.json``) has every family run under ``--work`` so
+far, each with its run record and tally, then the tally over all of them.
 """
 
 from __future__ import annotations
