@@ -32,11 +32,13 @@ def minilm_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
-def write_random_cross_encoder(path: Path, kind: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A small random XLM-R / BERT cross-encoder (num_labels 1) with MiniLM's tokenizer files."""
+def write_random_cross_encoder(path: Path, kind: str, seed: int = 0,
+                               num_labels: int = 1) -> transformers.PreTrainedModel:
+    """A small random XLM-R / BERT cross-encoder (``num_labels`` > 1: a classifier) with MiniLM's tokenizer files."""
     torch.manual_seed(seed)
     common = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=1)
+                  intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                  num_labels=num_labels)
     if kind == "xlmr":
         cfg = transformers.XLMRobertaConfig(**common, max_position_embeddings=130, type_vocab_size=1,
                                             pad_token_id=1, bos_token_id=0, eos_token_id=2)

@@ -68,5 +68,14 @@ def hf_runner():
     return HfRunner
 
 
-class LocalAssetServer:  # multimodal assets: the tests that use it are out of scope
-    pass
+class LocalAssetServer:
+    """Multimodal assets: nothing is served (the tests that send them are out of scope); text-only variants of
+    those tests only need the fixture to exist."""
+
+    def url_for(self, name: str) -> str:
+        return f"http://127.0.0.1:9/{name}"
+
+
+@pytest.fixture(scope="session")
+def local_asset_server() -> LocalAssetServer:
+    return LocalAssetServer()

@@ -66,6 +66,7 @@ class Tokenizer:
     chat_template: str | None = None
     extra_eos_token_ids: set[int] = field(default_factory=set)  # from generation_config
     extra_special_tokens: dict[str, str] = field(default_factory=dict)  # cls/sep/mask, for templates
+    prompts: dict[str, str] = field(default_factory=dict)  # sentence-transformers' prompts by name (input_type)
     _token_texts: dict[int, str] = field(default_factory=dict, repr=False)  # token_text's bounded cache
 
     def _id(self, token: str | None) -> int | None:
@@ -240,6 +241,8 @@ def _tokenizer_from_hf_dir(directory: Path) -> Tokenizer:
         template = named.get("default")
     if (directory / "chat_template.jinja").is_file():
         template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    st_config = directory / "config_sentence_transformers.json"
+    prompts = json.loads(st_config.read_text(encoding="utf-8")).get("prompts") if st_config.is_file() else None
     return Tokenizer(
         hf=hf,
         bos_token=_token_str(config.get("bos_token")),
@@ -250,6 +253,7 @@ def _tokenizer_from_hf_dir(directory: Path) -> Tokenizer:
         extra_special_tokens={
             k: v for k in ("cls_token", "sep_token", "mask_token") if (v := _token_str(config.get(k)))
         },
+        prompts={k: v for k, v in prompts.items() if isinstance(v, str)} if isinstance(prompts, dict) else {},
     )
 
 

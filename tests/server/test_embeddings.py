@@ -247,3 +247,39 @@ def test_vllm_pooling_surface(minilm: Server) -> None:
     assert cohere["embeddings"]["float"][0] == pytest.approx(floats)
     inv = httpx.post(u + "/invocations", json={"input": "hello"}).json()
     assert inv["data"][0]["embedding"] == pytest.approx(floats)
+
+
+def test_vllm_token_id_texts_padding_and_truncation_side(minilm: Server, tokenizer: Tokenizer) -> None:
+    """vLLM's texts for ids outside the vocabulary; ``padding`` (``max_length`` fills the prompt with the pad
+    token up to the model's length, counted in usage); ``truncation_side`` with ``truncate_prompt_tokens``."""
+    for ids, bad in (([5, -1, 7], -1), ([5, 10**9], 10**9)):
+        assert error_of(post(minilm, {"input": ids}))["message"] == f"Token id {bad} is out of vocabulary"
+    usage = [post(minilm, {"input": ["Hello"], **extra}).json()["usage"]["prompt_tokens"]
+             for extra in ({}, {"padding": "max_length"}, {"padding": "do_not_pad"})]
+    assert usage == [3, 256, 3]
+    ids = tokenizer.encode("Hello").ids
+    padded = embed(minilm, [ids + [tokenizer.token_to_id("[PAD]")] * (256 - len(ids))])
+    assert np.allclose(embed(minilm, "Hello", padding="max_length"), padded, atol=1e-5)
+    assert error_of(post(minilm, {"input": "Hello", "padding": "longest"}))["param"] == "padding"
+    long = "the quick brown fox jumps over the lazy dog " * 4
+    ids = tokenizer.encode(long).ids
+    for side, kept in (("left", [ids[0], *ids[-9:]]), ("right", [*ids[:9], ids[-1]])):
+        got = embed(minilm, long, truncate_prompt_tokens=10, truncation_side=side)
+        assert np.allclose(got, embed(minilm, [kept]), atol=1e-5), side
+    assert np.allclose(embed(minilm, [ids], truncate_prompt_tokens=5, truncation_side="right"),
+                       embed(minilm, [ids[:5]]), atol=1e-5)
+
+
+def test_bytes_metadata_as_vllm(minilm: Server) -> None:
+    """``encoding_format: bytes``: the ``metadata`` header's items name their dtype and byte order (vLLM's
+    ``MetadataItem``), and usage has vLLM's two counts."""
+    floats = embed(minilm, ["hello", "world"])
+    r = post(minilm, {"input": ["hello", "world"], "encoding_format": "bytes", "embed_dtype": "float16",
+                      "endianness": "big"})
+    meta = json.loads(r.headers["metadata"])
+    assert set(meta) == {"id", "created", "model", "data", "usage"} and meta["usage"] == {"prompt_tokens": 6,
+                                                                                         "total_tokens": 6}
+    for item, ref in zip(meta["data"], floats, strict=True):
+        assert item["embed_dtype"] == "float16" and item["endianness"] == "big" and item["shape"] == [384]
+        vec = np.frombuffer(r.content[item["start"]:item["end"]], dtype=">f2").astype(np.float32)
+        assert vec == pytest.approx(ref, abs=2e-3)

@@ -12,7 +12,7 @@ import torch
 from conftest import Server, stop_server
 from pooling_helpers import MINILM, error_of, start_model_server, write_random_xlmr_cross_encoder
 from tokenizers import Tokenizer
-from utils_models import minilm_dir
+from utils_models import minilm_dir, write_random_cross_encoder
 
 pytestmark = pytest.mark.slow
 
@@ -264,3 +264,25 @@ def test_classify_and_invocations_on_a_cross_encoder(cross_encoder) -> None:
     batch = post(server, "/classify", {"model": "xlmr-ce", "input": ["hi there", "b"]}).json()
     via = post(server, "/invocations", {"model": "xlmr-ce", "input": ["hi there", "b"]}).json()
     assert via.keys() == batch.keys() and [d["probs"] for d in via["data"]] == [d["probs"] for d in batch["data"]]
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    path = tmp_path_factory.mktemp("bert-cls")
+    write_random_cross_encoder(path, "bert", seed=3, num_labels=2)
+    s = start_model_server(path.parent, str(path), "--served-model-name", "cls")
+    yield s
+    stop_server(s)
+
+
+def test_classifier_has_no_score_routes_and_pads_as_vllm(classifier: Server) -> None:
+    """vLLM registers score / rerank only for one-label cross-encoders: on a two-label classifier they do not
+    exist (``{"detail": "Not Found"}``); ``/classify`` pads with ``padding: max_length`` as embeddings do."""
+    for path, body in (("/score", {"queries": "ping", "documents": "pong"}),
+                       ("/v1/rerank", {"query": "ping", "documents": ["pong"]})):
+        r = post(classifier, path, {"model": "cls", **body})
+        assert r.status_code == 404 and r.json() == {"detail": "Not Found"}, (path, r.text)
+    plain = post(classifier, "/classify", {"model": "cls", "input": "hi"}).json()
+    padded = post(classifier, "/classify", {"model": "cls", "input": "hi", "padding": "max_length"}).json()
+    assert plain["data"][0]["num_classes"] == 2 and plain["usage"]["prompt_tokens"] == 3
+    assert padded["usage"]["prompt_tokens"] == 128

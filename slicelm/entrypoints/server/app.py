@@ -61,7 +61,7 @@ def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     app.state.server = state
     for module in (chat, chat_batch, completions, info, request_tracking):
         app.include_router(module.router)
-    for name in ("pooling", "score", "invocations", "sleep"):
+    for name in ("pooling", "score", "invocations", "cohere_embed", "sleep"):
         with contextlib.suppress(ModuleNotFoundError):
             app.include_router(importlib.import_module(f"slicelm.entrypoints.server.{name}").router)
     install_error_handlers(app)

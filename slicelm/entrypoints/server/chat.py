@@ -129,7 +129,7 @@ async def chat_prompt_ids(state: ServerState, req: ChatCompletionRequest,
 async def create_chat_completion(raw: Request) -> Response:
     state = get_state(raw)
     req = await parse_body(raw, ChatCompletionRequest)
-    model = state.check_model(req.model)
+    model = state.check_model(req.model, required=False)
     state.require_task("generate", "Chat Completions")
     resp_id, engine_id = request_ids(req, raw, "chatcmpl")
     priority = state.check_priority(req.priority)

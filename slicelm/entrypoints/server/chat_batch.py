@@ -37,7 +37,7 @@ router = APIRouter()
 async def create_batch_chat_completion(raw: Request) -> Response:
     state = get_state(raw)
     req = await parse_body(raw, BatchChatCompletionRequest)
-    model = state.check_model(req.model)
+    model = state.check_model(req.model, required=False)
     state.require_task("generate", "Chat Completions")
     resp_id, engine_base = request_ids(req, raw, "chatcmpl")
     priority = state.check_priority(req.priority)

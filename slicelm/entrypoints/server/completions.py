@@ -91,7 +91,7 @@ def _echo_text(state: ServerState, req: CompletionRequest, text: str | None, ids
 async def create_completion(raw: Request) -> Response:
     state = get_state(raw)
     req = await parse_body(raw, CompletionRequest)
-    model = state.check_model(req.model)
+    model = state.check_model(req.model, required=False)
     state.require_task("generate", "Completions")
     resp_id, engine_base = request_ids(req, raw, "cmpl")
     priority = state.check_priority(req.priority)

@@ -170,9 +170,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """A route that does not exist (404) or a wrong method (405): Starlette's ``{"detail": ...}`` body, as
+        vLLM answers them (its handler covers FastAPI's ``HTTPException`` only, never raised here)."""
         phrase = HTTPStatus(exc.status_code).phrase if exc.status_code in HTTPStatus._value2member_map_ else ""
         detail = exc.detail if isinstance(exc.detail, str) else phrase
-        return APIError(exc.status_code, detail or phrase, headers=getattr(exc, "headers", None)).response()
+        return JSONResponse({"detail": detail or phrase}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     async def _mapped(_: Request, exc: Exception) -> JSONResponse:
         return from_exception(exc).response()

@@ -1,4 +1,4 @@
-"""vLLM's extra routes: ``/pooling``, Cohere's ``/v2/embed`` and SageMaker's ``/invocations``.
+"""vLLM's extra routes: ``/pooling`` and SageMaker's ``/invocations`` (Cohere's ``/v2/embed``: ``cohere_embed.py``).
 
 ``/invocations`` picks the endpoint from the body, as vLLM does: ``messages`` -> chat completions (or
 embeddings of a pooling model), ``prompt`` -> completions, ``input`` -> embeddings (``input`` or ``messages``
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -19,17 +19,10 @@ from slicelm.entrypoints.server import chat, completions, pooling, score
 from slicelm.entrypoints.server.embed_encoding import encode_vector
 from slicelm.entrypoints.server.errors import bad_request
 from slicelm.entrypoints.server.gateway import parse_body
-from slicelm.entrypoints.server.pooling_protocol import EmbeddingRequest, PoolingFields, PoolingRequest
+from slicelm.entrypoints.server.pooling_protocol import PoolingRequest
 from slicelm.entrypoints.server.state import ClientDisconnected, get_state
 
 router = APIRouter()
-
-
-class CohereEmbedRequest(PoolingFields):
-    texts: list[str]
-    input_type: str | None = None
-    embedding_types: list[Literal["float", "base64"]] | None = None
-    truncate: Literal["NONE", "START", "END"] | None = None
 
 
 POOLING_TASKS = {"embed": ("embed",), "score": ("classify", "score")}  # what each kind of pooling model runs
@@ -76,28 +69,6 @@ async def create_pooling(raw: Request) -> Response:
             for i, o in enumerate(outs)]
     body = {"id": resp_id, "object": "list", "created": int(time.time()), "model": model, "data": data,
             "usage": pooling.pooling_usage(sum(len(o.prompt_token_ids) for o in outs))}
-    return JSONResponse(body)
-
-
-@router.post("/v2/embed")
-async def create_cohere_embed(raw: Request) -> Response:
-    """Cohere v2 ``embed``: ``texts`` -> ``embeddings`` by type."""
-    state = get_state(raw)
-    req = await parse_body(raw, CohereEmbedRequest)
-    model = state.check_model(req.model, required=False)
-    if not req.texts:
-        raise bad_request("texts: must not be empty", param="texts")
-    inner = EmbeddingRequest(model=req.model, input=req.texts, request_id=req.request_id, priority=req.priority,
-                             truncate_prompt_tokens=-1 if req.truncate in ("END", "START") else None)
-    try:
-        resp_id, outs = await pooling.embed_outputs(state, raw, inner)
-    except ClientDisconnected:
-        return Response(status_code=499)
-    types = req.embedding_types or ["float"]
-    embeddings = {t: [encode_vector(o.data, t, "float32", "little") for o in outs] for t in types}
-    tokens = sum(len(o.prompt_token_ids) for o in outs)
-    body = {"id": resp_id, "embeddings": embeddings, "texts": req.texts, "response_type": "embeddings_by_type",
-            "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": tokens}}, "model": model}
     return JSONResponse(body)
 
 

@@ -103,17 +103,18 @@ def check_len(state: ServerState, n: int, param: str, max_len: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------- tokenizing
-_TRUNCATING: dict[tuple[int, int], HFTokenizer] = {}
+_TRUNCATING: dict[tuple[int, int, str], HFTokenizer] = {}
 
 
-def truncating(hf: HFTokenizer, limit: int) -> HFTokenizer:
-    """A copy of ``hf`` that truncates to ``limit`` tokens (longest-first for pairs), special tokens kept."""
-    key = (id(hf), limit)
+def truncating(hf: HFTokenizer, limit: int, direction: str = "right") -> HFTokenizer:
+    """A copy of ``hf`` that truncates to ``limit`` tokens (longest-first for pairs), special tokens kept;
+    ``direction`` "left" drops the first tokens instead of the last."""
+    key = (id(hf), limit, direction)
     tok = _TRUNCATING.get(key)
     if tok is None:
         tok = HFTokenizer.from_str(hf.to_str())
         tok.no_padding()
-        tok.enable_truncation(max_length=limit, strategy="longest_first", direction="right")
+        tok.enable_truncation(max_length=limit, strategy="longest_first", direction=direction)
         if len(_TRUNCATING) > 64:
             _TRUNCATING.clear()
         _TRUNCATING[key] = tok
@@ -121,25 +122,41 @@ def truncating(hf: HFTokenizer, limit: int) -> HFTokenizer:
 
 
 def encode_text(state: ServerState, text: str, limit: int | None, special: bool, param: str,
-            max_len: int | None = None) -> list[int]:
+            max_len: int | None = None, side: str | None = None) -> list[int]:
+    """``text``'s ids; over ``limit`` tokens, cut on ``side`` (vLLM's ``truncation_side``; default: right)."""
     hf = state.tokenizer.hf
     ids = hf.encode(text, add_special_tokens=special).ids
     if limit is not None and len(ids) > limit:
-        ids = truncating(hf, limit).encode(text, add_special_tokens=special).ids
+        ids = truncating(hf, limit, side or "right").encode(text, add_special_tokens=special).ids
     check_len(state, len(ids), param, max_len)
     return list(ids)
 
 
 def token_ids(state: ServerState, ids: list[int], limit: int | None, param: str,
-               max_len: int | None = None) -> list[int]:
+               max_len: int | None = None, side: str | None = None) -> list[int]:
+    """Checked token ids; over ``limit``, the last ones kept (``side`` "right": the first ones)."""
     vocab = int(hf_config(state).get("vocab_size") or 0)
-    if vocab and any(not 0 <= t < vocab for t in ids):
-        bad = next(t for t in ids if not 0 <= t < vocab)
-        raise bad_request(f"{param}: token id {bad} is out of range [0, {vocab})", param=param)
+    if ids and min(ids) < 0:  # vLLM's texts: the smallest id if one is negative, else the largest
+        raise bad_request(f"Token id {min(ids)} is out of vocabulary", param=param)
+    if ids and vocab and max(ids) >= vocab:
+        raise bad_request(f"Token id {max(ids)} is out of vocabulary", param=param)
     if limit is not None:
-        ids = ids[-limit:]
+        ids = ids[:limit] if side == "right" else ids[-limit:]
     check_len(state, len(ids), param, max_len)
     return list(ids)
+
+
+def pad_prompts(state: ServerState, prompts: list[Prompt], padding: str | None, cap: int) -> list[Prompt]:
+    """vLLM's ``padding: "max_length"``: each prompt filled with the pad token up to the longest input the
+    model takes (for models trained at a fixed length without an attention mask); ``do_not_pad``: as is."""
+    if padding != "max_length":
+        return prompts
+    pad = state.tokenizer.pad_token_id
+    if pad is None:
+        raise bad_request("padding: the tokenizer has no pad token", param="padding")
+    target = min(state.max_model_len, cap)
+    return [{**p, "prompt_token_ids": p["prompt_token_ids"] + [pad] * (target - len(p["prompt_token_ids"]))}
+            for p in prompts]
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -206,14 +223,18 @@ async def embed_outputs(state: ServerState, raw: Request, req: EmbeddingRequest)
 
     cap = _embed_cap(state)
 
+    side = req.truncation_side
+
     def tokenize() -> list[Prompt]:
-        return [{"prompt_token_ids": encode_text(state, item, limit, special, f"input[{i}]" if many else "input", cap)
+        return [{"prompt_token_ids": encode_text(state, item, limit, special, f"input[{i}]" if many else "input", cap,
+                                                 side)
                  if isinstance(item, str) else token_ids(state, item, limit, f"input[{i}]" if many else "input",
-                                                          cap)}
+                                                          cap, side)}
                 for i, item in enumerate(items)]
 
     prompts = await asyncio.to_thread(tokenize) if req.messages is None else \
         [await chat_pooling_prompt(state, req, limit, cap)]
+    prompts = pad_prompts(state, prompts, req.padding, cap)
     normalize = req.normalize if req.normalize is not None else req.use_activation
     if any(len(p["prompt_token_ids"]) > state.max_model_len for p in prompts):
         info = getattr(state.engine, "info", None)
@@ -244,7 +265,7 @@ async def chat_pooling_prompt(state: ServerState, req: EmbeddingRequest, limit: 
         render_chat, state, messages, add_generation_prompt=bool(req.add_generation_prompt),
         continue_final_message=bool(req.continue_final_message), template=template, kwargs=req.chat_template_kwargs,
         tools=None, documents=None, add_special_tokens=bool(req.add_special_tokens))
-    return {"prompt_token_ids": token_ids(state, ids, limit, "messages", cap)}
+    return {"prompt_token_ids": token_ids(state, ids, limit, "messages", cap, req.truncation_side)}
 
 
 @router.post("/v1/embeddings")
@@ -260,12 +281,13 @@ async def create_embeddings(raw: Request) -> Response:
     headers: dict[str, str] = {}
     if req.encoding_format in ("bytes", "bytes_only"):
         blobs = [vector_bytes(o.data, req.embed_dtype, req.endianness) for o in outs]
-        if req.encoding_format == "bytes":
-            items = [{"index": i, "start": sum(len(b) for b in blobs[:i]), "end": sum(len(b) for b in blobs[: i + 1]),
+        if req.encoding_format == "bytes":  # vLLM's metadata header: each item names its dtype and byte order
+            items = [{"index": i, "embed_dtype": req.embed_dtype, "endianness": req.endianness,
+                      "start": sum(len(b) for b in blobs[:i]), "end": sum(len(b) for b in blobs[: i + 1]),
                       "shape": [int(o.data.numel())]} for i, o in enumerate(outs)]
             headers["metadata"] = json.dumps({"id": resp_id, "created": int(time.time()), "model": model,
-                                              "embed_dtype": req.embed_dtype, "endianness": req.endianness,
-                                              "data": items, "usage": usage}, separators=(",", ":"))
+                                              "data": items, "usage": {"prompt_tokens": usage["prompt_tokens"],
+                                                                       "total_tokens": usage["total_tokens"]}})
         return Response(b"".join(blobs), media_type="application/octet-stream", headers=headers)
     data = [{"object": "embedding", "index": i,
              "embedding": encode_vector(o.data, req.encoding_format, req.embed_dtype, req.endianness)}

@@ -28,6 +28,8 @@ class PoolingFields(LaxModel):
     add_special_tokens: bool | None = True
     priority: int | None = 0
     request_id: str | None = None
+    padding: Literal["max_length", "do_not_pad"] | None = None  # vLLM: "max_length" pads to the model's length
+    truncation_side: Literal["left", "right"] | None = None  # with truncate_prompt_tokens; None: text on the right
 
     @field_validator("truncate_prompt_tokens")
     @classmethod

@@ -91,7 +91,7 @@ class ChatMessage(BaseModel):
 class SamplingFields(LaxModel):
     """Fields shared by chat and completions (OpenAI + vLLM extras)."""
 
-    model: str = Field(min_length=1)
+    model: str | None = None  # vLLM: optional (the first served name)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None

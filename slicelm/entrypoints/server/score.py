@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slicelm.engine.request import PoolingOutput
-from slicelm.entrypoints.server.errors import bad_request
 from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.pooling import (
     Prompt,
@@ -25,6 +25,7 @@ from slicelm.entrypoints.server.pooling import (
     encode_text,
     engine_request_id,
     hf_config,
+    pad_prompts,
     pooling_usage,
     prompt_limit,
     require_tasks,
@@ -61,6 +62,14 @@ def _encode_pair(state: ServerState, a: str, b: str, limit: int | None, param: s
     return prompt
 
 
+def require_score_routes(state: ServerState, api: str) -> None:
+    """As vLLM: score / rerank routes exist for embedding models and one-label cross-encoders; a classifier
+    with more labels has none (404 ``{"detail": "Not Found"}``, the body of a route that does not exist)."""
+    require_tasks(state, ("embed", "score"), api)
+    if state.task == "score" and num_labels_of(hf_config(state)) != 1:
+        raise StarletteHTTPException(404)
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float(torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-12))
@@ -85,9 +94,6 @@ async def _scores(state: ServerState, raw: Request, req: ScoreRequest | RerankRe
         lhs, rhs = emb[: len(left)], emb[len(left):]
         scores = [_cosine(lhs[i if len(lhs) > 1 else 0], r) for i, r in enumerate(rhs)]
         return scores, sum(len(o.prompt_token_ids) for o in outs)
-    num_labels = num_labels_of(hf_config(state))
-    if num_labels != 1:
-        raise bad_request(f"this cross-encoder has {num_labels} labels; scoring needs a model with one label")
     pairs = [_encode_pair(state, left[i if len(left) > 1 else 0], r, limit, param(1, i)) for i, r in enumerate(right)]
     outs = await run_prompts(state, raw, pairs, PoolingParams(task="score", use_activation=req.use_activation,
                                                        truncate_prompt_tokens=None), base_id, priority)
@@ -111,6 +117,7 @@ async def classify_outputs(state: ServerState, raw: Request, req: EmbeddingReque
         ids = encode_text(state, item, limit, special, param) if isinstance(item, str) else \
             token_ids(state, item, limit, param)
         prompts.append({"prompt_token_ids": ids})
+    prompts = pad_prompts(state, prompts, req.padding, state.max_model_len)
     params = PoolingParams(task=task, use_activation=req.use_activation)
     return resp_id, await run_prompts(state, raw, prompts, params, resp_id, req.priority or 0)
 
@@ -143,7 +150,7 @@ async def create_score(raw: Request) -> Response:
     state = get_state(raw)
     req = await parse_body(raw, ScoreRequest)
     model = state.check_model(req.model, required=False)
-    require_tasks(state, ("embed", "score"), "Score")
+    require_score_routes(state, "Score")
     left, right = req.lists()
     resp_id = engine_request_id("score", req, raw)
     try:
@@ -160,7 +167,7 @@ async def _rerank(raw: Request, cohere_v2: bool) -> Response:
     state = get_state(raw)
     req = await parse_body(raw, RerankRequest)
     model = state.check_model(req.model, required=False)
-    require_tasks(state, ("embed", "score"), "Rerank")
+    require_score_routes(state, "Rerank")
     docs = req.texts()
     if req.max_tokens_per_doc:
         docs = [_cut_tokens(state, d, req.max_tokens_per_doc) for d in docs]
