@@ -322,3 +322,34 @@ def test_truncation_side(client: openai.OpenAI) -> None:
                                         extra_body={"return_token_ids": True, "truncate_prompt_tokens": 4,
                                                     "truncation_side": side})
         assert out.choices[0].model_extra["prompt_token_ids"] == kept, side
+
+
+def test_allowed_token_ids_and_logprob_token_ids(srv: Server, client: openai.OpenAI) -> None:
+    """``allowed_token_ids`` restricts sampling; ``logprob_token_ids`` shows those ids (and the sampled one) in
+    place of the top-k, on completions (both modes), chat and the batched chat route, as vLLM."""
+    extra = {"logprob_token_ids": [5000], "allowed_token_ids": [42], "return_tokens_as_token_ids": True}
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=1, temperature=0, logprobs=5,
+                                    extra_body=extra)
+    assert out.choices[0].logprobs.tokens == ["token_id:42"]
+    assert set(out.choices[0].logprobs.top_logprobs[0]) == {"token_id:42", "token_id:5000"}
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=1, temperature=0, logprobs=5,
+                                            stream=True, extra_body=extra))
+    tops = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.top_logprobs]
+    assert len(tops) == 1 and set(tops[0]) == {"token_id:42", "token_id:5000"}
+    chat = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1, temperature=0, logprobs=True,
+                                          extra_body={**extra, "logprob_token_ids": [100, 1000, 5000],
+                                                      "allowed_token_ids": [5000]})
+    first = chat.choices[0].logprobs.content[0]
+    assert first.token == "token_id:5000" and {e.token for e in first.top_logprobs} == \
+        {"token_id:100", "token_id:1000", "token_id:5000"}
+    assert all(-1e4 < e.logprob < 0 for e in first.top_logprobs)
+    batch = httpx.post(srv.url + "/v1/chat/completions/batch", timeout=120, json={
+        "model": MODEL, "messages": [MSG], "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 5,
+        "logprob_token_ids": [100, 1000], "return_tokens_as_token_ids": True}).json()
+    entry = batch["choices"][0]["logprobs"]["content"][0]
+    assert {e["token"] for e in entry["top_logprobs"]} == {"token_id:100", "token_id:1000", entry["token"]}
+    for kwargs, needle in (({"logprobs": 1, "extra_body": {"allowed_token_ids": [10**6]}}, "out-of-vocab token id!"),
+                           ({"extra_body": {"logprob_token_ids": [1]}}, "`logprobs` must be set."),
+                           ({"extra_body": {"allowed_token_ids": []}}, "allowed_token_ids is not None and empty!")):
+        with pytest.raises(openai.BadRequestError, match=re.escape(needle)):
+            client.completions.create(model=MODEL, prompt="Hello", max_tokens=1, **kwargs)

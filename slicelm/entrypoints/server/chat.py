@@ -21,6 +21,7 @@ from slicelm.entrypoints.server.sampling import (
     prompt_logprobs_json,
     resolve_num_logprobs,
     resolve_prompt_logprobs,
+    shown_logprobs,
     tokens_as_ids,
     truncate_prompt,
 )
@@ -151,7 +152,7 @@ async def create_chat_completion(raw: Request) -> Response:
         return Response(status_code=499)
     finally:
         state.engine.release(stream)
-    top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
+    top_n = shown_logprobs(state, req, req.top_logprobs, "top_logprobs") or 0
     choices = [chat_choice(state, req, o, o.index, echo, top_n, mode) for o in final.outputs]
     body: dict[str, Any] = {
         "id": resp_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
@@ -229,7 +230,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, r
         state.options.enable_force_include_usage  # vLLM: forced usage is on every chunk
     n = req.n or 1
     num_prompt = len(prompt_ids)
-    top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
+    top_n = shown_logprobs(state, req, req.top_logprobs, "top_logprobs") or 0
     ids_only = tokens_as_ids(state, req)
     tracker = DeltaTracker(n)
     tools = [ToolCallStreamer(mode) for _ in range(n)] if mode.parses else None

@@ -21,6 +21,7 @@ from slicelm.entrypoints.server.sampling import (
     prompt_logprobs_json,
     resolve_num_logprobs,
     resolve_prompt_logprobs,
+    shown_logprobs,
     tokens_as_ids,
     truncate_prompt,
 )
@@ -128,13 +129,14 @@ async def create_completion(raw: Request) -> Response:
             state.engine.release(s)
     n = req.n or 1
     as_ids = tokens_as_ids(state, req)
+    shown = shown_logprobs(state, req, req.logprobs, "logprobs")
     choices = []
     for p_idx, final in enumerate(finals):
         prompt_ids = prompts[p_idx][1]
         for o in final.outputs:
             lp = None
             if num_lp is not None:
-                lp = completion_logprobs(state, o.token_ids, o.logprobs, num_lp, 0,
+                lp = completion_logprobs(state, o.token_ids, o.logprobs, shown or 0, 0,
                                          echo_ids=prompt_ids if req.echo else None,
                                          echo_logprobs=final.prompt_logprobs, as_ids=as_ids)
             choice: dict[str, Any] = {"index": p_idx * n + o.index, "text": echo_texts[p_idx] + o.text,
@@ -164,7 +166,7 @@ async def _stream(state: ServerState, req: CompletionRequest, streams: list[Requ
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats) or \
         state.options.enable_force_include_usage  # vLLM: forced usage is on every chunk
     n = req.n or 1
-    num_lp = resolve_num_logprobs(state, req.logprobs, "logprobs")
+    num_lp = shown_logprobs(state, req, req.logprobs, "logprobs")
     as_ids = tokens_as_ids(state, req)
     num_prompt = sum(len(ids) for _, ids in prompts)
     trackers = [DeltaTracker(n) for _ in prompts]

@@ -23,11 +23,12 @@ REQUEST_ID = re.compile(r"[\x21-\x7e]{1,256}")
 # vLLM request fields slicelm cannot honour; present and not null/false/empty -> 400 naming the field
 UNSUPPORTED_FIELDS = {
     "use_beam_search": "beam search is not supported",
-    "prompt_embeds": "prompt embeddings are not supported", "allowed_token_ids": "allowed_token_ids is not "
-    "supported yet", "bad_words": "bad_words is not supported yet", "logits_processors": "custom logits "
-    "processors are not supported", "lora_request": "LoRA adapters are not supported",
-    "mm_processor_kwargs": "multimodal inputs are not supported", "multi_modal_data": "multimodal inputs are not "
-    "supported",
+    "prompt_embeds": "prompt embeddings are not supported",
+    "bad_words": "bad_words is not supported yet",
+    "logits_processors": "custom logits processors are not supported",
+    "lora_request": "LoRA adapters are not supported",
+    "mm_processor_kwargs": "multimodal inputs are not supported",
+    "multi_modal_data": "multimodal inputs are not supported",
 }
 
 
@@ -124,6 +125,8 @@ class SamplingFields(LaxModel):
     return_token_ids: bool | None = False
     return_tokens_as_token_ids: bool | None = None
     prompt_logprobs: int | None = None
+    allowed_token_ids: list[int] | None = None  # sample only among these ids
+    logprob_token_ids: list[int] | None = None  # logprobs of these ids in place of the top-k (needs logprobs)
     cache_salt: str | None = None
     # structured outputs (vLLM's field, and the older guided_* aliases): see server/structured.py
     structured_outputs: dict[str, Any] | None = None
@@ -196,6 +199,8 @@ class ChatFields(SamplingFields):
     def _check_chat(self) -> ChatFields:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
+        if self.logprob_token_ids and not self.logprobs:  # vLLM's text
+            raise ValueError("logprob_token_ids: when using `logprob_token_ids`, `logprobs` must be set to true.")
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError(CONTINUE_AND_GENERATION_PROMPT)
         if self.functions:
@@ -256,6 +261,8 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt: Either prompt or prompt_embeds must be provided and non-empty.")
         if isinstance(p, list) and any(isinstance(x, list | str) and len(x) == 0 for x in p):
             raise ValueError("prompt: Either prompt or prompt_embeds must be provided and non-empty.")
+        if self.logprob_token_ids and self.logprobs is None:  # vLLM's text
+            raise ValueError("logprob_token_ids: when using `logprob_token_ids`, `logprobs` must be set.")
         if self.suffix:
             raise ValueError("suffix: is not supported")
         if self.best_of is not None and self.best_of != (self.n or 1):
