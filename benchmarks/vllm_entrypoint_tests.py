@@ -111,11 +111,7 @@ def build_root(vllm_src: Path, work: Path) -> Path:
     for shim, name in (("conftest_shim.py", "conftest.py"), ("utils_shim.py", "utils.py"),
                        ("substitutions.py", "substitutions.py")):
         shutil.copy(HARNESS / shim, root / "tests" / name)
-    # pytest-asyncio as vLLM's CI runs it: each async fixture on the loop of its own scope (a function-scoped
-    # client on a module loop outlives the test's loop and fails its teardown with "Event loop is closed")
-    (root / "pytest.ini").write_text("[pytest]\nasyncio_mode = strict\n"
-                                     "filterwarnings =\n    ignore:The configuration option "
-                                     "\"asyncio_default_fixture_loop_scope\" is unset\n"
+    (root / "pytest.ini").write_text("[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
                                      "addopts = -p no:cacheprovider\nmarkers =\n    core_model\n    slow_test\n"
                                      "    cpu_model\n    skip_v1\n    timeout\n")
     return root
