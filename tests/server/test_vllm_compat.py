@@ -19,6 +19,7 @@ MSG = [{"role": "user", "content": "Say hi"}]
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s = start_server(tmp_path_factory.mktemp("compat"), "--max-model-len", "1024", "--max-num-seqs", "8",
                      "--enable-prompt-tokens-details", "--enable-request-id-headers", "--enable-force-include-usage",
+                     "--enable-per-request-metrics",
                      "--enable-server-load-tracking",
                      "--max-logprobs", "30", "--enable-tokenizer-info-endpoint", "--enable-chunked-prefill",
                      "--show-hidden-metrics-for-version", "0.9", "--api-server-count", "1", "--root-path", "/api",
@@ -353,3 +354,33 @@ def test_allowed_token_ids_and_logprob_token_ids(srv: Server, client: openai.Ope
                            ({"extra_body": {"allowed_token_ids": []}}, "allowed_token_ids is not None and empty!")):
         with pytest.raises(openai.BadRequestError, match=re.escape(needle)):
             client.completions.create(model=MODEL, prompt="Hello", max_tokens=1, **kwargs)
+
+
+def test_per_request_metrics(client: openai.OpenAI) -> None:
+    """``--enable-per-request-metrics``: vLLM's timing ``metrics`` on a response of one generation and on the
+    final usage chunk of a stream (null figures left out there: one token has no inter-token latency)."""
+    timing = {"time_to_first_token_ms", "generation_time_ms", "queue_time_ms", "mean_itl_ms", "tokens_per_second"}
+    out = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, temperature=0,
+                                         extra_body={"min_tokens": 4})
+    metrics = out.model_extra["metrics"]
+    assert timing <= metrics.keys() and all(metrics[k] >= 0 for k in timing) and metrics["tokens_per_second"] > 0
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, n=2).model_extra["metrics"] is None
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1, temperature=0,
+                                                 stream=True, extra_body={"min_tokens": 1}))
+    assert all("metrics" not in (c.model_extra or {}) for c in chunks[:-1]) and chunks[-1].choices == []
+    assert set(chunks[-1].model_extra["metrics"]) == timing - {"mean_itl_ms"}
+
+
+def test_kv_transfer_prompt_token_ids_are_used_verbatim(client: openai.OpenAI) -> None:
+    """A decode stage's chat request with the prefill stage's ``kv_transfer_params.prompt_token_ids``: those ids
+    are the prompt (the request's own messages are not rendered); malformed ids get vLLM's 400."""
+    ids = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1, temperature=0,
+                                         extra_body={"return_token_ids": True}).model_extra["prompt_token_ids"]
+    other = [{"role": "user", "content": "unrelated decode-side text"}]
+    out = client.chat.completions.create(model=MODEL, messages=other, max_tokens=2, temperature=0, extra_body={
+        "kv_transfer_params": {"prompt_token_ids": ids}, "return_token_ids": True})
+    assert out.model_extra["prompt_token_ids"] == ids and out.usage.prompt_tokens == len(ids)
+    for bad, needle in (([], "must be a non-empty list of non-negative integers."), ([10**7], "out of vocabulary")):
+        with pytest.raises(openai.BadRequestError, match=re.escape(needle)):
+            client.chat.completions.create(model=MODEL, messages=other, max_tokens=1,
+                                           extra_body={"kv_transfer_params": {"prompt_token_ids": bad}})

@@ -68,5 +68,5 @@ async def create_batch_chat_completion(raw: Request) -> Response:
     num_gen = sum(len(f.outputs[0].token_ids) for f in finals)
     body = {"id": resp_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": usage(num_prompt, num_gen), "system_fingerprint": None, "service_tier": None,
-            "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None}
+            "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None, "metrics": None}
     return JSONResponse(body, headers=load_headers(state, raw))

@@ -36,7 +36,7 @@ from slicelm.entrypoints.server.state import (
 )
 from slicelm.entrypoints.server.streaming import SSE_HEADERS, DeltaTracker, sse, sse_done, sse_error
 from slicelm.entrypoints.server.structured import request_structured_outputs
-from slicelm.entrypoints.server.usage import chunk_usage, final_chunk_usage, usage
+from slicelm.entrypoints.server.usage import chunk_usage, final_chunk_usage, request_metrics, usage
 
 router = APIRouter()
 MAX_PROMPTS = 1024
@@ -153,7 +153,9 @@ async def create_completion(raw: Request) -> Response:
     cached = sum(f.num_cached_tokens for f in finals)
     body = {"id": resp_id, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": usage(num_prompt, num_gen, cached, state.options.enable_prompt_tokens_details),
-            "service_tier": None, "system_fingerprint": None, "kv_transfer_params": None}
+            "service_tier": None, "system_fingerprint": None, "kv_transfer_params": None, "metrics": None}
+    if state.options.enable_per_request_metrics and len(choices) == 1:  # vLLM: one prompt, n = 1
+        body["metrics"] = request_metrics(finals[0].metrics, num_gen)
     return JSONResponse(body, headers=load_headers(state, raw))
 
 
@@ -173,6 +175,7 @@ async def _stream(state: ServerState, req: CompletionRequest, streams: list[Requ
     offsets = [[0] * n for _ in prompts]
     started = [[False] * n for _ in prompts]
     cached = [0] * len(prompts)
+    metrics = None
 
     def chunk(choice: dict[str, Any]) -> str:
         body: dict[str, Any] = {"id": resp_id, "object": "text_completion", "created": created, "model": model,
@@ -183,7 +186,7 @@ async def _stream(state: ServerState, req: CompletionRequest, streams: list[Requ
 
     try:
         async for p_idx, out in merge_streams(streams):
-            cached[p_idx] = out.num_cached_tokens
+            cached[p_idx], metrics = out.num_cached_tokens, out.metrics
             for o in out.outputs:
                 d = trackers[p_idx].delta(o)
                 if d is None:
@@ -211,10 +214,13 @@ async def _stream(state: ServerState, req: CompletionRequest, streams: list[Requ
                         choice["prompt_token_ids"] = list(prompts[p_idx][1])
                 yield chunk(choice)
         if include_usage:
-            final = final_chunk_usage(num_prompt, sum(t.num_tokens for t in trackers), sum(cached),
-                                      state.options.enable_prompt_tokens_details)
-            yield sse({"id": resp_id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [], "usage": final})
+            num_gen = sum(t.num_tokens for t in trackers)
+            final = final_chunk_usage(num_prompt, num_gen, sum(cached), state.options.enable_prompt_tokens_details)
+            last: dict[str, Any] = {"id": resp_id, "object": "text_completion", "created": created, "model": model,
+                                    "choices": [], "usage": final}
+            if state.options.enable_per_request_metrics and len(prompts) * n == 1:
+                last["metrics"] = request_metrics(metrics, num_gen, streamed=True)
+            yield sse(last)
     except Exception as e:
         yield sse_error(from_exception(e))
     finally:

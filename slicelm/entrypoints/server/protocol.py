@@ -194,6 +194,7 @@ class ChatFields(SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, str]] | None = None
+    kv_transfer_params: dict[str, Any] | None = None  # its prompt_token_ids: a prefill stage's, used verbatim
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatFields:
