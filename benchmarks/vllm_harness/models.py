@@ -33,6 +33,16 @@ def write_smollm2_tokenizer(path: Path) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps(config))
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def add_chat_template(path: Path) -> None:
+    """ChatML, as the named Qwen2.5 classifier has (its chat-input tests need one; BERT's tokenizer has none)."""
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+
+
 def write_random_bert(path: Path, num_labels: int, seed: int) -> None:
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=2, num_attention_heads=12,
@@ -54,3 +64,5 @@ def write_models(root: Path) -> None:
     for name, labels, seed in (("bert-cross-encoder", 1, 0), ("bert-classifier", 2, 1)):
         if not (root / name / "config.json").exists():
             write_random_bert(root / name, labels, seed)
+    if "chat_template" not in (root / "bert-classifier" / "tokenizer_config.json").read_text():
+        add_chat_template(root / "bert-classifier")

@@ -79,6 +79,7 @@ class RemoteOpenAIServer:
         if override_hf_configs is not None:
             pytest.skip("harness: --hf-overrides")
         self.model = model
+        self.show_hidden_metrics = any(a.partition("=")[0] == "--show-hidden-metrics-for-version" for a in args)
         flags = _translate(model, args)
         if "--served-model-name" not in flags:
             flags += ["--served-model-name", model]
