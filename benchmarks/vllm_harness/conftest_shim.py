@@ -89,6 +89,15 @@ class HfRunner:
         pass
 
 
+@pytest.fixture(autouse=True)
+def _substitute_vocab_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test module's ``get_vocab_size(name)`` helper (vLLM's ``ModelConfig`` of the Hub model, offline here):
+    the vocabulary of the model that serves ``name``."""
+    if request.module is not None and hasattr(request.module, "get_vocab_size"):
+        monkeypatch.setattr(request.module, "get_vocab_size",
+                            lambda name: len(transformers.AutoTokenizer.from_pretrained(tokenizer_dir(name))))
+
+
 @pytest.fixture(scope="session")
 def hf_runner():
     return HfRunner

@@ -149,8 +149,11 @@ def test_invocations_orca_and_root_path(srv: Server) -> None:
                    headers={"endpoint-load-metrics-format": "JSON"})
     assert r.json()["object"] == "text_completion"
     assert "num_requests_waiting" in json.loads(r.headers["endpoint-load-metrics"][5:])["named_metrics"]
-    # --root-path: the proxy strips /api; the app knows its public prefix (as uvicorn / vLLM treat it)
+    # --root-path: the app knows its public prefix, and routes a request with or without it (as vLLM's FastAPI
+    # root_path: a proxy may strip /api or leave it on)
     assert httpx.get(srv.url + "/openapi.json").json()["servers"] == [{"url": "/api"}]
+    for prefix in ("", "/api"):
+        assert httpx.get(srv.url + prefix + "/v1/models").json()["data"][0]["id"] == MODEL, prefix
 
 
 def test_vllm_metrics(srv: Server) -> None:
@@ -384,3 +387,16 @@ def test_kv_transfer_prompt_token_ids_are_used_verbatim(client: openai.OpenAI) -
         with pytest.raises(openai.BadRequestError, match=re.escape(needle)):
             client.chat.completions.create(model=MODEL, messages=other, max_tokens=1,
                                            extra_body={"kv_transfer_params": {"prompt_token_ids": bad}})
+
+
+def test_logit_bias_as_vllm(client: openai.OpenAI) -> None:
+    """Every non-integer key named in vLLM's text; out-of-vocabulary ids in vLLM's text; biases clamped to
+    [-100, 100] (not refused), as vLLM."""
+    with pytest.raises(openai.BadRequestError, match=re.escape("converted to integer token IDs: ['bad1', 'bad2']")):
+        client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1, logit_bias={"bad1": 5, "bad2": 1})
+    with pytest.raises(openai.BadRequestError, match=re.escape("token_id(s) [49153] in logit_bias contain "
+                                                               "out-of-vocab token ids. Vocabulary size: 49152")):
+        client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1, logit_bias={"49153": 1})
+    out = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1, temperature=1.0,
+                                         logit_bias={"42": 500}, extra_body={"return_token_ids": True})
+    assert out.choices[0].model_extra["token_ids"] == [42]

@@ -148,12 +148,10 @@ class SamplingFields(LaxModel):
             raise ValueError("stop: stop strings must be non-empty")
         if isinstance(self.stop, str) and not self.stop:
             raise ValueError("stop: stop strings must be non-empty")
-        if self.logit_bias:
-            for k, v in self.logit_bias.items():
-                if not re.fullmatch(r"-?[0-9]{1,12}", k):
-                    raise ValueError(f"logit_bias: keys must be token ids, got {k!r}")
-                if not -100.0 <= v <= 100.0:
-                    raise ValueError(f"logit_bias: values must be in [-100, 100], got {v} for token {k}")
+        bad_keys = [k for k in self.logit_bias or {} if not re.fullmatch(r"-?[0-9]{1,12}", k)]
+        if bad_keys:  # vLLM's text, every bad key named (values are clamped to [-100, 100] as vLLM's)
+            raise ValueError("logit_bias: logit_bias contains key(s) that cannot be converted to integer token IDs: "
+                             f"{bad_keys!r}")
         if self.response_format is not None and self.response_format.type not in (
                 "text", "json_object", "json_schema", "structural_tag"):
             raise ValueError(f"response_format: type must be 'text', 'json_object', 'json_schema' or "

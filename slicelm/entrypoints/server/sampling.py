@@ -66,11 +66,12 @@ def build_sampling_params(state: ServerState, req: SamplingFields, max_tokens: i
     vocab = state.tokenizer.vocab_size if state.engine.tokenizer is not None else None
     bias: dict[int, float] | None = None
     if req.logit_bias:
-        bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+        bias = {int(k): min(100.0, max(-100.0, float(v))) for k, v in req.logit_bias.items()}  # vLLM clamps
         if vocab is not None:
             bad = [t for t in bias if not 0 <= t < vocab]
             if bad:
-                raise bad_request(f"logit_bias: token id {bad[0]} is out of range [0, {vocab})", param="logit_bias")
+                raise bad_request(f"logit_bias: token_id(s) {bad} in logit_bias contain out-of-vocab token ids. "
+                                  f"Vocabulary size: {vocab}", param="logit_bias")
     if vocab is not None and req.stop_token_ids:
         bad = [t for t in req.stop_token_ids if not 0 <= t < vocab]
         if bad:
