@@ -13,6 +13,7 @@ from typing import Any
 
 _SAMPLING_EPS = 1e-5
 MAX_LOGPROBS = 20  # the servers' default --max-logprobs
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's bound on logprob_token_ids
 MAX_LOGIT_BIAS = 100.0
 
 
@@ -92,6 +93,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # sample only among these ids
+    logprob_token_ids: list[int] | None = None  # logprobs of these ids (and the sampled one) instead of the top-k
     truncate_prompt_tokens: int | None = None
     detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
@@ -198,6 +201,7 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 raise SamplingParamsError("stop_token_ids", f"must be non-negative integers, got {t!r}")
+        self._verify_token_lists()
         for tok, v in (self.logit_bias or {}).items():
             if tok < 0:
                 raise SamplingParamsError("logit_bias", f"token ids must be >= 0, got {tok}")
@@ -205,6 +209,35 @@ class SamplingParams:
                 raise SamplingParamsError(
                     "logit_bias", f"bias for token {tok} must be in [-100, 100], got {v!r}"
                 )
+
+    def _verify_token_lists(self) -> None:
+        """vLLM's checks of ``allowed_token_ids`` / ``logprob_token_ids`` (the servers check the vocabulary)."""
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            if not isinstance(allowed, list) or not allowed:
+                raise SamplingParamsError("allowed_token_ids", "allowed_token_ids is not None and empty!")
+            if not all(_is_int(t) and t >= 0 for t in allowed):
+                raise SamplingParamsError("allowed_token_ids", "allowed_token_ids contains out-of-vocab token id!")
+        ids = self.logprob_token_ids
+        if ids is None:
+            return
+        if not isinstance(ids, list) or not all(_is_int(t) and t >= 0 for t in ids):
+            raise SamplingParamsError("logprob_token_ids", f"must be a list of token ids >= 0, got {ids!r}")
+        if len(ids) > MAX_LOGPROB_TOKEN_IDS:
+            raise SamplingParamsError("logprob_token_ids", f"Requested logprob_token_ids of length {len(ids)}, "
+                                      f"which is greater than max allowed: {MAX_LOGPROB_TOKEN_IDS}")
+        if self.logprobs is not None and self.logprobs != len(ids):
+            raise SamplingParamsError("logprob_token_ids", "When both logprobs and logprob_token_ids are set, "
+                                      f"logprobs must equal len(logprob_token_ids). Got logprobs={self.logprobs}, "
+                                      f"len(logprob_token_ids)={len(ids)}.")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Logprobs to return per output token besides the sampled one (vLLM's): ``logprobs``, or the number
+        of ``logprob_token_ids``; None when none were asked for."""
+        if self.logprobs is not None:
+            return self.logprobs
+        return len(self.logprob_token_ids) if self.logprob_token_ids else None
 
     def update_from_generation_config(
         self, generation_config: dict[str, Any] | None, model_eos_token_id: int | None = None

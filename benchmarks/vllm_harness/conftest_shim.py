@@ -2,6 +2,9 @@
 (sentence-transformers on the substituted local models) and tokenizer look-ups by the names the tests use."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -35,6 +38,29 @@ def _get_tokenizer(name=None, *a, **k):
 
 _vt.get_tokenizer = _get_tokenizer
 
+import vllm.model_executor.model_loader.weight_utils as _weight_utils  # noqa: E402
+import vllm.transformers_utils.repo_utils as _repo_utils  # noqa: E402
+
+
+def _no_hub_folder(repo_id: str, *a: object, **k: object) -> str:
+    """An empty local folder named after ``repo_id`` instead of a Hub download (offline): the server serves the
+    repo's substitute under that path (``substitutions.py``)."""
+    path = Path(os.environ.get("HARNESS_MODELS", "/tmp")) / "no-hub" / repo_id.replace("/", "--")
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+class _NoHubApi:
+    """The LoRA fixtures' ``hf_api().snapshot_download``: the harness drops the LoRA flags, so the tests of
+    those modules that do not use an adapter run; those that name one are out of scope."""
+
+    def snapshot_download(self, repo_id: str, **kwargs: object) -> str:
+        return _no_hub_folder(repo_id)
+
+
+_repo_utils.hf_api = lambda *a, **k: _NoHubApi()
+_weight_utils.download_weights_from_hf = _no_hub_folder  # test_token_in_token_out: the config of a dummy model
+
 
 class HfRunner:
     """Only what the entrypoint tests use: sentence-transformers ``encode`` and cross-encoder ``predict``."""
@@ -61,6 +87,15 @@ class HfRunner:
 
     def __exit__(self, *exc: object) -> None:
         pass
+
+
+@pytest.fixture(autouse=True)
+def _substitute_vocab_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test module's ``get_vocab_size(name)`` helper (vLLM's ``ModelConfig`` of the Hub model, offline here):
+    the vocabulary of the model that serves ``name``."""
+    if request.module is not None and hasattr(request.module, "get_vocab_size"):
+        monkeypatch.setattr(request.module, "get_vocab_size",
+                            lambda name: len(transformers.AutoTokenizer.from_pretrained(tokenizer_dir(name))))
 
 
 @pytest.fixture(scope="session")

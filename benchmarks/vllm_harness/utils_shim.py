@@ -22,8 +22,9 @@ ROCM_EXTRA_ARGS: list[str] = []
 SLICELM = os.environ["SLICELM_TREE"]
 PY = os.environ.get("SLICELM_PYTHON", sys.executable)
 LOG_DIR = Path(os.environ.get("HARNESS_LOG_DIR", "/tmp/slicelm-vllm-harness/logs"))
-OUT_OF_SCOPE_VALUE_FLAGS = {"--tool-call-parser", "--reasoning-parser"}
-OUT_OF_SCOPE_FLAGS = {"--enable-auto-tool-choice"}
+OUT_OF_SCOPE_VALUE_FLAGS = {"--reasoning-parser", "--max-lora-rank", "--max-cpu-loras", "--max-loras"}
+OUT_OF_SCOPE_LIST_FLAGS = {"--lora-modules"}  # one or more values
+OUT_OF_SCOPE_FLAGS = {"--enable-lora"}
 MAX_LEN = {"generate": 8192, "embed": 256, "score": 512, "classify": 512}  # MiniLM: 256
 
 
@@ -35,15 +36,20 @@ def get_open_port() -> int:
 
 def _translate(model: str, args: list[str]) -> list[str]:
     """vLLM flags -> slicelm flags: the model's dtype becomes float32 on the CPU (speed), --max-model-len is
-    capped at the substitute's maximum, --convert is implied by the substitute, the tool/reasoning parser
-    flags are dropped (the tests that need them are out of scope). Everything else is passed as is."""
+    capped at the substitute's maximum, --convert is implied by the substitute, the reasoning-parser and
+    LoRA flags are dropped (the tests that use them are out of scope; the others of their modules run).
+    Everything else is passed as is."""
     out: list[str] = []
     kind = kind_of(model)
     valued = {"--dtype", "--max-model-len", "--convert", "--model", *OUT_OF_SCOPE_VALUE_FLAGS}
     it = iter(args)
+    skipping_list = False
     for a in it:
         key, eq, inline = a.partition("=")
-        if key in OUT_OF_SCOPE_FLAGS:
+        if skipping_list and not a.startswith("-"):
+            continue
+        skipping_list = key in OUT_OF_SCOPE_LIST_FLAGS and not eq
+        if key in OUT_OF_SCOPE_FLAGS or key in OUT_OF_SCOPE_LIST_FLAGS:
             continue
         if key not in valued:
             out.append(a)

@@ -311,7 +311,7 @@ class EngineCore:
                     if req.wants_prompt_logprobs:
                         out.prompt_logprobs = req.prompt_logprobs
             out.new_token_ids.append(token)
-            if result.logprobs is not None and req.sampling_params.logprobs is not None:
+            if result.logprobs is not None and req.sampling_params.num_logprobs is not None:
                 out.new_logprobs = out.new_logprobs or []
                 out.new_logprobs.append(_logprob_entry(req, result, row))
             status = self._check_stop(req, token)
@@ -395,6 +395,6 @@ def make_structured_manager(args: EngineArgs, worker: Worker) -> StructuredOutpu
 
 def _logprob_entry(req: Request, result: RunnerOutput, row: int) -> tuple[list[int], list[float], int | None]:
     assert result.logprob_token_ids is not None and result.logprobs is not None
-    k = req.sampling_params.logprobs or 0
+    k = req.sampling_params.num_logprobs or 0
     rank = result.ranks[row] if result.ranks is not None else None
     return result.logprob_token_ids[row][: k + 1], result.logprobs[row][: k + 1], rank

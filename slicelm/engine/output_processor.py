@@ -84,7 +84,7 @@ class OutputProcessor:
             detok = None
             want_lp = False
             if not isinstance(params, PoolingParams):
-                want_lp = params.logprobs is not None
+                want_lp = params.num_logprobs is not None
                 if self.tokenizer is not None and params.detokenize:
                     detok = IncrementalDetokenizer(self.tokenizer.hf, params, req.prompt_token_ids)
             seqs[core_req.request_id] = _Seq(i, detok, want_lp, logprobs=[] if want_lp else None)

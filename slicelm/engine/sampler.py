@@ -1,6 +1,7 @@
 """Batched sampling on the logits' device (vLLM v1 order of processing).
 
-    logits [B, V] --(raw log_softmax -> logprobs)--> logit bias -> min_tokens mask -> penalties
+    logits [B, V] --(raw log_softmax -> logprobs)--> logit bias -> allowed_token_ids mask -> min_tokens mask
+      -> penalties
       -> greedy argmax (temperature ~ 0 rows)
       -> / temperature -> min-p -> top-k / top-p (sort based) -> softmax
       -> exponential race: argmax(probs / q), q ~ Exp(1)
@@ -39,6 +40,14 @@ def _host_to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return t.to(device)
 
 
+def _allowed_mask(rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[A, V] bool, True where a row's ``allowed_token_ids`` leave a token out."""
+    mask = torch.ones(len(rows), vocab_size, dtype=torch.bool)
+    for j, ids in enumerate(rows):
+        mask[j, [t for t in ids if t < vocab_size]] = False
+    return mask.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else mask.to(device)
+
+
 def _pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     data = [list(r) + [pad] * (width - len(r)) for r in rows]
@@ -67,6 +76,10 @@ class SamplingMetadata:
     logit_bias_rows: torch.Tensor | None  # [K] int64
     logit_bias_cols: torch.Tensor | None  # [K] int64
     logit_bias_values: torch.Tensor | None  # [K] float32
+    allowed_rows: torch.Tensor | None = None  # [A] int64 rows with allowed_token_ids
+    disallowed: torch.Tensor | None = None  # [A, V] bool: True where the row may not sample the token
+    chosen_rows: torch.Tensor | None = None  # [S] int64 rows with logprob_token_ids
+    chosen_ids: torch.Tensor | None = None  # [S, W] int64 their ids, padded with each row's first id
     vocab_size: int = 0
     batch_size: int = 0
 
@@ -74,7 +87,7 @@ class SamplingMetadata:
     def plain_greedy(self) -> bool:
         """Every row greedy and nothing that edits or reports logits: the argmax of the raw logits."""
         return (self.all_greedy and self.max_num_logprobs is None and self.no_penalties
-                and self.logit_bias_values is None and self.min_tokens_rows is None)
+                and self.logit_bias_values is None and self.min_tokens_rows is None and self.disallowed is None)
 
     @classmethod
     def build(
@@ -104,8 +117,12 @@ class SamplingMetadata:
             elif p.sampling_type == SamplingType.RANDOM_SEED and g is None:
                 raise ValueError(f"seed: request {i} has seed={p.seed} but no generator was given")
 
-        requested = [p.logprobs for p in params if p.logprobs is not None]
+        requested = [p.num_logprobs for p in params if p.num_logprobs is not None]
         max_num_logprobs = min(max(requested), vocab_size) if requested else None
+        allowed = [i for i, p in enumerate(params) if p.allowed_token_ids]
+        chosen = [i for i, p in enumerate(params) if p.logprob_token_ids]
+        chosen_ids = [params[i].logprob_token_ids or [] for i in chosen]
+        width = max((len(c) for c in chosen_ids), default=0)
 
         no_penalties = all(
             p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 and p.repetition_penalty == 1.0
@@ -162,6 +179,12 @@ class SamplingMetadata:
             logit_bias_rows=_host_to_device(lb_rows, torch.int64, device) if lb_rows else None,
             logit_bias_cols=_host_to_device(lb_cols, torch.int64, device) if lb_rows else None,
             logit_bias_values=_host_to_device(lb_vals, torch.float32, device) if lb_rows else None,
+            allowed_rows=_host_to_device(allowed, torch.int64, device) if allowed else None,
+            disallowed=_allowed_mask([params[i].allowed_token_ids or [] for i in allowed], vocab_size, device)
+            if allowed else None,
+            chosen_rows=_host_to_device(chosen, torch.int64, device) if chosen else None,
+            chosen_ids=_host_to_device([c + [c[0]] * (width - len(c)) for c in chosen_ids], torch.int64, device)
+            if chosen else None,
             vocab_size=vocab_size,
             batch_size=b,
         )
@@ -247,6 +270,17 @@ def compute_logprobs(
     return ids, lps, ranks
 
 
+def _put_chosen(out: SamplerOutput, raw_logprobs: torch.Tensor, meta: SamplingMetadata) -> None:
+    """Rows with ``logprob_token_ids``: those ids and their logprobs in place of the top-k (after the sampled
+    token in column 0; the core keeps ``len(logprob_token_ids)`` columns of such a row)."""
+    assert out.logprob_token_ids is not None and out.logprobs is not None
+    assert meta.chosen_rows is not None and meta.chosen_ids is not None
+    w = meta.chosen_ids.shape[1]
+    assert out.logprob_token_ids.shape[1] >= w + 1, "max_num_logprobs counts the chosen ids"
+    out.logprob_token_ids[meta.chosen_rows, 1:w + 1] = meta.chosen_ids
+    out.logprobs[meta.chosen_rows, 1:w + 1] = raw_logprobs[meta.chosen_rows].gather(1, meta.chosen_ids)
+
+
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == meta.batch_size, (logits.shape, meta.batch_size)
@@ -259,6 +293,9 @@ class Sampler(nn.Module):
         if meta.logit_bias_values is not None:
             logits.index_put_((meta.logit_bias_rows, meta.logit_bias_cols), meta.logit_bias_values,
                               accumulate=True)
+        if meta.disallowed is not None:
+            assert meta.allowed_rows is not None
+            logits[meta.allowed_rows] = logits[meta.allowed_rows].masked_fill(meta.disallowed, float("-inf"))
         if meta.min_tokens_rows is not None:
             logits.index_put_((meta.min_tokens_rows, meta.min_tokens_cols),
                               torch.full((), float("-inf"), device=logits.device))
@@ -273,6 +310,8 @@ class Sampler(nn.Module):
             out.logprob_token_ids, out.logprobs, out.ranks = compute_logprobs(
                 raw_logprobs, sampled, meta.max_num_logprobs
             )
+            if meta.chosen_rows is not None:
+                _put_chosen(out, raw_logprobs, meta)
         return out
 
     @staticmethod

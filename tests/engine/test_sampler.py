@@ -227,6 +227,33 @@ def test_logprobs_are_raw_log_softmax_with_ranks():
     assert only_sampled.logprobs.shape == (1, 1) and int(only_sampled.ranks[0]) == 1
 
 
+def test_allowed_token_ids_and_logprob_token_ids():
+    """allowed_token_ids restrict sampling (greedy and random rows); logprob_token_ids replace a row's top-k
+    with the raw logprobs of those ids (other rows keep their top-k)."""
+    torch.manual_seed(6)
+    logits = torch.randn(4, 64)
+    params = [
+        SamplingParams(temperature=0.0, allowed_token_ids=[7], logprob_token_ids=[3, 50, 9]),
+        SamplingParams(temperature=1.0, allowed_token_ids=[1, 2]),
+        SamplingParams(temperature=0.0, logprobs=2),
+        SamplingParams(temperature=0.0, logprob_token_ids=[11]),
+    ]
+    out = run(logits, params)
+    ref = torch.log_softmax(logits, -1)
+    sampled = out.sampled_token_ids.tolist()
+    assert sampled[0] == 7 and sampled[1] in (1, 2) and sampled[2:] == logits[2:].argmax(-1).tolist()
+    assert out.logprob_token_ids.shape == (4, 4)  # the widest request: 3 chosen ids
+    assert out.logprob_token_ids[0, :4].tolist() == [7, 3, 50, 9]
+    torch.testing.assert_close(out.logprobs[0, :4], ref[0, [7, 3, 50, 9]])
+    assert out.logprob_token_ids[3, :2].tolist() == [sampled[3], 11]
+    torch.testing.assert_close(out.logprobs[3, 1], ref[3, 11])
+    assert out.logprob_token_ids[2, 1:3].tolist() == ref[2].topk(2).indices.tolist()
+    with pytest.raises(ValueError, match="allowed_token_ids is not None and empty!"):
+        SamplingParams(allowed_token_ids=[])
+    with pytest.raises(ValueError, match="logprobs must equal len"):
+        SamplingParams(logprobs=5, logprob_token_ids=[1])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_seeded_and_greedy():

@@ -80,7 +80,6 @@ CASES: list[tuple[str, str, Any, dict[str, str], int, str | None]] = [
     ("stop wrong type", CHAT, chat(stop=5), J, 400, "stop"),
     ("empty stop string", CHAT, chat(stop=[""]), J, 400, "stop"),
     ("logit_bias bad key", CHAT, chat(logit_bias={"abc": 1}), J, 400, "logit_bias"),
-    ("logit_bias out of range", CHAT, chat(logit_bias={"5": 500}), J, 400, "logit_bias"),
     ("logit_bias token out of vocab", CHAT, chat(logit_bias={"99999999": 1}), J, 400, "logit_bias"),
     ("seed string", CHAT, chat(seed="x"), J, 400, "seed"),
     ("top_k invalid", CHAT, chat(top_k=-5), J, 400, "top_k"),

@@ -19,6 +19,7 @@ MSG = [{"role": "user", "content": "Say hi"}]
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s = start_server(tmp_path_factory.mktemp("compat"), "--max-model-len", "1024", "--max-num-seqs", "8",
                      "--enable-prompt-tokens-details", "--enable-request-id-headers", "--enable-force-include-usage",
+                     "--enable-per-request-metrics",
                      "--enable-server-load-tracking",
                      "--max-logprobs", "30", "--enable-tokenizer-info-endpoint", "--enable-chunked-prefill",
                      "--show-hidden-metrics-for-version", "0.9", "--api-server-count", "1", "--root-path", "/api",
@@ -148,8 +149,11 @@ def test_invocations_orca_and_root_path(srv: Server) -> None:
                    headers={"endpoint-load-metrics-format": "JSON"})
     assert r.json()["object"] == "text_completion"
     assert "num_requests_waiting" in json.loads(r.headers["endpoint-load-metrics"][5:])["named_metrics"]
-    # --root-path: the proxy strips /api; the app knows its public prefix (as uvicorn / vLLM treat it)
+    # --root-path: the app knows its public prefix, and routes a request with or without it (as vLLM's FastAPI
+    # root_path: a proxy may strip /api or leave it on)
     assert httpx.get(srv.url + "/openapi.json").json()["servers"] == [{"url": "/api"}]
+    for prefix in ("", "/api"):
+        assert httpx.get(srv.url + prefix + "/v1/models").json()["data"][0]["id"] == MODEL, prefix
 
 
 def test_vllm_metrics(srv: Server) -> None:
@@ -322,3 +326,77 @@ def test_truncation_side(client: openai.OpenAI) -> None:
                                         extra_body={"return_token_ids": True, "truncate_prompt_tokens": 4,
                                                     "truncation_side": side})
         assert out.choices[0].model_extra["prompt_token_ids"] == kept, side
+
+
+def test_allowed_token_ids_and_logprob_token_ids(srv: Server, client: openai.OpenAI) -> None:
+    """``allowed_token_ids`` restricts sampling; ``logprob_token_ids`` shows those ids (and the sampled one) in
+    place of the top-k, on completions (both modes), chat and the batched chat route, as vLLM."""
+    extra = {"logprob_token_ids": [5000], "allowed_token_ids": [42], "return_tokens_as_token_ids": True}
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=1, temperature=0, logprobs=5,
+                                    extra_body=extra)
+    assert out.choices[0].logprobs.tokens == ["token_id:42"]
+    assert set(out.choices[0].logprobs.top_logprobs[0]) == {"token_id:42", "token_id:5000"}
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=1, temperature=0, logprobs=5,
+                                            stream=True, extra_body=extra))
+    tops = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.top_logprobs]
+    assert len(tops) == 1 and set(tops[0]) == {"token_id:42", "token_id:5000"}
+    chat = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1, temperature=0, logprobs=True,
+                                          extra_body={**extra, "logprob_token_ids": [100, 1000, 5000],
+                                                      "allowed_token_ids": [5000]})
+    first = chat.choices[0].logprobs.content[0]
+    assert first.token == "token_id:5000" and {e.token for e in first.top_logprobs} == \
+        {"token_id:100", "token_id:1000", "token_id:5000"}
+    assert all(-1e4 < e.logprob < 0 for e in first.top_logprobs)
+    batch = httpx.post(srv.url + "/v1/chat/completions/batch", timeout=120, json={
+        "model": MODEL, "messages": [MSG], "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 5,
+        "logprob_token_ids": [100, 1000], "return_tokens_as_token_ids": True}).json()
+    entry = batch["choices"][0]["logprobs"]["content"][0]
+    assert {e["token"] for e in entry["top_logprobs"]} == {"token_id:100", "token_id:1000", entry["token"]}
+    for kwargs, needle in (({"logprobs": 1, "extra_body": {"allowed_token_ids": [10**6]}}, "out-of-vocab token id!"),
+                           ({"extra_body": {"logprob_token_ids": [1]}}, "`logprobs` must be set."),
+                           ({"extra_body": {"allowed_token_ids": []}}, "allowed_token_ids is not None and empty!")):
+        with pytest.raises(openai.BadRequestError, match=re.escape(needle)):
+            client.completions.create(model=MODEL, prompt="Hello", max_tokens=1, **kwargs)
+
+
+def test_per_request_metrics(client: openai.OpenAI) -> None:
+    """``--enable-per-request-metrics``: vLLM's timing ``metrics`` on a response of one generation and on the
+    final usage chunk of a stream (null figures left out there: one token has no inter-token latency)."""
+    timing = {"time_to_first_token_ms", "generation_time_ms", "queue_time_ms", "mean_itl_ms", "tokens_per_second"}
+    out = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, temperature=0,
+                                         extra_body={"min_tokens": 4})
+    metrics = out.model_extra["metrics"]
+    assert timing <= metrics.keys() and all(metrics[k] >= 0 for k in timing) and metrics["tokens_per_second"] > 0
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, n=2).model_extra["metrics"] is None
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1, temperature=0,
+                                                 stream=True, extra_body={"min_tokens": 1}))
+    assert all("metrics" not in (c.model_extra or {}) for c in chunks[:-1]) and chunks[-1].choices == []
+    assert set(chunks[-1].model_extra["metrics"]) == timing - {"mean_itl_ms"}
+
+
+def test_kv_transfer_prompt_token_ids_are_used_verbatim(client: openai.OpenAI) -> None:
+    """A decode stage's chat request with the prefill stage's ``kv_transfer_params.prompt_token_ids``: those ids
+    are the prompt (the request's own messages are not rendered); malformed ids get vLLM's 400."""
+    ids = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1, temperature=0,
+                                         extra_body={"return_token_ids": True}).model_extra["prompt_token_ids"]
+    other = [{"role": "user", "content": "unrelated decode-side text"}]
+    out = client.chat.completions.create(model=MODEL, messages=other, max_tokens=2, temperature=0, extra_body={
+        "kv_transfer_params": {"prompt_token_ids": ids}, "return_token_ids": True})
+    assert out.model_extra["prompt_token_ids"] == ids and out.usage.prompt_tokens == len(ids)
+    for bad, needle in (([], "must be a non-empty list of non-negative integers."), ([10**7], "out of vocabulary")):
+        with pytest.raises(openai.BadRequestError, match=re.escape(needle)):
+            client.chat.completions.create(model=MODEL, messages=other, max_tokens=1,
+                                           extra_body={"kv_transfer_params": {"prompt_token_ids": bad}})
+
+
+def test_logit_bias_as_vllm(client: openai.OpenAI) -> None:
+    """Every non-integer key named in vLLM's text; out-of-vocabulary ids in vLLM's text; biases clamped to
+    [-100, 100] (not refused), as vLLM."""
+    with pytest.raises(openai.BadRequestError, match=re.escape("converted to integer token IDs: ['bad1', 'bad2']")):
+        client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1, logit_bias={"bad1": 5, "bad2": 1})
+    with pytest.raises(openai.BadRequestError, match=re.escape("token_id(s) [49153] in logit_bias contain "
+                                                               "out-of-vocab token ids. Vocabulary size: 49152")):
+        client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1, logit_bias={"49153": 1})
+    out = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=1, temperature=1.0,
+                                         logit_bias={"42": 500}, extra_body={"return_token_ids": True})
+    assert out.choices[0].model_extra["token_ids"] == [42]

@@ -192,8 +192,11 @@ def make_state(engine: EngineClient, args: argparse.Namespace, primary: bool = T
 
 
 def make_uvicorn_config(app: Any, args: argparse.Namespace) -> uvicorn.Config:
-    # timeout_graceful_shutdown: a client holding a half-sent body cannot keep the process alive after SIGTERM
-    return uvicorn.Config(app, host=args.host, port=args.port, uds=args.uds, root_path=args.root_path,
+    # --root-path as vLLM sets it, on the FastAPI app (not uvicorn's): a request reaches a route with or without
+    # the prefix (/v1/... and {root}/v1/...). timeout_graceful_shutdown: a client holding a half-sent body cannot
+    # keep the process alive after SIGTERM
+    app.root_path = args.root_path or ""
+    return uvicorn.Config(app, host=args.host, port=args.port, uds=args.uds,
                           log_level=args.uvicorn_log_level, timeout_keep_alive=args.timeout_keep_alive,
                           access_log=not args.disable_access_log, loop="auto", http="auto",
                           ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,

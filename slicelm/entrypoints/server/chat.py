@@ -21,6 +21,7 @@ from slicelm.entrypoints.server.sampling import (
     prompt_logprobs_json,
     resolve_num_logprobs,
     resolve_prompt_logprobs,
+    shown_logprobs,
     tokens_as_ids,
     truncate_prompt,
 )
@@ -37,7 +38,7 @@ from slicelm.entrypoints.server.tools.tool_choice import (
     template_messages,
     tool_structured_outputs,
 )
-from slicelm.entrypoints.server.usage import chunk_usage, final_chunk_usage, usage
+from slicelm.entrypoints.server.usage import chunk_usage, final_chunk_usage, request_metrics, usage
 from slicelm.loader.tokenizer import MissingChatTemplateError
 from slicelm.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -111,9 +112,27 @@ def template_tools(state: ServerState, mode: ToolMode) -> list[dict[str, Any]] |
     return mode.tools or None
 
 
+def reused_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int] | None:
+    """``kv_transfer_params.prompt_token_ids`` (disaggregated serving: the prefill stage's ids, which the decode
+    stage uses instead of rendering the messages again), checked as vLLM does; ignored with ``echo``."""
+    ids = (req.kv_transfer_params or {}).get("prompt_token_ids")
+    if ids is None or req.echo:
+        return None
+    param = "kv_transfer_params.prompt_token_ids"
+    if not isinstance(ids, list) or not ids or any(type(t) is not int or t < 0 for t in ids):
+        raise bad_request(f"{param}: `kv_transfer_params['prompt_token_ids']` must be a non-empty list of "
+                          "non-negative integers.", param=param)
+    if max(ids) >= state.tokenizer.vocab_size:
+        raise bad_request(f"{param}: Token id {max(ids)} is out of vocabulary", param=param)
+    return ids
+
+
 async def chat_prompt_ids(state: ServerState, req: ChatCompletionRequest,
                           tools: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], list[int]]:
     messages = convert_messages(req.messages)
+    reused = reused_prompt_ids(state, req)
+    if reused is not None:
+        return messages, reused
     state.check_text_size(sum(len(m["content"] or "") for m in messages), "messages",
                     truncating=req.truncate_prompt_tokens is not None)
     template = request_template(state, req.chat_template, req.chat_template_kwargs)
@@ -151,7 +170,7 @@ async def create_chat_completion(raw: Request) -> Response:
         return Response(status_code=499)
     finally:
         state.engine.release(stream)
-    top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
+    top_n = shown_logprobs(state, req, req.top_logprobs, "top_logprobs") or 0
     choices = [chat_choice(state, req, o, o.index, echo, top_n, mode) for o in final.outputs]
     body: dict[str, Any] = {
         "id": resp_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
@@ -160,7 +179,10 @@ async def create_chat_completion(raw: Request) -> Response:
         "system_fingerprint": None, "service_tier": None,
         "prompt_logprobs": prompt_logprobs_json(state, final.prompt_logprobs),
         "prompt_token_ids": list(prompt_ids) if req.return_token_ids else None, "kv_transfer_params": None,
+        "metrics": None,
     }
+    if state.options.enable_per_request_metrics and len(final.outputs) == 1:  # vLLM: not with n > 1
+        body["metrics"] = request_metrics(final.metrics, len(final.outputs[0].token_ids))
     return JSONResponse(body, headers=load_headers(state, raw))
 
 
@@ -229,11 +251,12 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, r
         state.options.enable_force_include_usage  # vLLM: forced usage is on every chunk
     n = req.n or 1
     num_prompt = len(prompt_ids)
-    top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
+    top_n = shown_logprobs(state, req, req.top_logprobs, "top_logprobs") or 0
     ids_only = tokens_as_ids(state, req)
     tracker = DeltaTracker(n)
     tools = [ToolCallStreamer(mode) for _ in range(n)] if mode.parses else None
     cached = 0
+    metrics = None
 
     def chunk(choice: dict[str, Any], completion_tokens: int | None = None, first: bool = False) -> str:
         body: dict[str, Any] = {"id": resp_id, "object": "chat.completion.chunk", "created": created,
@@ -250,7 +273,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, r
             yield chunk({"index": i, "delta": {"role": "assistant", "content": echo}, "logprobs": None,
                          "finish_reason": None}, 0, first=True)
         async for out in stream:
-            cached = out.num_cached_tokens
+            cached, metrics = out.num_cached_tokens, out.metrics
             for o in out.outputs:
                 d = tracker.delta(o)
                 if d is None:
@@ -272,9 +295,13 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, stream: Any, r
                     choice["token_ids"] = list(new_ids)
                 yield chunk(choice, tracker.num_tokens)
         if include_usage:
-            yield sse({"id": resp_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [], "usage": final_chunk_usage(num_prompt, tracker.num_tokens, cached,
-                                                                 state.options.enable_prompt_tokens_details)})
+            last: dict[str, Any] = {"id": resp_id, "object": "chat.completion.chunk", "created": created,
+                                    "model": model, "choices": [], "usage": final_chunk_usage(
+                                        num_prompt, tracker.num_tokens, cached,
+                                        state.options.enable_prompt_tokens_details)}
+            if state.options.enable_per_request_metrics and n == 1:
+                last["metrics"] = request_metrics(metrics, tracker.num_tokens, streamed=True)
+            yield sse(last)
     except Exception as e:  # the engine died mid-stream: tell the client in-band
         yield sse_error(from_exception(e))
     finally:

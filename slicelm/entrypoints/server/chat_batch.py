@@ -26,7 +26,7 @@ from slicelm.entrypoints.server.gateway import parse_body
 from slicelm.entrypoints.server.load import load_headers, observe_params
 from slicelm.entrypoints.server.protocol import BatchChatCompletionRequest, ChatCompletionRequest
 from slicelm.entrypoints.server.request_ids import request_ids
-from slicelm.entrypoints.server.sampling import resolve_num_logprobs
+from slicelm.entrypoints.server.sampling import shown_logprobs
 from slicelm.entrypoints.server.state import ClientDisconnected, add_requests, final_outputs, get_state
 from slicelm.entrypoints.server.usage import usage
 
@@ -60,7 +60,7 @@ async def create_batch_chat_completion(raw: Request) -> Response:
     finally:
         for s in streams:
             state.engine.release(s)
-    top_n = resolve_num_logprobs(state, req.top_logprobs, "top_logprobs") or 0
+    top_n = shown_logprobs(state, req, req.top_logprobs, "top_logprobs") or 0
     choices: list[dict[str, Any]] = [
         chat_choice(state, single, final.outputs[0], i, echo_text(single, messages), top_n, mode)
         for i, (single, (messages, _), final, mode) in enumerate(zip(singles, rendered, finals, modes))]
@@ -68,5 +68,5 @@ async def create_batch_chat_completion(raw: Request) -> Response:
     num_gen = sum(len(f.outputs[0].token_ids) for f in finals)
     body = {"id": resp_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": usage(num_prompt, num_gen), "system_fingerprint": None, "service_tier": None,
-            "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None}
+            "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None, "metrics": None}
     return JSONResponse(body, headers=load_headers(state, raw))

@@ -21,6 +21,7 @@ from slicelm.entrypoints.server.sampling import (
     prompt_logprobs_json,
     resolve_num_logprobs,
     resolve_prompt_logprobs,
+    shown_logprobs,
     tokens_as_ids,
     truncate_prompt,
 )
@@ -35,7 +36,7 @@ from slicelm.entrypoints.server.state import (
 )
 from slicelm.entrypoints.server.streaming import SSE_HEADERS, DeltaTracker, sse, sse_done, sse_error
 from slicelm.entrypoints.server.structured import request_structured_outputs
-from slicelm.entrypoints.server.usage import chunk_usage, final_chunk_usage, usage
+from slicelm.entrypoints.server.usage import chunk_usage, final_chunk_usage, request_metrics, usage
 
 router = APIRouter()
 MAX_PROMPTS = 1024
@@ -128,13 +129,14 @@ async def create_completion(raw: Request) -> Response:
             state.engine.release(s)
     n = req.n or 1
     as_ids = tokens_as_ids(state, req)
+    shown = shown_logprobs(state, req, req.logprobs, "logprobs")
     choices = []
     for p_idx, final in enumerate(finals):
         prompt_ids = prompts[p_idx][1]
         for o in final.outputs:
             lp = None
             if num_lp is not None:
-                lp = completion_logprobs(state, o.token_ids, o.logprobs, num_lp, 0,
+                lp = completion_logprobs(state, o.token_ids, o.logprobs, shown or 0, 0,
                                          echo_ids=prompt_ids if req.echo else None,
                                          echo_logprobs=final.prompt_logprobs, as_ids=as_ids)
             choice: dict[str, Any] = {"index": p_idx * n + o.index, "text": echo_texts[p_idx] + o.text,
@@ -151,7 +153,9 @@ async def create_completion(raw: Request) -> Response:
     cached = sum(f.num_cached_tokens for f in finals)
     body = {"id": resp_id, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": usage(num_prompt, num_gen, cached, state.options.enable_prompt_tokens_details),
-            "service_tier": None, "system_fingerprint": None, "kv_transfer_params": None}
+            "service_tier": None, "system_fingerprint": None, "kv_transfer_params": None, "metrics": None}
+    if state.options.enable_per_request_metrics and len(choices) == 1:  # vLLM: one prompt, n = 1
+        body["metrics"] = request_metrics(finals[0].metrics, num_gen)
     return JSONResponse(body, headers=load_headers(state, raw))
 
 
@@ -164,13 +168,14 @@ async def _stream(state: ServerState, req: CompletionRequest, streams: list[Requ
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats) or \
         state.options.enable_force_include_usage  # vLLM: forced usage is on every chunk
     n = req.n or 1
-    num_lp = resolve_num_logprobs(state, req.logprobs, "logprobs")
+    num_lp = shown_logprobs(state, req, req.logprobs, "logprobs")
     as_ids = tokens_as_ids(state, req)
     num_prompt = sum(len(ids) for _, ids in prompts)
     trackers = [DeltaTracker(n) for _ in prompts]
     offsets = [[0] * n for _ in prompts]
     started = [[False] * n for _ in prompts]
     cached = [0] * len(prompts)
+    metrics = None
 
     def chunk(choice: dict[str, Any]) -> str:
         body: dict[str, Any] = {"id": resp_id, "object": "text_completion", "created": created, "model": model,
@@ -181,7 +186,7 @@ async def _stream(state: ServerState, req: CompletionRequest, streams: list[Requ
 
     try:
         async for p_idx, out in merge_streams(streams):
-            cached[p_idx] = out.num_cached_tokens
+            cached[p_idx], metrics = out.num_cached_tokens, out.metrics
             for o in out.outputs:
                 d = trackers[p_idx].delta(o)
                 if d is None:
@@ -209,10 +214,13 @@ async def _stream(state: ServerState, req: CompletionRequest, streams: list[Requ
                         choice["prompt_token_ids"] = list(prompts[p_idx][1])
                 yield chunk(choice)
         if include_usage:
-            final = final_chunk_usage(num_prompt, sum(t.num_tokens for t in trackers), sum(cached),
-                                      state.options.enable_prompt_tokens_details)
-            yield sse({"id": resp_id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [], "usage": final})
+            num_gen = sum(t.num_tokens for t in trackers)
+            final = final_chunk_usage(num_prompt, num_gen, sum(cached), state.options.enable_prompt_tokens_details)
+            last: dict[str, Any] = {"id": resp_id, "object": "text_completion", "created": created, "model": model,
+                                    "choices": [], "usage": final}
+            if state.options.enable_per_request_metrics and len(prompts) * n == 1:
+                last["metrics"] = request_metrics(metrics, num_gen, streamed=True)
+            yield sse(last)
     except Exception as e:
         yield sse_error(from_exception(e))
     finally:

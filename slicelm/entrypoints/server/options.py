@@ -18,6 +18,7 @@ from slicelm.entrypoints.server.embed_chunking import PoolerConfig
 class ApiOptions:
     enable_prompt_tokens_details: bool = False
     enable_force_include_usage: bool = False
+    enable_per_request_metrics: bool = False
     enable_request_id_headers: bool = False
     enable_server_load_tracking: bool = False
     return_tokens_as_token_ids: bool = False
@@ -39,6 +40,7 @@ class ApiOptions:
         return cls(
             enable_prompt_tokens_details=bool(getattr(args, "enable_prompt_tokens_details", False)),
             enable_force_include_usage=bool(getattr(args, "enable_force_include_usage", False)),
+            enable_per_request_metrics=bool(getattr(args, "enable_per_request_metrics", False)),
             enable_request_id_headers=bool(getattr(args, "enable_request_id_headers", False)),
             enable_server_load_tracking=bool(getattr(args, "enable_server_load_tracking", False)),
             return_tokens_as_token_ids=bool(getattr(args, "return_tokens_as_token_ids", False)),
@@ -67,6 +69,8 @@ def add_api_args(g: argparse._ArgumentGroup) -> None:
                    help="every streamed response ends with a usage chunk, as if include_usage were set")
     g.add_argument("--enable-prompt-tokens-details", action="store_true",
                    help="report usage.prompt_tokens_details.cached_tokens")
+    g.add_argument("--enable-per-request-metrics", action="store_true",
+                   help="chat / completion responses of one generation carry vLLM's timing 'metrics' (TTFT, ITL, ...)")
     g.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help="logprobs name tokens as 'token_id:{id}' (for tokens that are not valid UTF-8)")
     g.add_argument("--trust-request-chat-template", action="store_true",

@@ -23,11 +23,12 @@ REQUEST_ID = re.compile(r"[\x21-\x7e]{1,256}")
 # vLLM request fields slicelm cannot honour; present and not null/false/empty -> 400 naming the field
 UNSUPPORTED_FIELDS = {
     "use_beam_search": "beam search is not supported",
-    "prompt_embeds": "prompt embeddings are not supported", "allowed_token_ids": "allowed_token_ids is not "
-    "supported yet", "bad_words": "bad_words is not supported yet", "logits_processors": "custom logits "
-    "processors are not supported", "lora_request": "LoRA adapters are not supported",
-    "mm_processor_kwargs": "multimodal inputs are not supported", "multi_modal_data": "multimodal inputs are not "
-    "supported",
+    "prompt_embeds": "prompt embeddings are not supported",
+    "bad_words": "bad_words is not supported yet",
+    "logits_processors": "custom logits processors are not supported",
+    "lora_request": "LoRA adapters are not supported",
+    "mm_processor_kwargs": "multimodal inputs are not supported",
+    "multi_modal_data": "multimodal inputs are not supported",
 }
 
 
@@ -124,6 +125,8 @@ class SamplingFields(LaxModel):
     return_token_ids: bool | None = False
     return_tokens_as_token_ids: bool | None = None
     prompt_logprobs: int | None = None
+    allowed_token_ids: list[int] | None = None  # sample only among these ids
+    logprob_token_ids: list[int] | None = None  # logprobs of these ids in place of the top-k (needs logprobs)
     cache_salt: str | None = None
     # structured outputs (vLLM's field, and the older guided_* aliases): see server/structured.py
     structured_outputs: dict[str, Any] | None = None
@@ -145,12 +148,10 @@ class SamplingFields(LaxModel):
             raise ValueError("stop: stop strings must be non-empty")
         if isinstance(self.stop, str) and not self.stop:
             raise ValueError("stop: stop strings must be non-empty")
-        if self.logit_bias:
-            for k, v in self.logit_bias.items():
-                if not re.fullmatch(r"-?[0-9]{1,12}", k):
-                    raise ValueError(f"logit_bias: keys must be token ids, got {k!r}")
-                if not -100.0 <= v <= 100.0:
-                    raise ValueError(f"logit_bias: values must be in [-100, 100], got {v} for token {k}")
+        bad_keys = [k for k in self.logit_bias or {} if not re.fullmatch(r"-?[0-9]{1,12}", k)]
+        if bad_keys:  # vLLM's text, every bad key named (values are clamped to [-100, 100] as vLLM's)
+            raise ValueError("logit_bias: logit_bias contains key(s) that cannot be converted to integer token IDs: "
+                             f"{bad_keys!r}")
         if self.response_format is not None and self.response_format.type not in (
                 "text", "json_object", "json_schema", "structural_tag"):
             raise ValueError(f"response_format: type must be 'text', 'json_object', 'json_schema' or "
@@ -191,11 +192,14 @@ class ChatFields(SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, str]] | None = None
+    kv_transfer_params: dict[str, Any] | None = None  # its prompt_token_ids: a prefill stage's, used verbatim
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatFields:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
+        if self.logprob_token_ids and not self.logprobs:  # vLLM's text
+            raise ValueError("logprob_token_ids: when using `logprob_token_ids`, `logprobs` must be set to true.")
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError(CONTINUE_AND_GENERATION_PROMPT)
         if self.functions:
@@ -256,6 +260,8 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt: Either prompt or prompt_embeds must be provided and non-empty.")
         if isinstance(p, list) and any(isinstance(x, list | str) and len(x) == 0 for x in p):
             raise ValueError("prompt: Either prompt or prompt_embeds must be provided and non-empty.")
+        if self.logprob_token_ids and self.logprobs is None:  # vLLM's text
+            raise ValueError("logprob_token_ids: when using `logprob_token_ids`, `logprobs` must be set.")
         if self.suffix:
             raise ValueError("suffix: is not supported")
         if self.best_of is not None and self.best_of != (self.n or 1):

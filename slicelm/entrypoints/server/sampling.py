@@ -26,6 +26,13 @@ def resolve_num_logprobs(state: ServerState, value: int | None, param: str) -> i
     return num
 
 
+def shown_logprobs(state: ServerState, req: SamplingFields, value: int | None, param: str) -> int | None:
+    """How many candidates each position shows: the request's count (checked by ``resolve_num_logprobs``),
+    or all of them (the sampled token and every id) with ``logprob_token_ids``, as vLLM."""
+    num = resolve_num_logprobs(state, value, param)
+    return len(req.logprob_token_ids) + 1 if req.logprob_token_ids else num
+
+
 def resolve_prompt_logprobs(state: ServerState, req: SamplingFields) -> int | None:
     """The request's ``prompt_logprobs`` count (-1: vocabulary), capped by ``--max-logprobs``; not with
     ``stream`` (vLLM refuses it there too)."""
@@ -52,20 +59,25 @@ def prompt_logprobs_json(state: ServerState, entries: list[dict[int, Logprob] | 
 def build_sampling_params(state: ServerState, req: SamplingFields, max_tokens: int,
                           logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     """Validated ``SamplingParams`` (``SamplingParamsError`` names the field -> 400). ``prompt_logprobs``
-    is the already resolved count (``resolve_prompt_logprobs``)."""
+    is the already resolved count (``resolve_prompt_logprobs``); ``logprobs`` is dropped for
+    ``logprob_token_ids`` (those ids take the top-k's place, as vLLM)."""
+    if req.logprob_token_ids:
+        logprobs = None
     vocab = state.tokenizer.vocab_size if state.engine.tokenizer is not None else None
     bias: dict[int, float] | None = None
     if req.logit_bias:
-        bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+        bias = {int(k): min(100.0, max(-100.0, float(v))) for k, v in req.logit_bias.items()}  # vLLM clamps
         if vocab is not None:
             bad = [t for t in bias if not 0 <= t < vocab]
             if bad:
-                raise bad_request(f"logit_bias: token id {bad[0]} is out of range [0, {vocab})", param="logit_bias")
+                raise bad_request(f"logit_bias: token_id(s) {bad} in logit_bias contain out-of-vocab token ids. "
+                                  f"Vocabulary size: {vocab}", param="logit_bias")
     if vocab is not None and req.stop_token_ids:
         bad = [t for t in req.stop_token_ids if not 0 <= t < vocab]
         if bad:
             raise bad_request(f"stop_token_ids: token id {bad[0]} is out of range [0, {vocab})",
                               param="stop_token_ids")
+    _check_token_lists(req, vocab)
     return SamplingParams.from_optional(
         n=req.n, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, temperature=req.temperature, top_p=req.top_p,
@@ -73,8 +85,22 @@ def build_sampling_params(state: ServerState, req: SamplingFields, max_tokens: i
         ignore_eos=req.ignore_eos, max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs,
         include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens, logit_bias=bias,
-        prompt_logprobs=prompt_logprobs,
+        prompt_logprobs=prompt_logprobs, allowed_token_ids=req.allowed_token_ids,
+        logprob_token_ids=req.logprob_token_ids or None,
     )
+
+
+def _check_token_lists(req: SamplingFields, vocab: int | None) -> None:
+    """``allowed_token_ids`` / ``logprob_token_ids`` inside the vocabulary (vLLM's texts)."""
+    if vocab is None:
+        return
+    if req.allowed_token_ids and any(not 0 <= t < vocab for t in req.allowed_token_ids):
+        raise bad_request("allowed_token_ids: allowed_token_ids contains out-of-vocab token id!",
+                          param="allowed_token_ids")
+    bad = [t for t in req.logprob_token_ids or [] if not 0 <= t < vocab]
+    if bad:
+        raise bad_request(f"logprob_token_ids: token_id(s) {bad} in logprob_token_ids contain out-of-vocab token "
+                          f"ids. Vocabulary size: {vocab}", param="logprob_token_ids")
 
 
 def _ranked(entry: dict[int, Logprob], token_id: int, top_n: int) -> list[tuple[int, Logprob]]:

@@ -1,4 +1,5 @@
-"""vLLM's ``usage`` blocks: the full one of a response body and the two a stream sends.
+"""vLLM's ``usage`` blocks: the full one of a response body and the two a stream sends; the per-request timing
+``metrics`` of ``--enable-per-request-metrics``.
 
 vLLM serializes a response with every key, a streamed chunk with only the keys it set (so the usage riding
 on each chunk with continuous usage stats has three), and the final usage chunk without null keys (so
@@ -8,6 +9,8 @@ on each chunk with continuous usage stats has three), and the final usage chunk 
 from __future__ import annotations
 
 from typing import Any
+
+from slicelm.engine.request import RequestMetrics
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None,
@@ -36,3 +39,25 @@ def final_chunk_usage(prompt_tokens: int, completion_tokens: int, cached_tokens:
     if details:
         u["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
     return u
+
+
+def request_metrics(m: RequestMetrics | None, num_generated: int, streamed: bool = False) -> dict[str, Any]:
+    """vLLM's ``metrics`` of one generation (``--enable-per-request-metrics``), in milliseconds: time to first
+    token (from scheduling), decode time (first to last token), queue time, mean inter-token latency and
+    output tokens per second over scheduling to last token. A figure whose timestamps are missing is null;
+    the final usage chunk of a stream leaves null keys out, as vLLM serializes it."""
+    out: dict[str, Any] = dict.fromkeys(("time_to_first_token_ms", "generation_time_ms", "queue_time_ms",
+                                         "mean_itl_ms", "tokens_per_second", "speculative_decoding"))
+    if m is not None:
+        sched, first, last = m.first_scheduled_time, m.first_token_time, m.last_token_time
+        if sched is not None and first is not None:
+            out["time_to_first_token_ms"] = (first - sched) * 1000
+        if first is not None and last is not None:
+            out["generation_time_ms"] = (last - first) * 1000
+            if num_generated > 1:
+                out["mean_itl_ms"] = (last - first) / (num_generated - 1) * 1000
+        if sched is not None:
+            out["queue_time_ms"] = max(sched - m.arrival_time, 0.0) * 1000
+        if sched is not None and last is not None and last > sched:
+            out["tokens_per_second"] = num_generated / (last - sched)
+    return {k: v for k, v in out.items() if v is not None} if streamed else out
