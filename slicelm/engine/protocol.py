@@ -19,6 +19,7 @@ from slicelm.pooling_params import PoolingParams
 from slicelm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from slicelm.engine.core_messages import EngineCoreInfo
     from slicelm.loader.tokenizer import Tokenizer
 
 StatListener = Callable[[EngineStats, IterationStats], None]
@@ -37,6 +38,8 @@ class EngineClient(Protocol):
     tokenizer: Tokenizer | None  # None with --skip-tokenizer-init
     model_config: ModelConfig
     cache_config: CacheConfig
+    info: EngineCoreInfo  # what the core resolved at start (pooling type, scheduler settings, ...)
+    max_num_seqs: int
 
     @property
     def is_running(self) -> bool: ...

@@ -163,6 +163,10 @@ class EchoEngineClient:
         self.model_config = SimpleNamespace(model="echo", served_model_names=["echo-model"], hf_config={},
                                             max_model_len=max_model_len, task="generate", is_pooling=False)
         self.cache_config = CacheConfig(block_size=16, num_blocks=1, enable_prefix_caching=False)
+        self.max_num_seqs = 4
+        self.info = EngineCoreInfo(self.model_config, self.cache_config,  # type: ignore[arg-type]
+                                   SimpleNamespace(max_num_seqs=self.max_num_seqs),  # type: ignore[arg-type]
+                                   FakeTokenizer.vocab_size, 0, [0], "cpu", False)
         self._active = 0
         self._listeners: list[Any] = []
         self.is_running = True

@@ -56,7 +56,7 @@ def require_tasks(state: ServerState, tasks: tuple[str, ...], api: str) -> None:
 
 
 def hf_config(state: ServerState) -> dict[str, Any]:
-    return getattr(state.engine.model_config, "hf_config", None) or {}
+    return state.engine.model_config.hf_config or {}
 
 
 def _check_dimensions(state: ServerState, dims: int | None) -> None:
@@ -165,7 +165,7 @@ async def run_prompts(state: ServerState, raw: Request, prompts: list[Prompt], p
     """Runs every prompt, at most ``max_num_seqs`` in the engine at once: a request larger than one step
     admits is split across steps instead of overflowing the waiting queue (which would answer 503 on an idle
     server). The engine batches them with whatever else is waiting."""
-    window = asyncio.Semaphore(max(1, int(getattr(state.engine, "max_num_seqs", 256))))
+    window = asyncio.Semaphore(max(1, state.engine.max_num_seqs))
 
     async def one(i: int, prompt: Prompt) -> PoolingOutput:
         async with window:
@@ -237,10 +237,10 @@ async def embed_outputs(state: ServerState, raw: Request, req: EmbeddingRequest)
     prompts = pad_prompts(state, prompts, req.padding, cap)
     normalize = req.normalize if req.normalize is not None else req.use_activation
     if any(len(p["prompt_token_ids"]) > state.max_model_len for p in prompts):
-        info = getattr(state.engine, "info", None)
+        info = state.engine.info
         return resp_id, await run_chunked(
             prompts, lambda ps, params: run_prompts(state, raw, ps, params, resp_id, req.priority or 0),
-            state.max_model_len, getattr(info, "pooling_type", None), getattr(info, "pooling_normalize", None),
+            state.max_model_len, info.pooling_type, info.pooling_normalize,
             req.dimensions, normalize, resp_id)
     params = PoolingParams(dimensions=req.dimensions, normalize=normalize, task="embed")
     return resp_id, await run_prompts(state, raw, prompts, params, resp_id, req.priority or 0)
