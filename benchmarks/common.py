@@ -42,6 +42,26 @@ QWEN2_5_7B = {
     "tie_word_embeddings": False, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
     "sliding_window": 131072, "use_sliding_window": False, "torch_dtype": "float16",
 }
+QWEN2_5_1_5B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536, "num_hidden_layers": 28,
+    "num_attention_heads": 12, "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936,
+    "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
+    "torch_dtype": "bfloat16",
+}
+LLAMA_3_2_3B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 3072, "num_hidden_layers": 28,
+    "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 8192,
+    "vocab_size": 128256, "tie_word_embeddings": True, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 131072, "torch_dtype": "bfloat16",
+    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+}
+QWEN3_4B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2560, "num_hidden_layers": 36,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 9728,
+    "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 40960, "torch_dtype": "bfloat16", "attention_bias": False,
+}
 TINY_LLAMA = {  # CPU smoke runs of the benchmark scripts
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 10240,
@@ -50,7 +70,8 @@ TINY_LLAMA = {  # CPU smoke runs of the benchmark scripts
 LLAMA_3_1_70B = {**LLAMA_3_1_8B, "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
                  "intermediate_size": 28672}
 SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "llama-3.1-8b": LLAMA_3_1_8B, "llama-3.1-70b": LLAMA_3_1_70B,
-          "mistral-7b-v0.3": MISTRAL_7B_V03, "qwen2.5-7b": QWEN2_5_7B, "tiny-llama": TINY_LLAMA}
+          "mistral-7b-v0.3": MISTRAL_7B_V03, "qwen2.5-7b": QWEN2_5_7B, "tiny-llama": TINY_LLAMA,
+          "qwen2.5-1.5b": QWEN2_5_1_5B, "llama-3.2-3b": LLAMA_3_2_3B, "qwen3-4b": QWEN3_4B}
 # quantization_config of what AutoAWQ writes for 4-bit g128 (the seed's solidrust / Qwen AWQ releases)
 AWQ_G128 = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
 

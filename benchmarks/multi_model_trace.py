@@ -23,36 +23,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from common import LLAMA_3_1_8B, QWEN3_0_6B
+from common import LLAMA_3_1_8B, LLAMA_3_2_3B, QWEN2_5_1_5B, QWEN2_5_7B, QWEN3_0_6B, QWEN3_4B
 
-QWEN2_5_1_5B = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536, "num_hidden_layers": 28,
-    "num_attention_heads": 12, "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936,
-    "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
-    "torch_dtype": "bfloat16",
-}
-LLAMA_3_2_3B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 3072, "num_hidden_layers": 28,
-    "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 8192,
-    "vocab_size": 128256, "tie_word_embeddings": True, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 131072, "torch_dtype": "bfloat16",
-    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
-}
-QWEN3_4B = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2560, "num_hidden_layers": 36,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 9728,
-    "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 40960, "torch_dtype": "bfloat16", "attention_bias": False,
-}
-QWEN2_5_7B = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28,
-    "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
-    "tie_word_embeddings": False, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
-    "torch_dtype": "bfloat16",
-}
 # Popularity order (Zipf rank 1 first): sizes mixed along the ranks.
-MODELS = {"llama-3.1-8b": LLAMA_3_1_8B, "llama-3.2-3b": LLAMA_3_2_3B, "qwen2.5-7b": QWEN2_5_7B,
+MODELS = {"llama-3.1-8b": LLAMA_3_1_8B, "llama-3.2-3b": LLAMA_3_2_3B,
+          "qwen2.5-7b": {**QWEN2_5_7B, "torch_dtype": "bfloat16"},  # common's shape, served in bf16 here
           "qwen3-0.6b": QWEN3_0_6B, "qwen3-4b": QWEN3_4B, "qwen2.5-1.5b": QWEN2_5_1_5B}
 
 
