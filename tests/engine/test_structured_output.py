@@ -80,6 +80,17 @@ def test_one_batched_call_fills_only_the_given_rows(backend, tokenizer) -> None:
     assert first <= allowed(mask[1]) and allowed(mask[1]) == allowed(mask[3]) and len(allowed(mask[1])) < 50
 
 
+def test_a_filled_row_is_written_whole(backend, tokenizer) -> None:
+    """The manager resets a step's mask to all-ones only when some row is unconstrained: a constrained row must
+    come out the same over whatever the buffer held (here, the bits of another grammar and garbage)."""
+    compiled = backend.compile(grammar_spec(PHONE))
+    clean = torch.full((1, (VOCAB + 31) // 32), -1, dtype=torch.int32)
+    backend.fill_bitmask([compiled.new_grammar()], [0], clean)
+    dirty = torch.randint(-2**31, 2**31 - 1, clean.shape, dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    backend.fill_bitmask([compiled.new_grammar()], [0], dirty)
+    assert torch.equal(clean, dirty)
+
+
 def test_bad_specs_name_their_field(backend) -> None:
     with pytest.raises(GrammarError) as e:
         backend.compile(grammar_spec(StructuredOutputsParams(grammar="root ::= ( unclosed")))
@@ -127,4 +138,29 @@ def test_manager_shares_compiles_and_reports_errors(tokenizer) -> None:
     for so in (a, b, bad):
         mgr.release(so)
     assert mgr.num_live == 0
+    mgr.shutdown()
+
+
+def test_a_fill_on_the_mask_thread_keeps_the_matchers_it_was_given(tokenizer) -> None:
+    """With async scheduling the masks fill on the mask thread while the host goes on: a sequence the core
+    finished (and released) after the fill was queued is still filled from its matcher, never a crash."""
+    mgr = StructuredOutputManager(StructuredOutputsConfig(), lambda: tokenizer, VOCAB, set(tokenizer.eos_token_ids),
+                                  4, pin=False)
+    a = mgr.add(PHONE)
+    a.compiled.result(timeout=60)
+    assert mgr.activate(a) is None
+    req, plain = make_request("a", None), make_request("plain", None)
+    req.structured = a
+    digit, dash = (tokenizer.encode(c, add_special_tokens=False)[0] for c in "5-")
+    for _ in range(3):  # three digits: a dash must follow
+        mgr.accept([req], [digit])
+    gate = threading.Event()
+    first = mgr.bitmask_async([plain])  # creates the mask thread
+    assert first.result(timeout=30) is None  # no constrained row: no mask
+    mgr._mask_pool.submit(gate.wait, 30)  # the mask thread is busy: the next fill waits in its queue
+    pending = mgr.bitmask_async([plain, req])
+    req.structured = None  # the core released it after queueing the fill
+    gate.set()
+    mask = pending.result(timeout=30)
+    assert (mask[0] == -1).all() and allowed(mask[1]) == {dash}
     mgr.shutdown()

@@ -3,17 +3,23 @@
 ``add`` turns a sequence's ``structured_outputs`` into a ``StructuredOutputRequest`` whose grammar
 compiles on a background thread (the backend, with its vocabulary, is built there on first use: the core
 loads the tokenizer only then); the sequence waits as ``WAITING_FOR_FSM`` while the others run. ``activate``
-gives a ready sequence its own matcher (or its compile error). Each step ``bitmask`` (or ``bitmask_async``, on
-the mask thread) fills one int32
+gives a ready sequence its own matcher (or its compile error). Each step ``bitmask`` fills one int32
 ``[rows, ceil(V/32)]`` mask for the sampling rows in one backend call (rows of unconstrained or finished
-grammars stay all-ones), and ``accept`` advances every matcher by the step's tokens in one call.
-``sync`` rolls a matcher back to the tokens its sequence still holds (preemption / recompute).
+grammars stay all-ones), and ``accept`` advances every matcher by the step's tokens in one call. ``sync`` rolls
+a matcher back to the tokens its sequence still holds (preemption / recompute).
+
+With async scheduling ``bitmask_async`` fills on the mask thread and returns a future, so the host returns
+outputs and builds the next step while the backend's native threads work; the rows' matchers are captured when the
+fill is queued (the core may release a finished sequence's grammar meanwhile). The interpreter's GIL switch
+interval is lowered to 0.5 ms once the mask thread exists: with Python's 5 ms default, a fill queued while the host
+runs Python waits up to 5 ms for the GIL to start and again to return (``benchmarks/mask_thread.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 BACKENDS = ("guidance", "xgrammar")
 _CACHE_SIZE = 256  # compiled specs kept for reuse
+SWITCH_INTERVAL_S = 0.0005  # the GIL switch interval while the mask thread runs
 
 
 @dataclass(eq=False)
@@ -131,22 +138,28 @@ class StructuredOutputManager:
     # ---------------------------------------------------------------------------- steps
     def bitmask(self, requests: list[Request]) -> torch.Tensor | None:
         """The step's mask for ``requests`` (the sampling rows, in order), or None when no row is constrained."""
-        rows = [i for i, r in enumerate(requests) if r.structured is not None and r.structured.active]
-        if not rows:
-            return None
-        assert len(requests) <= self._mask.shape[0]
-        # One pinned buffer: the core reads the step in flight back before filling it again, so the previous
-        # step's copy to the device has finished by then.
-        mask = self._mask[: len(requests)]
-        mask.fill_(-1)
-        self._backend().fill_bitmask([requests[i].structured.grammar for i in rows], rows, mask)
-        return mask
+        return self._fill([r.structured for r in requests])
 
     def bitmask_async(self, requests: list[Request]) -> Future:
         """``bitmask`` on the mask thread (the backends' fills run natively, without the GIL)."""
         if self._mask_pool is None:
             self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
-        return self._mask_pool.submit(self.bitmask, list(requests))
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        return self._mask_pool.submit(self._fill, [r.structured for r in requests])
+
+    def _fill(self, sos: list[StructuredOutputRequest | None]) -> torch.Tensor | None:
+        rows = [i for i, so in enumerate(sos) if so is not None and so.active]
+        if not rows:
+            return None
+        assert len(sos) <= self._mask.shape[0]
+        # One pinned buffer: the core reads the step in flight back before filling it again, so the previous
+        # step's copy to the device has finished by then. The backend writes whole rows: only a batch with
+        # unconstrained rows needs the all-ones reset.
+        mask = self._mask[: len(sos)]
+        if len(rows) < len(sos):
+            mask.fill_(-1)
+        self._backend().fill_bitmask([sos[i].grammar for i in rows], rows, mask)
+        return mask
 
     def accept(self, requests: list[Request], tokens: list[int]) -> None:
         """Advances the matchers of ``requests`` by one token each (one backend call)."""
@@ -181,3 +194,4 @@ class StructuredOutputManager:
         for pool in (self._pool, self._mask_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+
