@@ -17,6 +17,7 @@ least every ``STATS_INTERVAL`` s). With one client nothing is tagged, looked up 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -246,6 +247,7 @@ def run_engine_core(args: Any, in_addrs: list[str], out_addrs: list[str], ready:
     every address of ``in_addrs``; client ``i``'s outputs go to ``out_addrs[i]``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the API process, which shuts us down
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: every thread's stack to stderr
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s engine-core: %(message)s",
                         datefmt="%m-%d %H:%M:%S")
     try:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import importlib.util
 import logging
+import signal
 import sys
 
 from slicelm.entrypoints.cli_args import normalize_argv
@@ -92,6 +94,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: every thread's stack to stderr
     argv = normalize_argv(sys.argv[1:] if argv is None else list(argv))
     light = _light_main(argv)
     if light is not None:

@@ -109,6 +109,13 @@ def test_kill_9_of_the_core_fails_every_stream_and_the_server_exits_1(tmp_path: 
                           model=tiny_model(tmp_path / "tiny"))
     try:
         pid = int(re.search(r"engine core process started \(pid (\d+)\)", server.log()).group(1))  # type: ignore[union-attr]
+        for who in (server.proc.pid, pid):  # kill -USR1: the server and its core write their threads' stacks
+            os.kill(who, signal.SIGUSR1)
+        deadline = time.time() + 10
+        while server.log().count("Current thread") + server.log().count("Thread 0x") < 4:
+            assert time.time() < deadline and server.proc.poll() is None, server.log()[-3000:]
+            time.sleep(0.1)
+        assert "core_proc.py" in server.log() and "uvicorn/server.py" in server.log()  # the core's loop, the server's
         out = kill_during_streams(server, server_model(tmp_path), pid)
         assert len(out.streams) == 4, out.streams
         for kind, when in out.streams:

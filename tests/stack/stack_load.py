@@ -4,6 +4,7 @@ happened to each request (test_stack_cpu.py asserts on both)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -19,7 +20,8 @@ import psutil
 from slicelm.stack.state import read_state
 
 HEALTH_INTERVAL_S = 2.0  # the router's default --health-check-interval (the stack file sets none)
-LOAD_TIMEOUT_S = 300.0  # a request still open after this long hangs (each takes ~1 s on 2 idle cores)
+LOAD_TIMEOUT_S = 180.0  # a request still open after this long hangs (each takes ~1 s on 2 idle cores)
+STUCK_S = 60.0  # a request open this long: every process of the stack dumps its threads' stacks to its log
 WORKERS = 4
 RESTART_TIMEOUT_S = 600.0  # noticing the death takes ~1 s; the rest is loading the model again
 MODEL = "smollm2-135m-instruct"
@@ -93,14 +95,48 @@ def _replica(run_dir: Path, model: str, replica: int) -> dict:
     return next(r for r in read_state(run_dir)["replicas"] if r["model"] == model and r["replica"] == replica)
 
 
+def dump_stacks(run_dir: Path) -> None:
+    """SIGUSR1 to the router, every replica's server and its engine core: each writes every thread's Python stack
+    to its log (``faulthandler``), so a stuck request can be read there."""
+    st = read_state(run_dir)
+    pids = [r["pid"] for r in st["replicas"] if r["pid"]] + ([st["router"]["pid"]] if st.get("router") else [])
+    for pid in pids:
+        try:  # the server (or router) and its engine core; never multiprocessing's resource tracker (no handler)
+            procs = [pid, *(c.pid for c in psutil.Process(pid).children() if "spawn_main" in " ".join(c.cmdline()))]
+        except psutil.NoSuchProcess:
+            continue
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGUSR1)
+
+
+def stuck_report(run_dir: Path, rids: list[str], lines: int = 120) -> str:
+    """The router's lines about ``rids`` and the end of each chat replica's log (with the stacks, if dumped)."""
+    logs = run_dir / "logs"
+    router = [ln for ln in (logs / "router.log").read_text().splitlines() if any(f" {r} " in ln for r in rids)]
+    parts = ["router:", *router]
+    for log in sorted(logs.glob("chat-*.log")):
+        parts += [f"--- {log.name} (last {lines} lines)", *log.read_text(errors="replace").splitlines()[-lines:]]
+    return "\n".join(parts)
+
+
 async def _load_and_kill(router_url: str, other_url: str, victim: dict, run_dir: Path) -> LoadRun:
     stop, outcomes = asyncio.Event(), []
+    open_since: dict[str, float] = {}
 
     async def worker(w: int, client: httpx.AsyncClient) -> None:
         i = 0
         while not stop.is_set():
-            outcomes.append(await one_request(client, router_url, f"w{w}-{i}", stream=i % 3 != 2))
+            rid = f"w{w}-{i}"
+            open_since[rid] = time.time()
+            outcomes.append(await one_request(client, router_url, rid, stream=i % 3 != 2))
+            del open_since[rid]
             i += 1
+
+    async def watchdog() -> None:
+        while not any(time.time() - t > STUCK_S for t in list(open_since.values())):
+            await asyncio.sleep(1.0)
+        await asyncio.to_thread(dump_stacks, run_dir)
 
     def restarted() -> bool:
         r = _replica(run_dir, victim["model"], victim["replica"])
@@ -108,6 +144,7 @@ async def _load_and_kill(router_url: str, other_url: str, victim: dict, run_dir:
 
     async with httpx.AsyncClient(timeout=None) as client:
         tasks = [asyncio.create_task(worker(w, client)) for w in range(WORKERS)]
+        tasks.append(asyncio.create_task(watchdog()))
         try:
             await _until(lambda: running(victim["url"]) > 0 and running(other_url) > 0, 120,
                          "load on both replicas")
@@ -117,7 +154,7 @@ async def _load_and_kill(router_url: str, other_url: str, victim: dict, run_dir:
             await _until(restarted, RESTART_TIMEOUT_S, "the supervisor to restart the replica")
             await asyncio.sleep(2 * HEALTH_INTERVAL_S)  # the router takes it back; traffic reaches it again
             stop.set()
-            await asyncio.gather(*tasks)
+            await asyncio.gather(*tasks[:WORKERS])
         finally:
             for t in tasks:
                 t.cancel()

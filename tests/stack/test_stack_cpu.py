@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from stack_load import HEALTH_INTERVAL_S, LOAD_TIMEOUT_S, router_events, run_load_and_kill_core, running
+from stack_load import HEALTH_INTERVAL_S, LOAD_TIMEOUT_S, router_events, run_load_and_kill_core, running, stuck_report
 from utils_models import minilm_dir, write_random_cross_encoder
 from utils_stack import processes_mentioning, ps, slicelm
 
@@ -181,7 +181,9 @@ def test_killed_engine_core_fails_only_its_requests(stack) -> None:
     failed = [o for o in load.outcomes if not o.ok]
     assert failed, "no request was in flight on the killed replica"
     hung = [(o, routed.get(o.rid)) for o in load.outcomes if o.end - o.start >= LOAD_TIMEOUT_S]
-    assert not hung, (load.killed_at, hung)
+    if hung:  # the processes dumped their stacks into their logs when the first request got stuck
+        print(stuck_report(run_dir, [o.rid for o, _ in hung]))
+    assert not hung, (load.killed_at, chat0["url"], chat1["url"], hung)
     first = {o.rid: routed.get(o.rid, [("never routed", 0.0)])[0][0] for o in load.outcomes}
     for o in failed:  # each failure: routed to the killed replica while it was dying, ended with an error body
         assert first[o.rid] == chat1["url"], (o, routed.get(o.rid))
