@@ -110,13 +110,17 @@ def dump_stacks(run_dir: Path) -> None:
                 os.kill(p, signal.SIGUSR1)
 
 
-def stuck_report(run_dir: Path, rids: list[str], lines: int = 120) -> str:
-    """The router's lines about ``rids`` and the end of each chat replica's log (with the stacks, if dumped)."""
+def stuck_report(run_dir: Path, rids: list[str], lines: int = 150) -> str:
+    """The router's lines about ``rids``, and from each chat replica's and the router's log the stacks they dumped
+    (or the log's end when none was dumped)."""
     logs = run_dir / "logs"
     router = [ln for ln in (logs / "router.log").read_text().splitlines() if any(f" {r} " in ln for r in rids)]
     parts = ["router:", *router]
-    for log in sorted(logs.glob("chat-*.log")):
-        parts += [f"--- {log.name} (last {lines} lines)", *log.read_text(errors="replace").splitlines()[-lines:]]
+    for log in [*sorted(logs.glob("chat-*.log")), logs / "router.log"]:
+        text = log.read_text(errors="replace").splitlines()
+        first = next((i for i, ln in enumerate(text) if ln.startswith(("Thread 0x", "Current thread"))), None)
+        part = text[max(0, first - 3): first + lines] if first is not None else text[-lines:]
+        parts += [f"--- {log.name}" + (" (stacks)" if first is not None else " (end)"), *part]
     return "\n".join(parts)
 
 
