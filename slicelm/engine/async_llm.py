@@ -184,7 +184,15 @@ class AsyncLLM:
                                              warmup=warmup)
         self._num_active += 1
         self._num_sent += len(req.sequences)
-        self.client.add_requests(req.sequences)
+        try:
+            self.client.add_requests(req.sequences)
+        except BaseException:  # the core died meanwhile: nothing of this request may stay registered
+            self._states.pop(request_id, None)
+            self.output_processor.abort([request_id])
+            stream.released = stream.finished = True
+            self._num_active -= 1
+            self._num_sent -= len(req.sequences)
+            raise
         return stream
 
     async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, priority: int = 0,

@@ -107,6 +107,26 @@ def test_output_processing_bug_fails_requests_instead_of_hanging() -> None:
 
 
 # ------------------------------------------------------------------------------------------ app
+def test_an_add_the_dead_core_refuses_leaves_nothing_registered() -> None:
+    """The core can die between the liveness check and the send: the request that raised must not stay counted as
+    active (a SIGTERM drain would wait its whole grace period for it) nor hold a stream or output state."""
+    async def main() -> None:
+        llm, _ = make_fake_engine()
+
+        def dead(_reqs) -> None:
+            raise EngineDeadError("the engine core process died (exit code -9)")
+
+        llm.client.add_requests = dead
+        with pytest.raises(EngineDeadError):
+            await llm.add_request("lost", [5], SamplingParams(max_tokens=5))
+        assert llm.num_active_requests == 0 and llm.num_waiting_estimate == 0
+        assert "lost" not in llm._states and "lost" not in llm.output_processor.parents
+        assert await llm.wait_idle(0.1)
+        llm.shutdown()
+
+    asyncio.run(main())
+
+
 def test_chat_and_completion_shapes() -> None:
     with make_client() as c:
         r = c.post("/v1/chat/completions", json=chat_body(n=2, logprobs=True, top_logprobs=1))
