@@ -280,7 +280,8 @@ def run_policies(bench: Bench, urls: dict[str, str], root: Path, procs: list[sub
 
 def run(args: argparse.Namespace, root: Path, progress: Progress) -> None:
     models = SMOKE_MODELS if args.smoke else MODELS
-    lengths = Lengths(32, 160, 8, 32) if args.smoke else Lengths()
+    lengths = Lengths(*args.lengths) if args.lengths else Lengths(32, 160, 8, 32) if args.smoke else Lengths()
+    assert lengths.prompt_max + lengths.out_max <= args.max_model_len, ("--lengths beyond --max-model-len", lengths)
     (root / "logs").mkdir()
     capacity, budget = _capacity(args.smoke, len(models))
     daemon, env, mps_note = mps_env(root, args.mps and not args.smoke)
@@ -354,6 +355,9 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--wake-repeats", type=int, default=3)
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lengths", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="PROMPT_MIN,PROMPT_MAX,OUT_MIN,OUT_MAX tokens (256,2048,64,256; smoke 32,160,8,32); long "
+                         "outputs make the popular 8B's KV outgrow its static slice (a memory-bound trace)")
     ap.add_argument("--name", default="multi_model")
     args = ap.parse_args()
     defaults = dict(time_budget=1500.0, window=3.0, drain=20.0, max_probes=2, start_rate=1.0, idle_sleep_after=1.0,
@@ -363,6 +367,8 @@ def _args() -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.lengths is not None and len(args.lengths) != 4:
+        ap.error("--lengths: PROMPT_MIN,PROMPT_MAX,OUT_MIN,OUT_MAX (four integers)")
     return args
 
 
