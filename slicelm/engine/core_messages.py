@@ -58,6 +58,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     error: str | None = None  # the core refused or failed this sequence
     # with its first token, for requests with prompt_logprobs: one entry per prompt token after the first
     prompt_logprobs: list[LogprobEntry] | None = None
+    num_preemptions: int = 0  # times it was preempted since its previous output (a delta: 0 is not sent)
 
 
 class UtilityCall(msgspec.Struct, array_like=True):
