@@ -2,8 +2,8 @@
 
 Requests go in whole (``EngineCoreRequest``: token ids and parameters, already validated); outputs come
 back once per step as **deltas** (``EngineCoreOutput``: only the token ids sampled since the last
-output, the finish reason, the new tokens' logprobs or a pooling result) together with the engine's
-stats snapshot. Nothing cumulative travels per step, so a stream of L tokens costs O(L) bytes.
+output, the finish reason, the new tokens' logprobs or a pooling result, the preemptions since) together with
+the engine's stats snapshot. Nothing cumulative travels per step, so a stream of L tokens costs O(L) bytes.
 """
 
 from __future__ import annotations
