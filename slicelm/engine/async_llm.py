@@ -29,7 +29,7 @@ from slicelm.engine.protocol import EngineOverloadedError as EngineOverloadedErr
 from slicelm.engine.protocol import StatListener as StatListener
 from slicelm.engine.request import CompletionOutput, PoolingOutput, RequestOutput
 from slicelm.engine.request_stream import Output, RequestStream
-from slicelm.engine.stats import EngineStats, FinishedRequestStats
+from slicelm.engine.stats import MAX_NUM_QUEUED_REQS, EngineStats, FinishedRequestStats
 from slicelm.engine.stats import IterationStats as IterationStats
 from slicelm.pooling_params import PoolingParams
 from slicelm.sampling_params import SamplingParams
@@ -59,6 +59,7 @@ class _ReqState:
     last_token_time: float | None = None
     first_token_time: float | None = None
     first_scheduled_time: float | None = None
+    num_preemptions: int = 0  # as the core has reported them so far
     reasons: set[str] = field(default_factory=set)
     warmup: bool = False  # a server's own warm-up request: in no stats
 
@@ -171,6 +172,7 @@ class AsyncLLM:
         if request_id in self._states:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if self.num_waiting_estimate >= self.max_waiting_requests:
+            self._count_rejection(MAX_NUM_QUEUED_REQS)
             raise EngineOverloadedError(
                 f"the server is overloaded: {self.num_waiting_estimate} requests are waiting "
                 f"(max_waiting_requests={self.max_waiting_requests}); retry later")
@@ -194,6 +196,11 @@ class AsyncLLM:
             self._num_sent -= len(req.sequences)
             raise
         return stream
+
+    def _count_rejection(self, reason: str) -> None:
+        """A refused request counts in ``IterationStats.admission_rejections`` (vLLM's ``admission_rejections``)."""
+        if not WARMING_UP.get():
+            self._notify(IterationStats(now=time.time(), admission_rejections=[reason]))
 
     async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, priority: int = 0,
                        arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
@@ -385,8 +392,10 @@ class AsyncLLM:
         if state.warmup:
             it = IterationStats(now=it.now)  # measured, but for no listener
         m = out.metrics
-        if m is not None and m.first_scheduled_time is not None:
-            state.first_scheduled_time = m.first_scheduled_time
+        if m is not None:
+            state.num_preemptions = m.num_preemptions
+            if m.first_scheduled_time is not None:
+                state.first_scheduled_time = m.first_scheduled_time
         if isinstance(out, RequestOutput):
             new = sum(len(o.token_ids) for o in out.outputs)
             state.reasons.update(o.finish_reason for o in out.outputs if o.finish_reason)
@@ -412,7 +421,7 @@ class AsyncLLM:
             return
         now = it.now
         f = FinishedRequestStats(reason, state.num_prompt_tokens, state.num_tokens,
-                                 max(0.0, now - state.arrival_time))
+                                 max(0.0, now - state.arrival_time), num_preemptions=state.num_preemptions)
         first_tok, last_tok, sched = state.first_token_time, state.last_token_time, state.first_scheduled_time
         if sched is not None:
             f.queue_time = max(0.0, sched - state.arrival_time)

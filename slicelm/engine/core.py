@@ -117,8 +117,9 @@ class EngineCore:
 
     def abort_all_from_core(self, why: str) -> None:
         """Ends every request here with finish reason ``abort`` (a pooling request with an error)."""
-        outs = [EngineCoreOutput(rid, finish_reason="abort") if not r.is_pooling else
-                EngineCoreOutput(rid, finish_reason="error", error=why) for rid, r in self.requests.items()]
+        outs = [EngineCoreOutput(rid, finish_reason="abort", num_preemptions=r.metrics.take_unsent_preemptions())
+                if not r.is_pooling else EngineCoreOutput(rid, finish_reason="error", error=why)
+                for rid, r in self.requests.items()]
         self.abort_requests(list(self.requests))
         self._extra_outputs += outs
 
@@ -304,7 +305,8 @@ class EngineCore:
             self._stats.num_generation_tokens += not req.warmup
             out = outputs.get(req.request_id)
             if out is None:
-                out = outputs[req.request_id] = EngineCoreOutput(req.request_id, [])
+                out = outputs[req.request_id] = EngineCoreOutput(
+                    req.request_id, [], num_preemptions=req.metrics.take_unsent_preemptions())
                 if req.num_known_output_tokens == 1:  # its first token: say when it was first scheduled
                     out.first_scheduled_time = req.metrics.first_scheduled_time
                     out.num_cached_tokens = req.num_cached_tokens

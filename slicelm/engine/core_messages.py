@@ -2,8 +2,8 @@
 
 Requests go in whole (``EngineCoreRequest``: token ids and parameters, already validated); outputs come
 back once per step as **deltas** (``EngineCoreOutput``: only the token ids sampled since the last
-output, the finish reason, the new tokens' logprobs or a pooling result) together with the engine's
-stats snapshot. Nothing cumulative travels per step, so a stream of L tokens costs O(L) bytes.
+output, the finish reason, the new tokens' logprobs or a pooling result, the preemptions since) together with
+the engine's stats snapshot. Nothing cumulative travels per step, so a stream of L tokens costs O(L) bytes.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     error: str | None = None  # the core refused or failed this sequence
     # with its first token, for requests with prompt_logprobs: one entry per prompt token after the first
     prompt_logprobs: list[LogprobEntry] | None = None
+    num_preemptions: int = 0  # times it was preempted since its previous output (a delta: 0 is not sent)
 
 
 class UtilityCall(msgspec.Struct, array_like=True):

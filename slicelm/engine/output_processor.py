@@ -123,10 +123,11 @@ class OutputProcessor:
                 result.errors[parent.req.request_id] = co.error
                 result.abort_in_core += [sid for sid in self.abort([parent.req.request_id]) if sid != co.request_id]
                 continue
+            m = parent.metrics
+            m.num_preemptions += co.num_preemptions  # summed over the request's sequences
             seq = parent.seqs[co.request_id]
             if seq.finish_reason is not None:
                 continue
-            m = parent.metrics
             if co.first_scheduled_time is not None and m.first_scheduled_time is None:
                 m.first_scheduled_time = co.first_scheduled_time
                 parent.num_cached_tokens = co.num_cached_tokens

@@ -47,7 +47,7 @@ class EmptyPromptError(ValueError):
 
 @dataclass
 class RequestMetrics:
-    """Wall-clock timestamps (``time.time()``) of one request, for latency histograms."""
+    """Wall-clock timestamps (``time.time()``) of one request and how often it was preempted, for histograms."""
 
     arrival_time: float
     first_scheduled_time: float | None = None
@@ -55,6 +55,12 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    num_preemptions_sent: int = 0  # core side: the part of ``num_preemptions`` already sent to the API process
+
+    def take_unsent_preemptions(self) -> int:
+        """Preemptions since the last call (what the sequence's next output carries)."""
+        new, self.num_preemptions_sent = self.num_preemptions - self.num_preemptions_sent, self.num_preemptions
+        return new
 
 
 @dataclass(eq=False)

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 TOKEN_COUNTERS = ("num_prompt_tokens", "num_generation_tokens", "num_preemptions", "prefix_cache_queries",
                   "prefix_cache_hits")
+# Why the front end refused a request (vLLM's ``vllm:admission_rejections`` reasons). slicelm's one queue limit,
+# ``--max-waiting-requests``, counts requests: its refusals are ``max_num_queued_reqs``; it has no token limit.
+MAX_NUM_QUEUED_REQS = "max_num_queued_reqs"
+ADMISSION_REASONS = (MAX_NUM_QUEUED_REQS, "max_num_queued_tokens")
 
 
 @dataclass
@@ -72,7 +76,7 @@ class EngineStats:
 
 @dataclass
 class FinishedRequestStats:
-    """Latencies of one finished request (seconds), for histograms."""
+    """Latencies (seconds) and counts of one finished request, for histograms."""
 
     finish_reason: str
     num_prompt_tokens: int
@@ -83,13 +87,16 @@ class FinishedRequestStats:
     decode_time: float | None = None
     inference_time: float | None = None
     time_per_output_token: float | None = None
+    num_preemptions: int = 0  # times the core preempted its sequences (summed over ``n``)
 
 
 @dataclass
 class IterationStats:
-    """What one engine-loop iteration produced, handed to stat loggers with the engine snapshot."""
+    """What one engine-loop iteration produced (or one refused request), handed to stat loggers with the engine
+    snapshot."""
 
     now: float
     time_to_first_tokens: list[float] = field(default_factory=list)
     inter_token_latencies: list[float] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
+    admission_rejections: list[str] = field(default_factory=list)  # one reason (ADMISSION_REASONS) per refusal

@@ -1,7 +1,7 @@
 """Structured outputs through the engine on the real SmolLM2: a request whose grammar still compiles waits as
 WAITING_FOR_FSM while the others run; preemption and chunked prefill (small KV cache, async scheduling on the
-CPU) keep every output valid and every matcher in step with its sequence; ``n > 1`` gives each sequence its own
-matcher."""
+CPU) keep every output valid and every matcher in step with its sequence (and each request's output says how often it
+was preempted); ``n > 1`` gives each sequence its own matcher."""
 
 from __future__ import annotations
 
@@ -31,13 +31,16 @@ def engine() -> LLMEngine:
     return LLMEngine.from_engine_args(EngineArgs("smollm2-135m-instruct", **ARGS))
 
 
-def run(engine: LLMEngine, check=None) -> dict[str, list]:
-    """Steps until every request finished (added with ``stream=False``); ``check`` runs after each step."""
+def run(engine: LLMEngine, check=None, preemptions: dict[str, int] | None = None) -> dict[str, list]:
+    """Steps until every request finished (added with ``stream=False``); ``check`` runs after each step;
+    ``preemptions`` gets each finished request's count."""
     done: dict[str, list] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out.outputs
+                if preemptions is not None:
+                    preemptions[out.request_id] = out.metrics.num_preemptions
         if check is not None:
             check()
     return done
@@ -82,9 +85,13 @@ def test_preemption_and_chunked_prefill_keep_outputs_valid(engine) -> None:
         engine.add_request(f"r{i}", "Here are some numbers: " * (2 + i), SamplingParams(
             temperature=0.8, seed=i, max_tokens=24, structured_outputs=so), stream=False)
     deferred = []  # steps left in flight with their masks still filling on the mask thread
+    preemptions: dict[str, int] = {}
     done = run(engine, check=lambda: (matchers_in_step(engine),
-                                      deferred.append(getattr(engine.core._inflight, "finish", None) is not None)))
+                                      deferred.append(getattr(engine.core._inflight, "finish", None) is not None)),
+               preemptions=preemptions)
     assert engine.get_stats().num_preemptions > preempted_before
+    # each request's count (vllm:request_num_preemptions) came with its outputs and adds up to the engine's
+    assert sum(preemptions.values()) == engine.get_stats().num_preemptions - preempted_before
     assert any(deferred)  # async scheduling: sampling waited for a mask filled while the host built the next step
     for i in range(3):
         (out,) = done[f"r{i}"]

@@ -27,7 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from slicelm.engine.stats import EngineStats, IterationStats, PoolingStats
+from slicelm.config import CacheConfig
+from slicelm.engine.stats import ADMISSION_REASONS, EngineStats, IterationStats, PoolingStats
 from slicelm.entrypoints.server.elastic_metrics import ElasticMetrics
 
 logger = logging.getLogger("slicelm.stats")
@@ -42,6 +43,7 @@ REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 FINISH_REASONS = ("stop", "length", "abort")
 ITERATION_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 REQUEST_N_BUCKETS = [1, 2, 5, 10, 20]
+REQUEST_NUM_PREEMPTIONS_BUCKETS = [1, 2, 3, 4, 5, 10, 20]
 WAITING_REASONS = ("capacity", "deferred")
 
 METRIC_NAMES = (
@@ -54,6 +56,7 @@ METRIC_NAMES = (
     "vllm:request_decode_time_seconds", "vllm:request_prompt_tokens", "vllm:request_generation_tokens",
     "vllm:cache_config_info", "vllm:iteration_tokens_total", "vllm:num_requests_waiting_by_reason",
     "vllm:request_params_n", "vllm:request_params_max_tokens", "vllm:engine_sleep_state",
+    "vllm:request_num_preemptions", "vllm:admission_rejections",
 )
 
 
@@ -68,6 +71,16 @@ def _token_buckets(max_model_len: int) -> list[float]:
                 return out
             out.append(float(v))
         exp += 1
+
+
+def cache_config_info(cache: CacheConfig, max_model_len: int) -> dict[str, str]:
+    """The labels of ``vllm:cache_config_info``: the KV cache's shape, its capacity in tokens (blocks x block size)
+    and how many ``max_model_len`` requests it holds at once (each takes whole blocks, as vLLM counts)."""
+    blocks_per_request = -(-max(1, max_model_len) // cache.block_size)
+    return {"block_size": str(cache.block_size), "num_gpu_blocks": str(cache.num_blocks),
+            "enable_prefix_caching": str(cache.enable_prefix_caching),
+            "kv_cache_size_tokens": str(cache.num_blocks * cache.block_size),
+            "kv_cache_max_concurrency": str(cache.num_blocks / blocks_per_request)}
 
 
 class PrometheusStatLogger:
@@ -127,6 +140,13 @@ class PrometheusStatLogger:
                                    token_buckets)
         self.iteration_tokens = hist("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
                                      ITERATION_TOKEN_BUCKETS)
+        self.req_preemptions = hist("vllm:request_num_preemptions",
+                                    "Histogram of the number of times a request was preempted.",
+                                    REQUEST_NUM_PREEMPTIONS_BUCKETS)
+        rejections = Counter("vllm:admission_rejections", "Number of admission attempts rejected by a queue limit, "
+                             "by reason.", ["model_name", "reason"], registry=r)
+        self.admission_rejections = {reason: rejections.labels(model_name=model_name, reason=reason)
+                                     for reason in ADMISSION_REASONS}
         self.params_n = hist("vllm:request_params_n", "Histogram of the n request parameter.", REQUEST_N_BUCKETS)
         self.params_max_tokens = hist("vllm:request_params_max_tokens", "Histogram of the max_tokens request "
                                       "parameter.", token_buckets)
@@ -197,11 +217,14 @@ class PrometheusStatLogger:
             self.e2e.observe(f.e2e_latency)
             self.req_prompt_tokens.observe(f.num_prompt_tokens)
             self.req_gen_tokens.observe(f.num_generation_tokens)
+            self.req_preemptions.observe(f.num_preemptions)
             for h, v in ((self.queue_time, f.queue_time), (self.prefill_time, f.prefill_time),
                          (self.decode_time, f.decode_time), (self.inference_time, f.inference_time),
                          (self.tpot, f.time_per_output_token)):
                 if v is not None:
                     h.observe(v)
+        for reason in it.admission_rejections:
+            self.admission_rejections[reason].inc()
 
     def observe_request_params(self, n: int, max_tokens: int | None) -> None:
         self.params_n.observe(n)

@@ -16,7 +16,7 @@ from slicelm.engine.protocol import EngineClient
 from slicelm.engine.request import CompletionOutput, RequestOutput
 from slicelm.engine.request_stream import RequestStream
 from slicelm.entrypoints.server.errors import APIError, bad_request
-from slicelm.entrypoints.server.metrics import LoggingStatLogger, PrometheusStatLogger
+from slicelm.entrypoints.server.metrics import LoggingStatLogger, PrometheusStatLogger, cache_config_info
 from slicelm.entrypoints.server.options import ApiOptions
 from slicelm.sampling_params import SamplingParams
 
@@ -55,9 +55,7 @@ class ServerState:
         names = list(served_model_names or mc.served_model_names or [mc.model])
         state = cls(engine, names, int(mc.max_model_len), str(mc.task), str(mc.model), chat_template,
                     list(api_keys or []), shutdown_timeout)
-        cc = engine.cache_config
-        info = {"block_size": cc.block_size, "num_gpu_blocks": cc.num_blocks,
-                "enable_prefix_caching": cc.enable_prefix_caching}
+        info = cache_config_info(engine.cache_config, state.max_model_len)
         state.metrics = PrometheusStatLogger(names[0], state.max_model_len, info,
                                              record_engine=record_engine_metrics, pooling=state.task != "generate")
         engine.add_stat_listener(state.metrics)
