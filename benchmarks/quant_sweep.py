@@ -10,7 +10,8 @@ it) and the whole sweep to benchmarks/results/quant_sweep_<device>.json.
 
 GEMV (M = 1): time of one call from a CUDA graph of 20 calls, bytes read (packed weights + scales + zeros) per
 second, as a fraction of the device-to-device copy rate of the same run. GEMM (M = 16 .. 256): time against
-cuBLAS bf16 at the same M and against dequantize + cuBLAS (what runs past GEMM_MAX_M).
+cuBLAS bf16 at the same M and against dequantize + cuBLAS (what runs past GEMM_MAX_M) with slabs of 8 to 64 MiB of
+dequantized rows (small ones stay in L2 for cuBLAS to read); a bucket where the latter wins records its best slab.
 """
 
 from __future__ import annotations
@@ -127,14 +128,27 @@ def sweep_gemv(shapes, bits, group, args, device, bandwidth) -> tuple[list[dict]
     return rows, tuned
 
 
-def _dequant_matmul(x, w_q, scales, zeros, bits: int, k: int):
-    """What ``int_linear`` runs past GEMM_MAX_M: W dequantized in slabs into the shared scratch, cuBLAS per slab."""
+SLAB_MIB = (8, 16, 32, 64)  # dequantize + cuBLAS slab sizes tried per bucket (H200's L2: 50 MiB; 64 = the default)
+
+
+def _dequant_matmul(x, w_q, scales, zeros, bits: int, k: int, rows: int):
+    """What ``int_linear`` runs for a dequantize bucket: W dequantized ``rows`` rows at a time into the shared
+    scratch, cuBLAS per slab."""
     import torch
 
     from slicelm.layers.quantization import int_kernels
 
     out = torch.empty((x.shape[0], w_q.shape[0]), dtype=x.dtype, device=x.device)
-    return int_kernels.dequant_matmul(x, w_q, scales, zeros, bits, k, None, out)
+    return int_kernels.dequant_matmul(x, w_q, scales, zeros, bits, k, None, out, rows=rows)
+
+
+def _time_dequant(x, w_q, scales, zeros, bits: int, k: int, smoke: bool) -> dict[int, float]:
+    """Dequantize + cuBLAS time per slab row count (distinct counts of ``SLAB_MIB``, 32-row multiples)."""
+    n = w_q.shape[0]
+    counts = sorted({min(n, max(32, (mib << 20) // (k * x.element_size()) // 32 * 32))
+                     for mib in ((1,) if smoke else SLAB_MIB)})
+    return {rows: _time_us(functools.partial(_dequant_matmul, x, w_q, scales, zeros, bits, k, rows), smoke)
+            for rows in counts}
 
 
 def sweep_gemm(shapes, bits, group, args, device) -> tuple[list[dict], dict]:
@@ -148,9 +162,11 @@ def sweep_gemm(shapes, bits, group, args, device) -> tuple[list[dict], dict]:
         w_q, scales, zeros = _weights(n, k, bits, group, device)
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16 if not args.smoke else torch.float16)
         w16 = int_kernels.dequantize_weight(w_q, scales, zeros, bits, k, x.dtype)
+        by_rows = _time_dequant(x, w_q, scales, zeros, bits, k, args.smoke)
+        slab = min(by_rows, key=by_rows.get)
         ref = {"cublas_16bit_us": _time_us(functools.partial(torch.nn.functional.linear, x, w16), args.smoke),
-               "dequant_cublas_us": _time_us(functools.partial(_dequant_matmul, x, w_q, scales, zeros, bits, k),
-                                             args.smoke)}
+               "dequant_cublas_us": by_rows[slab], "dequant_slab_rows": slab,
+               "dequant_cublas_us_by_slab_rows": {str(r): us for r, us in by_rows.items()}}
         best = None
         for bn, bk, nw, ns in gemm_grid(args.full, args.smoke):
             if bk % min(group, bk) or (group > bk and group % bk):
@@ -168,11 +184,13 @@ def sweep_gemm(shapes, bits, group, args, device) -> tuple[list[dict], dict]:
                 best = row
         if best is not None:
             key = (f"gemm{best['config'][0]}", bits, group, n, k)
-            # (0, 0, 0, 0): this M bucket runs dequantize + cuBLAS, faster here than the best fused tile
-            tuned[key] = (0, 0, 0, 0) if ref["dequant_cublas_us"] < best["us"] else tuple(best["config"][1:])
+            # (0, ROWS, 0, 0): this M bucket runs dequantize + cuBLAS in slabs of ROWS weight rows, faster here than
+            # the best fused tile
+            dequant = ref["dequant_cublas_us"] < best["us"]
+            tuned[key] = (0, slab, 0, 0) if dequant else tuple(best["config"][1:])
             print(f"gemm M={m:<4} {n:>6}x{k:<6} best {best['config']} {best['us']:8.1f} us; cuBLAS 16-bit "
-                  f"{ref['cublas_16bit_us']:8.1f} us, dequant+cuBLAS {ref['dequant_cublas_us']:8.1f} us -> "
-                  f"{'dequant+cuBLAS' if tuned[key] == (0, 0, 0, 0) else 'fused'}", flush=True)
+                  f"{ref['cublas_16bit_us']:8.1f} us, dequant+cuBLAS {ref['dequant_cublas_us']:8.1f} us "
+                  f"(slabs of {slab} rows) -> {'dequant+cuBLAS' if dequant else 'fused'}", flush=True)
     return rows, tuned
 
 

@@ -83,22 +83,28 @@ def test_large_m_dequantizes_in_bounded_slabs(monkeypatch, bias):
 
 
 def test_a_bucket_tuned_to_dequant_runs_dequantize_and_matmul(monkeypatch):
-    """A sweep entry ``(0, 0, 0, 0)`` (dequantize + cuBLAS was faster for that M bucket and shape) sends the fused
-    GEMM's M range there; other buckets keep the fused kernel."""
+    """A sweep entry ``(0, ROWS, 0, 0)`` (dequantize + cuBLAS in slabs of ROWS weight rows was faster for that M bucket
+    and shape) sends the fused GEMM's M range there, in slabs of ROWS rows (0: the default); other buckets keep the
+    fused kernel."""
     from slicelm.layers.quantization import int_configs
 
     k, n = 256, 40
     w_q, scales, zeros = _weights(4, 64, True, k, n)
-    monkeypatch.setattr(int_configs, "TUNED", {("gemm16", 4, 64, n, k): (0, 0, 0, 0)})
-    calls = []
-    real = int_kernels.dequant_matmul
-    monkeypatch.setattr(int_kernels, "dequant_matmul", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    for m in (5, 20):
+    monkeypatch.setattr(int_configs, "TUNED", {("gemm16", 4, 64, n, k): (0, 32, 0, 0),
+                                               ("gemm64", 4, 64, n, k): (0, 0, 0, 0)})
+    calls, slabs = [], []
+    real, real_dequantize = int_kernels.dequant_matmul, int_kernels._dequantize_into
+    monkeypatch.setattr(int_kernels, "dequant_matmul",
+                        lambda *a, **kw: calls.append((a[0].shape[0], kw.get("rows"))) or real(*a, **kw))
+    monkeypatch.setattr(int_kernels, "_dequantize_into",
+                        lambda out, *a: slabs.append(out.shape[0]) or real_dequantize(out, *a))
+    for m in (5, 20, 50):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
         ref = x.float() @ dequantize(w_q, scales, zeros, 4, k).T
         out = int_kernels.int_linear(x, w_q, scales, zeros, 4, k, None)
         assert (out.float() - ref).abs().max() / ref.abs().max() < 2e-3
-    assert calls == [5]  # M=5 is in the gemm16 bucket; M=20 (gemm32) stays fused
+    # M=5 (gemm16): slabs of 32 rows (32 + 8); M=20 (gemm32) stays fused; M=50 (gemm64): one default slab
+    assert calls == [(5, 32), (50, None)] and slabs == [32, 8, 40]
 
 
 def test_saved_device_configs_fill_tuned(monkeypatch, tmp_path):

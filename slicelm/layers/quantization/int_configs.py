@@ -13,7 +13,8 @@ from pathlib import Path
 import triton
 
 # (kind, bits, group, N, K) -> launch parameters; kind "gemv": (BLOCK_N, BLOCK_KW, SPLIT_K, warps, stages),
-# kind "gemm<BLOCK_M>": (BLOCK_N, BLOCK_K, warps, stages).
+# kind "gemm<BLOCK_M>": (BLOCK_N, BLOCK_K, warps, stages), or (0, ROWS, 0, 0) where dequantize + cuBLAS was faster,
+# in slabs of ROWS weight rows (0: the default slab).
 TUNED: dict[tuple[str, int, int, int, int], tuple[int, ...]] = {}
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -69,7 +70,8 @@ def gemv_config(bits: int, group: int, n: int, k: int, num_sms: int) -> tuple[in
 
 def gemm_config(bits: int, group: int, m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for 2 <= M <= GEMM_MAX_M; ``BLOCK_N == 0`` where the
-    per-device sweep found dequantize + cuBLAS faster for this M bucket and shape."""
+    per-device sweep found dequantize + cuBLAS faster for this M bucket and shape (``BLOCK_K`` is then its slab's
+    weight rows, 0 for the default)."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     tuned = TUNED.get((f"gemm{block_m}", bits, group, n, k))
     if tuned is not None:

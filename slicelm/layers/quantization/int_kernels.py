@@ -311,17 +311,20 @@ def int_linear(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: 
             x, w_q, scales, zp, b, out, m, n, k, x.stride(0), out.stride(0), w_q.stride(0), scales.stride(0), ONE_BITS,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, **common)
         return out
-    return dequant_matmul(x, w_q, scales, zeros, bits, k, bias, out)
+    return dequant_matmul(x, w_q, scales, zeros, bits, k, bias, out, rows=bk or None)  # a tuned bucket's slab rows
 
 
 @torch.no_grad()  # out= products refuse arguments that require grad (a layer's bias Parameter outside inference mode)
 def dequant_matmul(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-                   k: int, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """``out = x @ W.T + bias`` for large M, ``DEQUANT_ROWS`` weight rows at a time dequantized into one scratch per
-    device and dtype (allocated once, on the first large step: the memory profile's) — no full-size weight
-    temporary, so no transient allocation in the step beyond ``out`` itself."""
+                   k: int, bias: torch.Tensor | None, out: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """``out = x @ W.T + bias`` for large M, ``rows`` weight rows at a time (default: ``DEQUANT_SCRATCH_BYTES`` of
+    them) dequantized into one scratch per device and dtype (allocated once, on the first large step: the memory
+    profile's) — no full-size weight temporary, so no transient allocation in the step beyond ``out`` itself.
+    Slabs small enough to stay in L2 are read by cuBLAS from there; ``quant_sweep.py`` picks the size per bucket."""
     n = w_q.shape[0]
-    rows = min(n, max(32, DEQUANT_SCRATCH_BYTES // (k * x.element_size()) // 32 * 32))
+    if rows is None:
+        rows = DEQUANT_SCRATCH_BYTES // (k * x.element_size())
+    rows = min(n, max(32, rows // 32 * 32))
     scratch = _scratch(x.device, x.dtype, rows * k)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
