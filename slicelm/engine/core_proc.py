@@ -247,7 +247,8 @@ def run_engine_core(args: Any, in_addrs: list[str], out_addrs: list[str], ready:
     every address of ``in_addrs``; client ``i``'s outputs go to ``out_addrs[i]``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the API process, which shuts us down
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: every thread's stack to stderr
+    with contextlib.suppress(OSError, ValueError):  # a stderr without a file descriptor: no dumps
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: every thread's stack to stderr
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s engine-core: %(message)s",
                         datefmt="%m-%d %H:%M:%S")
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import importlib
 import importlib.util
@@ -94,7 +95,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: every thread's stack to stderr
+    with contextlib.suppress(OSError, ValueError):  # a stderr without a file descriptor (embedded): no dumps
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: every thread's stack to stderr
     argv = normalize_argv(sys.argv[1:] if argv is None else list(argv))
     light = _light_main(argv)
     if light is not None:

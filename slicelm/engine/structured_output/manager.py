@@ -194,4 +194,3 @@ class StructuredOutputManager:
         for pool in (self._pool, self._mask_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
-
