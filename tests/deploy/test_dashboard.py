@@ -113,7 +113,7 @@ def scrapes(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
                    json={"model": rh.SMOLLM, "prompt": "Hi", "max_tokens": 2}).raise_for_status()
         slow = rh.start_fake(tmp, "--delay", "30", model=rh.SMOLLM)
         procs.append(slow)
-        router = rh.start_router(tmp, [server.url, slow.url], [rh.SMOLLM, rh.SMOLLM], "--first-byte-timeout", "5",
+        router = rh.start_router(tmp, [server.url, slow.url], [rh.SMOLLM, rh.SMOLLM], "--first-byte-timeout", "10",
                                  "--engine-stats-interval", "1", "--max-instance-failover-reroute-attempts", "2")
         procs.append(router)
         system = "You are a terse assistant. " * 12  # several full KV blocks shared by every request
