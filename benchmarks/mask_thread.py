@@ -8,22 +8,28 @@ advances the matchers and fills the step's masks, while the host returns outputs
 the step samples when the next one needs its tokens, waiting for the masks if they are not ready. This replays that
 on the host alone with the engine's ``StructuredOutputManager``: 256 sequences under the schema of
 ``structured_throughput.py`` (diverse states: each starts a random number of tokens into its own valid output)
-take one token per step; each step accepts the tokens (main thread, as the core) and queues the fill, the main
-thread runs ``--host-ms`` of Python, then waits for the masks. Variants: the GIL switch interval, Python's default
-5 ms (before) and what the manager sets (0.5 ms), with 1 ms and 0.2 ms around it. Reports per variant the mean and
-p90 wait per step, the mean time from queueing to masks ready, and the fill alone on an idle host.
+take one token per step; each step accepts the tokens and queues the fill, the main thread runs ``--host-ms`` of
+Python, then waits for the masks. Variants (each a list): the GIL switch interval (``--switch-ms``: Python's
+default 5 ms, the manager's 0.5 ms), llguidance's native threads (``--threads``, 0 = its default: 80% of the
+cores up to 32), and where the accepts run (``--accept``: ``main`` as the core does, or ``thread``: queued on the
+mask thread before the fill). Reports per variant the host's step time (accept + host work + wait), the wait, and
+the fill alone on an idle host. The machine's core count matters: run it on the GPU host too.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import random
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import llguidance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, save_result
@@ -39,7 +45,6 @@ from slicelm.sampling_params import SamplingParams, StructuredOutputsParams
 VOCAB = 151936
 WORDS = ["disk", "full", "retry", "user", "login", "ok", "timeout", "cache", "miss", "état", "überall", "日志",
          "42", "0.5", "path/to/file", "a\\\"quoted\\\" word", "tab\\there", "GET", "/v1/chat", "200"]
-SWITCH_INTERVALS_S = (0.005, 0.001, 0.0005, 0.0002)
 
 
 def valid_texts(n: int, rng: random.Random) -> list[str]:
@@ -78,10 +83,13 @@ def make_sequences(mgr: StructuredOutputManager, token_lists: list[list[int]], s
     return reqs
 
 
-def run_variant(tokenizer, token_lists, skip, steps: int, host_ms: float, switch: float) -> dict:
+def run_variant(tokenizer, token_lists, skip, steps: int, host_ms: float, switch: float, threads: int,
+                accept_on_thread: bool) -> dict:
     mgr = StructuredOutputManager(StructuredOutputsConfig(), lambda: tokenizer, VOCAB, set(tokenizer.eos_token_ids),
                                   len(token_lists), pin=False)
     reqs = make_sequences(mgr, token_lists, skip)
+    if threads:
+        mgr._backend().executor = llguidance.LLExecutor(num_threads=threads)
     mgr.bitmask_async(reqs).result()  # the mask thread exists now (and lowered the switch interval): set ours
     sys.setswitchinterval(switch)
     idle = []
@@ -89,11 +97,14 @@ def run_variant(tokenizer, token_lists, skip, steps: int, host_ms: float, switch
         t0 = time.perf_counter()
         mgr.bitmask_async(reqs).result()
         idle.append(time.perf_counter() - t0)
-    waits, ready = [], []
+    waits, step = [], []
     for s in range(steps):
         tokens = [toks[skip[i] + s] for i, toks in enumerate(token_lists)]
         t0 = time.perf_counter()
-        mgr.accept(reqs, tokens)
+        if accept_on_thread:  # the mask thread's one worker runs it before the fill queued next
+            mgr._mask_pool.submit(mgr.accept, reqs, tokens)
+        else:
+            mgr.accept(reqs, tokens)
         pending = mgr.bitmask_async(reqs)
         host_work(host_ms)
         t1 = time.perf_counter()
@@ -101,13 +112,12 @@ def run_variant(tokenizer, token_lists, skip, steps: int, host_ms: float, switch
         t2 = time.perf_counter()
         assert mask is not None
         waits.append(t2 - t1)
-        ready.append(t2 - t0)
+        step.append(t2 - t0)
     assert all(r.structured.num_accepted == skip[i] + steps and not r.structured.failed for i, r in enumerate(reqs))
     mgr.shutdown()
     waits.sort()
-    return {"wait_ms_mean": 1e3 * statistics.fmean(waits), "wait_ms_p90": 1e3 * waits[int(0.9 * len(waits))],
-            "queued_to_ready_ms_mean": 1e3 * statistics.fmean(ready),
-            "fill_idle_ms_median": 1e3 * statistics.median(idle)}
+    return {"step_ms_mean": 1e3 * statistics.fmean(step), "wait_ms_mean": 1e3 * statistics.fmean(waits),
+            "wait_ms_p90": 1e3 * waits[int(0.9 * len(waits))], "fill_idle_ms_median": 1e3 * statistics.median(idle)}
 
 
 def main() -> None:
@@ -115,6 +125,9 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=256)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--host-ms", default="3", help="comma-separated host work per step (ms)")
+    ap.add_argument("--switch-ms", default="5,0.5", help="comma-separated GIL switch intervals (ms)")
+    ap.add_argument("--threads", default="0", help="comma-separated llguidance thread counts (0: its default)")
+    ap.add_argument("--accept", default="main,thread", help="where the accepts run: main, thread")
     args = ap.parse_args()
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as d:
@@ -125,17 +138,22 @@ def main() -> None:
     skip = [rng.randint(0, 300) for _ in token_lists]
     assert all(len(t) >= s + args.steps for t, s in zip(token_lists, skip))
     rows = []
-    for host_ms in (float(x) for x in args.host_ms.split(",")):
-        for switch in SWITCH_INTERVALS_S:
-            r = {"host_ms": host_ms, "switch_interval_s": switch,
-                 **run_variant(tokenizer, token_lists, skip, args.steps, host_ms, switch)}
-            print(json.dumps(r), flush=True)
-            rows.append(r)
+    grid = itertools.product([float(x) for x in args.host_ms.split(",")],
+                             [float(x) / 1e3 for x in args.switch_ms.split(",")],
+                             [int(x) for x in args.threads.split(",")], args.accept.split(","))
+    for host_ms, switch, threads, accept in grid:
+        assert accept in ("main", "thread"), accept
+        r = {"host_ms": host_ms, "switch_interval_s": switch, "llguidance_threads": threads or "default",
+             "accept_on": accept,
+             **run_variant(tokenizer, token_lists, skip, args.steps, host_ms, switch, threads, accept == "thread")}
+        print(json.dumps(r), flush=True)
+        rows.append(r)
     save_result("mask_thread", {**environment(), "workload": {
         "name": "mask thread under a busy host (structured outputs, async scheduling), no model",
         "sequences": args.sequences, "steps": args.steps, "backend": "guidance",
         "vocabulary": "Qwen2/Qwen3 151k byte-level BPE (qwen_vocab.py), 151936", "schema": SCHEMA,
-        "states": "each sequence starts 0-300 tokens into its own valid output (random.Random(0))"},
+        "states": "each sequence starts 0-300 tokens into its own valid output (random.Random(0))",
+        "cpu_count": os.cpu_count()},
         "rows": rows})
 
 
