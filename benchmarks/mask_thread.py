@@ -11,9 +11,10 @@ on the host alone with the engine's ``StructuredOutputManager``: 256 sequences u
 take one token per step; each step accepts the tokens and queues the fill, the main thread runs ``--host-ms`` of
 Python, then waits for the masks. Variants (each a list): the GIL switch interval (``--switch-ms``: Python's
 default 5 ms, the manager's 0.5 ms), llguidance's native threads (``--threads``, 0 = its default: 80% of the
-cores up to 32), and where the accepts run (``--accept``: ``main`` as the core does, or ``thread``: queued on the
-mask thread before the fill). Reports per variant the host's step time (accept + host work + wait), the wait, and
-the fill alone on an idle host. The machine's core count matters: run it on the GPU host too.
+cores up to 32), and where the accepts run (``--accept``: ``thread``, queued on the mask thread before the fill,
+as the core does with async scheduling; ``main``, as it did before). Reports per variant the host's step time
+(accept + host work + wait), the wait, and the fill alone on an idle host. The machine's core count matters: run
+it on the GPU host too.
 """
 
 from __future__ import annotations
@@ -86,13 +87,14 @@ def make_sequences(mgr: StructuredOutputManager, token_lists: list[list[int]], s
 def run_variant(tokenizer, token_lists, skip, steps: int, host_ms: float, switch: float, threads: int,
                 accept_on_thread: bool) -> dict:
     mgr = StructuredOutputManager(StructuredOutputsConfig(), lambda: tokenizer, VOCAB, set(tokenizer.eos_token_ids),
-                                  len(token_lists), pin=False)
+                                  len(token_lists), pin=False, overlap=accept_on_thread)
     reqs = make_sequences(mgr, token_lists, skip)
     if threads:
         mgr._backend().executor = llguidance.LLExecutor(num_threads=threads)
     mgr.bitmask_async(reqs).result()  # the mask thread exists now (and lowered the switch interval): set ours
     sys.setswitchinterval(switch)
     idle = []
+    mgr.drain()
     for _ in range(5):
         t0 = time.perf_counter()
         mgr.bitmask_async(reqs).result()
@@ -101,10 +103,7 @@ def run_variant(tokenizer, token_lists, skip, steps: int, host_ms: float, switch
     for s in range(steps):
         tokens = [toks[skip[i] + s] for i, toks in enumerate(token_lists)]
         t0 = time.perf_counter()
-        if accept_on_thread:  # the mask thread's one worker runs it before the fill queued next
-            mgr._mask_pool.submit(mgr.accept, reqs, tokens)
-        else:
-            mgr.accept(reqs, tokens)
+        mgr.accept(reqs, tokens)  # overlap: queued on the mask thread, before the fill
         pending = mgr.bitmask_async(reqs)
         host_work(host_ms)
         t1 = time.perf_counter()
@@ -113,6 +112,7 @@ def run_variant(tokenizer, token_lists, skip, steps: int, host_ms: float, switch
         assert mask is not None
         waits.append(t2 - t1)
         step.append(t2 - t0)
+    mgr.drain()
     assert all(r.structured.num_accepted == skip[i] + steps and not r.structured.failed for i, r in enumerate(reqs))
     mgr.shutdown()
     waits.sort()

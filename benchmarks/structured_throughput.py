@@ -71,9 +71,9 @@ def check_outputs(llm, outs) -> dict:
 
 
 class StepTimes:
-    """Host time per constrained step in the structured-output calls (wrapped for the measured pass only): the
-    masks' fill (on the mask thread with async scheduling), the matchers' accept, and how long the next step
-    waited for a fill still running (``StepHandle.resolve``)."""
+    """Host time per constrained step in the structured-output work (wrapped for the measured pass only): the
+    masks' fill and the matchers' accept (both on the mask thread with async scheduling), and how long the next
+    step waited for its masks (``StepHandle.resolve``)."""
 
     def __init__(self, llm) -> None:
         from slicelm.engine import runner
@@ -82,8 +82,8 @@ class StepTimes:
         self.fill_s = self.accept_s = self.resolve_wait_s = 0.0
         self.fills = 0
         self._undo = []
-        self._wrap(self.manager, "bitmask", "fill_s", count=True)
-        self._wrap(self.manager, "accept", "accept_s")
+        self._wrap(self.manager, "_fill", "fill_s", count=True)
+        self._wrap(self.manager, "_accept", "accept_s")
         original = runner.StepHandle.resolve
 
         def resolve(handle):
