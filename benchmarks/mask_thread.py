@@ -11,8 +11,8 @@ on the host alone with the engine's ``StructuredOutputManager``: 256 sequences u
 take one token per step; each step accepts the tokens and queues the fill, the main thread runs ``--host-ms`` of
 Python, then waits for the masks. Variants (each a list): the GIL switch interval (``--switch-ms``: Python's
 default 5 ms, the manager's 0.5 ms), llguidance's native threads (``--threads``, 0 = its default: 80% of the
-cores up to 32), and where the accepts run (``--accept``: ``thread``, queued on the mask thread before the fill,
-as the core does with async scheduling; ``main``, as it did before). Reports per variant the host's step time
+cores up to 32), and where the accepts run (``--accept``: ``main``, as the core does, or ``thread``: queued on the
+mask thread before the fill, the manager's ``overlap``). Reports per variant the host's step time
 (accept + host work + wait), the wait, and the fill alone on an idle host. The machine's core count matters: run
 it on the GPU host too.
 """
@@ -103,7 +103,7 @@ def run_variant(tokenizer, token_lists, skip, steps: int, host_ms: float, switch
     for s in range(steps):
         tokens = [toks[skip[i] + s] for i, toks in enumerate(token_lists)]
         t0 = time.perf_counter()
-        mgr.accept(reqs, tokens)  # overlap: queued on the mask thread, before the fill
+        mgr.accept(reqs, tokens)  # with overlap: queued on the mask thread, before the fill
         pending = mgr.bitmask_async(reqs)
         host_work(host_ms)
         t1 = time.perf_counter()

@@ -72,8 +72,8 @@ def check_outputs(llm, outs) -> dict:
 
 class StepTimes:
     """Host time per constrained step in the structured-output work (wrapped for the measured pass only): the
-    masks' fill and the matchers' accept (both on the mask thread with async scheduling), and how long the next
-    step waited for its masks (``StepHandle.resolve``)."""
+    masks' fill (on the mask thread with async scheduling), the matchers' accept, and how long the next step
+    waited for its masks (``StepHandle.resolve``)."""
 
     def __init__(self, llm) -> None:
         from slicelm.engine import runner

@@ -49,8 +49,7 @@ class EngineCore:
         self.async_scheduling = (
             args.async_scheduling if args.async_scheduling is not None else self.worker.device.type == "cuda"
         )
-        self.structured = (None if self.model_config.is_pooling
-                           else make_structured_manager(args, self.worker, overlap=self.async_scheduling))
+        self.structured = None if self.model_config.is_pooling else make_structured_manager(args, self.worker)
         self._waiting_for_grammar: list[Request] = []
         self.elastic = self.worker.elastic  # KV in chunks mapped on demand (elastic KV / sleep mode), or None
         self.sleep_mode = SleepMode(self)
@@ -380,9 +379,8 @@ def _pooling_defaults(model: object) -> tuple[str | None, bool | None]:
     return getattr(pooling, "pooling_type", None), getattr(pooling, "normalize", None)
 
 
-def make_structured_manager(args: EngineArgs, worker: Worker, overlap: bool) -> StructuredOutputManager:
-    """Structured outputs of a generating model; the core loads the tokenizer on the first such request.
-    ``overlap`` (async scheduling): the matchers advance and the masks fill on the mask thread."""
+def make_structured_manager(args: EngineArgs, worker: Worker) -> StructuredOutputManager:
+    """Structured outputs of a generating model; the core loads the tokenizer on the first such request."""
 
     def load_tokenizer():
         if args.skip_tokenizer_init:
@@ -394,7 +392,7 @@ def make_structured_manager(args: EngineArgs, worker: Worker, overlap: bool) -> 
 
     return StructuredOutputManager(args.structured_outputs_config, load_tokenizer, worker.vocab_size,
                                    set(worker.eos_token_ids), worker.scheduler_config.max_num_seqs,
-                                   pin=worker.device.type == "cuda", overlap=overlap)
+                                   pin=worker.device.type == "cuda")
 
 
 def _logprob_entry(req: Request, result: RunnerOutput, row: int) -> tuple[list[int], list[float], int | None]:

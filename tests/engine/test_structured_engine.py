@@ -47,9 +47,7 @@ def run(engine: LLMEngine, check=None, preemptions: dict[str, int] | None = None
 
 
 def matchers_in_step(engine: LLMEngine) -> None:
-    """Every live matcher consumed exactly its sequence's known output tokens, and never rejected one (once the
-    mask thread has run the accepts queued so far: with async scheduling they run there)."""
-    engine.core.structured.drain()
+    """Every live matcher consumed exactly its sequence's known output tokens, and never rejected one."""
     for req in engine.core.requests.values():
         so = req.structured
         if so is not None and so.grammar is not None:
