@@ -13,9 +13,9 @@ and builds the next step while the backend's native threads work; the fill reads
 queued (the core may release a finished sequence's grammar meanwhile). The interpreter's GIL switch interval is
 lowered to 0.5 ms once the mask thread exists: with Python's 5 ms default, a task queued while the host runs Python
 waits up to 5 ms for the GIL to start and again to return (``benchmarks/mask_thread.py``). ``overlap`` queues the
-accepts on the mask thread too (``sync`` then waits for the queue): the core leaves it off, as on the 2-core CPU it
-cost 0.6 ms per step with 3 ms of host work and saved 0.1 ms with 5 ms; ``mask_thread.py --accept main,thread``
-measures both on the GPU's host.
+accepts on the mask thread too (``sync`` then waits for the queue). The core leaves it off: on the 2-core CPU the
+two differ by less than run-to-run noise up to 3 ms of host work per step and the mask thread won by 0.1–0.5 ms at
+5 ms; ``mask_thread.py --accept main,thread`` decides it on the GPU's host.
 """
 
 from __future__ import annotations
