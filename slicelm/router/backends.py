@@ -46,6 +46,43 @@ class Backend:
     ejected_reason: str | None = None
     model_cards: dict[str, dict] = field(default_factory=dict)
     sleeping: bool = False  # asleep (vLLM's sleep mode): not a routing candidate until woken (router/sleep.py)
+    _users: dict[aiohttp.ClientSession, int] = field(default_factory=dict)  # requests in flight per session
+    _retired: set[aiohttp.ClientSession] = field(default_factory=set)  # replaced, closed once no request uses them
+
+    def acquire(self) -> aiohttp.ClientSession:
+        """The session a new request uses; it counts in ``in_flight`` until ``release``."""
+        session = self.session
+        self.in_flight += 1
+        self._users[session] = self._users.get(session, 0) + 1
+        return session
+
+    def release(self, session: aiohttp.ClientSession) -> None:
+        self.in_flight -= 1
+        left = self._users[session] - 1
+        if left:
+            self._users[session] = left
+            return
+        del self._users[session]
+        if session in self._retired:
+            self._retired.discard(session)
+            _close_soon(session)
+
+    def retire_session(self, replacement: aiohttp.ClientSession | None) -> None:
+        """Stops using the current session (ejected: a fresh one replaces it; removed: ``None``). It closes once no
+        request in flight uses it: aiohttp never wakes a response read whose session was closed under it, so such a
+        request would wait forever, even after the replica's connection is gone (a killed engine core's streams did)."""
+        old = self.session
+        if replacement is not None:
+            self.session = replacement
+        if old in self._users:
+            self._retired.add(old)
+        else:
+            _close_soon(old)
+
+    async def close(self) -> None:
+        """Router shutdown: every session, in use or not."""
+        for session in {self.session, *self._retired}:
+            await session.close()
 
     @property
     def url(self) -> str:
@@ -59,6 +96,11 @@ class Backend:
         """Scraped running + waiting plus the router's own in-flight requests."""
         s = self.engine_stats
         return self.in_flight + ((s.num_running_requests + s.num_queuing_requests) if s else 0.0)
+
+
+def _close_soon(session: aiohttp.ClientSession) -> None:
+    if not session.closed:
+        asyncio.get_running_loop().create_task(session.close())
 
 
 def _new_session(connect_timeout: float) -> aiohttp.ClientSession:
@@ -98,7 +140,7 @@ class BackendPool:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.discovery.stop()
         for b in self.backends.values():
-            await b.session.close()
+            await b.close()
         if self._control is not None:
             await self._control.close()
 
@@ -134,7 +176,7 @@ class BackendPool:
         for url in list(self.backends):
             if url not in endpoints:
                 b = self.backends.pop(url)
-                asyncio.get_running_loop().create_task(b.session.close())
+                b.retire_session(None)  # closed once the requests still on it end
                 logger.info("Removed backend %s", url)
                 changed = True
         for url, ep in endpoints.items():
@@ -179,9 +221,7 @@ class BackendPool:
     def eject(self, b: Backend, reason: str) -> None:
         if self.backends.get(b.url) is not b:
             return
-        old = b.session
-        b.session = _new_session(self.config.connect_timeout)
-        asyncio.get_running_loop().create_task(old.close())  # aborts requests still waiting on this replica
+        b.retire_session(_new_session(self.config.connect_timeout))  # no pooled connection to it is reused
         if b.healthy:
             b.healthy = False
             b.ejected_reason = reason

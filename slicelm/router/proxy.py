@@ -124,7 +124,7 @@ class Proxy:
     async def _attempt(self, b: Backend, request: web.Request, path: str, body: bytes, headers: dict[str, str],
                        model: str, request_id: str, retry_left: bool) -> web.StreamResponse:
         start = time.time()
-        b.in_flight += 1
+        session = b.acquire()
         self.stats.on_new_request(b.url, start)
         first: float | None = None
         chunks = 0
@@ -133,7 +133,7 @@ class Proxy:
         try:
             try:
                 async with asyncio.timeout(self.config.first_byte_timeout):
-                    resp = await b.session.request(request.method, b.url + path, data=body, headers=headers)
+                    resp = await session.request(request.method, b.url + path, data=body, headers=headers)
                     if resp.status in RETRY_STATUSES and retry_left:
                         kept = web.Response(status=resp.status, body=await resp.read(),
                                             headers=client_headers(resp, request_id))
@@ -172,7 +172,7 @@ class Proxy:
         finally:
             if resp is not None:
                 resp.close()
-            b.in_flight -= 1
+            b.release(session)
             end = time.time()
             self.stats.on_complete(b.url, start, first, end, chunks)
             self.metrics.latency.labels(server=b.url, model=model, status=status).observe(end - start)
