@@ -11,10 +11,10 @@ on the host alone with the engine's ``StructuredOutputManager``: 256 sequences u
 take one token per step; each step accepts the tokens and queues the fill, the main thread runs ``--host-ms`` of
 Python, then waits for the masks. Variants (each a list): the GIL switch interval (``--switch-ms``: Python's
 default 5 ms, the manager's 0.5 ms), llguidance's native threads (``--threads``, 0 = its default: 80% of the
-cores up to 32), and where the accepts run (``--accept``: ``main``, as the core does, or ``thread``: queued on the
-mask thread before the fill, the manager's ``overlap``). Reports per variant the host's step time
-(accept + host work + wait), the wait, and the fill alone on an idle host. The machine's core count matters: run
-it on the GPU host too.
+cores up to 32), and where the accepts run (``--accept``: ``main``, as the core does, or ``thread``: on one
+worker thread with the fill, accept first — the alternative the core does not use). Reports per variant the host's
+step time (accept + host work + wait), the wait, and the fill alone on an idle host. The machine's core count
+matters: run it on the GPU host too.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import llguidance
@@ -84,17 +85,26 @@ def make_sequences(mgr: StructuredOutputManager, token_lists: list[list[int]], s
     return reqs
 
 
+def _step(mgr: StructuredOutputManager, reqs: list[Request], tokens: list[int], pool: ThreadPoolExecutor | None):
+    """Queues one step's structured-output work: the core's way (accept here, fill on the mask thread), or both on
+    ``pool``'s one worker, accept first (the alternative measured)."""
+    if pool is None:
+        mgr.accept(reqs, tokens)
+        return mgr.bitmask_async(reqs)
+    return pool.submit(lambda: (mgr.accept(reqs, tokens), mgr.bitmask(reqs))[1])
+
+
 def run_variant(tokenizer, token_lists, skip, steps: int, host_ms: float, switch: float, threads: int,
                 accept_on_thread: bool) -> dict:
     mgr = StructuredOutputManager(StructuredOutputsConfig(), lambda: tokenizer, VOCAB, set(tokenizer.eos_token_ids),
-                                  len(token_lists), pin=False, overlap=accept_on_thread)
+                                  len(token_lists), pin=False)
     reqs = make_sequences(mgr, token_lists, skip)
     if threads:
         mgr._backend().executor = llguidance.LLExecutor(num_threads=threads)
+    pool = ThreadPoolExecutor(max_workers=1) if accept_on_thread else None
     mgr.bitmask_async(reqs).result()  # the mask thread exists now (and lowered the switch interval): set ours
     sys.setswitchinterval(switch)
     idle = []
-    mgr.drain()
     for _ in range(5):
         t0 = time.perf_counter()
         mgr.bitmask_async(reqs).result()
@@ -103,8 +113,7 @@ def run_variant(tokenizer, token_lists, skip, steps: int, host_ms: float, switch
     for s in range(steps):
         tokens = [toks[skip[i] + s] for i, toks in enumerate(token_lists)]
         t0 = time.perf_counter()
-        mgr.accept(reqs, tokens)  # with overlap: queued on the mask thread, before the fill
-        pending = mgr.bitmask_async(reqs)
+        pending = _step(mgr, reqs, tokens, pool)
         host_work(host_ms)
         t1 = time.perf_counter()
         mask = pending.result()
@@ -112,9 +121,10 @@ def run_variant(tokenizer, token_lists, skip, steps: int, host_ms: float, switch
         assert mask is not None
         waits.append(t2 - t1)
         step.append(t2 - t0)
-    mgr.drain()
     assert all(r.structured.num_accepted == skip[i] + steps and not r.structured.failed for i, r in enumerate(reqs))
     mgr.shutdown()
+    if pool is not None:
+        pool.shutdown()
     waits.sort()
     return {"step_ms_mean": 1e3 * statistics.fmean(step), "wait_ms_mean": 1e3 * statistics.fmean(waits),
             "wait_ms_p90": 1e3 * waits[int(0.9 * len(waits))], "fill_idle_ms_median": 1e3 * statistics.median(idle)}

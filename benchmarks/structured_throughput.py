@@ -83,7 +83,7 @@ class StepTimes:
         self.fills = 0
         self._undo = []
         self._wrap(self.manager, "_fill", "fill_s", count=True)
-        self._wrap(self.manager, "_accept", "accept_s")
+        self._wrap(self.manager, "accept", "accept_s")
         original = runner.StepHandle.resolve
 
         def resolve(handle):

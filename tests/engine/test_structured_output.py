@@ -165,31 +165,3 @@ def test_a_fill_on_the_mask_thread_keeps_the_matchers_it_was_given(tokenizer) ->
     assert (mask[0] == -1).all() and allowed(mask[1]) == {dash}
     mgr.shutdown()
 
-
-def test_overlap_queues_the_accepts_before_the_fill_and_sync_waits_for_them(tokenizer) -> None:
-    """With async scheduling the matchers advance on the mask thread too, in the order queued; ``sync`` waits for
-    the queue before it rolls a matcher back."""
-    mgr = StructuredOutputManager(StructuredOutputsConfig(), lambda: tokenizer, VOCAB, set(tokenizer.eos_token_ids),
-                                  4, pin=False, overlap=True)
-    a = mgr.add(PHONE)
-    a.compiled.result(timeout=60)
-    assert mgr.activate(a) is None
-    req = make_request("a", None)
-    req.structured = a
-    digit, dash = (tokenizer.encode(c, add_special_tokens=False)[0] for c in "5-")
-    assert mgr.bitmask_async([req]).result(timeout=30) is not None  # the mask thread exists
-    gate = threading.Event()
-    mgr._mask_pool.submit(gate.wait, 30)  # the mask thread is busy: what is queued next waits
-    for _ in range(3):
-        req.output_token_ids.append(digit)
-        mgr.accept([req], [digit])
-    pending = mgr.bitmask_async([req])
-    assert a.num_accepted == 0 and not pending.done()  # queued, not run
-    gate.set()
-    assert allowed(pending.result(timeout=30)[0]) == {dash} and a.num_accepted == 3
-    mgr.accept([req], [dash])
-    del req.output_token_ids[1:]
-    mgr.sync(req)  # waits for the queued accept (4 taken), then rolls back to the 1 the sequence still holds
-    assert a.num_accepted == 1
-    assert len(allowed(mgr.bitmask_async([req]).result(timeout=30)[0])) > 1  # a digit again, not only the dash
-    mgr.shutdown()

@@ -11,16 +11,12 @@ a matcher back to the tokens its sequence still holds (preemption / recompute).
 With async scheduling ``bitmask_async`` fills on the mask thread and returns a future, so the host returns outputs
 and builds the next step while the backend's native threads work; the fill reads the matchers captured when it was
 queued (the core may release a finished sequence's grammar meanwhile). The interpreter's GIL switch interval is
-lowered to 0.5 ms once the mask thread exists: with Python's 5 ms default, a task queued while the host runs Python
-waits up to 5 ms for the GIL to start and again to return (``benchmarks/mask_thread.py``). ``overlap`` queues the
-accepts on the mask thread too (``sync`` then waits for the queue). The core leaves it off: on the 2-core CPU the
-two differ by less than run-to-run noise up to 3 ms of host work per step and the mask thread won by 0.1–0.5 ms at
-5 ms; ``mask_thread.py --accept main,thread`` decides it on the GPU's host.
+lowered to 0.5 ms once the mask thread exists: with Python's 5 ms default, a fill queued while the host runs Python
+waits up to 5 ms for the GIL to start and again to return (``benchmarks/mask_thread.py``).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import sys
@@ -78,9 +74,8 @@ def make_backend(name: str, tokenizer: Tokenizer, vocab_size: int, eos_token_ids
 
 class StructuredOutputManager:
     def __init__(self, config: StructuredOutputsConfig, load_tokenizer: Callable[[], Tokenizer | None],
-                 vocab_size: int, eos_token_ids: set[int], max_rows: int, pin: bool, overlap: bool = False) -> None:
+                 vocab_size: int, eos_token_ids: set[int], max_rows: int, pin: bool) -> None:
         self.config = config
-        self.overlap = overlap
         self.backend_name = config.backend_name
         self._load_tokenizer = load_tokenizer
         self.vocab_size = vocab_size
@@ -90,7 +85,6 @@ class StructuredOutputManager:
         self._backend_future: Future | None = None
         self._compiled: OrderedDict[GrammarSpec, Future] = OrderedDict()
         self._mask = allocate(max_rows, vocab_size, pin)
-        self._queued: Future | None = None  # the mask thread's last task
         self.num_live = 0  # sequences with structured outputs in the core (0: no per-step work at all)
 
     # ------------------------------------------------------------------------- compile
@@ -147,8 +141,11 @@ class StructuredOutputManager:
         return self._fill([r.structured for r in requests])
 
     def bitmask_async(self, requests: list[Request]) -> Future:
-        """``bitmask`` on the mask thread, after the tasks queued before it (the fill runs natively, no GIL)."""
-        return self._queue(self._fill, [r.structured for r in requests])
+        """``bitmask`` on the mask thread (the backends' fills run natively, without the GIL)."""
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        return self._mask_pool.submit(self._fill, [r.structured for r in requests])
 
     def _fill(self, sos: list[StructuredOutputRequest | None]) -> torch.Tensor | None:
         rows = [i for i, so in enumerate(sos) if so is not None and so.active]
@@ -165,51 +162,24 @@ class StructuredOutputManager:
         return mask
 
     def accept(self, requests: list[Request], tokens: list[int]) -> None:
-        """Advances the matchers of ``requests`` by one token each (one backend call; queued with ``overlap``)."""
-        live = [(r.request_id, r.structured, t) for r, t in zip(requests, tokens) if r.structured is not None]
+        """Advances the matchers of ``requests`` by one token each (one backend call)."""
+        live = [(r, t) for r, t in zip(requests, tokens) if r.structured is not None and r.structured.active]
         if not live:
             return
-        if self.overlap:
-            self._queue(self._accept, live)
-        else:
-            self._accept(live)
-
-    def _accept(self, live: list[tuple[str, StructuredOutputRequest, int]]) -> None:
-        live = [x for x in live if x[1].active]
-        if not live:
-            return
-        try:
-            ok = self._backend().accept_batch([so.grammar for _, so, _ in live], [t for _, _, t in live])
-        except Exception:  # a backend bug: these sequences go on unconstrained, the core stays up
-            logger.exception("advancing %d matchers failed; they run on unconstrained", len(live))
-            ok = [False] * len(live)
-        for (rid, so, t), accepted in zip(live, ok):
+        ok = self._backend().accept_batch([r.structured.grammar for r, _ in live], [t for _, t in live])
+        for (r, t), accepted in zip(live, ok):
+            so = r.structured
             if accepted:
                 so.num_accepted += 1
             else:  # cannot happen when the mask was applied; never let it take the core down
                 so.failed = True
                 logger.error("request %s: the grammar rejected token %d (%s); it runs on unconstrained",
-                             rid, t, so.grammar.error())
-
-    def _queue(self, fn: Callable[[list], object], arg: list) -> Future:
-        if self._mask_pool is None:
-            self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
-            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
-        self._queued = self._mask_pool.submit(fn, arg)
-        return self._queued
-
-    def drain(self) -> None:
-        """Waits until the mask thread has run every task queued so far."""
-        if self._queued is not None:
-            concurrent.futures.wait([self._queued])
+                             r.request_id, t, so.grammar.error())
 
     def sync(self, request: Request) -> None:
         """Rolls the matcher back to the output tokens ``request`` still knows (after preemption)."""
         so = request.structured
-        if so is None or so.grammar is None:
-            return
-        self.drain()  # a queued accept may still advance it
-        if so.failed:
+        if so is None or so.grammar is None or so.failed:
             return
         extra = so.num_accepted - request.num_known_output_tokens  # < 0: tokens taken past a finished grammar
         if extra > 0:
