@@ -84,12 +84,13 @@ def gemv_grid(full: bool, smoke: bool) -> list[tuple[int, int, int, int, int]]:
     return list(itertools.product(bns, bkws, splits, warps, stages))
 
 
-def gemm_grid(full: bool, smoke: bool) -> list[tuple[int, int, int, int]]:
+def gemm_grid(full: bool, smoke: bool) -> list[tuple[int, int, int, int, int]]:
+    """(BLOCK_N, BLOCK_K, warps, stages, SPLIT_K) of the fused GEMM."""
     if smoke:
-        return [(32, 64, 4, 1)]
+        return [(32, 64, 4, 1, 1), (32, 64, 4, 1, 2)]
     if full:
-        return list(itertools.product((64, 128, 256), (64, 128), (4, 8), (2, 3, 4)))
-    return list(itertools.product((64, 128), (64, 128), (4, 8), (3,)))
+        return list(itertools.product((32, 64, 128, 256), (64, 128), (4, 8), (2, 3, 4), (1, 2, 4, 8, 16)))
+    return list(itertools.product((64, 128), (64, 128), (4, 8), (3,), (1, 2, 4, 8)))
 
 
 def sweep_gemv(shapes, bits, group, args, device, bandwidth) -> tuple[list[dict], dict]:
@@ -168,10 +169,12 @@ def sweep_gemm(shapes, bits, group, args, device) -> tuple[list[dict], dict]:
                "dequant_cublas_us": by_rows[slab], "dequant_slab_rows": slab,
                "dequant_cublas_us_by_slab_rows": {str(r): us for r, us in by_rows.items()}}
         best = None
-        for bn, bk, nw, ns in gemm_grid(args.full, args.smoke):
+        for bn, bk, nw, ns, split in gemm_grid(args.full, args.smoke):
             if bk % min(group, bk) or (group > bk and group % bk):
                 continue
-            cfg = (int_kernels.gemm_config(bits, group, m, n, k)[0], bn, bk, nw, ns)
+            if split * m * n * 4 > int_kernels.SPLIT_K_WORKSPACE_BYTES:  # int_linear would shrink the split
+                continue
+            cfg = (int_kernels.gemm_config(bits, group, m, n, k)[0], bn, bk, nw, ns, split)
             try:
                 us = _time_us(functools.partial(int_kernels.int_linear, x, w_q, scales, zeros, bits, k, None, cfg),
                               args.smoke)

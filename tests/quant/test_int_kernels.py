@@ -30,11 +30,14 @@ from slicelm.layers.quantization import int_kernels  # noqa: E402
 from slicelm.layers.quantization.int_weights import dequantize, pack_rows  # noqa: E402
 
 # (bits, group, zero points, K, M, config): config None = the defaults; M=1 GEMV (split K 1 and 2),
-# 2..256 fused GEMM (fp16 under the interpreter, whose dot has no bf16), >256 dequantize + matmul
+# 2..256 fused GEMM (split K 1, 2, 4) (fp16 under the interpreter, whose dot has no bf16), >256 dequantize + matmul
 CASES = [
     (4, 128, True, 512, 1, None), (4, 32, False, 512, 1, (16, 32, 2, 4, 1)), (4, 0, True, 384, 1, (16, 16, 1, 4, 1)),
     (8, 64, True, 512, 1, (16, 32, 4, 4, 1)), (8, 0, False, 256, 1, None), (4, 128, True, 384, 1, (64, 32, 1, 4, 1)),
     (4, 128, True, 512, 5, None), (4, 32, False, 512, 20, (32, 32, 128, 4, 1)), (8, 64, True, 512, 3, None),
+    (4, 128, True, 512, 5, (16, 32, 128, 4, 1, 2)), (8, 64, True, 512, 3, (16, 32, 64, 4, 1, 4)),
+    (4, 32, False, 384, 20, (32, 32, 64, 4, 1, 4)),  # split K: 3 slices of 128 and an empty one
+    (4, 128, True, 256, 200, None),  # the 256-row tile
     (4, 128, False, 384, 300, None), (8, 0, True, 256, 260, None),
 ]
 
@@ -124,17 +127,32 @@ def test_saved_device_configs_fill_tuned(monkeypatch, tmp_path):
     assert int_configs.load_device_configs("NVIDIA H200") == 3
     assert int_kernels.gemv_config(4, 128, 6144, 4096, 132) == (64, 64, 4, 4, 2)
     assert int_kernels.gemv_config(4, 128, 4096, 4096, 132) == (64, 32, 4, 4, 3)
-    assert int_kernels.gemm_config(4, 128, 50, 6144, 4096) == (64, 128, 64, 8, 3)
+    assert int_kernels.gemm_config(4, 128, 50, 6144, 4096) == (64, 128, 64, 8, 3, 1)  # saved before split-K
     int_configs.load_device_configs.cache_clear()
 
 
-def test_split_k_tickets_are_reset():
-    """The split-K tickets go back to 0, so the next launch (or a CUDA-graph replay) starts clean."""
+@pytest.mark.parametrize("m,config", [(1, (16, 16, 4, 4, 1)), (20, (32, 32, 64, 4, 1, 4))])
+def test_split_k_tickets_are_reset(m, config):
+    """The split-K tickets (GEMV and fused GEMM) go back to 0, so the next launch (or a CUDA-graph replay) starts
+    clean, and the slices are summed in a fixed order (the same bits twice)."""
     w_q, scales, zeros = _weights(4, 64, True, 512)
-    x = torch.randn(1, 512).to(torch.bfloat16)
-    a = int_kernels.int_linear(x, w_q, scales, zeros, 4, 512, None, (16, 16, 4, 4, 1))
+    x = torch.randn(m, 512).to(torch.bfloat16 if m == 1 else torch.float16)
+    a = int_kernels.int_linear(x, w_q, scales, zeros, 4, 512, None, config)
     assert int(int_kernels._LOCKS[x.device].sum()) == 0
-    assert torch.equal(a, int_kernels.int_linear(x, w_q, scales, zeros, 4, 512, None, (16, 16, 4, 4, 1)))
+    assert torch.equal(a, int_kernels.int_linear(x, w_q, scales, zeros, 4, 512, None, config))
+
+
+def test_gemm_split_shrinks_to_its_workspace(monkeypatch):
+    """Untuned shapes split K until the SMs are busy; a split whose float32 partial tiles would pass
+    ``SPLIT_K_WORKSPACE_BYTES`` is halved (a tuned entry saved before split-K runs unsplit)."""
+    from slicelm.layers.quantization import int_configs
+
+    assert int_kernels.gemm_config(4, 128, 16, 4096, 4096, 132)[5] == 8  # 64 tiles: 8 slices of 4 steps
+    assert int_kernels.gemm_config(4, 128, 256, 28672, 4096, 132)[5] == 1  # 448 tiles
+    monkeypatch.setattr(int_kernels, "SPLIT_K_WORKSPACE_BYTES", 3 * 16 * 4096 * 4)
+    assert int_kernels._gemm_launch((16, 64, 128, 4, 3, 8), 4, 128, 16, 4096, 4096, 132)[5] == 2
+    monkeypatch.setattr(int_configs, "TUNED", {("gemm16", 4, 128, 4096, 4096): (64, 128, 8, 3)})
+    assert int_kernels._gemm_launch(None, 4, 128, 16, 4096, 4096, 132) == (16, 64, 128, 8, 3, 1)
 
 
 @pytest.mark.parametrize("m", [1, 20, 300])
@@ -234,11 +252,13 @@ def test_gemv_variants_compile_without_spills(bits, group, split):
     assert use.get("STACK", 0) == 0, use
 
 
-@pytest.mark.parametrize("block_m", [16, 64, 128])
-def test_gemm_compiles_for_sm90_without_spills(block_m):
-    bm, bn, bk, nw, ns = int_kernels.gemm_config(4, 128, block_m, 4096, 4096)
-    consts = {"BITS": 4, "GROUP": 128, "HAS_ZP": True, "HAS_BIAS": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-    ptrs = {"X": "*bf16", "WQ": "*i32", "S": "*fp16", "Z": "*u8", "B": "*bf16", "OUT": "*bf16"}
+@pytest.mark.parametrize("block_m,split", [(16, 4), (64, 1), (128, 2), (256, 2)])
+def test_gemm_compiles_for_sm90_without_spills(block_m, split):
+    bm, bn, bk, nw, ns, _ = int_kernels.gemm_config(4, 128, block_m, 4096, 4096)
+    consts = {"BITS": 4, "GROUP": 128, "HAS_ZP": True, "HAS_BIAS": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+              "SPLIT_K": split}
+    ptrs = {"X": "*bf16", "WQ": "*i32", "S": "*fp16", "Z": "*u8", "B": "*bf16", "OUT": "*bf16", "WS": "*fp32",
+            "LOCK": "*i32"}
     use, _ = _compile(int_kernels._gemm_kernel, consts, ptrs, nw, ns)
     assert use.get("STACK", 0) == 0, use
 

@@ -10,7 +10,8 @@ of ``int_weights.py``: ``w_q [N, K / pack]`` int32 (values sequential along K), 
   an N tile to finish (an atomic ticket per tile, reset by that program) adds them up in slice order, so one
   launch, deterministic, and CUDA-graph safe.
 * ``2 <= M <= GEMM_MAX_M`` — ``_gemm_kernel``: the weight tile is dequantized inside the K loop to x's dtype
-  and multiplied on tensor cores (``tl.dot``).
+  and multiplied on tensor cores (``tl.dot``). A 4096-wide projection has only 32 to 64 output tiles: split K
+  (as the GEMV, same deterministic tickets) so that the SMs are busy instead of each tile walking all of K.
 * larger M (prefill chunks) — ``_dequant_kernel`` writes W, ``DEQUANT_SCRATCH_BYTES`` of rows at a time, to one
   shared scratch in x's dtype and cuBLAS multiplies each slab into its columns of the output (what vLLM does past
   256 tokens, without a full-weight temporary): the dequantization is then a small fraction of the matmul.
@@ -229,16 +230,36 @@ def x_tile(X, offs_m, m_mask, offs_k, K, stride_xm):
 
 
 @triton.jit(do_not_specialize=["M", "N", "K", "ONE"])
-def _gemm_kernel(X, WQ, S, Z, B, OUT, M, N, K, stride_xm, stride_om, stride_w, stride_s, ONE,
+def _gemm_kernel(X, WQ, S, Z, B, OUT, WS, LOCK, M, N, K, stride_xm, stride_om, stride_w, stride_s, ONE,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     offs_m, offs_n, rows, offs_k, m_mask = gemm_tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = tl.program_id(2) * k_per_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
         x = x_tile(X, offs_m, m_mask, k0 + offs_k, K, stride_xm)
         w = _dequant_tile(WQ, S, Z, rows, k0, K, stride_w, stride_s, ONE, BITS, GROUP, HAS_ZP, BLOCK_N, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-    store_gemm_tile(OUT, acc, B, rows, offs_m, offs_n, m_mask, N, stride_om, HAS_BIAS)
+    if SPLIT_K == 1:
+        store_gemm_tile(OUT, acc, B, rows, offs_m, offs_n, m_mask, N, stride_om, HAS_BIAS)
+    else:  # as the GEMV: partial tiles to the workspace, the last slice of the tile sums them in slice order
+        ok = m_mask[:, None] & (offs_n < N)[None, :]  # int32 offsets: M * N * SPLIT_K is bounded by the host
+        tl.store(WS + tl.program_id(2) * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=ok)
+        tl.debug_barrier()
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        ticket = tl.atomic_add(LOCK + tile, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:  # SUB_M rows at a time: a whole second tile would not fit in registers
+            SUB_M: tl.constexpr = 16 if BLOCK_M > 16 else BLOCK_M
+            for j in range(0, BLOCK_M, SUB_M):
+                sub_m = tl.program_id(0) * BLOCK_M + j + tl.arange(0, SUB_M)
+                sub_ok = (sub_m < M)[:, None] & (offs_n < N)[None, :]
+                total = tl.zeros((SUB_M, BLOCK_N), tl.float32)
+                for i in range(SPLIT_K):
+                    total += tl.load(WS + i * M * N + sub_m[:, None] * N + offs_n[None, :], mask=sub_ok, other=0.0,
+                                     cache_modifier=".cg")
+                store_gemm_tile(OUT, total, B, rows, sub_m, offs_n, sub_m < M, N, stride_om, HAS_BIAS)
+            tl.atomic_xchg(LOCK + tile, 0)
 
 
 @triton.jit(do_not_specialize=["ONE"])
@@ -305,13 +326,31 @@ def int_linear(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: 
                                      ONE_BITS, EVEN_K=even, BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=split, num_warps=nw,
                                      num_stages=ns, **gemv_common)
         return out
-    bm, bn, bk, nw, ns = (config or gemm_config(bits, group, m, n, k)) if m <= GEMM_MAX_M else (0,) * 5
-    if bn:  # bn == 0: past GEMM_MAX_M, or a tuned bucket where dequantize + cuBLAS is faster
-        _gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            x, w_q, scales, zp, b, out, m, n, k, x.stride(0), out.stride(0), w_q.stride(0), scales.stride(0), ONE_BITS,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, **common)
+    if m > GEMM_MAX_M:
+        return dequant_matmul(x, w_q, scales, zeros, bits, k, bias, out)
+    bm, bn, bk, nw, ns, split = _gemm_launch(config, bits, group, m, n, k, num_sms)
+    if bn:  # bn == 0: a tuned bucket where dequantize + cuBLAS is faster
+        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
+        ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+        lock = _locks(x.device, grid[0] * grid[1]) if split > 1 else out
+        _gemm_kernel[grid](x, w_q, scales, zp, b, out, ws, lock, m, n, k, x.stride(0), out.stride(0), w_q.stride(0),
+                           scales.stride(0), ONE_BITS, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=nw,
+                           num_stages=ns, **common)
         return out
     return dequant_matmul(x, w_q, scales, zeros, bits, k, bias, out, rows=bk or None)  # a tuned bucket's slab rows
+
+
+def _gemm_launch(config: tuple[int, ...] | None, bits: int, group: int, m: int, n: int, k: int,
+                 num_sms: int) -> tuple[int, int, int, int, int, int]:
+    """The fused GEMM's ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K)`` (a 5-tuple ``config``: no split);
+    the split shrinks until its float32 workspace fits ``SPLIT_K_WORKSPACE_BYTES``."""
+    bm, bn, bk, nw, ns, split = (*config, 1)[:6] if config else gemm_config(bits, group, m, n, k, num_sms)
+    while split > 1 and split * m * n * 4 > SPLIT_K_WORKSPACE_BYTES:
+        split //= 2
+    return bm, bn, bk, nw, ns, split
+
+
+SPLIT_K_WORKSPACE_BYTES = 32 << 20  # the fused GEMM's split-K partial tiles (float32), per call at most
 
 
 @torch.no_grad()  # out= products refuse arguments that require grad (a layer's bias Parameter outside inference mode)
