@@ -84,13 +84,15 @@ def gemv_grid(full: bool, smoke: bool) -> list[tuple[int, int, int, int, int]]:
     return list(itertools.product(bns, bkws, splits, warps, stages))
 
 
-def gemm_grid(full: bool, smoke: bool) -> list[tuple[int, int, int, int, int]]:
-    """(BLOCK_N, BLOCK_K, warps, stages, SPLIT_K) of the fused GEMM."""
+def gemm_grid(full: bool, smoke: bool) -> list[tuple[int, ...]]:
+    """(BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, SWAP_AB) of the fused GEMM (the quick grid: 8 warps unless W is
+    the first operand, where one warpgroup per 64 rows of N can be enough)."""
     if smoke:
-        return [(32, 64, 4, 1, 1), (32, 64, 4, 1, 2)]
+        return [(32, 64, 4, 1, 1, 0), (32, 64, 4, 1, 2, 1)]
     if full:
-        return list(itertools.product((32, 64, 128, 256), (64, 128), (4, 8), (2, 3, 4), (1, 2, 4, 8, 16)))
-    return list(itertools.product((64, 128), (64, 128), (4, 8), (3,), (1, 2, 4, 8)))
+        return list(itertools.product((32, 64, 128, 256), (64, 128), (4, 8), (2, 3, 4), (1, 2, 4, 8, 16), (0, 1)))
+    return [*itertools.product((64, 128), (64, 128), (8,), (3,), (1, 2, 4, 8), (0,)),
+            *itertools.product((64, 128), (64, 128), (4, 8), (3,), (1, 2, 4, 8), (1,))]
 
 
 def sweep_gemv(shapes, bits, group, args, device, bandwidth) -> tuple[list[dict], dict]:
@@ -169,12 +171,12 @@ def sweep_gemm(shapes, bits, group, args, device) -> tuple[list[dict], dict]:
                "dequant_cublas_us": by_rows[slab], "dequant_slab_rows": slab,
                "dequant_cublas_us_by_slab_rows": {str(r): us for r, us in by_rows.items()}}
         best = None
-        for bn, bk, nw, ns, split in gemm_grid(args.full, args.smoke):
+        for bn, bk, nw, ns, split, swap in gemm_grid(args.full, args.smoke):
             if bk % min(group, bk) or (group > bk and group % bk):
                 continue
             if split * m * n * 4 > int_kernels.SPLIT_K_WORKSPACE_BYTES:  # int_linear would shrink the split
                 continue
-            cfg = (int_kernels.gemm_config(bits, group, m, n, k)[0], bn, bk, nw, ns, split)
+            cfg = (int_kernels.gemm_config(bits, group, m, n, k)[0], bn, bk, nw, ns, split, swap)
             try:
                 us = _time_us(functools.partial(int_kernels.int_linear, x, w_q, scales, zeros, bits, k, None, cfg),
                               args.smoke)

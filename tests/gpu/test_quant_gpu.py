@@ -55,17 +55,18 @@ def test_int_linear_matches_dequantized(n, k, bits, group, zp):
 
 
 def test_gemm_split_k_configs_deterministic_and_cuda_graph():
-    """The fused GEMM with K split (the ticket reduction): every split agrees with the reference, repeats are
-    bit-identical, and a captured graph replays with new inputs."""
+    """The fused GEMM with K split (the ticket reduction) and with W as the first operand: every config agrees with
+    the reference, repeats are bit-identical, and a captured graph replays with new inputs."""
     n, k, m = 4096, 4096, 48
     w_q, scales, zeros = _int_weights(n, k, 4, 128, True)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     ref = x.double() @ dequantize(w_q, scales, zeros, 4, k).double().T
-    for cfg in ((64, 64, 128, 4, 3, 1), (64, 64, 128, 4, 3, 2), (64, 128, 64, 8, 3, 8), (64, 64, 128, 4, 3, 16)):
+    for cfg in ((64, 64, 128, 4, 3, 1), (64, 64, 128, 4, 3, 2), (64, 128, 64, 8, 3, 8), (64, 64, 128, 4, 3, 16),
+                (64, 128, 64, 8, 3, 2, 1), (64, 64, 128, 4, 3, 1, 1)):
         out = int_kernels.int_linear(x, w_q, scales, zeros, 4, k, None, cfg)
         assert rel(out, ref) < 1e-2, cfg
         assert torch.equal(out, int_kernels.int_linear(x, w_q, scales, zeros, 4, k, None, cfg)), cfg
-    cfg = (64, 64, 128, 4, 3, 4)
+    cfg = (64, 64, 128, 4, 3, 4, 1)
     graph = torch.cuda.CUDAGraph()
     static_x = x.clone()
     with torch.cuda.graph(graph):

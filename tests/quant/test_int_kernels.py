@@ -29,14 +29,16 @@ if INTERPRET:
 from slicelm.layers.quantization import int_kernels  # noqa: E402
 from slicelm.layers.quantization.int_weights import dequantize, pack_rows  # noqa: E402
 
-# (bits, group, zero points, K, M, config): config None = the defaults; M=1 GEMV (split K 1 and 2),
-# 2..256 fused GEMM (split K 1, 2, 4) (fp16 under the interpreter, whose dot has no bf16), >256 dequantize + matmul
+# (bits, group, zero points, K, M, config): config None = the defaults; M=1 GEMV (split K 1 and 2), 2..256 fused
+# GEMM (split K 1, 2, 4; W as the first or second operand; fp16 under the interpreter, whose dot has no bf16),
+# >256 dequantize + matmul
 CASES = [
     (4, 128, True, 512, 1, None), (4, 32, False, 512, 1, (16, 32, 2, 4, 1)), (4, 0, True, 384, 1, (16, 16, 1, 4, 1)),
     (8, 64, True, 512, 1, (16, 32, 4, 4, 1)), (8, 0, False, 256, 1, None), (4, 128, True, 384, 1, (64, 32, 1, 4, 1)),
     (4, 128, True, 512, 5, None), (4, 32, False, 512, 20, (32, 32, 128, 4, 1)), (8, 64, True, 512, 3, None),
     (4, 128, True, 512, 5, (16, 32, 128, 4, 1, 2)), (8, 64, True, 512, 3, (16, 32, 64, 4, 1, 4)),
     (4, 32, False, 384, 20, (32, 32, 64, 4, 1, 4)),  # split K: 3 slices of 128 and an empty one
+    (4, 128, True, 512, 5, (16, 32, 128, 4, 1, 2, 1)), (8, 0, False, 256, 40, (64, 32, 64, 4, 1, 1, 1)),  # swap A/B
     (4, 128, True, 256, 200, None),  # the 256-row tile
     (4, 128, False, 384, 300, None), (8, 0, True, 256, 260, None),
 ]
@@ -127,7 +129,7 @@ def test_saved_device_configs_fill_tuned(monkeypatch, tmp_path):
     assert int_configs.load_device_configs("NVIDIA H200") == 3
     assert int_kernels.gemv_config(4, 128, 6144, 4096, 132) == (64, 64, 4, 4, 2)
     assert int_kernels.gemv_config(4, 128, 4096, 4096, 132) == (64, 32, 4, 4, 3)
-    assert int_kernels.gemm_config(4, 128, 50, 6144, 4096) == (64, 128, 64, 8, 3, 1)  # saved before split-K
+    assert int_kernels.gemm_config(4, 128, 50, 6144, 4096) == (64, 128, 64, 8, 3, 1, 0)  # saved before split-K
     int_configs.load_device_configs.cache_clear()
 
 
@@ -149,10 +151,12 @@ def test_gemm_split_shrinks_to_its_workspace(monkeypatch):
 
     assert int_kernels.gemm_config(4, 128, 16, 4096, 4096, 132)[5] == 8  # 64 tiles: 8 slices of 4 steps
     assert int_kernels.gemm_config(4, 128, 256, 28672, 4096, 132)[5] == 1  # 448 tiles
+    monkeypatch.setattr(int_configs, "TUNED", {("gemm16", 4, 128, 4096, 4096): (64, 128, 8, 3),
+                                               ("gemm64", 4, 128, 4096, 4096): (64, 128, 8, 3, 2, 1)})
+    assert int_kernels._gemm_launch(None, 4, 128, 16, 4096, 4096, 132) == (16, 64, 128, 8, 3, 1, 0)
+    assert int_kernels._gemm_launch(None, 4, 128, 50, 4096, 4096, 132) == (64, 64, 128, 8, 3, 2, 1)
     monkeypatch.setattr(int_kernels, "SPLIT_K_WORKSPACE_BYTES", 3 * 16 * 4096 * 4)
     assert int_kernels._gemm_launch((16, 64, 128, 4, 3, 8), 4, 128, 16, 4096, 4096, 132)[5] == 2
-    monkeypatch.setattr(int_configs, "TUNED", {("gemm16", 4, 128, 4096, 4096): (64, 128, 8, 3)})
-    assert int_kernels._gemm_launch(None, 4, 128, 16, 4096, 4096, 132) == (16, 64, 128, 8, 3, 1)
 
 
 @pytest.mark.parametrize("m", [1, 20, 300])
@@ -252,15 +256,18 @@ def test_gemv_variants_compile_without_spills(bits, group, split):
     assert use.get("STACK", 0) == 0, use
 
 
-@pytest.mark.parametrize("block_m,split", [(16, 4), (64, 1), (128, 2), (256, 2)])
-def test_gemm_compiles_for_sm90_without_spills(block_m, split):
-    bm, bn, bk, nw, ns, _ = int_kernels.gemm_config(4, 128, block_m, 4096, 4096)
+@pytest.mark.parametrize("block_m,split,swap", [(16, 4, 0), (16, 4, 1), (64, 1, 1), (128, 2, 0), (256, 2, 0)])
+def test_gemm_compiles_for_sm90_without_spills(block_m, split, swap):
+    """No spills, and with W as the first operand the MMA reads it from registers (HGMMA's A not in shared memory)."""
+    bm, bn, bk, nw, ns, _, _ = int_kernels.gemm_config(4, 128, block_m, 4096, 4096)
     consts = {"BITS": 4, "GROUP": 128, "HAS_ZP": True, "HAS_BIAS": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-              "SPLIT_K": split}
+              "SPLIT_K": split, "SWAP_AB": swap}
     ptrs = {"X": "*bf16", "WQ": "*i32", "S": "*fp16", "Z": "*u8", "B": "*bf16", "OUT": "*bf16", "WS": "*fp32",
             "LOCK": "*i32"}
-    use, _ = _compile(int_kernels._gemm_kernel, consts, ptrs, nw, ns)
+    use, sass = _compile(int_kernels._gemm_kernel, consts, ptrs, nw, ns)
     assert use.get("STACK", 0) == 0, use
+    if swap:
+        assert re.search(r"HGMMA\.64x\d+x16\.F32\.BF16 R\d+, R\d+, gdesc", sass), "W does not go from registers"
 
 
 keep_tests_for_this_process(globals(), ("test_interpreter_subprocess",

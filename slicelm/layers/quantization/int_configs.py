@@ -13,8 +13,8 @@ from pathlib import Path
 import triton
 
 # (kind, bits, group, N, K) -> launch parameters; kind "gemv": (BLOCK_N, BLOCK_KW, SPLIT_K, warps, stages),
-# kind "gemm<BLOCK_M>": (BLOCK_N, BLOCK_K, warps, stages, SPLIT_K), or (0, ROWS, 0, 0) where dequantize + cuBLAS
-# was faster, in slabs of ROWS weight rows (0: the default slab).
+# kind "gemm<BLOCK_M>": (BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, SWAP_AB), or (0, ROWS, 0, 0) where dequantize +
+# cuBLAS was faster, in slabs of ROWS weight rows (0: the default slab).
 TUNED: dict[tuple[str, int, int, int, int], tuple[int, ...]] = {}
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -69,22 +69,22 @@ def gemv_config(bits: int, group: int, n: int, k: int, num_sms: int) -> tuple[in
 
 
 def gemm_config(bits: int, group: int, m: int, n: int, k: int,
-                num_sms: int = 132) -> tuple[int, int, int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)`` for 2 <= M <= GEMM_MAX_M; ``BLOCK_N == 0``
-    where the per-device sweep found dequantize + cuBLAS faster for this M bucket and shape (``BLOCK_K`` is then
-    its slab's weight rows, 0 for the default). Untuned: K is split until there are two programs per SM (each
-    slice keeping >= 4 steps of BLOCK_K)."""
+                num_sms: int = 132) -> tuple[int, int, int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K, SWAP_AB)`` for 2 <= M <= GEMM_MAX_M;
+    ``BLOCK_N == 0`` where the per-device sweep found dequantize + cuBLAS faster for this M bucket and shape
+    (``BLOCK_K`` is then its slab's weight rows, 0 for the default). Untuned: K is split until there are two
+    programs per SM (each slice keeping >= 4 steps of BLOCK_K)."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128 if m <= 128 else 256
     tuned = TUNED.get((f"gemm{block_m}", bits, group, n, k))
-    if tuned is not None:
-        return (block_m, *tuned, 1)[:6]  # type: ignore[return-value]  # (entries saved before split-K: 4 values)
+    if tuned is not None:  # entries saved before split-K / swap have 4 / 5 values
+        return (block_m, *tuned, *(1, 0)[len(tuned) - 4:])  # type: ignore[return-value]
     group = k if group == -1 else group
     block_k = 128 if group >= 128 else max(group, 64)
     block_n = 64 if block_m <= 64 or block_m == 256 else 128
-    warps = 8 if block_m == 256 else 4  # 256 x 64 float32 accumulators over 256 threads
+    warps = 8 if block_m >= 128 else 4  # 128 x 128 or 256 x 64 float32 accumulators over 256 threads
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     steps = triton.cdiv(k, block_k)
     split = 1
     while tiles * split < 2 * num_sms and steps // (split * 2) >= 4 and split < 8:
         split *= 2
-    return block_m, block_n, block_k, warps, 3, split
+    return block_m, block_n, block_k, warps, 3, split, 0

@@ -181,28 +181,45 @@ def _gemv_kernel(X, WQ, S, Z, B, OUT, WS, LOCK, N, K, stride_w, stride_s, ONE,
 
 
 @triton.jit
+def _load_tile(WQ, S, Z, rows, k0, k_end, stride_w, stride_s, BITS: tl.constexpr, GROUP: tl.constexpr,
+               HAS_ZP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The packed words, scales and zero points of W[rows, k0:k0+BLOCK_K] (nothing read at or past ``k_end``)."""
+    PACK: tl.constexpr = 32 // BITS
+    SUB: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
+    kw = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+    w = tl.load(WQ + rows[:, None] * stride_w + kw[None, :], mask=(kw < k_end // PACK)[None, :], other=0)
+    offs_g = k0 + tl.arange(0, BLOCK_K // SUB) * SUB
+    g_ok = (offs_g < k_end)[None, :]
+    s = tl.load(S + rows[:, None] * stride_s + (offs_g // GROUP)[None, :], mask=g_ok, other=0.0)
+    if HAS_ZP:
+        z = tl.load(Z + rows[:, None] * stride_s + (offs_g // GROUP)[None, :], mask=g_ok, other=0)
+    else:
+        z = s  # unused
+    return w, s, z
+
+
+@triton.jit
+def _dequant_words(w, s, z, ONE, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_load_tile``'s words as float32 W [BLOCK_N, BLOCK_K]."""
+    PACK: tl.constexpr = 32 // BITS
+    SUB: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
+    f = _planes(w.to(tl.uint32, bitcast=True), BITS, ONE)
+    q = (f - 1.0) * tl.exp2(_exponents(tl.arange(0, PACK), BITS).to(tl.float32))[None, None, :]
+    q = tl.reshape(q, (BLOCK_N, BLOCK_K // SUB, SUB))
+    if HAS_ZP:
+        w_f = (q - z.to(tl.float32)[:, :, None]) * s.to(tl.float32)[:, :, None]
+    else:
+        w_f = (q - (1 << (BITS - 1)) * 1.0) * s.to(tl.float32)[:, :, None]
+    return tl.reshape(w_f, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _dequant_tile(WQ, S, Z, rows, k0, K, stride_w, stride_s, ONE, BITS: tl.constexpr, GROUP: tl.constexpr,
                   HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W[rows, k0:k0+BLOCK_K] as float32 [BLOCK_N, BLOCK_K] (zero outside K)."""
-    PACK: tl.constexpr = 32 // BITS
-    BLOCK_KW: tl.constexpr = BLOCK_K // PACK
-    SUB: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
-    NGI: tl.constexpr = BLOCK_K // SUB
-    kw = k0 // PACK + tl.arange(0, BLOCK_KW)
-    w = tl.load(WQ + rows[:, None] * stride_w + kw[None, :], mask=(kw < K // PACK)[None, :], other=0)
-    f = _planes(w.to(tl.uint32, bitcast=True), BITS, ONE)
-    q = (f - 1.0) * tl.exp2(_exponents(tl.arange(0, PACK), BITS).to(tl.float32))[None, None, :]
-    q = tl.reshape(q, (BLOCK_N, NGI, SUB))
-    offs_g = tl.arange(0, NGI)
-    grp = (k0 + offs_g * SUB) // GROUP
-    g_ok = (k0 + offs_g * SUB < K)[None, :]
-    s = tl.load(S + rows[:, None] * stride_s + grp[None, :], mask=g_ok, other=0.0).to(tl.float32)
-    if HAS_ZP:
-        z = tl.load(Z + rows[:, None] * stride_s + grp[None, :], mask=g_ok, other=0).to(tl.float32)
-        w_f = (q - z[:, :, None]) * s[:, :, None]
-    else:
-        w_f = (q - (1 << (BITS - 1)) * 1.0) * s[:, :, None]
-    return tl.reshape(w_f, (BLOCK_N, BLOCK_K))
+    w, s, z = _load_tile(WQ, S, Z, rows, k0, K, stride_w, stride_s, BITS, GROUP, HAS_ZP, BLOCK_K)
+    return _dequant_words(w, s, z, ONE, BITS, GROUP, HAS_ZP, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -232,15 +249,31 @@ def x_tile(X, offs_m, m_mask, offs_k, K, stride_xm):
 @triton.jit(do_not_specialize=["M", "N", "K", "ONE"])
 def _gemm_kernel(X, WQ, S, Z, B, OUT, WS, LOCK, M, N, K, stride_xm, stride_om, stride_w, stride_s, ONE,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                 SWAP_AB: tl.constexpr):
     offs_m, offs_n, rows, offs_k, m_mask = gemm_tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K)
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = tl.program_id(2) * k_per_split
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
+    k_end = tl.minimum(k_lo + k_per_split, K)
+    if SWAP_AB:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    w, s, z = _load_tile(WQ, S, Z, rows, k_lo, k_end, stride_w, stride_s, BITS, GROUP, HAS_ZP, BLOCK_K)
+    for k0 in range(k_lo, k_end, BLOCK_K):
         x = x_tile(X, offs_m, m_mask, k0 + offs_k, K, stride_xm)
-        w = _dequant_tile(WQ, S, Z, rows, k0, K, stride_w, stride_s, ONE, BITS, GROUP, HAS_ZP, BLOCK_N, BLOCK_K)
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        # the next tile's words are requested before this one is converted (the pipeliner only stages loads that
+        # feed a dot directly), so their latency hides behind this step's work
+        w_next, s_next, z_next = _load_tile(WQ, S, Z, rows, k0 + BLOCK_K, k_end, stride_w, stride_s, BITS, GROUP,
+                                            HAS_ZP, BLOCK_K)
+        wt = _dequant_words(w, s, z, ONE, BITS, GROUP, HAS_ZP, BLOCK_N, BLOCK_K).to(x.dtype)
+        if SWAP_AB:  # W as the dot's first operand: straight from registers into the MMA, N fills its 64 rows
+            acc_t = tl.dot(wt, tl.trans(x), acc_t)
+        else:
+            acc = tl.dot(x, tl.trans(wt), acc)
+        w, s, z = w_next, s_next, z_next
+    if SWAP_AB:
+        acc = tl.trans(acc_t)
     if SPLIT_K == 1:
         store_gemm_tile(OUT, acc, B, rows, offs_m, offs_n, m_mask, N, stride_om, HAS_BIAS)
     else:  # as the GEMV: partial tiles to the workspace, the last slice of the tile sums them in slice order
@@ -328,26 +361,28 @@ def int_linear(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: 
         return out
     if m > GEMM_MAX_M:
         return dequant_matmul(x, w_q, scales, zeros, bits, k, bias, out)
-    bm, bn, bk, nw, ns, split = _gemm_launch(config, bits, group, m, n, k, num_sms)
+    bm, bn, bk, nw, ns, split, swap = _gemm_launch(config, bits, group, m, n, k, num_sms)
     if bn:  # bn == 0: a tuned bucket where dequantize + cuBLAS is faster
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
         ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
         lock = _locks(x.device, grid[0] * grid[1]) if split > 1 else out
         _gemm_kernel[grid](x, w_q, scales, zp, b, out, ws, lock, m, n, k, x.stride(0), out.stride(0), w_q.stride(0),
-                           scales.stride(0), ONE_BITS, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=nw,
-                           num_stages=ns, **common)
+                           scales.stride(0), ONE_BITS, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+                           SWAP_AB=bool(swap), num_warps=nw, num_stages=ns, **common)
         return out
     return dequant_matmul(x, w_q, scales, zeros, bits, k, bias, out, rows=bk or None)  # a tuned bucket's slab rows
 
 
 def _gemm_launch(config: tuple[int, ...] | None, bits: int, group: int, m: int, n: int, k: int,
-                 num_sms: int) -> tuple[int, int, int, int, int, int]:
-    """The fused GEMM's ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K)`` (a 5-tuple ``config``: no split);
-    the split shrinks until its float32 workspace fits ``SPLIT_K_WORKSPACE_BYTES``."""
-    bm, bn, bk, nw, ns, split = (*config, 1)[:6] if config else gemm_config(bits, group, m, n, k, num_sms)
+                 num_sms: int) -> tuple[int, int, int, int, int, int, int]:
+    """The fused GEMM's ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, SWAP_AB)`` (``config`` may leave out
+    the last two: no split, no swap); the split shrinks until its float32 workspace fits
+    ``SPLIT_K_WORKSPACE_BYTES``."""
+    bm, bn, bk, nw, ns, split, swap = (*config, *(1, 0)[len(config) - 5:]) if config else \
+        gemm_config(bits, group, m, n, k, num_sms)
     while split > 1 and split * m * n * 4 > SPLIT_K_WORKSPACE_BYTES:
         split //= 2
-    return bm, bn, bk, nw, ns, split
+    return bm, bn, bk, nw, ns, split, swap
 
 
 SPLIT_K_WORKSPACE_BYTES = 32 << 20  # the fused GEMM's split-K partial tiles (float32), per call at most
