@@ -5,7 +5,7 @@ it) and the whole sweep to benchmarks/results/quant_sweep_<device>.json.
 
     python benchmarks/quant_sweep.py             # H200: ~90 s (≈40 kernel variants compile; graph-timed)
     python benchmarks/quant_sweep.py --full      # a wider grid (~4 min)
-    python benchmarks/quant_sweep.py --no-gemv   # only the GEMM buckets (each also against dequantize + cuBLAS)
+    python benchmarks/quant_sweep.py --no-gemv   # only the GEMM buckets, each also against dequantize + cuBLAS (~3 min)
     python benchmarks/quant_sweep.py --smoke     # CPU, Triton interpreter, tiny shapes: checks the script
 
 GEMV (M = 1): time of one call from a CUDA graph of 20 calls, bytes read (packed weights + scales + zeros) per
