@@ -19,7 +19,8 @@ Per model, its TTFT (two prompt lengths) and TPOT alone on the idle GPU set its 
 maximum total rate at which 99% of a window's requests meet their SLO is found by doubling then bisecting
 (the trace of ``multi_model_trace.make_trace``, the same requests for every policy at a given rate); the
 elastic search starts at twice the static rate. The 8B model's wake-up time from level-1 sleep is measured
-on its own.
+on its own. Each probe records, per model, why requests missed (``missed``: error / ttft / tpot) and the peak
+memory each engine borrowed during the window (the broker's books, read every ``BORROW_SAMPLE_S``).
 
 Time: the whole run keeps to ``--time-budget`` seconds. What is left after start-up, the alone and wake-up
 figures and one warm-up window is shared by the three policies (time one leaves unused passes to the next);
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -41,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -68,8 +71,8 @@ from multi_model_trace import (
     Baseline,
     Lengths,
     make_trace,
-    meets_slo,
     popularity,
+    slo_misses,
 )
 from serving import Record, one_request
 
@@ -78,6 +81,7 @@ from slicelm.stack.broker import BrokerState
 from slicelm.stack.broker_server import BrokerServer
 
 HEADROOM = 2 << 30  # left free on the GPU beside the six slices
+BORROW_SAMPLE_S = 0.25  # how often a probe reads the broker's books
 POLICIES = ("static", "elastic", "elastic_sleep")
 
 
@@ -113,8 +117,9 @@ async def _one(session: aiohttp.ClientSession, url: str, a: Arrival, t0: float, 
     ttft = rec.first - rec.start if rec.first is not None else None
     tpot = (rec.end - rec.first) / (rec.output_tokens - 1) if rec.first is not None and rec.output_tokens > 1 \
         else None
-    return {"model": a.model, "ok": rec.ok, "status": rec.status, "ttft": ttft, "tpot": tpot,
-            "slo": meets_slo(rec.ok, ttft, tpot, len(a.prompt), base)}
+    misses = slo_misses(rec.ok, ttft, tpot, len(a.prompt), base)
+    return {"model": a.model, "ok": rec.ok, "status": rec.status, "ttft": ttft, "tpot": tpot, "slo": not misses,
+            "misses": misses}
 
 
 async def run_window(router: str, trace: list[Arrival], baselines: dict[str, Baseline], window: float,
@@ -167,20 +172,42 @@ class Bench:
         trace = make_trace(list(self.models), rate, a.window, self.lengths, self.vocab, a.seed)
         if self.touch:  # the gap between two windows is no part of the trace: every model starts awake
             asyncio.run(touch_all(router, list(self.models)))
-        results = asyncio.run(run_window(router, trace, self.baselines, a.window, a.drain))
+        results, peak = asyncio.run(self._window(router, trace))
         wait_idle(self.urls)
         attained = sum(r["slo"] for r in results) / len(results) if results else 1.0  # none: nothing missed
         per_model = {m: {"requests": sum(r["model"] == m for r in results),
-                         "slo": sum(r["slo"] for r in results if r["model"] == m)} for m in self.models}
-        books = self.control.status()["members"]
+                         "slo": sum(r["slo"] for r in results if r["model"] == m),
+                         "missed": dict(Counter(x for r in results if r["model"] == m for x in r["misses"])),
+                         "max_borrowed_gib": peak.get(m, 0) / 2**30} for m in self.models}
         took = time.monotonic() - t0
         self.probe_s = max(self.probe_s, took)
         out = {"rate": rate, "requests": len(results), "attainment": attained,
                "errors": sum(not r["ok"] for r in results), "per_model": per_model, "seconds": round(took, 1),
-               "max_borrowed_gib": max((m["borrowed"] for m in books.values()), default=0) / 2**30}
+               "max_borrowed_gib": max(peak.values(), default=0) / 2**30}
         print(f"    rate {rate:7.2f}/s: {len(results):4d} requests, SLO met {100 * attained:5.1f}%, "
               f"errors {out['errors']} ({took:.0f} s; {self.progress.left():.0f} s of the budget left)", flush=True)
         return out
+
+    async def _window(self, router: str, trace: list[Arrival]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """The window's results and each engine's peak borrowed bytes, read from the broker every
+        ``BORROW_SAMPLE_S`` while the window runs (an idle engine gives its borrowed chunks back at once)."""
+        peak: dict[str, int] = {}
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            while not done.is_set():
+                for name, m in (await asyncio.to_thread(self.control.status))["members"].items():
+                    peak[name] = max(peak.get(name, 0), m["borrowed"])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), BORROW_SAMPLE_S)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            results = await run_window(router, trace, self.baselines, self.args.window, self.args.drain)
+        finally:
+            done.set()
+            await sampler
+        return results, peak
 
     def search(self, policy: str, router: str, start: float, deadline: float) -> float:
         """Doubling (or halving) from ``start`` until the 99% bar is bracketed, then geometric bisection; no probe

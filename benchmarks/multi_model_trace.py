@@ -110,7 +110,10 @@ class Baseline:
 SLO_FACTOR = 5.0
 
 
-def meets_slo(ok: bool, ttft: float | None, tpot: float | None, prompt_len: int, base: Baseline) -> bool:
+def slo_misses(ok: bool, ttft: float | None, tpot: float | None, prompt_len: int, base: Baseline) -> list[str]:
+    """Why a request missed its SLO: ``["error"]`` (failed or cut before its first token), or any of ``"ttft"``,
+    ``"tpot"``; empty when it met it."""
     if not ok or ttft is None:
-        return False
-    return ttft <= SLO_FACTOR * base.ttft(prompt_len) and (tpot is None or tpot <= SLO_FACTOR * base.tpot)
+        return ["error"]
+    return [name for name, late in (("ttft", ttft > SLO_FACTOR * base.ttft(prompt_len)),
+                                    ("tpot", tpot is not None and tpot > SLO_FACTOR * base.tpot)) if late]
