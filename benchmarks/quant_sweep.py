@@ -139,10 +139,10 @@ def _dequant_matmul(x, w_q, scales, zeros, bits: int, k: int, rows: int):
     scratch, cuBLAS per slab."""
     import torch
 
-    from slicelm.layers.quantization import int_kernels
+    from slicelm.layers.quantization import int_dequant
 
     out = torch.empty((x.shape[0], w_q.shape[0]), dtype=x.dtype, device=x.device)
-    return int_kernels.dequant_matmul(x, w_q, scales, zeros, bits, k, None, out, rows=rows)
+    return int_dequant.dequant_matmul(x, w_q, scales, zeros, bits, k, None, out, rows=rows)
 
 
 def _time_dequant(x, w_q, scales, zeros, bits: int, k: int, smoke: bool) -> dict[int, float]:
@@ -157,14 +157,14 @@ def _time_dequant(x, w_q, scales, zeros, bits: int, k: int, smoke: bool) -> dict
 def sweep_gemm(shapes, bits, group, args, device) -> tuple[list[dict], dict]:
     import torch
 
-    from slicelm.layers.quantization import int_kernels
+    from slicelm.layers.quantization import int_dequant, int_kernels
 
     rows, tuned = [], {}
     ms = (16,) if args.smoke else (16, 64, 128, 256)
     for (n, k), m in itertools.product(shapes, ms):
         w_q, scales, zeros = _weights(n, k, bits, group, device)
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16 if not args.smoke else torch.float16)
-        w16 = int_kernels.dequantize_weight(w_q, scales, zeros, bits, k, x.dtype)
+        w16 = int_dequant.dequantize_weight(w_q, scales, zeros, bits, k, x.dtype)
         by_rows = _time_dequant(x, w_q, scales, zeros, bits, k, args.smoke)
         slab = min(by_rows, key=by_rows.get)
         ref = {"cublas_16bit_us": _time_us(functools.partial(torch.nn.functional.linear, x, w16), args.smoke),

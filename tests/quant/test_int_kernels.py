@@ -26,7 +26,7 @@ if INTERPRET:
 
     patch_interpreter()
 
-from slicelm.layers.quantization import int_kernels  # noqa: E402
+from slicelm.layers.quantization import int_dequant, int_kernels  # noqa: E402
 from slicelm.layers.quantization.int_weights import dequantize, pack_rows  # noqa: E402
 
 # (bits, group, zero points, K, M, config): config None = the defaults; M=1 GEMV (split K 1 and 2), 2..256 fused
@@ -39,7 +39,7 @@ CASES = [
     (4, 128, True, 512, 5, (16, 32, 128, 4, 1, 2)), (8, 64, True, 512, 3, (16, 32, 64, 4, 1, 4)),
     (4, 32, False, 384, 20, (32, 32, 64, 4, 1, 4)),  # split K: 3 slices of 128 and an empty one
     (4, 128, True, 512, 5, (16, 32, 128, 4, 1, 2, 1)), (8, 0, False, 256, 40, (64, 32, 64, 4, 1, 1, 1)),  # swap A/B
-    (4, 128, True, 256, 200, None),  # the 256-row tile
+    (4, 128, True, 256, 200, None), (4, 64, True, 256, 200, (256, 32, 64, 8, 1, 2, 1)),  # the 256-row tile
     (4, 128, False, 384, 300, None), (8, 0, True, 256, 260, None),
 ]
 
@@ -79,12 +79,12 @@ def test_large_m_dequantizes_in_bounded_slabs(monkeypatch, bias):
     zeros = torch.randint(0, 16, (n, k // 64), dtype=torch.uint8, generator=g)
     x = torch.randn(m, k, generator=g).half()
     b = torch.randn(n, generator=g).half() if bias else None
-    monkeypatch.setattr(int_kernels, "DEQUANT_SCRATCH_BYTES", 32 * k * 2)
-    monkeypatch.setattr(int_kernels, "_SCRATCH", {})
+    monkeypatch.setattr(int_dequant, "DEQUANT_SCRATCH_BYTES", 32 * k * 2)
+    monkeypatch.setattr(int_dequant, "_SCRATCH", {})
     out = int_kernels.int_linear(x, pack_rows(q, 4), scales, zeros, 4, k, b)
     ref = x.float() @ dequantize(pack_rows(q, 4), scales, zeros, 4, k).T + (b.float() if bias else 0.0)
     assert (out.float() - ref).abs().max() / ref.abs().max() < 2e-3
-    assert [t.numel() for t in int_kernels._SCRATCH.values()] == [32 * k]  # one bounded scratch, reused
+    assert [t.numel() for t in int_dequant._SCRATCH.values()] == [32 * k]  # one bounded scratch, reused
 
 
 def test_a_bucket_tuned_to_dequant_runs_dequantize_and_matmul(monkeypatch):
@@ -98,10 +98,10 @@ def test_a_bucket_tuned_to_dequant_runs_dequantize_and_matmul(monkeypatch):
     monkeypatch.setattr(int_configs, "TUNED", {("gemm16", 4, 64, n, k): (0, 32, 0, 0),
                                                ("gemm64", 4, 64, n, k): (0, 0, 0, 0)})
     calls, slabs = [], []
-    real, real_dequantize = int_kernels.dequant_matmul, int_kernels._dequantize_into
+    real, real_dequantize = int_kernels.dequant_matmul, int_dequant._dequantize_into
     monkeypatch.setattr(int_kernels, "dequant_matmul",
                         lambda *a, **kw: calls.append((a[0].shape[0], kw.get("rows"))) or real(*a, **kw))
-    monkeypatch.setattr(int_kernels, "_dequantize_into",
+    monkeypatch.setattr(int_dequant, "_dequantize_into",
                         lambda out, *a: slabs.append(out.shape[0]) or real_dequantize(out, *a))
     for m in (5, 20, 50):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()

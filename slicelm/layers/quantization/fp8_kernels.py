@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slicelm.layers.quantization.int_kernels import gemm_tile_offsets, store_gemm_tile, x_tile
+from slicelm.layers.quantization.int_tiles import gemm_tile_offsets, store_gemm_tile, x_tile
 
 FP8_MAX = 448.0
 

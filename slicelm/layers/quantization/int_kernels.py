@@ -12,11 +12,10 @@ of ``int_weights.py``: ``w_q [N, K / pack]`` int32 (values sequential along K), 
 * ``2 <= M <= GEMM_MAX_M`` — ``_gemm_kernel``: the weight tile is dequantized inside the K loop to x's dtype
   and multiplied on tensor cores (``tl.dot``). A 4096-wide projection has only 32 to 64 output tiles: split K
   (as the GEMV, same deterministic tickets) so that the SMs are busy instead of each tile walking all of K.
-* larger M (prefill chunks) — ``_dequant_kernel`` writes W, ``DEQUANT_SCRATCH_BYTES`` of rows at a time, to one
-  shared scratch in x's dtype and cuBLAS multiplies each slab into its columns of the output (what vLLM does past
-  256 tokens, without a full-weight temporary): the dequantization is then a small fraction of the matmul.
+* larger M (prefill chunks), and M buckets the sweep found faster so — dequantize + cuBLAS (``int_dequant.py``).
 
-Launch parameters: ``int_configs.py`` (defaults, and tuned tables per GPU model).
+Shared Triton pieces (bit tricks, weight tiles): ``int_tiles.py``. Launch parameters: ``int_configs.py``
+(defaults, and tuned tables per GPU model).
 """
 
 from __future__ import annotations
@@ -28,68 +27,21 @@ import triton
 import triton.language as tl
 
 from slicelm.layers.quantization.int_configs import gemm_config, gemv_config, load_device_configs
+from slicelm.layers.quantization.int_dequant import dequant_matmul
+from slicelm.layers.quantization.int_tiles import (
+    ONE_BITS,
+    dequant_words,
+    exponents,
+    gemm_tile_offsets,
+    load_tile,
+    planes,
+    scaled_x,
+    store_gemm_tile,
+    x_tile,
+)
 
 GEMM_MAX_M = 256
-ONE_BITS = 0x3F800000  # float32 bits of 1.0, passed at run time (see _field)
 _DTYPES = (torch.float16, torch.bfloat16)
-
-@triton.jit
-def _field(v, P: tl.constexpr, BITS: tl.constexpr, ONE):
-    """The BITS-bit field of ``v`` at bit P (8 <= P <= 23 - BITS) as the float ``1 + q * 2**(P - 23)``, exactly:
-    the field becomes mantissa bits of 1.0 (``ONE`` holds 1.0's bits; a runtime value, so that and + or is one
-    LOP3 instruction)."""
-    return ((v & (((1 << BITS) - 1) << P)) | ONE).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _planes(w, BITS: tl.constexpr, ONE):
-    """uint32 words [R, C] -> float32 [R, C, 32 // BITS]: value j of each word as ``1 + q_j * 2**(P_j - 23)``
-    with ``P_j`` from ``_exponents``. Each value is used at bit 8, 12 or 16 (2 shifts per word for 8 values, no
-    integer->float conversions), high enough in the mantissa that ``f - 1`` keeps ~2**-15 relative precision."""
-    if BITS == 4:
-        lo = w << 12  # values 0, 1 at bits 12, 16
-        hi = w >> 12  # values 5, 6, 7 at bits 8, 12, 16
-        v0 = _field(lo, 12, 4, ONE)
-        v1 = _field(lo, 16, 4, ONE)
-        v2 = _field(w, 8, 4, ONE)
-        v3 = _field(w, 12, 4, ONE)
-        v4 = _field(w, 16, 4, ONE)
-        v5 = _field(hi, 8, 4, ONE)
-        v6 = _field(hi, 12, 4, ONE)
-        v7 = _field(hi, 16, 4, ONE)
-        # join's new axis is the minor one: this tree puts value j at position j
-        out = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
-        out = tl.reshape(out, (w.shape[0], w.shape[1], 8))
-    else:
-        v0 = _field(w << 12, 12, 8, ONE)
-        v1 = _field(w << 4, 12, 8, ONE)
-        v2 = _field(w >> 4, 12, 8, ONE)
-        v3 = _field(w >> 12, 12, 8, ONE)
-        out = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), (w.shape[0], w.shape[1], 4))
-    return out
-
-
-@triton.jit
-def _exponents(offs_j, BITS: tl.constexpr):
-    """``23 - P_j`` for each value position j of ``_planes``: ``(f_j - 1) * 2**(23 - P_j) = q_j``."""
-    if BITS == 4:  # P = 12, 16, 8, 12, 16, 8, 12, 16
-        e = tl.where((offs_j == 2) | (offs_j == 5), 15, tl.where((offs_j == 1) | (offs_j == 4) | (offs_j == 7), 7, 11))
-    else:
-        e = offs_j * 0 + 11
-    return e
-
-
-@triton.jit
-def _scaled_x(x, e):
-    """float32 ``x * 2**e`` (``e`` [PACK] broadcast over x's last axis): bf16 -> f32 and the power of two in one
-    integer multiply-add on the bits (exact for any finite x of an activation's range)."""
-    if x.dtype == tl.bfloat16:
-        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) * 65536 + (e[None, :] << 23).to(tl.uint32)
-        xs = bits.to(tl.float32, bitcast=True)
-    else:
-        xs = x.to(tl.float32) * tl.exp2(e[None, :].to(tl.float32))
-    return xs
-
 
 @triton.jit(do_not_specialize=["N", "K", "ONE"])
 def _gemv_kernel(X, WQ, S, Z, B, OUT, WS, LOCK, N, K, stride_w, stride_s, ONE,
@@ -111,7 +63,7 @@ def _gemv_kernel(X, WQ, S, Z, B, OUT, WS, LOCK, N, K, stride_w, stride_s, ONE,
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    e = _exponents(offs_j, BITS)
+    e = exponents(offs_j, BITS)
     acc = tl.zeros((BLOCK_N, CHUNKS), tl.float32)
     w_ptrs = WQ + rows[:, None] * stride_w + (k_lo // PACK + offs_w)[None, :]
     x_ptrs = X + k_lo + offs_w[:, None] * PACK + offs_j[None, :]
@@ -138,8 +90,8 @@ def _gemv_kernel(X, WQ, S, Z, B, OUT, WS, LOCK, N, K, stride_w, stride_s, ONE,
             kw = k0 // PACK + offs_w
             w = tl.load(w_ptrs, mask=(kw < K // PACK)[None, :], other=0)
             x = tl.load(x_ptrs, mask=(kw < K // PACK)[:, None], other=0.0)
-        xs = _scaled_x(x, e)  # x_j * 2**(23 - P_j): f_j * xs_j = xs_j + q_j * x_j
-        part = tl.sum(_planes(w.to(tl.uint32, bitcast=True), BITS, ONE) * xs[None, :, :], axis=2)
+        xs = scaled_x(x, e)  # x_j * 2**(23 - P_j): f_j * xs_j = xs_j + q_j * x_j
+        part = tl.sum(planes(w.to(tl.uint32, bitcast=True), BITS, ONE) * xs[None, :, :], axis=2)
         part = tl.sum(tl.reshape(part, (BLOCK_N, CHUNKS, VEC)), axis=2)  # per 4-word chunk (one thread's)
         sum_xs = tl.sum(tl.reshape(tl.sum(xs, axis=1), (CHUNKS, VEC)), axis=1)
         sum_x = tl.sum(tl.reshape(tl.sum(x.to(tl.float32), axis=1), (CHUNKS, VEC)), axis=1)
@@ -180,72 +132,6 @@ def _gemv_kernel(X, WQ, S, Z, B, OUT, WS, LOCK, N, K, stride_w, stride_s, ONE,
             tl.atomic_xchg(LOCK + pid_n, 0)
 
 
-@triton.jit
-def _load_tile(WQ, S, Z, rows, k0, k_end, stride_w, stride_s, BITS: tl.constexpr, GROUP: tl.constexpr,
-               HAS_ZP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The packed words, scales and zero points of W[rows, k0:k0+BLOCK_K] (nothing read at or past ``k_end``)."""
-    PACK: tl.constexpr = 32 // BITS
-    SUB: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
-    kw = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-    w = tl.load(WQ + rows[:, None] * stride_w + kw[None, :], mask=(kw < k_end // PACK)[None, :], other=0)
-    offs_g = k0 + tl.arange(0, BLOCK_K // SUB) * SUB
-    g_ok = (offs_g < k_end)[None, :]
-    s = tl.load(S + rows[:, None] * stride_s + (offs_g // GROUP)[None, :], mask=g_ok, other=0.0)
-    if HAS_ZP:
-        z = tl.load(Z + rows[:, None] * stride_s + (offs_g // GROUP)[None, :], mask=g_ok, other=0)
-    else:
-        z = s  # unused
-    return w, s, z
-
-
-@triton.jit
-def _dequant_words(w, s, z, ONE, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``_load_tile``'s words as float32 W [BLOCK_N, BLOCK_K]."""
-    PACK: tl.constexpr = 32 // BITS
-    SUB: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
-    f = _planes(w.to(tl.uint32, bitcast=True), BITS, ONE)
-    q = (f - 1.0) * tl.exp2(_exponents(tl.arange(0, PACK), BITS).to(tl.float32))[None, None, :]
-    q = tl.reshape(q, (BLOCK_N, BLOCK_K // SUB, SUB))
-    if HAS_ZP:
-        w_f = (q - z.to(tl.float32)[:, :, None]) * s.to(tl.float32)[:, :, None]
-    else:
-        w_f = (q - (1 << (BITS - 1)) * 1.0) * s.to(tl.float32)[:, :, None]
-    return tl.reshape(w_f, (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def _dequant_tile(WQ, S, Z, rows, k0, K, stride_w, stride_s, ONE, BITS: tl.constexpr, GROUP: tl.constexpr,
-                  HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W[rows, k0:k0+BLOCK_K] as float32 [BLOCK_N, BLOCK_K] (zero outside K)."""
-    w, s, z = _load_tile(WQ, S, Z, rows, k0, K, stride_w, stride_s, BITS, GROUP, HAS_ZP, BLOCK_K)
-    return _dequant_words(w, s, z, ONE, BITS, GROUP, HAS_ZP, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def gemm_tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This program's output rows / columns (and the weight rows read, clamped into N), K offsets, row mask."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_m, offs_n, tl.minimum(offs_n, N - 1).to(tl.int64), tl.arange(0, BLOCK_K), offs_m < M
-
-
-@triton.jit
-def store_gemm_tile(OUT, acc, B, rows, offs_m, offs_n, m_mask, N, stride_om, HAS_BIAS: tl.constexpr):
-    """``acc (+ bias)`` into ``OUT`` in its dtype."""
-    if HAS_BIAS:
-        acc += tl.load(B + rows).to(tl.float32)[None, :]
-    tl.store(OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc.to(OUT.dtype.element_ty),
-             mask=m_mask[:, None] & (offs_n < N)[None, :])
-
-
-@triton.jit
-def x_tile(X, offs_m, m_mask, offs_k, K, stride_xm):
-    """Rows ``offs_m`` (masked by ``m_mask``), columns ``offs_k`` (< K) of the activations (zeros outside)."""
-    return tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-                   mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-
-
 @triton.jit(do_not_specialize=["M", "N", "K", "ONE"])
 def _gemm_kernel(X, WQ, S, Z, B, OUT, WS, LOCK, M, N, K, stride_xm, stride_om, stride_w, stride_s, ONE,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -259,14 +145,14 @@ def _gemm_kernel(X, WQ, S, Z, B, OUT, WS, LOCK, M, N, K, stride_xm, stride_om, s
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    w, s, z = _load_tile(WQ, S, Z, rows, k_lo, k_end, stride_w, stride_s, BITS, GROUP, HAS_ZP, BLOCK_K)
+    w, s, z = load_tile(WQ, S, Z, rows, k_lo, k_end, stride_w, stride_s, BITS, GROUP, HAS_ZP, BLOCK_K)
     for k0 in range(k_lo, k_end, BLOCK_K):
         x = x_tile(X, offs_m, m_mask, k0 + offs_k, K, stride_xm)
         # the next tile's words are requested before this one is converted (the pipeliner only stages loads that
         # feed a dot directly), so their latency hides behind this step's work
-        w_next, s_next, z_next = _load_tile(WQ, S, Z, rows, k0 + BLOCK_K, k_end, stride_w, stride_s, BITS, GROUP,
+        w_next, s_next, z_next = load_tile(WQ, S, Z, rows, k0 + BLOCK_K, k_end, stride_w, stride_s, BITS, GROUP,
                                             HAS_ZP, BLOCK_K)
-        wt = _dequant_words(w, s, z, ONE, BITS, GROUP, HAS_ZP, BLOCK_N, BLOCK_K).to(x.dtype)
+        wt = dequant_words(w, s, z, ONE, BITS, GROUP, HAS_ZP, BLOCK_N, BLOCK_K).to(x.dtype)
         if SWAP_AB:  # W as the dot's first operand: straight from registers into the MMA, N fills its 64 rows
             acc_t = tl.dot(wt, tl.trans(x), acc_t)
         else:
@@ -276,35 +162,32 @@ def _gemm_kernel(X, WQ, S, Z, B, OUT, WS, LOCK, M, N, K, stride_xm, stride_om, s
         acc = tl.trans(acc_t)
     if SPLIT_K == 1:
         store_gemm_tile(OUT, acc, B, rows, offs_m, offs_n, m_mask, N, stride_om, HAS_BIAS)
-    else:  # as the GEMV: partial tiles to the workspace, the last slice of the tile sums them in slice order
-        ok = m_mask[:, None] & (offs_n < N)[None, :]  # int32 offsets: M * N * SPLIT_K is bounded by the host
-        tl.store(WS + tl.program_id(2) * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=ok)
-        tl.debug_barrier()
-        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        ticket = tl.atomic_add(LOCK + tile, 1, sem="acq_rel")
-        if ticket == SPLIT_K - 1:  # SUB_M rows at a time: a whole second tile would not fit in registers
-            SUB_M: tl.constexpr = 16 if BLOCK_M > 16 else BLOCK_M
-            for j in range(0, BLOCK_M, SUB_M):
-                sub_m = tl.program_id(0) * BLOCK_M + j + tl.arange(0, SUB_M)
-                sub_ok = (sub_m < M)[:, None] & (offs_n < N)[None, :]
-                total = tl.zeros((SUB_M, BLOCK_N), tl.float32)
-                for i in range(SPLIT_K):
-                    total += tl.load(WS + i * M * N + sub_m[:, None] * N + offs_n[None, :], mask=sub_ok, other=0.0,
-                                     cache_modifier=".cg")
-                store_gemm_tile(OUT, total, B, rows, sub_m, offs_n, sub_m < M, N, stride_om, HAS_BIAS)
-            tl.atomic_xchg(LOCK + tile, 0)
+    else:
+        _reduce_split_k(OUT, WS, LOCK, B, acc, rows, offs_m, offs_n, m_mask, M, N, stride_om, HAS_BIAS, BLOCK_M,
+                        BLOCK_N, SPLIT_K)
 
 
-@triton.jit(do_not_specialize=["ONE"])
-def _dequant_kernel(WQ, S, Z, OUT, N, K, stride_w, stride_s, stride_o, ONE, BITS: tl.constexpr, GROUP: tl.constexpr,
-                    HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    w = _dequant_tile(WQ, S, Z, rows, k0, K, stride_w, stride_s, ONE, BITS, GROUP, HAS_ZP, BLOCK_N, BLOCK_K)
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    tl.store(OUT + rows[:, None] * stride_o + offs_k[None, :], w.to(OUT.dtype.element_ty),
-             mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+@triton.jit
+def _reduce_split_k(OUT, WS, LOCK, B, acc, rows, offs_m, offs_n, m_mask, M, N, stride_om, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """As the GEMV: this slice's partial tile to the workspace; the last slice of the tile to finish sums them in
+    slice order (SUB_M rows at a time: a second whole tile would not fit in registers) and resets its ticket."""
+    ok = m_mask[:, None] & (offs_n < N)[None, :]  # int32 offsets: M * N * SPLIT_K is bounded by the host
+    tl.store(WS + tl.program_id(2) * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=ok)
+    tl.debug_barrier()
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    ticket = tl.atomic_add(LOCK + tile, 1, sem="acq_rel")
+    if ticket == SPLIT_K - 1:
+        SUB_M: tl.constexpr = 16 if BLOCK_M > 16 else BLOCK_M
+        for j in range(0, BLOCK_M, SUB_M):
+            sub_m = tl.program_id(0) * BLOCK_M + j + tl.arange(0, SUB_M)
+            sub_ok = (sub_m < M)[:, None] & (offs_n < N)[None, :]
+            total = tl.zeros((SUB_M, BLOCK_N), tl.float32)
+            for i in range(SPLIT_K):
+                total += tl.load(WS + i * M * N + sub_m[:, None] * N + offs_n[None, :], mask=sub_ok, other=0.0,
+                                 cache_modifier=".cg")
+            store_gemm_tile(OUT, total, B, rows, sub_m, offs_n, sub_m < M, N, stride_om, HAS_BIAS)
+        tl.atomic_xchg(LOCK + tile, 0)
 
 
 @functools.cache
@@ -386,60 +269,3 @@ def _gemm_launch(config: tuple[int, ...] | None, bits: int, group: int, m: int, 
 
 
 SPLIT_K_WORKSPACE_BYTES = 32 << 20  # the fused GEMM's split-K partial tiles (float32), per call at most
-
-
-@torch.no_grad()  # out= products refuse arguments that require grad (a layer's bias Parameter outside inference mode)
-def dequant_matmul(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-                   k: int, bias: torch.Tensor | None, out: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """``out = x @ W.T + bias`` for large M, ``rows`` weight rows at a time (default: ``DEQUANT_SCRATCH_BYTES`` of
-    them) dequantized into one scratch per device and dtype (allocated once, on the first large step: the memory
-    profile's) — no full-size weight temporary, so no transient allocation in the step beyond ``out`` itself.
-    Slabs small enough to stay in L2 are read by cuBLAS from there; ``quant_sweep.py`` picks the size per bucket."""
-    n = w_q.shape[0]
-    if rows is None:
-        rows = DEQUANT_SCRATCH_BYTES // (k * x.element_size())
-    rows = min(n, max(32, rows // 32 * 32))
-    scratch = _scratch(x.device, x.dtype, rows * k)
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        w = scratch[: (n1 - n0) * k].view(n1 - n0, k)
-        _dequantize_into(w, w_q[n0:n1], scales[n0:n1], zeros[n0:n1] if zeros is not None else None, bits, k)
-        if bias is None:
-            torch.mm(x, w.t(), out=out[:, n0:n1])
-        else:
-            torch.addmm(bias[n0:n1], x, w.t(), out=out[:, n0:n1])
-    return out
-
-
-# the dequantized weight rows of one large-M matmul step live here (bf16: 8192 rows of K = 4096 per step)
-DEQUANT_SCRATCH_BYTES = 64 << 20
-_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """One flat buffer per (device, dtype), grown (never shrunk) to ``numel``."""
-    t = _SCRATCH.get((device, dtype))
-    if t is None or t.numel() < numel:
-        _SCRATCH.pop((device, dtype), None)
-        t = torch.empty(max(numel, DEQUANT_SCRATCH_BYTES // dtype.itemsize), dtype=dtype, device=device)
-        _SCRATCH[(device, dtype)] = t
-    return t
-
-
-def _dequantize_into(out: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                     bits: int, k: int) -> None:
-    n = w_q.shape[0]
-    group = k // scales.shape[1]
-    block_k = max(min(group, 256), 32 // bits * 8)
-    zp = zeros if zeros is not None else scales
-    _dequant_kernel[(triton.cdiv(n, 32), triton.cdiv(k, block_k))](
-        w_q, scales, zp, out, n, k, w_q.stride(0), scales.stride(0), out.stride(0), ONE_BITS, BITS=bits, GROUP=group,
-        HAS_ZP=zeros is not None, BLOCK_N=32, BLOCK_K=block_k, num_warps=4)
-
-
-def dequantize_weight(w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, k: int,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """W [N, K] in ``dtype`` (one kernel)."""
-    out = torch.empty((w_q.shape[0], k), dtype=dtype, device=w_q.device)
-    _dequantize_into(out, w_q, scales, zeros, bits, k)
-    return out
