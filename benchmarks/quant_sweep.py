@@ -165,6 +165,7 @@ def sweep_gemm(shapes, bits, group, args, device) -> tuple[list[dict], dict]:
         w_q, scales, zeros = _weights(n, k, bits, group, device)
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16 if not args.smoke else torch.float16)
         w16 = int_dequant.dequantize_weight(w_q, scales, zeros, bits, k, x.dtype)
+        num_sms = int_kernels._num_sms(x.device)
         by_rows = _time_dequant(x, w_q, scales, zeros, bits, k, args.smoke)
         slab = min(by_rows, key=by_rows.get)
         ref = {"cublas_16bit_us": _time_us(functools.partial(torch.nn.functional.linear, x, w16), args.smoke),
@@ -176,7 +177,7 @@ def sweep_gemm(shapes, bits, group, args, device) -> tuple[list[dict], dict]:
                 continue
             if split * m * n * 4 > int_kernels.SPLIT_K_WORKSPACE_BYTES:  # int_linear would shrink the split
                 continue
-            cfg = (int_kernels.gemm_config(bits, group, m, n, k)[0], bn, bk, nw, ns, split, swap)
+            cfg = (int_kernels.gemm_config(bits, group, m, n, k, num_sms)[0], bn, bk, nw, ns, split, swap)
             try:
                 us = _time_us(functools.partial(int_kernels.int_linear, x, w_q, scales, zeros, bits, k, None, cfg),
                               args.smoke)

@@ -129,7 +129,7 @@ def test_saved_device_configs_fill_tuned(monkeypatch, tmp_path):
     assert int_configs.load_device_configs("NVIDIA H200") == 3
     assert int_kernels.gemv_config(4, 128, 6144, 4096, 132) == (64, 64, 4, 4, 2)
     assert int_kernels.gemv_config(4, 128, 4096, 4096, 132) == (64, 32, 4, 4, 3)
-    assert int_kernels.gemm_config(4, 128, 50, 6144, 4096) == (64, 128, 64, 8, 3, 1, 0)  # saved before split-K
+    assert int_kernels.gemm_config(4, 128, 50, 6144, 4096, 132) == (64, 128, 64, 8, 3, 1, 0)  # saved before split-K
     int_configs.load_device_configs.cache_clear()
 
 
@@ -259,7 +259,7 @@ def test_gemv_variants_compile_without_spills(bits, group, split):
 @pytest.mark.parametrize("block_m,split,swap", [(16, 4, 0), (16, 4, 1), (64, 1, 1), (128, 2, 0), (256, 2, 0)])
 def test_gemm_compiles_for_sm90_without_spills(block_m, split, swap):
     """No spills, and with W as the first operand the MMA reads it from registers (HGMMA's A not in shared memory)."""
-    bm, bn, bk, nw, ns, _, _ = int_kernels.gemm_config(4, 128, block_m, 4096, 4096)
+    bm, bn, bk, nw, ns, _, _ = int_kernels.gemm_config(4, 128, block_m, 4096, 4096, 132)
     consts = {"BITS": 4, "GROUP": 128, "HAS_ZP": True, "HAS_BIAS": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
               "SPLIT_K": split, "SWAP_AB": swap}
     ptrs = {"X": "*bf16", "WQ": "*i32", "S": "*fp16", "Z": "*u8", "B": "*bf16", "OUT": "*bf16", "WS": "*fp32",

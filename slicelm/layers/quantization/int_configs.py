@@ -69,7 +69,7 @@ def gemv_config(bits: int, group: int, n: int, k: int, num_sms: int) -> tuple[in
 
 
 def gemm_config(bits: int, group: int, m: int, n: int, k: int,
-                num_sms: int = 132) -> tuple[int, int, int, int, int, int, int]:
+                num_sms: int) -> tuple[int, int, int, int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K, SWAP_AB)`` for 2 <= M <= GEMM_MAX_M;
     ``BLOCK_N == 0`` where the per-device sweep found dequantize + cuBLAS faster for this M bucket and shape
     (``BLOCK_K`` is then its slab's weight rows, 0 for the default). Untuned: K is split until there are two
